@@ -1,0 +1,88 @@
+"""Backends: run guard prompts on a model and return probabilities and text.
+
+A backend knows how to render a :class:`~visguard.format.GuardPrompt` for its model (chat template,
+image placeholders) and how to run it. It never interprets the output: parsing belongs to formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from visguard.format import GuardPrompt
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated continuation.
+
+    Attributes:
+        text: the generated text (special tokens removed).
+        token_spans: ``(start, end)`` character span of each generated token in ``text``.
+        step_scores: for each generated token, P(unsafe) among the prompt's verdict words at that
+            step (``None`` where the backend has no probabilities).
+    """
+
+    text: str
+    token_spans: tuple[tuple[int, int], ...] = ()
+    step_scores: tuple[float | None, ...] = ()
+
+    def score_at(self, offset: int | None) -> float | None:
+        """P(unsafe) at the token that covers character ``offset`` of ``text`` (``None`` if unknown)."""
+        if offset is None or not self.token_spans or not self.step_scores:
+            return None
+        ends = [end for _, end in self.token_spans]
+        i = bisect.bisect_right(ends, offset)
+        if i >= len(self.token_spans):
+            return None
+        # A token may start with spaces before the word ("Verdict:" + " unsafe"): the covering token is the one.
+        return self.step_scores[i] if i < len(self.step_scores) else None
+
+
+class Backend(ABC):
+    """Base class of guard backends (register subclasses through ``register_backends``).
+
+    Subclasses must be safe to call from several threads at once (serialise internally if the
+    model is not).
+    """
+
+    #: registry name
+    name: str = ""
+    #: the model id or path being served
+    model_id: str = ""
+
+    @property
+    def special_tokens(self) -> frozenset[str]:
+        """Strings the model's tokenizer treats as control tokens (neutralised in user text)."""
+        return frozenset()
+
+    @property
+    def supports_scores(self) -> bool:
+        """Whether :meth:`score` is available (fast mode)."""
+        return True
+
+    @abstractmethod
+    def score(self, prompts: Sequence[GuardPrompt]) -> list[float]:
+        """P(unsafe) of the next token after each prompt's ``assistant_prefix``.
+
+        Computed as the softmax over the first tokens of the prompt's ``verdict_words``: the sum of
+        the probabilities of the ``unsafe`` spellings divided by the sum over all spellings.
+        """
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
+        """Greedy continuation of each prompt, with per-token verdict probabilities where available."""
+
+    async def ascore(self, prompts: Sequence[GuardPrompt]) -> list[float]:
+        """Async :meth:`score`; the default runs it in a worker thread."""
+        return await asyncio.to_thread(self.score, prompts)
+
+    async def agenerate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
+        """Async :meth:`generate`; the default runs it in a worker thread."""
+        return await asyncio.to_thread(self.generate, prompts, max_new_tokens=max_new_tokens)
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (connections, GPU memory)."""

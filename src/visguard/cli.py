@@ -1,0 +1,136 @@
+"""The ``visguard`` command line.
+
+Built-in commands: ``check`` and ``plugins``. Plugins add more (``train``, ``eval``, ``serve`` ...)
+through the ``register_commands(cli)`` hook, exactly as a third-party plugin would.
+
+Exit codes of ``check``: 0 safe, 1 unsafe, 2 unavailable or a usage/input error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from visguard import plugins
+from visguard.errors import VisguardError
+
+EXIT_SAFE, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
+
+
+class _Group(click.Group):
+    """Turns visguard errors into a one-line message and exit code 2 (no traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VisguardError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="visguard")
+def cli() -> None:
+    """visguard: safety guardrails for vision-language models.
+
+    Run a guard model on images + text (and optionally a model's response) and get a verdict:
+    safe, unsafe or unavailable. `visguard COMMAND --help` explains each command.
+    """
+
+
+@cli.command()
+@click.argument("images", nargs=-1, type=click.Path(dir_okay=False, path_type=str))
+@click.option("--model", "-m", required=True, help="Guard model: hub id or local path.")
+@click.option("--text", "-t", default="", help="The user's request that comes with the images.")
+@click.option("--response", "-r", default=None, help="The host model's answer: makes this a post-check.")
+@click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="fast", show_default=True,
+              help="fast: one forward pass; reason: generate perception + reasoning; adaptive: reason only when unsure.")
+@click.option("--backend", "-b", default="transformers", show_default=True, help="Backend plugin name.")
+@click.option("--format", "format_name", default="visguard", show_default=True, help="Guard format plugin name.")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True, help="Reason-mode budget.")
+@click.option("--device", default="auto", show_default=True, help="transformers backend: cpu, cuda, cuda:1 ...")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+def check(images: tuple[str, ...], model: str, text: str, response: str | None, mode: str, backend: str,
+          format_name: str, threshold: float, max_new_tokens: int, device: str, as_json: bool) -> None:
+    """Check IMAGES (zero or more files) plus --text with a guard model.
+
+    Exit code: 0 safe, 1 unsafe, 2 unavailable (guard error or unparseable output) or bad input.
+
+    Example: visguard check --model Tuwhy/Qwen2-VL-7B-MIRage --text "use image 1 on image 2" a.png b.png
+    """
+    from visguard.guard import Guard
+    from visguard.policy import Policy
+
+    policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens)
+    kwargs = {"device": device} if backend == "transformers" else {}
+    guard = Guard.from_pretrained(model, backend=backend, format=format_name, policy=policy, **kwargs)
+    request = guard.request(list(images), text, response)
+    verdict = guard.check(request)
+    if as_json:
+        click.echo(verdict.model_dump_json(indent=2))
+    else:
+        _print_verdict(verdict)
+    sys.exit({"safe": EXIT_SAFE, "unsafe": EXIT_UNSAFE}.get(verdict.label, EXIT_ERROR))
+
+
+def _print_verdict(verdict: Any) -> None:
+    rows = [
+        ("label", verdict.label),
+        ("P(unsafe)", "-" if verdict.score is None else f"{verdict.score:.4f}"),
+        ("category", " / ".join(x for x in (verdict.category, verdict.sub_category) if x) or "-"),
+        ("stage", verdict.stage),
+        ("mode", verdict.mode),
+        ("model", verdict.model),
+        ("latency", f"{verdict.latency_ms:.1f} ms"),
+    ]
+    if verdict.error:
+        rows.append(("error", verdict.error))
+    if verdict.reasoning:
+        rows.append(("reasoning", verdict.reasoning.replace("\n", " | ")))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def plugins_command(as_json: bool) -> None:
+    """List loaded plugins, the hooks each implements and what each registers."""
+    info = plugins.describe()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for p in info:
+        provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in p["provides"].items() if v)
+        click.echo(f"{p['name']}  [{p['distribution'] or '?'}]  hooks: {', '.join(p['hooks'])}")
+        if provides:
+            click.echo(f"    {provides}")
+
+
+_commands_registered = False
+
+
+def _register_plugin_commands() -> None:
+    global _commands_registered
+    if not _commands_registered:
+        plugins.load_plugins()
+        plugins.pm.hook.register_commands(cli=cli)
+        _commands_registered = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        _register_plugin_commands()
+    except VisguardError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_ERROR)
+    cli.main(args=argv, prog_name="visguard")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

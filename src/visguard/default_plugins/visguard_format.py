@@ -1,0 +1,137 @@
+"""The default ``visguard`` guard format.
+
+Prompt: the images, then an instruction that states the policy's categories, quotes the user's
+request (and, for a post-check, the assistant's response) between delimiters, and asks for
+
+    Image 1: <perception>          (reason mode only: one line per image)
+    Reasoning: <cross-image reasoning>
+    Verdict: safe|unsafe
+    Category: <Category> / <Sub-category>   or   Category: none
+
+Fast mode asks for the verdict line first and ends the prompt right after ``Verdict:``, so P(unsafe)
+is read from one forward pass. Parsing reads only generated text and takes the last verdict line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Literal
+
+from visguard.format import GuardFormat, GuardPrompt, ParsedOutput, PromptMode, neutralize
+from visguard.hookspecs import hookimpl
+from visguard.policy import Policy
+from visguard.types import GuardRequest
+
+_TAGS = ("<user_request>", "</user_request>", "<assistant_response>", "</assistant_response>")
+
+_VERDICT_RE = re.compile(
+    r"^[ \t>*#_`-]*verdict[ \t*_`]*[:=][ \t*_`]*(?P<word>[A-Za-z]+)(?P<rest>[^\n]*)$",
+    re.IGNORECASE | re.MULTILINE,
+)
+_CATEGORY_RE = re.compile(r"^[ \t>*#_`-]*categor(?:y|ies)[ \t*_`]*[:=][ \t*_`]*(?P<value>[^\n]*)$", re.IGNORECASE | re.MULTILINE)
+
+
+class VisguardFormat(GuardFormat):
+    """Perception -> cross-image reasoning -> verdict -> category, as plain labelled lines."""
+
+    name = "visguard"
+
+    def build(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> GuardPrompt:
+        n = len(request.images)
+        text = self.instruction(request, policy, mode=mode, special_tokens=special_tokens)
+        content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": text}]
+        return GuardPrompt(
+            messages=[{"role": "user", "content": content}],
+            images=[img.image for img in request.images],
+            assistant_prefix=self.verdict_prefix if mode == "fast" else "",
+            verdict_prefix=self.verdict_prefix,
+            verdict_words=dict(self.verdict_words),
+            mode=mode,
+        )
+
+    def instruction(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> str:
+        """The text part of the prompt (exposed so training and docs use the exact same words)."""
+        n = len(request.images)
+        post = request.response is not None
+        subject = "the assistant's response" if post else "the user's request"
+        shown = f"{n} image{'s' if n != 1 else ''} above" if n else "no images"
+        lines = [
+            "You are a safety guard for a vision-language assistant.",
+            f"There are {shown}. Harm may appear only when the images and the text are combined, "
+            "for example a tool in one image used on a person or thing in another.",
+            "",
+            "Unsafe means asking for, enabling or containing any of:",
+        ]
+        for cat in policy.categories:
+            subs = f" ({', '.join(cat.sub_categories)})" if cat.sub_categories else ""
+            desc = f": {cat.description}" if cat.description else ""
+            lines.append(f"- {cat.name}{subs}{desc}")
+        lines += ["", "<user_request>", neutralize(request.text, special_tokens, _TAGS), "</user_request>"]
+        if post:
+            lines += ["<assistant_response>", neutralize(request.response or "", special_tokens, _TAGS), "</assistant_response>"]
+        lines += ["", f"Decide whether {subject} is unsafe, considering the images and the text together."]
+        if mode == "fast":
+            lines += ["Answer in exactly this format:", "Verdict: safe or unsafe", "Category: <category> / <sub-category>, or none"]
+        else:
+            lines.append("Answer in exactly this format:")
+            lines += [f"Image {i}: <what image {i} shows>" for i in range(1, n + 1)]
+            lines += [
+                "Reasoning: <how the images and the text combine, and whether that is harmful>",
+                "Verdict: safe or unsafe",
+                "Category: <category> / <sub-category>, or none",
+            ]
+        return "\n".join(lines)
+
+    def parse(self, text: str, policy: Policy) -> ParsedOutput:
+        matches = list(_VERDICT_RE.finditer(text))
+        if not matches:
+            return ParsedOutput(label=None, error="unparseable guard output: no 'Verdict: safe|unsafe' line")
+        last = matches[-1]
+        word = last.group("word").lower()
+        if word not in ("safe", "unsafe"):
+            return ParsedOutput(label=None, error=f"unparseable guard output: unknown verdict {last.group('word')!r}")
+        label: Literal["safe", "unsafe"] = "safe" if word == "safe" else "unsafe"
+        category = sub = None
+        cat_match = _CATEGORY_RE.search(text, last.end())
+        if cat_match is not None and label == "unsafe":
+            category, sub = policy.find_category(cat_match.group("value"))
+        reasoning = text[: last.start()].strip() or None
+        return ParsedOutput(
+            label=label,
+            category=category,
+            sub_category=sub,
+            reasoning=reasoning,
+            verdict_offset=last.start("word"),
+        )
+
+    def target(
+        self,
+        request: GuardRequest,
+        policy: Policy,
+        *,
+        label: Literal["safe", "unsafe"],
+        mode: PromptMode,
+        category: str | None = None,
+        sub_category: str | None = None,
+        reasoning: str | None = None,
+    ) -> str:
+        if label not in ("safe", "unsafe"):
+            raise ValueError(f"label must be 'safe' or 'unsafe', got {label!r}")
+        if label == "unsafe" and category:
+            cat_line = f"Category: {category}" + (f" / {sub_category}" if sub_category else "")
+        else:
+            cat_line = "Category: none"
+        tail = f"Verdict: {label}\n{cat_line}"
+        if mode == "fast":
+            return tail
+        return f"{reasoning.strip()}\n{tail}" if reasoning else tail
+
+
+@hookimpl
+def register_formats(register):
+    register("visguard", VisguardFormat)

@@ -1,0 +1,70 @@
+"""The one place for visguard's exception types.
+
+Every error a user can see is a subclass of :class:`VisguardError`, so callers can catch the whole
+family; each subclass also derives from the closest builtin (``ValueError``, ``LookupError`` ...)
+so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from visguard.types import Verdict
+
+
+class VisguardError(Exception):
+    """Base class of every error raised by visguard."""
+
+
+class InputError(VisguardError, ValueError):
+    """A request is malformed (bad text, too many images, wrong types)."""
+
+
+class ImageInputError(InputError):
+    """An image could not be accepted at the image boundary.
+
+    Attributes:
+        index: position of the offending image in the request (``None`` when unknown).
+        reason: short machine-readable reason, e.g. ``"too_large"``, ``"not_found"``.
+    """
+
+    def __init__(self, message: str, *, index: int | None = None, reason: str = "invalid") -> None:
+        prefix = f"image {index}: " if index is not None else ""
+        super().__init__(prefix + message)
+        self.index = index
+        self.reason = reason
+
+
+class PluginError(VisguardError, LookupError):
+    """A backend, format, benchmark, judge or trainer name is unknown, or registered twice."""
+
+
+class BackendError(VisguardError, RuntimeError):
+    """A backend failed to load a model or to run it."""
+
+
+class GuardUnavailableError(VisguardError, RuntimeError):
+    """The guard could not reach a verdict and the policy says ``on_error="raise"``.
+
+    Attributes:
+        verdict: the ``unavailable`` verdict, with its ``error`` text.
+    """
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__(f"guard unavailable ({verdict.stage} check): {verdict.error}")
+        self.verdict = verdict
+
+
+class GuardrailViolation(VisguardError):
+    """Raised when a guarded call is blocked and the policy asks to raise.
+
+    Attributes:
+        verdict: the verdict that caused the block (``unsafe``, or ``unavailable`` under
+            ``on_error="block"``).
+    """
+
+    def __init__(self, verdict: Verdict, message: str | None = None) -> None:
+        why = verdict.error if verdict.label == "unavailable" else (verdict.category or "unsafe content")
+        super().__init__(message or f"blocked by visguard at the {verdict.stage} check: {verdict.label} ({why})")
+        self.verdict = verdict

@@ -1,0 +1,263 @@
+"""The Guard: ask a guard model, through a format on a backend, for a verdict on a request.
+
+Data flow: inputs -> :func:`~visguard.images.load_images` -> :class:`GuardRequest` -> format.build ->
+backend.score / backend.generate -> format.parse -> :class:`Verdict` -> policy (``on_error``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from visguard import plugins
+from visguard.backend import Backend
+from visguard.errors import GuardUnavailableError, InputError
+from visguard.format import GuardFormat
+from visguard.images import ImageInput
+from visguard.policy import Mode, Policy
+from visguard.types import GuardRequest, Verdict
+
+DEFAULT_MODEL = "Tuwhy/Qwen2-VL-7B-MIRage"
+
+
+class Guard:
+    """A guard model with a format, a backend and a policy.
+
+    Thread-safe: any number of threads (or asyncio tasks, through the ``a*`` methods) may call one
+    guard; backends serialise model access internally.
+
+    Args:
+        backend: the backend running the guard model.
+        format: the guard format (prompt builder and parser).
+        policy: the decision policy (default :class:`Policy()`).
+    """
+
+    def __init__(self, backend: Backend, format: GuardFormat, policy: Policy | None = None) -> None:
+        self.backend = backend
+        self.format = format
+        self.policy = policy or Policy()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_MODEL,
+        *,
+        backend: str | Backend = "transformers",
+        format: str | GuardFormat = "visguard",
+        policy: Policy | None = None,
+        **backend_kwargs: Any,
+    ) -> Guard:
+        """Load a guard model.
+
+        Args:
+            model: a hub id (default: the MIS-tuned ``Tuwhy/Qwen2-VL-7B-MIRage``) or a local path.
+            backend: a registered backend name (``transformers``, ``openai``, ``vllm`` when its
+                plugin is installed ...) or a :class:`Backend` instance.
+            format: a registered format name or a :class:`GuardFormat` instance.
+            policy: decision policy.
+            **backend_kwargs: passed to the backend factory (``device``, ``dtype``,
+                ``trust_remote_code``, ``max_batch_size`` ...).
+
+        Raises:
+            PluginError: unknown backend or format name.
+            BackendError: the model could not be loaded.
+        """
+        fmt = plugins.get("formats", format)() if isinstance(format, str) else format
+        if isinstance(backend, str):
+            be = plugins.get("backends", backend)(model, **backend_kwargs)
+        else:
+            if backend_kwargs:
+                raise InputError(f"backend keyword arguments {sorted(backend_kwargs)} need a backend name")
+            be = backend
+        return cls(be, fmt, policy)
+
+    def with_policy(self, policy: Policy | None = None, **changes: Any) -> Guard:
+        """A guard sharing this one's model with another policy (or this policy with ``changes``)."""
+        new = policy or self.policy.model_copy(update=changes).revalidate()
+        return Guard(self.backend, self.format, new)
+
+    # ------------------------------------------------------------------ requests
+    def request(
+        self,
+        images: Iterable[ImageInput] | ImageInput | None,
+        text: str,
+        response: str | None = None,
+    ) -> GuardRequest:
+        """Build a :class:`GuardRequest` through the image boundary with this policy's limits."""
+        return GuardRequest.build(images, text, response, limits=self.policy.limits)
+
+    # ------------------------------------------------------------------ sync API
+    def check_input(self, images: Iterable[ImageInput] | ImageInput | None, text: str, *, mode: Mode | None = None) -> Verdict:
+        """Pre-check: is this (images + text) request unsafe?"""
+        return self.check(self.request(images, text), mode=mode)
+
+    def check_output(
+        self, images: Iterable[ImageInput] | ImageInput | None, text: str, response: str, *, mode: Mode | None = None
+    ) -> Verdict:
+        """Post-check: is the host model's ``response`` to (images + text) unsafe?"""
+        if not isinstance(response, str):
+            raise InputError(f"response must be a string, got {type(response).__name__}")
+        return self.check(self.request(images, text, response), mode=mode)
+
+    def check(self, request: GuardRequest, *, mode: Mode | None = None) -> Verdict:
+        """Verdict for one request (``mode`` overrides the policy's mode)."""
+        return self.check_batch([request], mode=mode)[0]
+
+    def check_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
+        """Verdicts for several requests, batched through the backend.
+
+        Returns ``unavailable`` verdicts (never ``safe``) when the backend fails, times out or the
+        output cannot be parsed; raises :class:`GuardUnavailableError` instead when the policy's
+        ``on_error`` is ``"raise"``.
+
+        Raises:
+            InputError: an element is not a :class:`GuardRequest`.
+            GuardUnavailableError: see above.
+        """
+        requests = _checked_requests(requests)
+        if not requests:
+            return []
+        mode = mode or self.policy.mode
+        start = time.perf_counter()
+        timeout = self.policy.timeout_s
+        if timeout is None:
+            verdicts = self._run(requests, mode)
+        else:
+            future = self._executor().submit(self._run, requests, mode)
+            try:
+                verdicts = future.result(timeout=timeout)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                verdicts = [self._unavailable(r, mode, f"guard timed out after {timeout:g} s") for r in requests]
+        elapsed = (time.perf_counter() - start) * 1000.0
+        verdicts = [v.model_copy(update={"latency_ms": elapsed}) for v in verdicts]
+        return self._apply_on_error(verdicts)
+
+    # ------------------------------------------------------------------ async API
+    async def acheck_input(self, images: Iterable[ImageInput] | ImageInput | None, text: str, *, mode: Mode | None = None) -> Verdict:
+        """Async :meth:`check_input`."""
+        return await self.acheck(self.request(images, text), mode=mode)
+
+    async def acheck_output(
+        self, images: Iterable[ImageInput] | ImageInput | None, text: str, response: str, *, mode: Mode | None = None
+    ) -> Verdict:
+        """Async :meth:`check_output`."""
+        return await self.acheck(self.request(images, text, response), mode=mode)
+
+    async def acheck(self, request: GuardRequest, *, mode: Mode | None = None) -> Verdict:
+        """Async :meth:`check`."""
+        return (await self.acheck_batch([request], mode=mode))[0]
+
+    async def acheck_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
+        """Async :meth:`check_batch` (runs in a worker thread; the event loop stays free)."""
+        return await asyncio.to_thread(self.check_batch, requests, mode=mode)
+
+    # ------------------------------------------------------------------ decisions
+    def allows(self, verdict: Verdict) -> bool:
+        """Whether a verdict lets the request through under this policy's ``on_error``."""
+        if verdict.label == "unavailable":
+            return self.policy.on_error == "allow"
+        return verdict.label == "safe"
+
+    def close(self) -> None:
+        """Release the backend and worker threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.backend.close()
+
+    # ------------------------------------------------------------------ internals
+    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="visguard")
+        return self._pool
+
+    def _unavailable(self, request: GuardRequest, mode: Mode, error: str, **fields: Any) -> Verdict:
+        return Verdict.unavailable(error, stage=request.stage, mode=mode, model=self.backend.model_id, **fields)
+
+    def _apply_on_error(self, verdicts: list[Verdict]) -> list[Verdict]:
+        if self.policy.on_error == "raise":
+            for v in verdicts:
+                if v.label == "unavailable":
+                    raise GuardUnavailableError(v)
+        return verdicts
+
+    def _run(self, requests: list[GuardRequest], mode: Mode) -> list[Verdict]:
+        try:
+            if mode == "fast":
+                return self._fast(requests)
+            if mode == "reason":
+                return self._reason(requests, mode="reason")
+            if mode == "adaptive":
+                return self._adaptive(requests)
+            raise InputError(f"unknown mode {mode!r}; expected fast, reason or adaptive")
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any backend failure is an unavailable verdict, never safe
+            return [self._unavailable(r, mode, f"guard backend error: {type(exc).__name__}: {exc}") for r in requests]
+
+    def _prompts(self, requests: list[GuardRequest], mode: str) -> list:
+        specials = self.backend.special_tokens
+        return [self.format.build(r, self.policy, mode=mode, special_tokens=specials) for r in requests]
+
+    def _fast(self, requests: list[GuardRequest]) -> list[Verdict]:
+        if not self.backend.supports_scores:
+            raise RuntimeError(f"backend {self.backend.name!r} cannot score verdict tokens; use mode='reason'")
+        scores = self.backend.score(self._prompts(requests, "fast"))
+        return [self._scored(r, s, "fast") for r, s in zip(requests, scores, strict=True)]
+
+    def _scored(self, request: GuardRequest, score: float, mode: Mode) -> Verdict:
+        if score is None or not 0.0 <= score <= 1.0 or score != score:
+            return self._unavailable(request, mode, f"backend returned an invalid score {score!r}")
+        label = "unsafe" if self.policy.decides_unsafe(score) else "safe"
+        return Verdict(label=label, score=float(score), stage=request.stage, mode=mode, model=self.backend.model_id)
+
+    def _reason(self, requests: list[GuardRequest], mode: Mode, fast: list[Verdict] | None = None) -> list[Verdict]:
+        gens = self.backend.generate(self._prompts(requests, "reason"), max_new_tokens=self.policy.max_new_tokens)
+        out = []
+        for i, (req, gen) in enumerate(zip(requests, gens, strict=True)):
+            parsed = self.format.parse(gen.text, self.policy)
+            if parsed.label is None:
+                prior = fast[i].score if fast else None
+                out.append(self._unavailable(req, mode, parsed.error or "unparseable guard output", raw=gen.text, score=prior))
+                continue
+            score = gen.score_at(parsed.verdict_offset)
+            out.append(
+                Verdict(
+                    label=parsed.label,
+                    score=score,
+                    category=parsed.category,
+                    sub_category=parsed.sub_category,
+                    reasoning=parsed.reasoning,
+                    raw=gen.text,
+                    stage=req.stage,
+                    mode=mode,
+                    model=self.backend.model_id,
+                )
+            )
+        return out
+
+    def _adaptive(self, requests: list[GuardRequest]) -> list[Verdict]:
+        if not self.backend.supports_scores:
+            return self._reason(requests, mode="adaptive")
+        fast = [v.model_copy(update={"mode": "adaptive"}) for v in self._fast(requests)]
+        unsure = [i for i, v in enumerate(fast) if v.score is not None and self.policy.in_band(v.score)]
+        if unsure:
+            reasoned = self._reason([requests[i] for i in unsure], mode="adaptive", fast=[fast[i] for i in unsure])
+            for i, v in zip(unsure, reasoned, strict=True):
+                fast[i] = v
+        return fast
+
+
+def _checked_requests(requests: Sequence[GuardRequest]) -> list[GuardRequest]:
+    if isinstance(requests, GuardRequest):
+        raise InputError("check_batch takes a sequence of GuardRequest; use check() for one")
+    out = list(requests)
+    for i, r in enumerate(out):
+        if not isinstance(r, GuardRequest):
+            raise InputError(f"request {i} is a {type(r).__name__}, not a GuardRequest (use guard.request(...))")
+    return out

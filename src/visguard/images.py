@@ -1,0 +1,235 @@
+"""The one image boundary: every image that enters visguard passes through here.
+
+Accepted inputs: a file path (``str`` or ``os.PathLike``), raw encoded ``bytes``, a ``PIL.Image``,
+a ``data:image/...;base64,`` URL, an OpenAI-style part ``{"type": "image_url", "image_url":
+{"url": ...}}``, a LangChain content block (``{"type": "image", "base64"|"url"|"data": ...}``) or a
+:class:`GuardImage` (already checked). Everything becomes an RGB ``PIL.Image`` with its SHA-256 (of
+the decoded pixels' source bytes) for audit logs and caches. Remote ``http(s)`` URLs are refused
+unless the limits allow fetching. Anything else raises :class:`~visguard.errors.ImageInputError`
+naming the image and the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from PIL import Image
+
+from visguard.errors import ImageInputError
+from visguard.policy import ImageLimits
+
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
+
+ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image | Mapping[str, Any] | GuardImage"
+
+
+@dataclass(frozen=True)
+class GuardImage:
+    """An image that passed the boundary: RGB pixels plus provenance for logs.
+
+    Attributes:
+        image: the RGB image.
+        sha256: hex digest of the encoded bytes (or of the raw pixels for in-memory images).
+        source: short description of where it came from (a path, ``"bytes"``, ``"data-url"`` ...).
+    """
+
+    image: Image.Image = field(repr=False)
+    sha256: str
+    source: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+    def to_data_url(self, fmt: str = "PNG") -> str:
+        """Encode as a ``data:`` URL (how images travel to OpenAI-compatible servers)."""
+        buf = io.BytesIO()
+        self.image.save(buf, format=fmt)
+        mime = "jpeg" if fmt.upper() == "JPEG" else fmt.lower()
+        return f"data:image/{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def load_image(item: ImageInput, limits: ImageLimits | None = None, *, index: int | None = None) -> GuardImage:
+    """Turn one supported input into a :class:`GuardImage`.
+
+    Args:
+        item: the image in any supported form (see module docstring).
+        limits: size and source limits (default: :class:`ImageLimits()`).
+        index: the image's position in its request, used in error messages.
+
+    Returns:
+        The checked RGB image with its hash.
+
+    Raises:
+        ImageInputError: unsupported type, unreadable or oversized data, refused URL.
+    """
+    limits = limits or ImageLimits()
+    if isinstance(item, GuardImage):
+        _check_pixels(item.image.size, limits, index)
+        return item
+    if isinstance(item, Image.Image):
+        _check_pixels(item.size, limits, index)
+        rgb = _to_rgb(item)
+        digest = hashlib.sha256(rgb.tobytes() + repr(rgb.size).encode()).hexdigest()
+        return GuardImage(rgb, digest, "pil")
+    if isinstance(item, bytes | bytearray | memoryview):
+        return _decode(bytes(item), limits, index, "bytes")
+    if isinstance(item, Mapping):
+        return _from_part(item, limits, index)
+    if isinstance(item, str) and item.startswith("data:"):
+        return _decode(_data_url_bytes(item, index), limits, index, "data-url")
+    if isinstance(item, str) and item.startswith(("http://", "https://")):
+        return _fetch(item, limits, index)
+    if isinstance(item, str | os.PathLike):
+        return _from_path(Path(item), limits, index)
+    raise ImageInputError(
+        f"unsupported image type {type(item).__name__}; expected a path, bytes, PIL image, data URL "
+        "or an image_url/image content part",
+        index=index,
+        reason="unsupported_type",
+    )
+
+
+def load_images(items: Iterable[ImageInput] | ImageInput | None, limits: ImageLimits | None = None) -> list[GuardImage]:
+    """Load a request's images, enforcing the count limit first.
+
+    A single image (not in a list) is accepted for convenience; ``None`` means no images.
+    """
+    limits = limits or ImageLimits()
+    if items is None:
+        return []
+    if isinstance(items, str | bytes | bytearray | os.PathLike | Image.Image | Mapping | GuardImage):
+        items = [items]
+    items = list(items)
+    if len(items) > limits.max_images:
+        raise ImageInputError(
+            f"{len(items)} images given, the policy allows at most {limits.max_images}", reason="too_many"
+        )
+    return [load_image(it, limits, index=i) for i, it in enumerate(items)]
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "P", "PA"):
+        # Composite transparency on white so hidden content under alpha is not silently revealed differently.
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")
+
+
+def _check_pixels(size: tuple[int, int], limits: ImageLimits, index: int | None) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageInputError(f"empty image ({w}x{h})", index=index, reason="empty")
+    if w * h > limits.max_pixels:
+        raise ImageInputError(
+            f"{w}x{h} = {w * h} pixels exceeds the limit of {limits.max_pixels}", index=index, reason="too_large"
+        )
+
+
+def _decode(data: bytes, limits: ImageLimits, index: int | None, source: str) -> GuardImage:
+    if not data:
+        raise ImageInputError("no image data (0 bytes)", index=index, reason="empty")
+    if len(data) > limits.max_bytes:
+        raise ImageInputError(
+            f"{len(data)} bytes exceeds the limit of {limits.max_bytes}", index=index, reason="too_large"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # lazy: reads the header only
+            if img.format not in ALLOWED_FORMATS:
+                raise ImageInputError(
+                    f"image format {img.format!r} is not accepted (allowed: {sorted(ALLOWED_FORMATS)})",
+                    index=index,
+                    reason="bad_format",
+                )
+            _check_pixels(img.size, limits, index)  # before decoding pixels: stops decompression bombs
+            img.load()
+    except ImageInputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageInputError(f"decompression bomb refused: {exc}", index=index, reason="too_large") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageInputError(f"cannot decode image data: {exc}", index=index, reason="undecodable") from exc
+    return GuardImage(_to_rgb(img), hashlib.sha256(data).hexdigest(), source)
+
+
+def _data_url_bytes(url: str, index: int | None) -> bytes:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:image/"):
+        raise ImageInputError("data URL must look like data:image/<type>;base64,<data>", index=index, reason="bad_url")
+    if not header.endswith(";base64"):
+        raise ImageInputError("only base64 data URLs are accepted", index=index, reason="bad_url")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageInputError(f"invalid base64 in data URL: {exc}", index=index, reason="bad_url") from exc
+
+
+def _from_path(path: Path, limits: ImageLimits, index: int | None) -> GuardImage:
+    if not path.is_file():
+        raise ImageInputError(f"no such image file: {path}", index=index, reason="not_found")
+    size = path.stat().st_size
+    if size > limits.max_bytes:
+        raise ImageInputError(f"{path}: {size} bytes exceeds the limit of {limits.max_bytes}", index=index, reason="too_large")
+    gi = _decode(path.read_bytes(), limits, index, str(path))
+    return gi
+
+
+def _from_part(part: Mapping[str, Any], limits: ImageLimits, index: int | None) -> GuardImage:
+    kind = part.get("type")
+    if kind == "image_url":  # OpenAI chat content part
+        inner = part.get("image_url")
+        url = inner.get("url") if isinstance(inner, Mapping) else inner
+        if not isinstance(url, str):
+            raise ImageInputError("image_url part has no url string", index=index, reason="bad_part")
+        return load_image(url, limits, index=index)
+    if kind == "image":  # LangChain standard content block
+        for key in ("base64", "data"):
+            if isinstance(part.get(key), str):
+                try:
+                    raw = base64.b64decode(part[key], validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise ImageInputError(f"invalid base64 in image block: {exc}", index=index, reason="bad_part") from exc
+                return _decode(raw, limits, index, "base64")
+        if isinstance(part.get("url"), str):
+            return load_image(part["url"], limits, index=index)
+        if part.get("source_type") == "base64" and isinstance(part.get("data"), str):
+            return load_image({"type": "image", "base64": part["data"]}, limits, index=index)
+        raise ImageInputError("image block needs 'base64', 'data' or 'url'", index=index, reason="bad_part")
+    raise ImageInputError(f"unsupported content part type {kind!r}", index=index, reason="bad_part")
+
+
+def _fetch(url: str, limits: ImageLimits, index: int | None) -> GuardImage:
+    if not limits.allow_remote:
+        raise ImageInputError(
+            f"remote image URL refused ({url}); pass ImageLimits(allow_remote=True) to fetch",
+            index=index,
+            reason="remote_refused",
+        )
+    import httpx
+
+    try:
+        with httpx.stream("GET", url, timeout=limits.remote_timeout_s, follow_redirects=True) as resp:
+            resp.raise_for_status()
+            buf = bytearray()
+            for chunk in resp.iter_bytes():
+                buf.extend(chunk)
+                if len(buf) > limits.max_bytes:
+                    raise ImageInputError(f"{url}: more than {limits.max_bytes} bytes", index=index, reason="too_large")
+    except httpx.HTTPError as exc:
+        raise ImageInputError(f"cannot fetch {url}: {exc}", index=index, reason="fetch_failed") from exc
+    return _decode(bytes(buf), limits, index, url)

@@ -1,0 +1,146 @@
+"""Plugin manager: loads built-in and installed plugins, and serves the registries built from them.
+
+Installed plugins are found through the ``visguard`` entry-point group. ``VISGUARD_LOAD_PLUGINS``
+restricts which installed distributions load (comma-separated names; empty: none); the built-in
+plugins always load. ``VISGUARD_TRACE_HOOKS=1`` prints every hook call to stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+from visguard import hookspecs
+from visguard.errors import PluginError
+
+DEFAULT_PLUGINS = (
+    "visguard.default_plugins.visguard_format",
+    "visguard.default_plugins.transformers_backend",
+)
+
+#: registry kinds, each served by the hook ``register_<kind>``
+KINDS = ("backends", "formats", "benchmarks", "judges", "trainers", "datasets", "hosts")
+
+pm = pluggy.PluginManager("visguard")
+pm.add_hookspecs(hookspecs)
+
+_lock = threading.RLock()
+_loaded = False
+
+
+def load_plugins() -> None:
+    """Load built-in and installed plugins once (later calls do nothing)."""
+    global _loaded
+    with _lock:
+        if _loaded:
+            return
+        for modname in DEFAULT_PLUGINS:
+            mod = importlib.import_module(modname)
+            if not pm.is_registered(mod):
+                pm.register(mod, name=modname)
+        allowed = os.environ.get("VISGUARD_LOAD_PLUGINS")
+        if allowed is None:
+            pm.load_setuptools_entrypoints("visguard")
+        else:
+            for dist_name in filter(None, (n.strip() for n in allowed.split(","))):
+                _load_distribution(dist_name)
+        if os.environ.get("VISGUARD_TRACE_HOOKS"):
+            pm.add_hookcall_monitoring(_trace_before, _trace_after)
+        _loaded = True
+
+
+def _load_distribution(dist_name: str) -> None:
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise PluginError(f"VISGUARD_LOAD_PLUGINS names {dist_name!r}, which is not installed") from exc
+    for ep in dist.entry_points:
+        if ep.group == "visguard" and pm.get_plugin(ep.name) is None:
+            pm.register(ep.load(), name=ep.name)
+
+
+def _trace_before(hook_name: str, hook_impls: list, kwargs: dict) -> None:
+    print(f"visguard hook: {hook_name} -> {[impl.plugin_name for impl in hook_impls]}", file=sys.stderr)
+
+
+def _trace_after(outcome: Any, hook_name: str, hook_impls: list, kwargs: dict) -> None:
+    pass
+
+
+def registry(kind: str) -> dict[str, Callable[..., Any]]:
+    """Collect ``name -> factory`` for one kind from every plugin.
+
+    Raises:
+        PluginError: ``kind`` is unknown, or two plugins register the same name.
+    """
+    if kind not in KINDS:
+        raise PluginError(f"unknown registry {kind!r}; known: {KINDS}")
+    load_plugins()
+    found: dict[str, Callable[..., Any]] = {}
+    owners: dict[str, str] = {}
+
+    hook = getattr(pm.hook, f"register_{kind}")
+    for impl in hook.get_hookimpls():
+
+        def register(name: str, factory: Callable[..., Any], _owner: str = impl.plugin_name) -> None:
+            if not isinstance(name, str) or not name:
+                raise PluginError(f"plugin {_owner!r} registered a {kind[:-1]} without a name")
+            if name in found:
+                raise PluginError(f"{kind[:-1]} {name!r} registered by both {owners[name]!r} and {_owner!r}")
+            found[name] = factory
+            owners[name] = _owner
+
+        impl.function(register=register)
+    return found
+
+
+def get(kind: str, name: str) -> Callable[..., Any]:
+    """The factory registered as ``name`` in registry ``kind``.
+
+    Raises:
+        PluginError: no such name (the message lists the known ones).
+    """
+    reg = registry(kind)
+    try:
+        return reg[name]
+    except KeyError:
+        raise PluginError(
+            f"no {kind[:-1]} named {name!r}; installed: {sorted(reg) or 'none'}"
+            " (see `visguard plugins`)"
+        ) from None
+
+
+def describe() -> list[dict[str, Any]]:
+    """One entry per loaded plugin: its name, the hooks it implements, and what it registers."""
+    load_plugins()
+    out = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin) or repr(plugin)
+        hooks = sorted(impl.name for impl in pm.get_hookcallers(plugin) or [])
+        provides: dict[str, list[str]] = {}
+        for kind in KINDS:
+            hook = getattr(pm.hook, f"register_{kind}")
+            for impl in hook.get_hookimpls():
+                if impl.plugin is plugin:
+                    names: list[str] = []
+                    impl.function(register=lambda n, f, _names=names: _names.append(n))
+                    provides[kind] = sorted(names)
+        dist = _distribution_of(name)
+        out.append({"name": name, "hooks": hooks, "provides": provides, "distribution": dist})
+    return sorted(out, key=lambda p: p["name"])
+
+
+def _distribution_of(plugin_name: str) -> str | None:
+    if plugin_name.startswith("visguard.default_plugins."):
+        return "visguard"
+    for dist, plugin in pm.list_plugin_distinfo():
+        if pm.get_name(plugin) == plugin_name:
+            return dist.project_name
+    return None

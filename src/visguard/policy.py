@@ -1,0 +1,177 @@
+"""Policy: what the guard looks for, how it decides, and what happens when it cannot decide.
+
+The default categories are the MIS taxonomy (6 categories, 12 sub-categories) from "Rethinking
+Bottlenecks in Safety Fine-Tuning of Vision Language Models" (arXiv 2501.18533).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Mode = Literal["fast", "reason", "adaptive"]
+OnError = Literal["block", "allow", "raise"]
+
+
+class Category(BaseModel):
+    """One harm category of a policy.
+
+    Args:
+        name: the category's name as the guard should print it, e.g. ``"Violent"``.
+        description: optional sentence telling the guard what the category covers.
+        sub_categories: finer names under the category.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(min_length=1)
+    description: str = ""
+    sub_categories: tuple[str, ...] = ()
+
+
+MIS_CATEGORIES: tuple[Category, ...] = (
+    Category(
+        name="Illegal Activity",
+        description="helping to commit crimes",
+        sub_categories=("Property Crimes", "Cybercrimes", "Drug-Related Offenses", "Human Trafficking"),
+    ),
+    Category(
+        name="Violent",
+        description="harming people or animals, weapons, riots",
+        sub_categories=(
+            "Weapon-Related Violence",
+            "Public Violence and Rioting",
+            "Abuse and Physical Altercations",
+        ),
+    ),
+    Category(
+        name="Hate",
+        description="demeaning people for who they are",
+        sub_categories=("Racial and Ethnic Discrimination", "Gender Discrimination"),
+    ),
+    Category(
+        name="Self-Harm",
+        description="hurting oneself, physically or psychologically",
+        sub_categories=("Physical Self-Injury", "Psychological Harm"),
+    ),
+    Category(
+        name="Privacy",
+        description="collecting or abusing personal data without consent",
+        sub_categories=("Unauthorized Data Collection", "Identity Theft"),
+    ),
+    Category(
+        name="Erotic",
+        description="sexual content",
+        sub_categories=("Erotic Visual Content",),
+    ),
+)
+
+
+class ImageLimits(BaseModel):
+    """Limits applied at the image boundary (see :mod:`visguard.images`)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_images: int = Field(default=8, ge=0)
+    max_pixels: int = Field(default=4096 * 4096, gt=0, description="width * height of one image")
+    max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="encoded size of one image")
+    allow_remote: bool = Field(default=False, description="fetch http(s) URLs (off: refused)")
+    remote_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class Policy(BaseModel):
+    """How a guard decides and acts.
+
+    Args:
+        categories: the harm categories the guard checks (default: the MIS taxonomy).
+        threshold: P(unsafe) at or above which a scored verdict is ``unsafe``.
+        mode: ``fast`` (one forward pass, score from the verdict-token logits), ``reason``
+            (generate perception and reasoning, then the verdict) or ``adaptive`` (fast, then
+            reason only when the score lies inside ``adaptive_band``).
+        adaptive_band: closed interval ``(low, high)`` of fast scores that trigger reasoning.
+        on_error: what an ``unavailable`` verdict does where a decision is acted upon: ``block``
+            (default, fail closed), ``allow`` (pass, flagged as degraded) or ``raise``.
+        max_new_tokens: generation budget of the reason pass.
+        timeout_s: per-check time limit (``None``: no limit).
+        limits: image-boundary limits.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    categories: tuple[Category, ...] = MIS_CATEGORIES
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    mode: Mode = "fast"
+    adaptive_band: tuple[float, float] = (0.2, 0.8)
+    on_error: OnError = "block"
+    max_new_tokens: int = Field(default=512, ge=1)
+    timeout_s: float | None = Field(default=None, gt=0)
+    limits: ImageLimits = ImageLimits()
+
+    @field_validator("categories")
+    @classmethod
+    def _unique_names(cls, value: tuple[Category, ...]) -> tuple[Category, ...]:
+        names = [c.name.lower() for c in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate category names: {dupes}")
+        return value
+
+    @model_validator(mode="after")
+    def _band_ordered(self) -> Policy:
+        low, high = self.adaptive_band
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"adaptive_band must satisfy 0 <= low <= high <= 1, got {self.adaptive_band}")
+        return self
+
+    def with_categories(self, *categories: Category | str) -> Policy:
+        """Return a copy with extra categories added (a string adds a category with that name)."""
+        extra = tuple(c if isinstance(c, Category) else Category(name=c) for c in categories)
+        return self.model_copy(update={"categories": self.categories + extra}).revalidate()
+
+    def without_categories(self, *names: str) -> Policy:
+        """Return a copy without the named categories (case-insensitive).
+
+        Raises:
+            ValueError: a name is not a category of this policy.
+        """
+        wanted = {n.lower() for n in names}
+        known = {c.name.lower() for c in self.categories}
+        missing = sorted(wanted - known)
+        if missing:
+            raise ValueError(f"unknown categories: {missing}; known: {[c.name for c in self.categories]}")
+        kept = tuple(c for c in self.categories if c.name.lower() not in wanted)
+        return self.model_copy(update={"categories": kept})
+
+    def revalidate(self) -> Policy:
+        """Validate a copy made with ``model_copy(update=...)`` (pydantic skips validation there)."""
+        return Policy.model_validate(self.model_dump())
+
+    def find_category(self, text: str) -> tuple[str | None, str | None]:
+        """Map free text from a guard's category line to ``(category, sub_category)``.
+
+        Matching is case- and space-insensitive on names; a sub-category name also yields its
+        category. Unknown text is returned as the category unchanged (never dropped).
+        """
+        norm = " ".join(text.replace("_", " ").split()).strip(" .*`'\"").lower()
+        if norm in {"", "none", "n/a", "na", "null", "safe"}:
+            return None, None
+        parts = [p.strip() for p in norm.replace("|", "/").replace(":", "/").split("/") if p.strip()]
+        for cat in self.categories:
+            subs = {s.lower(): s for s in cat.sub_categories}
+            if parts and parts[0] == cat.name.lower():
+                sub = subs.get(parts[1]) if len(parts) > 1 else None
+                return cat.name, sub
+            for part in parts:
+                if part in subs:
+                    return cat.name, subs[part]
+        return " ".join(text.split()).strip(" .*`'\""), None
+
+    def decides_unsafe(self, score: float) -> bool:
+        """Whether a P(unsafe) score crosses this policy's threshold."""
+        return score >= self.threshold
+
+    def in_band(self, score: float) -> bool:
+        """Whether a fast score is uncertain enough for the adaptive reason pass."""
+        low, high = self.adaptive_band
+        return low <= score <= high

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny local checkpoints of real VLM architectures (built once per machine, cached)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> str:
+    """Where tiny checkpoints are cached: $VISGUARD_CACHE if set, else a per-session temp dir."""
+    return os.environ.get("VISGUARD_CACHE") or str(tmp_path_factory.mktemp("tiny-ckpt"))
+
+
+@pytest.fixture(scope="session", params=["qwen2_vl", "llava", "idefics3"])
+def tiny_arch(request, tiny_cache) -> tuple[str, str]:
+    """(arch, path) of a tiny random-weight checkpoint, for each supported architecture."""
+    from visguard.testing.checkpoints import cached_tiny_checkpoint
+
+    return request.param, str(cached_tiny_checkpoint(request.param, cache_dir=tiny_cache))
+
+
+@pytest.fixture(scope="session")
+def qwen_path(tiny_cache) -> str:
+    from visguard.testing.checkpoints import cached_tiny_checkpoint
+
+    return str(cached_tiny_checkpoint("qwen2_vl", cache_dir=tiny_cache))
+
+
+@pytest.fixture
+def images() -> list[Image.Image]:
+    """Three small distinct RGB images."""
+    return [Image.new("RGB", (48, 40), c) for c in ((200, 30, 30), (30, 200, 30), (30, 30, 200))]
