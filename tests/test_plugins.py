@@ -21,7 +21,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"
 def test_builtin_plugins_listed_as_json():
     result = CliRunner().invoke(cli, ["plugins", "--json"])
     assert result.exit_code == 0, result.output
-    info = {p["name"]: p for p in json.loads(result.output)}
+    info = {p["name"]: p for p in json.loads(result.stdout)}
     be = info["visguard.default_plugins.transformers_backend"]
     assert be["hooks"] == ["register_backends"] and be["provides"] == {"backends": ["transformers"]}
     assert info["visguard.default_plugins.visguard_format"]["provides"] == {"formats": ["visguard"]}
@@ -105,7 +105,7 @@ def test_third_party_plugin_registered_at_run_time(registered):
     v = guard.check_input([blue], "x", mode="reason")
     assert (v.label, v.raw) == ("safe", "VERDICT=safe")
     result = CliRunner().invoke(cli, ["plugins", "--json"])
-    mine = [p for p in json.loads(result.output) if p["name"] == "visguard-redness"][0]
+    mine = [p for p in json.loads(result.stdout) if p["name"] == "visguard-redness"][0]
     assert mine["provides"] == {"backends": ["redness"], "formats": ["oneline"]}
     assert sorted(mine["hooks"]) == ["register_backends", "register_formats"]
 

@@ -78,7 +78,7 @@ class Guard:
 
     def with_policy(self, policy: Policy | None = None, **changes: Any) -> Guard:
         """A guard sharing this one's model with another policy (or this policy with ``changes``)."""
-        new = policy or self.policy.model_copy(update=changes).revalidate()
+        new = policy or self.policy.updated(**changes)
         return Guard(self.backend, self.format, new)
 
     # ------------------------------------------------------------------ requests

@@ -23,6 +23,7 @@ from visguard.errors import PluginError
 DEFAULT_PLUGINS = (
     "visguard.default_plugins.visguard_format",
     "visguard.default_plugins.transformers_backend",
+    "visguard.default_plugins.transformers_host",
 )
 
 #: registry kinds, each served by the hook ``register_<kind>``

@@ -127,7 +127,7 @@ class Policy(BaseModel):
     def with_categories(self, *categories: Category | str) -> Policy:
         """Return a copy with extra categories added (a string adds a category with that name)."""
         extra = tuple(c if isinstance(c, Category) else Category(name=c) for c in categories)
-        return self.model_copy(update={"categories": self.categories + extra}).revalidate()
+        return self.updated(categories=self.categories + extra)
 
     def without_categories(self, *names: str) -> Policy:
         """Return a copy without the named categories (case-insensitive).
@@ -141,11 +141,12 @@ class Policy(BaseModel):
         if missing:
             raise ValueError(f"unknown categories: {missing}; known: {[c.name for c in self.categories]}")
         kept = tuple(c for c in self.categories if c.name.lower() not in wanted)
-        return self.model_copy(update={"categories": kept})
+        return self.updated(categories=kept)
 
-    def revalidate(self) -> Policy:
-        """Validate a copy made with ``model_copy(update=...)`` (pydantic skips validation there)."""
-        return Policy.model_validate(self.model_dump())
+    def updated(self, **changes: object) -> Policy:
+        """A validated copy with ``changes`` applied (unlike ``model_copy``, which skips validation)."""
+        data = {name: getattr(self, name) for name in type(self).model_fields}
+        return type(self).model_validate({**data, **changes})
 
     def find_category(self, text: str) -> tuple[str | None, str | None]:
         """Map free text from a guard's category line to ``(category, sub_category)``.
