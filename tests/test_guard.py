@@ -8,7 +8,6 @@ import threading
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from visguard import Backend, Guard, GuardUnavailableError, InputError, Policy

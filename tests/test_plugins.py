@@ -11,8 +11,18 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from visguard import Backend, Generation, Guard, GuardFormat, GuardPrompt, ParsedOutput, PluginError, hookimpl
-from visguard import hookspecs, plugins
+from visguard import (
+    Backend,
+    Generation,
+    Guard,
+    GuardFormat,
+    GuardPrompt,
+    ParsedOutput,
+    PluginError,
+    hookimpl,
+    hookspecs,
+    plugins,
+)
 from visguard.cli import cli
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "plugins.md"

@@ -190,7 +190,7 @@ class TransformersBackend(Backend):
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
             new_tokens = result.sequences[:, inputs["input_ids"].shape[1] :]
-            step_probs = torch.stack([_unsafe_probability(l.float(), safe_ids, unsafe_ids) for l in result.logits], dim=1)
+            step_probs = torch.stack([_unsafe_probability(step.float(), safe_ids, unsafe_ids) for step in result.logits], dim=1)
             for row, i in enumerate(group):
                 ids = new_tokens[row].tolist()
                 n = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
