@@ -155,3 +155,29 @@ def test_every_hook_and_argument_is_documented():
     # and nothing documented that does not exist
     for name in re.findall(r"^### `(register_\w+)\(", docs, re.MULTILINE):
         assert hasattr(hookspecs, name), f"docs describe a hook {name} that does not exist"
+
+
+def _plugins_json(env_value: str | None):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("VISGUARD_LOAD_PLUGINS", None)
+    if env_value is not None:
+        env["VISGUARD_LOAD_PLUGINS"] = env_value
+    code = "from visguard.cli import main; main(['plugins', '--json'])"
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_env_var_restricts_installed_plugins():
+    everything = _plugins_json(None)
+    assert everything.returncode == 0, everything.stderr
+    builtin_only = _plugins_json("")
+    assert builtin_only.returncode == 0, builtin_only.stderr
+    names = {p["name"] for p in json.loads(builtin_only.stdout)}
+    assert names and all(n.startswith("visguard.default_plugins.") for n in names)
+    assert names <= {p["name"] for p in json.loads(everything.stdout)}
+    unknown = _plugins_json("visguard-no-such-plugin")
+    assert unknown.returncode == 2
+    assert "VISGUARD_LOAD_PLUGINS names 'visguard-no-such-plugin', which is not installed" in unknown.stderr
