@@ -10,6 +10,7 @@ Run a (multi-image) safety guard model before and after any host VLM and get a s
         ...
 """
 
+from visguard.audit import AuditLog
 from visguard.backend import Backend, Generation
 from visguard.errors import (
     BackendError,
@@ -22,7 +23,16 @@ from visguard.errors import (
 )
 from visguard.format import GuardFormat, GuardPrompt, ParsedOutput
 from visguard.guard import DEFAULT_MODEL, Guard
+from visguard.guarded import (
+    AsyncGuardedStream,
+    GuardedModel,
+    GuardedOptions,
+    GuardedResult,
+    GuardedStream,
+    GuardTimings,
+)
 from visguard.hookspecs import hookimpl
+from visguard.hosts import CallableHost, Host
 from visguard.images import GuardImage, load_image, load_images
 from visguard.policy import MIS_CATEGORIES, Category, ImageLimits, Policy
 from visguard.types import GuardRequest, Verdict
@@ -32,8 +42,11 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL",
     "MIS_CATEGORIES",
+    "AsyncGuardedStream",
+    "AuditLog",
     "Backend",
     "BackendError",
+    "CallableHost",
     "Category",
     "Generation",
     "Guard",
@@ -41,8 +54,14 @@ __all__ = [
     "GuardImage",
     "GuardPrompt",
     "GuardRequest",
+    "GuardTimings",
     "GuardUnavailableError",
+    "GuardedModel",
+    "GuardedOptions",
+    "GuardedResult",
+    "GuardedStream",
     "GuardrailViolation",
+    "Host",
     "ImageInputError",
     "ImageLimits",
     "InputError",

@@ -10,7 +10,7 @@ import asyncio
 import concurrent.futures
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from visguard import plugins
 from visguard.backend import Backend
@@ -19,6 +19,9 @@ from visguard.format import GuardFormat
 from visguard.images import ImageInput
 from visguard.policy import Mode, Policy
 from visguard.types import GuardRequest, Verdict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from visguard.guarded import GuardedModel
 
 DEFAULT_MODEL = "Tuwhy/Qwen2-VL-7B-MIRage"
 
@@ -80,6 +83,28 @@ class Guard:
         """A guard sharing this one's model with another policy (or this policy with ``changes``)."""
         new = policy or self.policy.updated(**changes)
         return Guard(self.backend, self.format, new)
+
+    def wrap(self, host: Any, **options: Any) -> GuardedModel:
+        """Put this guard around a host model: pre-check, host answer, post-check, streaming.
+
+        Args:
+            host: a :class:`~visguard.hosts.Host`, a local model path or hub id, an
+                OpenAI-compatible ``http(s)://`` base URL, or a callable ``(images, text) -> str``
+                (see :func:`visguard.hosts.resolve_host`).
+            **options: see :class:`~visguard.guarded.GuardedOptions` (``pre_check``,
+                ``post_check``, ``on_unsafe``, ``refusal``, ``audit``, ``host_options`` ...).
+
+        Returns:
+            A :class:`~visguard.guarded.GuardedModel` with ``generate``, ``stream``,
+            ``agenerate`` and ``astream``.
+
+        Raises:
+            InputError: an option is invalid or the host cannot be used.
+            PluginError: the host's plugin is not installed.
+        """
+        from visguard.guarded import GuardedModel
+
+        return GuardedModel(self, host, **options)
 
     # ------------------------------------------------------------------ requests
     def request(

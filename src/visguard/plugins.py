@@ -24,6 +24,10 @@ DEFAULT_PLUGINS = (
     "visguard.default_plugins.visguard_format",
     "visguard.default_plugins.transformers_backend",
     "visguard.default_plugins.transformers_host",
+    "visguard.default_plugins.openai_host",
+    "visguard.default_plugins.benchmarks",
+    "visguard.default_plugins.judges",
+    "visguard.default_plugins.eval_command",
 )
 
 #: registry kinds, each served by the hook ``register_<kind>``

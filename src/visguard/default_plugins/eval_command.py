@@ -1,0 +1,174 @@
+"""The ``visguard eval`` command, added to the CLI through the ``register_commands`` hook."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from visguard.hookspecs import hookimpl
+
+HEADLINE_GUARD = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "auprc", "unavailable")
+HEADLINE_MODEL = ("n", "n_judged", "judge_failed", "host_failed", "guard_blocked", "asr", "rsr", "rr", "hr",
+                  "refusal_rate")
+
+
+def default_out_dir(benchmark: str, split: str | None, model: str, kind: str) -> Path:
+    """``runs/eval/<benchmark>-<split>-<kind>-<model>``: stable, so rerunning a command resumes it."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/").split("/")[-1] or model)[:60]
+    return Path("runs") / "eval" / f"{benchmark}-{split or 'all'}-{kind}-{slug}"
+
+
+def _backend_kwargs(backend: str, device: str, base_url: str | None) -> dict[str, Any]:
+    if backend == "transformers":
+        return {"device": device}
+    return {"base_url": base_url} if base_url else {}
+
+
+def _make_judge(name: str | None, judge_model: str | None, judge_backend: str, device: str,
+                judge_base_url: str | None) -> Any:
+    from visguard.eval import get_judge
+
+    if name is None:
+        if not judge_model:
+            raise click.UsageError(
+                "model evaluation needs a judge: --judge-model MODEL for the MIS LLM judge, "
+                "or --judge refusal (keywords, no model)"
+            )
+        name = "mis"
+    if name == "refusal":
+        return get_judge("refusal")
+    kwargs: dict[str, Any] = {"backend": judge_backend, **_backend_kwargs(judge_backend, device, judge_base_url)}
+    if judge_model:
+        kwargs["model"] = judge_model
+    return get_judge(name, **kwargs)
+
+
+@hookimpl
+def register_commands(cli):
+    @cli.command("eval")
+    @click.option("--benchmark", "-B", required=True,
+                  help="Benchmark plugin: mis, vlguard, mm-safetybench, siuo, mssbench, mossbench, figstep, jsonl.")
+    @click.option("--data", "-d", required=True, help="Local copy of the benchmark, in its published layout.")
+    @click.option("--split", "-s", default=None, help="One split (MIS: easy, hard, real -> mis_<split>.json). Default: all.")
+    @click.option("--model", "-m", required=True,
+                  help="The guard to evaluate; with --host, the host VLM to evaluate (hub id, path, or served name).")
+    @click.option("--host", "host_adapter", default=None, metavar="ADAPTER",
+                  help="Model evaluation: run --model as a host VLM through this host adapter "
+                       "(auto: path -> transformers, --base-url -> openai; or any registered host) and judge its answers.")
+    @click.option("--guard", "guard_model", default=None,
+                  help="Model evaluation: protect the host with this guard model (guard.wrap); uses --backend/--mode/--threshold.")
+    @click.option("--judge", default=None, help="Model evaluation judge: mis (LLM, needs --judge-model), refusal, guard, or a plugin's.")
+    @click.option("--judge-model", default=None, help="The judge's model (mis: an instruction-following VLM; guard: a guard model).")
+    @click.option("--judge-backend", default="transformers", show_default=True, help="Backend of the judge model (openai for an endpoint).")
+    @click.option("--judge-base-url", default=None, help="API root of an OpenAI-compatible judge endpoint.")
+    @click.option("--out", "-o", "out_dir", default=None,
+                  help="Output directory (results.jsonl, summary.json, report.md, plots/). "
+                       "Default: runs/eval/<benchmark>-<split>-<kind>-<model>. Rerunning resumes.")
+    @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate only the first N items.")
+    @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="fast", show_default=True,
+                  help="Guard mode: fast (one forward pass), reason, adaptive.")
+    @click.option("--backend", "-b", default="transformers", show_default=True, help="Guard backend plugin.")
+    @click.option("--format", "format_name", default="visguard", show_default=True, help="Guard format plugin.")
+    @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
+    @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+                  help="Guard requests per batch (model evaluation: responses per judge batch).")
+    @click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True, help="Guard reasoning budget.")
+    @click.option("--host-max-new-tokens", type=click.IntRange(1), default=1024, show_default=True,
+                  help="Host answer budget (the paper: greedy, up to 1024).")
+    @click.option("--device", default="auto", show_default=True, help="transformers backends/hosts: cpu, cuda, cuda:1 ...")
+    @click.option("--base-url", default=None, help="API root for the openai backend (guard) or host.")
+    @click.option("--restart", is_flag=True, help="Discard results already in --out instead of resuming.")
+    @click.option("--no-plots", is_flag=True, help="Do not write PNG plots.")
+    @click.option("--no-progress", is_flag=True, help="No progress bar.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+    def eval_command(benchmark: str, data: str, split: str | None, model: str, host_adapter: str | None,
+                     guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
+                     judge_base_url: str | None, out_dir: str | None, limit: int | None, mode: str, backend: str,
+                     format_name: str, threshold: float, batch_size: int, max_new_tokens: int,
+                     host_max_new_tokens: int, device: str, base_url: str | None, restart: bool, no_plots: bool,
+                     no_progress: bool, as_json: bool) -> None:
+        """Evaluate a guard, or a (guarded) host VLM, on a local safety benchmark.
+
+        \b
+        Guard evaluation (default): run the guard --model over the benchmark's labelled items;
+        report accuracy, precision, recall, F1, FPR, AUROC, AUPRC, per-category and per-split
+        tables, latency p50/p95/p99 and throughput. Unavailable verdicts are counted apart.
+        Model evaluation (--host): run --model as a host VLM (optionally wrapped by --guard),
+        judge every answer, report ASR / RSR / RR / HR (percent; MIS protocol) and the
+        benchmark's own rate.
+
+        \b
+        Results stream to OUT/results.jsonl; rerunning the same command resumes without losing
+        or repeating an item. OUT also gets summary.json, report.md and plots/*.png.
+
+        \b
+        Examples:
+          visguard eval -B mis -d data/mis_test -s hard -m Tuwhy/Qwen2-VL-7B-MIRage
+          visguard eval -B mis -d data/mis_test -s hard -m Qwen/Qwen2-VL-7B-Instruct --host auto \\
+              --judge-model Qwen/Qwen2.5-VL-72B-Instruct --judge-backend openai --judge-base-url http://127.0.0.1:8000/v1
+          visguard eval -B mossbench -d MOSSBench/data -m llava-hf/llava-1.5-7b-hf --host auto --judge refusal
+        """
+        from visguard import plugins
+        from visguard.eval import evaluate_guard, evaluate_model, get_benchmark
+        from visguard.guard import Guard
+        from visguard.policy import Policy
+
+        kind = "model" if host_adapter else "guard"
+        if kind == "guard" and (guard_model or judge or judge_model):
+            raise click.UsageError("--guard, --judge and --judge-model apply to model evaluation: add --host ADAPTER")
+        if kind == "model" and judge is None and not judge_model:
+            _make_judge(judge, judge_model, judge_backend, device, judge_base_url)  # raises the usage error early
+        bench = get_benchmark(benchmark)
+        items = bench.load(data, split, limit=limit)
+        if not items:
+            raise click.UsageError(f"{benchmark}: no items found in {data}")
+        splits = {it.split for it in items}
+        split = split or (splits.pop() if len(splits) == 1 else None)  # e.g. --data .../mis_hard.json
+        out = Path(out_dir) if out_dir else default_out_dir(benchmark, split, model, kind)
+        policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens)
+
+        def load_guard(name: str) -> Guard:
+            return Guard.from_pretrained(name, backend=backend, format=format_name, policy=policy,
+                                         **_backend_kwargs(backend, device, base_url))
+
+        if kind == "guard":
+            summary = evaluate_guard(load_guard(model), items, out_dir=out, batch_size=batch_size, mode=mode,
+                                     benchmark=benchmark, split=split, restart=restart,
+                                     progress=not no_progress, plots=not no_plots)
+        else:
+            from visguard.hosts import resolve_host
+
+            if host_adapter == "auto":
+                host = (resolve_host(base_url, model=model) if base_url else
+                        resolve_host(model, device=device, max_new_tokens=host_max_new_tokens))
+            elif host_adapter == "transformers":
+                host = plugins.get("hosts", "transformers")(model, device=device, max_new_tokens=host_max_new_tokens)
+            else:
+                target = base_url or model
+                host = plugins.get("hosts", host_adapter)(target, **({"model": model} if base_url else {}))
+            guard = None
+            if guard_model:
+                guard = load_guard(guard_model)
+            judge_obj = _make_judge(judge, judge_model, judge_backend, device, judge_base_url)
+            summary = evaluate_model(host, items, judge_obj, guard=guard, benchmark=bench, split=split, out_dir=out,
+                                     judge_batch_size=batch_size, restart=restart, progress=not no_progress,
+                                     plots=not no_plots)
+        if as_json:
+            click.echo(summary.to_json())
+            return
+        keys = HEADLINE_GUARD if kind == "guard" else HEADLINE_MODEL + tuple(summary.get("headline") or ())
+        seen: set[str] = set()
+        for key in keys:
+            if key in summary and key not in seen:
+                seen.add(key)
+                value = summary[key]
+                click.echo(f"{key:<14} {value:.4f}" if isinstance(value, float) else f"{key:<14} {'-' if value is None else value}")
+        lat = summary.get("latency_ms") or {}
+        if lat.get("p50") is not None:
+            click.echo(f"{'latency ms':<14} p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}")
+        if summary.get("resumed"):
+            click.echo(f"{'resumed':<14} {summary['resumed']} items from an earlier run")
+        click.echo(f"{'report':<14} {summary['files']['report']}")

@@ -1,0 +1,30 @@
+"""Serving: OpenAI-compatible HTTP endpoints around visguard.
+
+- :mod:`visguard.serve.openai_types`: the OpenAI chat-completions wire types and the helper that
+  turns chat messages into (images, text); pydantic only, importable without FastAPI.
+- :mod:`visguard.serve.upstream`: :func:`create_upstream_app` serves a local host model as an
+  OpenAI-compatible endpoint (needs the ``serve`` extra: FastAPI and uvicorn).
+
+Names are imported lazily so ``import visguard.serve`` does not need FastAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["ServerThread", "create_upstream_app", "messages_to_prompt", "split_messages"]
+
+_LAZY = {
+    "ServerThread": "visguard.serve.upstream",
+    "create_upstream_app": "visguard.serve.upstream",
+    "messages_to_prompt": "visguard.serve.openai_types",
+    "split_messages": "visguard.serve.openai_types",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'visguard.serve' has no attribute {name!r}")

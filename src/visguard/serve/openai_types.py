@@ -1,0 +1,272 @@
+"""OpenAI chat-completions wire types, and the one helper that turns chat messages into (images, text).
+
+These pydantic models cover the part of the OpenAI ``/v1/chat/completions`` API that a
+vision-language chat server needs: text and ``image_url`` content parts, streaming chunks, model
+listing and error bodies. Request models accept unknown fields (clients send many optional
+parameters), response models write exactly the fields clients read. They depend on pydantic only,
+so clients and servers can both import them without FastAPI.
+
+:func:`split_messages` / :func:`messages_to_prompt` are the single place where chat messages
+become visguard inputs; images go through :func:`visguard.images.load_images` (the image boundary).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from visguard.errors import InputError
+from visguard.images import GuardImage, load_images
+from visguard.policy import ImageLimits
+
+# ---------------------------------------------------------------------------------- requests
+
+
+class ImageURL(BaseModel):
+    """The ``image_url`` object of an image part: a ``data:image/...;base64,`` URL (or http(s), if allowed)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImageURLPart(BaseModel):
+    """``{"type": "image_url", "image_url": {"url": ...}}``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURL
+
+
+class TextPart(BaseModel):
+    """``{"type": "text", "text": ...}``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["text"] = "text"
+    text: str
+
+
+ContentPart = TextPart | ImageURLPart
+
+
+class ChatMessage(BaseModel):
+    """One chat message. ``content`` is a string or a list of text / image parts."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of ``POST /v1/chat/completions`` (fields a server does not use are kept in ``model_extra``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1)
+    seed: int | None = None
+    user: str | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        """``max_completion_tokens``, else the older ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
+
+# ---------------------------------------------------------------------------------- responses
+
+
+def completion_id() -> str:
+    """A fresh ``chatcmpl-...`` id."""
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "content_filter"] | None = "stop"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class ChatCompletion(BaseModel):
+    """A non-streaming chat completion."""
+
+    id: str = Field(default_factory=completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[Choice]
+    usage: Usage | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length", "content_filter"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed completion (``data: <chunk JSON>``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChunkChoice]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "visguard"
+
+
+class ModelList(BaseModel):
+    """Body of ``GET /v1/models``."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI-style error body: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+def sse_event(payload: BaseModel | str) -> str:
+    """Format one server-sent event: ``data: <json>`` and a blank line (``"[DONE]"`` as is)."""
+    data = payload if isinstance(payload, str) else payload.model_dump_json(exclude_none=False)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = sse_event("[DONE]")
+
+# ---------------------------------------------------------------------------------- messages -> inputs
+
+_ROLE_NAMES = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant", "tool": "Tool"}
+
+
+class SplitChat(BaseModel):
+    """Chat messages taken apart for a single-turn model and for a guard.
+
+    Attributes:
+        images: every image of every message, in order, through the image boundary.
+        text: the last user message's text (its text parts joined by newlines).
+        conversation: the messages before it, as ``{"role": ..., "content": str}`` with
+            ``[image N]`` where image N was (the shape :class:`visguard.GuardRequest` takes).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    images: list[GuardImage]
+    text: str
+    conversation: list[dict[str, str]] = Field(default_factory=list)
+
+    def prompt_text(self) -> str:
+        """The text for a model that takes one (images, text) turn.
+
+        The last user text alone when there is no earlier turn; otherwise a plain transcript
+        (``System: ...``, ``User: ...``, ``Assistant: ...``) ending with the last user turn, so the
+        context is not lost.
+        """
+        if not self.conversation:
+            return self.text
+        lines = [f"{_ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in self.conversation]
+        return "\n".join([*lines, f"User: {self.text}"])
+
+
+def split_messages(
+    messages: Sequence[ChatMessage | Mapping[str, Any]], *, limits: ImageLimits | None = None
+) -> SplitChat:
+    """Take OpenAI chat messages apart into images, the last user text and the earlier turns.
+
+    Args:
+        messages: :class:`ChatMessage` objects or plain dicts in the OpenAI shape.
+        limits: image-boundary limits (default :class:`ImageLimits()`: data URLs only, at most
+            8 images ...).
+
+    Raises:
+        InputError: the messages are malformed, or do not end with a user message.
+        ImageInputError: an image was refused at the boundary (it names the image's index).
+    """
+    try:
+        parsed = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
+    except ValueError as exc:  # pydantic.ValidationError
+        raise InputError(f"invalid chat messages: {exc}") from exc
+    if not parsed or parsed[-1].role != "user":
+        raise InputError("the last message must be a user message")
+    last_user = len(parsed) - 1
+    image_parts: list[dict[str, Any]] = []
+    rendered: list[tuple[str, str]] = []
+    for message in parsed:
+        content = message.content
+        if content is None or isinstance(content, str):
+            rendered.append((message.role, content or ""))
+            continue
+        texts: list[str] = []
+        for part in content:
+            if isinstance(part, ImageURLPart):
+                image_parts.append(part.model_dump(exclude_none=True))
+                if message is not parsed[-1]:
+                    texts.append(f"[image {len(image_parts)}]")
+            else:
+                texts.append(part.text)
+        rendered.append((message.role, "\n".join(texts)))
+    images = load_images(image_parts, limits)
+    conversation = [{"role": role, "content": text} for role, text in rendered[:last_user]]
+    return SplitChat(images=images, text=rendered[last_user][1], conversation=conversation)
+
+
+def messages_to_prompt(
+    messages: Sequence[ChatMessage | Mapping[str, Any]], *, limits: ImageLimits | None = None
+) -> tuple[list[GuardImage], str]:
+    """``(images, text)`` for a single-turn host from OpenAI chat messages.
+
+    See :func:`split_messages` and :meth:`SplitChat.prompt_text`.
+    """
+    chat = split_messages(messages, limits=limits)
+    return chat.images, chat.prompt_text()
