@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from visguard import plugins
 from visguard.backend import Backend
+from visguard.batching import shared_batcher
 from visguard.errors import GuardUnavailableError, InputError
 from visguard.format import GuardFormat
 from visguard.images import ImageInput
@@ -36,13 +37,24 @@ class Guard:
         backend: the backend running the guard model.
         format: the guard format (prompt builder and parser).
         policy: the decision policy (default :class:`Policy()`).
+        max_batch: most requests one backend batch takes from concurrent callers (micro-batching;
+            every guard on the same backend shares one batcher, created by the first guard).
+        max_wait_ms: how long a request waits for others to share its batch.
     """
 
-    def __init__(self, backend: Backend, format: GuardFormat, policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        format: GuardFormat,
+        policy: Policy | None = None,
+        *,
+        max_batch: int = 16,
+        max_wait_ms: float = 2.0,
+    ) -> None:
         self.backend = backend
         self.format = format
         self.policy = policy or Policy()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._batcher = shared_batcher(backend, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -82,7 +94,8 @@ class Guard:
     def with_policy(self, policy: Policy | None = None, **changes: Any) -> Guard:
         """A guard sharing this one's model with another policy (or this policy with ``changes``)."""
         new = policy or self.policy.updated(**changes)
-        return Guard(self.backend, self.format, new)
+        return Guard(self.backend, self.format, new, max_batch=self._batcher.max_batch,
+                     max_wait_ms=self._batcher.max_wait_s * 1000.0)
 
     def wrap(self, host: Any, **options: Any) -> GuardedModel:
         """Put this guard around a host model: pre-check, host answer, post-check, streaming.
@@ -150,17 +163,17 @@ class Guard:
         mode = mode or self.policy.mode
         start = time.perf_counter()
         timeout = self.policy.timeout_s
-        if timeout is None:
-            verdicts = self._run(requests, mode)
-        else:
-            future = self._executor().submit(self._run, requests, mode)
-            try:
-                verdicts = future.result(timeout=timeout)
-            except concurrent.futures.TimeoutError:
-                future.cancel()
-                verdicts = [self._unavailable(r, mode, f"guard timed out after {timeout:g} s") for r in requests]
+        futures = self._batcher.submit(requests, (self._run, mode))
+        concurrent.futures.wait(futures, timeout=timeout)
         elapsed = (time.perf_counter() - start) * 1000.0
-        verdicts = [v.model_copy(update={"latency_ms": elapsed}) for v in verdicts]
+        verdicts = []
+        for request, future in zip(requests, futures, strict=True):
+            if future.done():
+                verdict = future.result()  # re-raises InputError from the batch
+            else:
+                future.cancel()  # still queued: it will not run; already running: its result is dropped
+                verdict = self._unavailable(request, mode, f"guard timed out after {timeout:g} s (queueing included)")
+            verdicts.append(verdict.model_copy(update={"latency_ms": elapsed}))
         return self._apply_on_error(verdicts)
 
     # ------------------------------------------------------------------ async API
@@ -190,17 +203,11 @@ class Guard:
         return verdict.label == "safe"
 
     def close(self) -> None:
-        """Release the backend and worker threads."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        """Release the backend and its batching thread (shared by every guard on this backend)."""
+        self._batcher.close()
         self.backend.close()
 
     # ------------------------------------------------------------------ internals
-    def _executor(self) -> concurrent.futures.ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="visguard")
-        return self._pool
-
     def _unavailable(self, request: GuardRequest, mode: Mode, error: str, **fields: Any) -> Verdict:
         return Verdict.unavailable(error, stage=request.stage, mode=mode, model=self.backend.model_id, **fields)
 

@@ -1,0 +1,107 @@
+"""Micro-batching of concurrent checks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from visguard import Backend, Generation, Guard, Policy
+from visguard.batching import MicroBatcher
+from visguard.default_plugins.visguard_format import VisguardFormat
+
+
+class CountingBackend(Backend):
+    """Scores by text length; records every batch it is given and takes 50 ms per batch."""
+
+    name = "counting"
+    model_id = "counting"
+
+    def __init__(self):
+        self.batches: list[int] = []
+        self._lock = threading.Lock()
+
+    def score(self, prompts):
+        with self._lock:
+            self.batches.append(len(prompts))
+            time.sleep(0.05)
+            return [min(1.0, len(p.messages[0]["content"][-1]["text"]) % 97 / 96) for p in prompts]
+
+    def generate(self, prompts, *, max_new_tokens):
+        return [Generation(text="Verdict: safe")] * len(prompts)
+
+
+def test_concurrent_callers_share_batches_and_get_their_own_answers():
+    backend = CountingBackend()
+    guard = Guard(backend, VisguardFormat(), Policy(timeout_s=5), max_batch=16, max_wait_ms=20)
+    texts = [f"request number {i} " + "x" * i for i in range(32)]
+    expected = {t: guard.check_input(None, t).score for t in texts[:3]}
+    backend.batches.clear()
+    got: dict[str, float] = {}
+
+    def worker(t: str) -> None:
+        got[t] = guard.check_input(None, t).score
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 32 and all(0 <= s <= 1 for s in got.values())
+    for t, s in expected.items():
+        assert got[t] == pytest.approx(s)
+    assert sum(backend.batches) == 32
+    # 32 serial forward passes would take 1.6 s of model time; batching needs far fewer.
+    assert len(backend.batches) <= 8 and max(backend.batches) > 1
+
+
+def test_guards_on_one_backend_share_the_batcher_but_keep_their_policies():
+    backend = CountingBackend()
+    strict = Guard(backend, VisguardFormat(), Policy(threshold=0.0))
+    lax = strict.with_policy(threshold=1.0)
+    assert strict._batcher is lax._batcher
+    assert strict.check_input(None, "x").label == "unsafe"
+    assert lax.check_input(None, "x").label == "safe"
+
+
+def test_timed_out_items_still_queued_are_not_run():
+    release = threading.Event()
+    seen: list[int] = []
+
+    def run(items, key):
+        seen.extend(items)
+        release.wait(2)
+        return items
+
+    batcher = MicroBatcher(run, max_batch=1, max_wait_s=0)
+    first = batcher.submit([1], None)
+    time.sleep(0.05)
+    later = batcher.submit([2, 3], None)
+    assert all(f.cancel() for f in later)  # the caller gave up while they were queued
+    release.set()
+    assert first[0].result(timeout=2) == 1
+    batcher.close()
+    time.sleep(0.05)
+    assert seen == [1]
+
+
+def test_errors_reach_every_caller_of_the_batch():
+    def run(items, key):
+        raise ValueError("boom")
+
+    batcher = MicroBatcher(run, max_batch=4, max_wait_s=0.01)
+    futures = batcher.submit([1, 2], None)
+    for f in futures:
+        with pytest.raises(ValueError, match="boom"):
+            f.result(timeout=2)
+    with pytest.raises(ValueError):
+        MicroBatcher(run, max_batch=0)
+
+
+def test_idle_worker_exits_and_restarts():
+    batcher = MicroBatcher(lambda items, key: [i * 2 for i in items], idle_s=0.05)
+    assert batcher.submit([3], None)[0].result(timeout=2) == 6
+    time.sleep(0.3)
+    assert batcher._thread is None
+    assert batcher.submit([4], None)[0].result(timeout=2) == 8
