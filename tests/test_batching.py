@@ -54,6 +54,22 @@ def test_concurrent_callers_share_batches_and_get_their_own_answers():
     assert sum(backend.batches) == 32
     # 32 serial forward passes would take 1.6 s of model time; batching needs far fewer.
     assert len(backend.batches) <= 8 and max(backend.batches) > 1
+    assert guard.batcher.items >= 32 and guard.batcher.batches >= len(backend.batches)
+
+
+def test_batch_observer_sees_this_guards_batches_only():
+    backend = CountingBackend()
+    guard = Guard(backend, VisguardFormat())
+    other = guard.with_policy(threshold=0.9)
+    seen = []
+    guard.add_batch_observer(lambda mode, verdicts, waited: seen.append((mode, [v.label for v in verdicts], waited)))
+    guard.add_batch_observer(lambda mode, verdicts, waited: 1 / 0)  # a broken observer breaks nothing
+    guard.check_batch([guard.request(None, "a"), guard.request(None, "bb")])
+    other.check_input(None, "c")
+    assert len(seen) == 1 and seen[0][0] == "fast" and len(seen[0][1]) == 2
+    assert all(w >= 0 for w in seen[0][2])
+    guard.configure_batching(max_batch=3, max_wait_ms=1)
+    assert (other.batcher.max_batch, other.batcher.max_wait_s) == (3, 0.001)
 
 
 def test_guards_on_one_backend_share_the_batcher_but_keep_their_policies():

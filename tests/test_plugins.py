@@ -177,7 +177,12 @@ def test_env_var_restricts_installed_plugins():
     assert builtin_only.returncode == 0, builtin_only.stderr
     names = {p["name"] for p in json.loads(builtin_only.stdout)}
     assert names and all(n.startswith("visguard.default_plugins.") for n in names)
-    assert names <= {p["name"] for p in json.loads(everything.stdout)}
+    installed = {p["name"]: p for p in json.loads(everything.stdout)}
+    assert names <= set(installed)
+    # plugins installed as distributions report which one (the dev set-up installs plugins/*)
+    for name, dist in (("vllm", "visguard-vllm"), ("train", "visguard-train")):
+        if name in installed:
+            assert installed[name]["distribution"] == dist
     unknown = _plugins_json("visguard-no-such-plugin")
     assert unknown.returncode == 2
     assert "VISGUARD_LOAD_PLUGINS names 'visguard-no-such-plugin', which is not installed" in unknown.stderr

@@ -34,30 +34,40 @@ class MicroBatcher:
 
     def __init__(self, run: Callable[[list[Any], Any], list[Any]], *, max_batch: int = 16, max_wait_s: float = 0.002,
                  idle_s: float = 30.0, name: str = "visguard-batcher") -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
-        if max_wait_s < 0:
-            raise ValueError("max_wait_s must be >= 0")
         self._run = run
-        self.max_batch = max_batch
-        self.max_wait_s = max_wait_s
+        self.configure(max_batch=max_batch, max_wait_s=max_wait_s)
         self.idle_s = idle_s
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._name = name
         self._closed = False
-        #: sizes of the batches run so far (for tests and metrics)
-        self.batch_sizes: list[int] = []
+        #: batches run and items checked so far
+        self.batches = 0
+        self.items = 0
+        #: callbacks ``observer(key, results, waited_s)`` after each successful batch (metrics)
+        self.observers: list[Callable[[Any, list[Any], list[float]], None]] = []
+
+    def configure(self, *, max_batch: int | None = None, max_wait_s: float | None = None) -> None:
+        """Change the batch size or wait (applies from the next batch)."""
+        if max_batch is not None:
+            if max_batch < 1:
+                raise ValueError("max_batch must be >= 1")
+            self.max_batch = max_batch
+        if max_wait_s is not None:
+            if max_wait_s < 0:
+                raise ValueError("max_wait_s must be >= 0")
+            self.max_wait_s = max_wait_s
 
     def submit(self, items: list[Any], key: Any) -> list[Future]:
         """Queue items; each returned future resolves to that item's result."""
         futures = [Future() for _ in items]
+        now = time.perf_counter()
         with self._lock:  # queue under the lock: an idle worker decides to exit under it too
             if self._closed:
                 raise RuntimeError("batcher is closed")
             for item, fut in zip(items, futures, strict=True):
-                self._queue.put((item, key, fut))
+                self._queue.put((item, key, fut, now))
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
                 self._thread.start()
@@ -99,20 +109,27 @@ class MicroBatcher:
             if stop:
                 return
 
-    def _execute(self, batch: list[tuple[Any, Any, Future]]) -> None:
-        by_key: dict[Any, list[tuple[Any, Future]]] = defaultdict(list)
-        for item, key, fut in batch:
+    def _execute(self, batch: list[tuple[Any, Any, Future, float]]) -> None:
+        by_key: dict[Any, list[tuple[Any, Future, float]]] = defaultdict(list)
+        for item, key, fut, queued in batch:
             if fut.set_running_or_notify_cancel():  # skip items whose caller gave up (timed out)
-                by_key[key].append((item, fut))
-        for key, pairs in by_key.items():
-            self.batch_sizes.append(len(pairs))
+                by_key[key].append((item, fut, queued))
+        for key, entries in by_key.items():
+            self.batches += 1
+            self.items += len(entries)
             try:
-                results = self._run([item for item, _ in pairs], key)
+                results = self._run([item for item, _, _ in entries], key)
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of this batch
-                for _, fut in pairs:
+                for _, fut, _ in entries:
                     fut.set_exception(exc)
                 continue
-            for (_, fut), result in zip(pairs, results, strict=True):
+            done = time.perf_counter()
+            for observer in list(self.observers):
+                try:
+                    observer(key, results, [done - queued for _, _, queued in entries])
+                except Exception:  # noqa: BLE001 - metrics must never break a check
+                    pass
+            for (_, fut, _), result in zip(entries, results, strict=True):
                 fut.set_result(result)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from visguard import plugins
 from visguard.backend import Backend
-from visguard.batching import shared_batcher
+from visguard.batching import MicroBatcher, shared_batcher
 from visguard.errors import GuardUnavailableError, InputError
 from visguard.format import GuardFormat
 from visguard.images import ImageInput
@@ -201,6 +201,30 @@ class Guard:
         if verdict.label == "unavailable":
             return self.policy.on_error == "allow"
         return verdict.label == "safe"
+
+    # ------------------------------------------------------------------ batching
+    @property
+    def batcher(self) -> MicroBatcher:
+        """The micro-batcher this guard's checks go through (shared by all guards on the backend)."""
+        return self._batcher
+
+    def configure_batching(self, *, max_batch: int | None = None, max_wait_ms: float | None = None) -> None:
+        """Set the micro-batching limits of this guard's backend (all guards on it share them)."""
+        self._batcher.configure(max_batch=max_batch, max_wait_s=None if max_wait_ms is None else max_wait_ms / 1000.0)
+
+    def add_batch_observer(self, observer: Callable[[Mode, list[Verdict], list[float]], None]) -> None:
+        """Call ``observer(mode, verdicts, waited_s)`` after each batch of *this* guard's checks.
+
+        ``waited_s`` is each check's time from submission to verdict, queueing included. Observer
+        errors are ignored: metrics never break a check.
+        """
+        runner = self._run
+
+        def on_batch(key: Any, results: list[Verdict], waited: list[float]) -> None:
+            if key[0] == runner:
+                observer(key[1], results, waited)
+
+        self._batcher.observers.append(on_batch)
 
     def close(self) -> None:
         """Release the backend and its batching thread (shared by every guard on this backend)."""

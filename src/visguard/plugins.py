@@ -23,6 +23,8 @@ from visguard.errors import PluginError
 DEFAULT_PLUGINS = (
     "visguard.default_plugins.visguard_format",
     "visguard.default_plugins.transformers_backend",
+    "visguard.default_plugins.openai_backend",
+    "visguard.default_plugins.serve_command",
     "visguard.default_plugins.transformers_host",
     "visguard.default_plugins.openai_host",
     "visguard.default_plugins.benchmarks",
@@ -145,7 +147,7 @@ def describe() -> list[dict[str, Any]]:
 def _distribution_of(plugin_name: str) -> str | None:
     if plugin_name.startswith("visguard.default_plugins."):
         return "visguard"
-    for dist, plugin in pm.list_plugin_distinfo():
+    for plugin, dist in pm.list_plugin_distinfo():
         if pm.get_name(plugin) == plugin_name:
             return dist.project_name
     return None

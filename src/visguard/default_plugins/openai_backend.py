@@ -1,0 +1,331 @@
+"""The ``openai`` backend: a guard model served behind any OpenAI-compatible chat endpoint.
+
+Works with vLLM's OpenAI server, SGLang, TGI and hosted APIs. Images travel as ``data:`` URLs.
+
+- ``score`` (fast mode): the prompt's ``assistant_prefix`` ("Verdict:") is sent as a prefilled
+  assistant message that the server continues (``continue_final_message: true,
+  add_generation_prompt: false`` in the request body, as vLLM and SGLang accept), with
+  ``max_tokens=1, logprobs=true, top_logprobs=N``. P(unsafe) is the softmax restricted to the verdict
+  spellings found among the N returned candidates, as the transformers backend computes it over the
+  verdict tokens' logits (the full-vocabulary normaliser cancels out).
+
+  *Approximation when a spelling is missing from the top N.* Its probability is then unknown but no
+  larger than the smallest listed one. A missing ``unsafe`` spelling is counted at that upper bound
+  and a missing ``safe`` spelling at 0, so a truncated list can only *raise* the score: the result
+  is exact when every spelling is listed and an upper bound of the exact score otherwise. When no
+  spelling of either label is listed (or the server returns no logprobs) the check fails: the guard
+  turns that into an ``unavailable`` verdict, never ``safe``.
+- ``generate`` (reason mode): plain chat generation; per-token verdict probabilities come from the
+  per-token ``top_logprobs`` when the server offers them (the same rule, ``None`` where no spelling
+  is listed).
+
+One ``httpx.Client`` is reused for all requests (connection pooling; thread-safe); a batch is sent
+as concurrent requests. Timeouts are per request; connect errors, HTTP 429 and 5xx are retried with
+exponential backoff (``Retry-After`` honoured, capped), nothing else is.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from visguard.backend import Backend, Generation
+from visguard.errors import BackendError
+from visguard.format import GuardPrompt
+from visguard.hookspecs import hookimpl
+from visguard.images import GuardImage
+
+#: HTTP statuses worth another try (rate limiting, server trouble).
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+class OpenAIBackend(Backend):
+    """Ask a guard model served behind an OpenAI-compatible ``/chat/completions`` endpoint.
+
+    Args:
+        model: the served model name (what the server calls it in ``"model"``).
+        base_url: the API root including the version, e.g. ``http://127.0.0.1:8000/v1``
+            (default: ``$VISGUARD_GUARD_BASE_URL``).
+        api_key_env: name of the environment variable holding the API key (sent as a bearer
+            token when set; nothing is sent when the variable is unset or empty).
+        timeout_s: per-request timeout (connect, read and write).
+        max_retries: further attempts after a connect error, HTTP 429 or 5xx.
+        backoff_s: first retry delay; doubles on each retry (with jitter), capped at ``max_backoff_s``.
+        max_backoff_s: largest delay between attempts (also caps ``Retry-After``).
+        top_logprobs: N, how many candidates the server lists per position (OpenAI caps it at 20;
+            vLLM at its ``--max-logprobs``).
+        scores: ``False`` when the server cannot continue a prefilled assistant message or return
+            logprobs: :attr:`supports_scores` is then false and fast mode is refused (use reason).
+        step_logprobs: request per-token ``top_logprobs`` in reason mode.
+        max_concurrency: how many requests of one batch run at once.
+        image_format: ``PNG`` (lossless, default) or ``JPEG`` for the data URLs.
+        extra_body: more fields merged into every request body (e.g. ``{"chat_template_kwargs": ...}``).
+        headers: more HTTP headers.
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        top_logprobs: int = 20,
+        scores: bool = True,
+        step_logprobs: bool = True,
+        max_concurrency: int = 8,
+        image_format: str = "PNG",
+        extra_body: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        import httpx
+
+        base_url = base_url or os.environ.get("VISGUARD_GUARD_BASE_URL")
+        if not base_url:
+            raise BackendError("the openai backend needs base_url= (e.g. http://127.0.0.1:8000/v1)")
+        if not base_url.startswith(("http://", "https://")):
+            raise BackendError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if top_logprobs < 1 or max_retries < 0 or max_concurrency < 1 or timeout_s <= 0:
+            raise BackendError("top_logprobs and max_concurrency must be >= 1, max_retries >= 0, timeout_s > 0")
+        self.model_id = model
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.top_logprobs = top_logprobs
+        self.step_logprobs = step_logprobs
+        self.max_concurrency = max_concurrency
+        self.image_format = image_format
+        self.extra_body = dict(extra_body or {})
+        self._scores = scores
+        all_headers = {"User-Agent": "visguard-openai-backend", **dict(headers or {})}
+        key = os.environ.get(api_key_env, "") if api_key_env else ""
+        if key:
+            all_headers["Authorization"] = f"Bearer {key}"
+        self._client = httpx.Client(
+            base_url=self.base_url,
+            headers=all_headers,
+            timeout=httpx.Timeout(timeout_s),
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    @property
+    def supports_scores(self) -> bool:
+        return self._scores
+
+    # ------------------------------------------------------------------ requests
+    def messages(self, prompt: GuardPrompt, *, prefill: bool) -> list[dict[str, Any]]:
+        """The prompt as OpenAI chat messages (images as data URLs; the assistant prefix prefilled)."""
+        images = iter(prompt.images)
+        out: list[dict[str, Any]] = []
+        for msg in prompt.messages:
+            content = msg.get("content")
+            if isinstance(content, list):
+                parts = []
+                for part in content:
+                    kind = part.get("type")
+                    if kind == "image":
+                        try:
+                            img = next(images)
+                        except StopIteration:
+                            raise BackendError("prompt has more image parts than images") from None
+                        url = _data_url(img, self.image_format)
+                        parts.append({"type": "image_url", "image_url": {"url": url}})
+                    elif kind == "text":
+                        parts.append({"type": "text", "text": part.get("text", "")})
+                    else:
+                        raise BackendError(f"cannot send a {kind!r} content part to an OpenAI-compatible server")
+                content = parts
+            out.append({"role": msg["role"], "content": content})
+        if next(images, None) is not None:
+            raise BackendError("prompt has more images than image parts")
+        if prefill and prompt.assistant_prefix:
+            out.append({"role": "assistant", "content": prompt.assistant_prefix})
+        return out
+
+    def score_request(self, prompt: GuardPrompt) -> dict[str, Any]:
+        """The request body of a fast-mode check."""
+        body: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": self.messages(prompt, prefill=True),
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+            **self.extra_body,
+        }
+        if prompt.assistant_prefix:
+            body.update({"continue_final_message": True, "add_generation_prompt": False})
+        return body
+
+    def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST JSON with retries on connect errors, 429 and 5xx; return the decoded response.
+
+        Raises:
+            BackendError: after the last failed attempt, or at once for other HTTP errors.
+        """
+        import httpx
+
+        delay = self.backoff_s
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                resp = self._client.post(path, json=body)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if last:
+                    raise BackendError(f"cannot reach guard server {self.base_url}: {exc}") from exc
+                wait = delay
+            except httpx.HTTPError as exc:  # read timeouts etc.: the server may be working on it; no retry
+                raise BackendError(f"guard server {self.base_url} failed: {type(exc).__name__}: {exc}") from exc
+            else:
+                if resp.status_code < 400:
+                    try:
+                        return resp.json()
+                    except ValueError as exc:
+                        raise BackendError(f"guard server sent invalid JSON: {resp.text[:200]!r}") from exc
+                if resp.status_code not in RETRY_STATUSES or last:
+                    raise BackendError(f"guard server answered HTTP {resp.status_code}: {resp.text[:300]}")
+                wait = _retry_after(resp.headers.get("retry-after"), delay)
+            time.sleep(min(wait, self.max_backoff_s) * (1.0 + 0.1 * random.random()))
+            delay = min(delay * 2, self.max_backoff_s)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ------------------------------------------------------------------ Backend API
+    def score(self, prompts: Sequence[GuardPrompt]) -> list[float]:
+        if not self._scores:
+            raise BackendError("this openai backend was configured with scores=False; use mode='reason'")
+        return self._map(self._score_one, prompts)
+
+    def _score_one(self, prompt: GuardPrompt) -> float:
+        data = self.post("/chat/completions", self.score_request(prompt))
+        try:
+            content = data["choices"][0]["logprobs"]["content"]
+            candidates = content[0]["top_logprobs"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"guard server returned no top_logprobs (does it support logprobs?): {exc!r}") from exc
+        score = verdict_probability(candidates, prompt.verdict_words)
+        if score is None:
+            listed = [c.get("token") for c in candidates]
+            raise BackendError(f"no verdict spelling among the top {len(candidates)} candidates {listed!r}")
+        return score
+
+    def generate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
+        return self._map(lambda p: self._generate_one(p, max_new_tokens), prompts)
+
+    def _generate_one(self, prompt: GuardPrompt, max_new_tokens: int) -> Generation:
+        body: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": self.messages(prompt, prefill=False),
+            "max_tokens": max_new_tokens,
+            "temperature": 0.0,
+            **self.extra_body,
+        }
+        if self.step_logprobs:
+            body.update({"logprobs": True, "top_logprobs": self.top_logprobs})
+        data = self.post("/chat/completions", body)
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError) as exc:
+            raise BackendError(f"guard server returned no message: {exc!r}") from exc
+        steps = ((choice.get("logprobs") or {}).get("content")) or []
+        return _generation(text, steps, prompt.verdict_words)
+
+    def _map(self, fn: Any, prompts: Sequence[GuardPrompt]) -> list[Any]:
+        if len(prompts) <= 1:
+            return [fn(p) for p in prompts]
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="visguard-openai")
+        return list(self._pool.map(fn, prompts))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._client.close()
+
+
+def verdict_probability(
+    candidates: Sequence[Mapping[str, Any]], verdict_words: Mapping[str, Sequence[str]]
+) -> float | None:
+    """P(unsafe) from one position's ``top_logprobs`` list (see the module docstring for the rule).
+
+    A candidate stands for a spelling when its token text equals the spelling exactly (the server does
+    not say how it tokenizes, so a spelling split into several tokens is never matched by a piece of it;
+    formats choose verdict words that are single tokens). Each candidate counts once.
+
+    Returns:
+        The (upper-bound) restricted-softmax score, or ``None`` when no spelling is listed.
+    """
+    probs: dict[str, float] = {}
+    for c in candidates:
+        tok, lp = c.get("token"), c.get("logprob")
+        if isinstance(tok, str) and isinstance(lp, int | float) and tok not in probs:
+            probs[tok] = math.exp(lp) if lp > -math.inf else 0.0
+    if not probs:
+        return None
+    floor = min(probs.values())
+    mass: dict[str, float] = {"safe": 0.0, "unsafe": 0.0}
+    found_any = False
+    for label in ("safe", "unsafe"):
+        for word in dict.fromkeys(verdict_words.get(label, ())):
+            if word in probs:
+                found_any = True
+                mass[label] += probs[word]
+            elif label == "unsafe":
+                mass[label] += floor  # upper bound of an unlisted candidate: never lowers the score
+    total = mass["safe"] + mass["unsafe"]
+    if not found_any or total <= 0.0:
+        return None
+    return mass["unsafe"] / total
+
+
+def _generation(text: str, steps: Sequence[Mapping[str, Any]], verdict_words: Mapping[str, Sequence[str]]) -> Generation:
+    """Token spans and per-step scores, when the server's tokens spell out exactly ``text``."""
+    tokens = [s.get("token") for s in steps]
+    if not steps or not all(isinstance(t, str) for t in tokens):
+        return Generation(text=text)
+    spans, pos = [], 0
+    for tok in tokens:
+        spans.append((pos, pos + len(tok)))
+        pos += len(tok)
+    # Servers list the end-of-turn token or byte pieces sometimes; offsets are only usable when
+    # the tokens concatenate to the text (a trailing stop token beyond the text is dropped).
+    joined = "".join(tokens)
+    if not joined.startswith(text):
+        return Generation(text=text)
+    keep = [i for i, (start, _) in enumerate(spans) if start < len(text)] or [0]
+    n = keep[-1] + 1
+    scores = tuple(verdict_probability(s.get("top_logprobs") or [], verdict_words) for s in steps[:n])
+    return Generation(text=text, token_spans=tuple(spans[:n]), step_scores=scores)
+
+
+def _retry_after(value: str | None, default: float) -> float:
+    try:
+        return max(0.0, float(value)) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _data_url(image: Any, fmt: str) -> str:
+    if isinstance(image, GuardImage):
+        return image.to_data_url(fmt)
+    return GuardImage(image, "", "prompt").to_data_url(fmt)
+
+
+@hookimpl
+def register_backends(register):
+    register("openai", OpenAIBackend)

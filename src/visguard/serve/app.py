@@ -1,0 +1,483 @@
+"""``visguard serve``: a guard as an HTTP service, and a guarded OpenAI-compatible chat proxy.
+
+:func:`create_app` builds a FastAPI app around a :class:`~visguard.guard.Guard` and, optionally, a
+host (an upstream OpenAI-compatible server or a local model):
+
+- ``POST /v1/guard/check``: ``{"images": [data URLs or image_url parts], "text": ..., "response":
+  ..., "mode": ...}`` -> the :class:`~visguard.types.Verdict` as JSON (HTTP 200 whatever the label).
+- ``POST /v1/chat/completions``: OpenAI-compatible and guarded through
+  :class:`~visguard.guarded.GuardedModel`: pre-check, the host's answer, post-check (re-checked
+  as a stream grows). A blocked call gets a well-formed completion whose content is the refusal,
+  ``finish_reason: "content_filter"`` (or, with ``on_unsafe="error"``, HTTP 400 with code
+  ``content_filter``). Every completion (and a stream's last chunk) carries a ``visguard`` field:
+  the verdicts, whether and why it was blocked, timings and the request id.
+- ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`` (the upstream answers),
+  ``GET /metrics`` (Prometheus, see :mod:`visguard.serve.metrics`).
+
+Every ``/v1/...`` request passes one gate, in this order: bearer-token auth (401), body size (413),
+concurrency limit (429, with ``Retry-After``). Concurrent checks are micro-batched by the guard's
+own batcher (:mod:`visguard.batching`). The server keeps no state between requests beyond metrics: run as
+many replicas as needed behind a load balancer (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Literal
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError
+from visguard.guard import Guard
+from visguard.guarded import GuardedModel, GuardedResult
+from visguard.hosts import Host, resolve_host
+from visguard.policy import Mode
+from visguard.serve.metrics import ServeMetrics
+from visguard.serve.openai_types import (
+    SSE_DONE,
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    ErrorDetail,
+    ModelCard,
+    ModelList,
+    completion_id,
+    split_messages,
+    sse_event,
+)
+from visguard.serve.upstream import default_generation_options, error_response
+from visguard.types import GuardRequest
+
+#: paths behind the gate (auth, size, concurrency)
+GATED_PREFIX = "/v1/"
+#: request fields forwarded to an ``openai`` host besides the token limit
+FORWARDED_SAMPLING = ("temperature", "top_p", "stop", "seed")
+
+
+class ServeSettings(BaseModel):
+    """How ``visguard serve`` behaves.
+
+    Args:
+        model_name: the model name chat clients send and ``/v1/models`` lists (default: the host's
+            model id, else ``"visguard"``).
+        max_concurrency: ``/v1/...`` requests served at once; more get HTTP 429.
+        max_body_bytes: largest request body; larger gets HTTP 413.
+        auth_token: when set, ``/v1/...`` requests need ``Authorization: Bearer <auth_token>`` (401).
+        max_batch_size / max_wait_ms: micro-batching of checks (applied to the guard's batcher,
+            which every guard on the same backend shares).
+        on_unsafe: ``refuse`` (a completion with the refusal) or ``error`` (HTTP 400 ``content_filter``).
+        pre_check: ``sequential`` (the host never sees a blocked request) or ``parallel``.
+        post_check: check the host's answers.
+        stream_check_every: re-check a streamed answer every N pieces (and at sentence ends).
+        refusal: the refusal template (default: the guarded model's).
+        ready_timeout_s: how long ``/readyz`` waits for the upstream's ``/models``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_name: str | None = None
+    max_concurrency: int = Field(default=64, ge=1)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    auth_token: str | None = Field(default=None, repr=False)
+    max_batch_size: int = Field(default=8, ge=1)
+    max_wait_ms: float = Field(default=5.0, ge=0)
+    on_unsafe: Literal["refuse", "error"] = "refuse"
+    pre_check: Literal["sequential", "parallel"] = "sequential"
+    post_check: bool = True
+    stream_check_every: int = Field(default=16, ge=1)
+    refusal: str | None = None
+    ready_timeout_s: float = Field(default=2.0, gt=0)
+
+
+class GuardCheckBody(BaseModel):
+    """Body of ``POST /v1/guard/check``.
+
+    Attributes:
+        images: data URLs (``data:image/png;base64,...``) or OpenAI ``image_url`` parts, in order.
+        text: the user's request.
+        response: the host's answer, for a post-check.
+        conversation: earlier turns, ``[{"role": ..., "content": str}]``.
+        mode: ``fast`` / ``reason`` / ``adaptive`` (default: the server's policy).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[str | dict[str, Any]] = Field(default_factory=list)
+    text: str = ""
+    response: str | None = None
+    conversation: list[dict[str, str]] = Field(default_factory=list)
+    mode: Mode | None = None
+
+
+class ServeError(Exception):
+    """An error answered with an OpenAI error body (plus optional extra top-level fields)."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, extra: Mapping[str, Any] | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(message=message, type=type, code=code, param=param)
+        self.extra = dict(extra or {})
+        self.headers = dict(headers or {})
+
+    def response(self) -> JSONResponse:
+        resp = error_response(self.status, self.detail)
+        if self.extra:
+            resp = JSONResponse({**json.loads(resp.body), **self.extra}, status_code=self.status)
+        resp.headers.update(self.headers)
+        return resp
+
+
+def create_app(
+    guard: Guard,
+    host: Host | str | None = None,
+    *,
+    settings: ServeSettings | None = None,
+    host_options: Mapping[str, Any] | None = None,
+) -> FastAPI:
+    """The ``visguard serve`` app.
+
+    Args:
+        guard: the guard (its policy decides; the app does not close it).
+        host: the model to guard for ``/v1/chat/completions``: a :class:`~visguard.hosts.Host`, an
+            OpenAI-compatible base URL (``http://upstream:8000/v1``), a local model path, or
+            ``None`` (then only ``/v1/guard/check`` is served).
+        settings: see :class:`ServeSettings`.
+        host_options: keyword arguments for :func:`~visguard.hosts.resolve_host` when ``host`` is
+            a URL or a path (``model``, ``api_key_env``, ``timeout_s`` ...).
+
+    Returns:
+        The FastAPI app; run it with uvicorn (``visguard serve`` does).
+    """
+    settings = settings or ServeSettings()
+    metrics = ServeMetrics()
+    guard.configure_batching(max_batch=settings.max_batch_size, max_wait_ms=settings.max_wait_ms)
+    guard.add_batch_observer(metrics.observe_batch)
+    owns_host = host is not None and not isinstance(host, Host)
+    resolved = resolve_host(host, **dict(host_options or {})) if host is not None else None
+    guarded: GuardedModel | None = None
+    if resolved is not None:
+        options: dict[str, Any] = {
+            "on_unsafe": "raise" if settings.on_unsafe == "error" else "refuse",
+            "pre_check": settings.pre_check,
+            "post_check": settings.post_check,
+            "stream_check_every": settings.stream_check_every,
+        }
+        if settings.refusal is not None:
+            options["refusal"] = settings.refusal
+        guarded = GuardedModel(guard, resolved, **options)
+    model_name = settings.model_name or (resolved.model_id if resolved is not None else "") or "visguard"
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if owns_host and resolved is not None:
+            resolved.close()
+
+    app = FastAPI(title="visguard serve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app.state.guard = guard
+    app.state.guarded = guarded
+    app.state.host = resolved
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.model_name = model_name  # read per request: `visguard serve` may learn it from the upstream
+    app.add_middleware(_Gate, settings=settings, metrics=metrics)
+    probe = _ReadyProbe(resolved, settings.ready_timeout_s)
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return error_response(400, ErrorDetail(message=f"invalid request: {first.get('msg', exc)}", param=param))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        ok, reason = await probe.check()
+        body = {"status": "ready" if ok else "not ready", "guard": guard.backend.model_id, "model": app.state.model_name}
+        if reason:
+            body["reason"] = reason
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=app.state.model_name)])
+
+    @app.post("/v1/guard/check")
+    async def guard_check(body: GuardCheckBody) -> JSONResponse:
+        try:
+            request = await asyncio.to_thread(
+                GuardRequest.build, body.images, body.text, body.response,
+                conversation=body.conversation, limits=guard.policy.limits,
+            )
+        except InputError as exc:
+            raise ServeError(400, str(exc), param="images" if "image" in str(exc) else None) from exc
+        try:
+            verdict = await guard.acheck(request, mode=body.mode)
+        except GuardUnavailableError as exc:
+            raise ServeError(503, str(exc), type="server_error", code="guard_unavailable",
+                             extra={"visguard": exc.verdict.model_dump(mode="json")}) from exc
+        return JSONResponse(verdict.model_dump(mode="json"))
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+        if guarded is None:
+            raise ServeError(404, "this server guards no host model (start it with --upstream or --host-model); "
+                             "use POST /v1/guard/check", code="no_host")
+        if body.model != app.state.model_name:
+            raise ServeError(404, f"the model {body.model!r} does not exist; this server serves {app.state.model_name!r}",
+                             code="model_not_found", param="model")
+        if body.n != 1:
+            raise ServeError(400, "only n=1 is supported", param="n")
+        try:
+            chat = await asyncio.to_thread(split_messages, body.messages, limits=guard.policy.limits)
+        except InputError as exc:
+            raise ServeError(400, str(exc), param="messages") from exc
+        images, text = chat.images, chat.prompt_text()
+        gen = _generation_options(body, guarded.host)
+        if body.stream:
+            return await _stream_response(guarded, images, text, gen, body.model, metrics)
+        try:
+            result = await guarded.agenerate(images, text, **gen)
+        except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
+            raise _chat_error(exc, metrics) from exc
+        metrics.guarded.labels(_outcome(result)).inc()
+        completion = ChatCompletion(
+            model=body.model,
+            choices=[Choice(message=AssistantMessage(content=result.text),
+                            finish_reason="content_filter" if result.blocked else "stop")],
+        )
+        return JSONResponse({**completion.model_dump(mode="json"), "visguard": _summary(result)})
+
+    return app
+
+
+# ---------------------------------------------------------------------------------- chat helpers
+
+
+def _generation_options(body: ChatCompletionRequest, host: Host) -> dict[str, Any]:
+    options = default_generation_options(body, host)
+    if host.name == "openai":  # a proxy forwards sampling; local hosts decode greedily
+        options.update({k: getattr(body, k) for k in FORWARDED_SAMPLING if getattr(body, k) is not None})
+    return options
+
+
+def _summary(result: GuardedResult) -> dict[str, Any]:
+    """The ``visguard`` field of a completion: everything about the decision except the texts."""
+    return result.model_dump(mode="json", exclude={"text", "response"})
+
+
+def _outcome(result: GuardedResult) -> str:
+    if result.blocked:
+        return "blocked"
+    if result.flagged:
+        return "flagged"
+    return "degraded" if result.degraded else "passed"
+
+
+def _chat_error(exc: Exception, metrics: ServeMetrics) -> ServeError:
+    if isinstance(exc, GuardrailViolation):
+        metrics.guarded.labels("blocked").inc()
+        return ServeError(400, str(exc), type="content_filter", code="content_filter",
+                          extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}})
+    metrics.guarded.labels("error").inc()
+    if isinstance(exc, GuardUnavailableError):
+        return ServeError(503, str(exc), type="server_error", code="guard_unavailable",
+                          extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}})
+    if isinstance(exc, InputError):
+        return ServeError(400, str(exc), param="messages")
+    return ServeError(502, f"host failed: {type(exc).__name__}: {exc}", type="server_error", code="host_error")
+
+
+async def _stream_response(
+    guarded: GuardedModel, images: list[Any], text: str, gen: dict[str, Any], model: str, metrics: ServeMetrics
+) -> StreamingResponse:
+    stream = guarded.astream(images, text, **gen)
+    # The first released piece comes after the pre-check: a refusal by error, a refused input or a
+    # failing host is still an HTTP status here, before the event stream starts.
+    try:
+        first: str | None = await stream.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
+        await stream.aclose()
+        raise _chat_error(exc, metrics) from exc
+    return StreamingResponse(
+        _sse(stream, first, model, metrics),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _sse(stream: Any, first: str | None, model: str, metrics: ServeMetrics) -> AsyncIterator[str]:
+    """Role chunk, content chunks as the guard releases them, a last chunk with ``visguard``, ``[DONE]``."""
+    cid, created = completion_id(), int(time.time())
+
+    def chunk(delta: Delta, finish: Any = None) -> dict[str, Any]:
+        return ChatCompletionChunk(id=cid, created=created, model=model,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump(mode="json")
+
+    yield sse_event(json.dumps(chunk(Delta(role="assistant", content=""))))
+    try:
+        if first:
+            yield sse_event(json.dumps(chunk(Delta(content=first))))
+        async for piece in stream:
+            if piece:
+                yield sse_event(json.dumps(chunk(Delta(content=piece))))
+        result: GuardedResult = stream.result
+        metrics.guarded.labels(_outcome(result)).inc()
+        last = chunk(Delta(), "content_filter" if result.blocked else "stop")
+        yield sse_event(json.dumps({**last, "visguard": _summary(result)}))
+    except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band, then end the stream
+        error = _chat_error(exc, metrics)
+        yield sse_event(json.dumps({"error": error.detail.model_dump(), **error.extra}))
+    finally:
+        await stream.aclose()
+    yield SSE_DONE
+
+
+# ---------------------------------------------------------------------------------- readiness
+
+
+class _ReadyProbe:
+    """Ready when the upstream (if it is an HTTP server) lists its models; cached for a second."""
+
+    def __init__(self, host: Host | None, timeout_s: float) -> None:
+        self.url = getattr(host, "models_url", None)
+        self.headers = {k: v for k, v in (getattr(host, "headers", None) or {}).items() if k.lower() == "authorization"}
+        self.timeout_s = timeout_s
+        self._last: tuple[float, bool, str] | None = None
+
+    async def check(self) -> tuple[bool, str]:
+        if self.url is None:
+            return True, ""
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < 1.0:
+            return self._last[1], self._last[2]
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+                resp = await client.get(self.url, headers=self.headers)
+            ok, reason = resp.status_code < 400, "" if resp.status_code < 400 else f"upstream answered {resp.status_code}"
+        except httpx.HTTPError as exc:
+            ok, reason = False, f"upstream unreachable: {type(exc).__name__}"
+        self._last = (now, ok, reason)
+        return ok, reason
+
+
+# ---------------------------------------------------------------------------------- the gate
+
+
+class _Gate:
+    """ASGI middleware: auth (401) -> body size (413) -> concurrency (429) for ``/v1/...``; HTTP metrics."""
+
+    def __init__(self, app: Any, *, settings: ServeSettings, metrics: ServeMetrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+        self.inflight = 0
+        self._token = settings.auth_token.encode() if settings.auth_token else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status = [500]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        start = time.perf_counter()
+        try:
+            if path.startswith(GATED_PREFIX):
+                await self._gated(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            label = path if path in _KNOWN_PATHS else "other"
+            self.metrics.http_requests.labels(label, str(status[0])).inc()
+            self.metrics.http_latency.labels(label).observe(time.perf_counter() - start)
+
+    async def _gated(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if self._token is not None:
+            scheme, _, given = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+                self.metrics.rejected.labels("unauthorized").inc()
+                err = ServeError(401, "invalid or missing bearer token", code="invalid_api_key",
+                                 headers={"WWW-Authenticate": "Bearer"})
+                await err.response()(scope, receive, send)
+                return
+        limit = self.settings.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._too_large(scope, receive, send)
+            return
+        if self.inflight >= self.settings.max_concurrency:
+            self.metrics.rejected.labels("overloaded").inc()
+            err = ServeError(429, f"too many concurrent requests (limit {self.settings.max_concurrency}); retry shortly",
+                             type="rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
+            await err.response()(scope, receive, send)
+            return
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        try:
+            body = bytearray()
+            while True:  # read the whole (bounded) body first: chunked uploads are limited too
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body.extend(message.get("body", b""))
+                if len(body) > limit:
+                    await self._too_large(scope, receive, send)
+                    return
+                if not message.get("more_body", False):
+                    break
+            replayed = False
+
+            async def replay() -> dict[str, Any]:
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+                return await receive()  # disconnect notifications for streaming responses
+
+            await self.app(scope, replay, send)
+        finally:
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def _too_large(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.metrics.rejected.labels("too_large").inc()
+        err = ServeError(413, f"request body larger than {self.settings.max_body_bytes} bytes", code="request_too_large")
+        await err.response()(scope, receive, send)
+
+
+_KNOWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/guard/check", "/v1/chat/completions"})
