@@ -110,7 +110,7 @@ def _verdict_ranks(reference, request) -> tuple[list[int], list[int], list[float
 
     backend = reference.backend
     prompt = reference.format.build(request, reference.policy, mode="fast", special_tokens=backend.special_tokens)
-    safe_ids, unsafe_ids = backend.verdict_token_ids(prompt.verdict_prefix, prompt.verdict_words)
+    safe_ids, unsafe_ids = backend.codec.verdict_token_ids(prompt.verdict_prefix, prompt.verdict_words)
     with torch.inference_mode():
         logits = backend.model(**backend.encode([prompt])).logits[0, -1].float()
     order = torch.argsort(logits, descending=True).tolist()
@@ -144,7 +144,7 @@ def test_top_n_approximation_is_the_documented_upper_bound(server, reference, im
     order = sorted(range(len(logprobs)), key=lambda t: -logprobs[t])[:n]
     floor = min(2.718281828459045 ** logprobs[t] for t in order)
     backend = reference.backend
-    safe_ids, unsafe_ids = backend.verdict_token_ids("Verdict:", {"safe": (" safe", " Safe"), "unsafe": (" unsafe", " Unsafe")})
+    safe_ids, unsafe_ids = backend.codec.verdict_token_ids("Verdict:", {"safe": (" safe", " Safe"), "unsafe": (" unsafe", " Unsafe")})
     listed = set(order)
     s = sum(2.718281828459045 ** logprobs[t] for t in safe_ids if t in listed)
     u = sum(2.718281828459045 ** logprobs[t] if t in listed else floor for t in unsafe_ids)

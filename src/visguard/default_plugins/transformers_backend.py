@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import threading
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from visguard.backend import Backend, Generation
 from visguard.errors import BackendError
 from visguard.format import GuardPrompt
+from visguard.hf import HFPromptCodec, load_image_text_model
 from visguard.hookspecs import hookimpl
 
 
@@ -48,26 +49,10 @@ class TransformersBackend(Backend):
         revision: str | None = None,
         attn_implementation: str | None = None,
     ) -> None:
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        if dtype == "auto":
-            torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        else:
-            torch_dtype = getattr(torch, dtype, None)
-            if not isinstance(torch_dtype, torch.dtype):
-                raise BackendError(f"unknown dtype {dtype!r}")
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
-        try:
-            processor = AutoProcessor.from_pretrained(model, **kwargs)
-            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            hf_model = AutoModelForImageTextToText.from_pretrained(
-                model, dtype=torch_dtype, use_safetensors=True, **kwargs, **extra
-            )
-        except (OSError, ValueError, KeyError) as exc:
-            raise BackendError(f"cannot load guard model {model!r} with transformers: {exc}") from exc
-        hf_model.to(device)
+        hf_model, processor = load_image_text_model(
+            model, role="guard", device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+            revision=revision, attn_implementation=attn_implementation,
+        )
         self._setup(hf_model, processor, model_id=str(model), max_batch_size=max_batch_size)
 
     @classmethod
@@ -81,22 +66,15 @@ class TransformersBackend(Backend):
         if max_batch_size < 1:
             raise BackendError("max_batch_size must be >= 1")
         self.model = model.eval()
+        self.codec = HFPromptCodec(processor)
         self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer = self.codec.tokenizer
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model_id = model_id
         self.max_batch_size = max_batch_size
         self._lock = threading.Lock()
-        self._verdict_ids: dict[tuple, tuple[list[int], list[int]]] = {}
-        specials = set(self.tokenizer.all_special_tokens)
-        specials.update(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special)
-        for attr in ("image_token", "boi_token", "eoi_token", "video_token", "fake_image_token"):
-            tok = getattr(processor, attr, None)
-            if isinstance(tok, str):
-                specials.add(tok)
-        self._special_tokens = frozenset(specials)
 
     @property
     def device(self) -> Any:
@@ -104,13 +82,12 @@ class TransformersBackend(Backend):
 
     @property
     def special_tokens(self) -> frozenset[str]:
-        return self._special_tokens
+        return self.codec.special_tokens
 
     # ------------------------------------------------------------------ rendering
     def render(self, prompt: GuardPrompt) -> str:
         """The exact prompt string the model sees (chat template + assistant prefix)."""
-        text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
-        return text + prompt.assistant_prefix
+        return self.codec.render(prompt)
 
     def encode(self, prompts: Sequence[GuardPrompt]) -> Any:
         """Processor outputs for a batch of prompts with the same number of images, on the model's device."""
@@ -124,27 +101,6 @@ class TransformersBackend(Backend):
             k: (v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)) if hasattr(v, "to") else v
             for k, v in inputs.items()
         }
-
-    def verdict_token_ids(self, prefix: str, words: Mapping[str, tuple[str, ...]]) -> tuple[list[int], list[int]]:
-        """First token id of each verdict spelling as it follows ``prefix`` (safe ids, unsafe ids)."""
-        key = (prefix, tuple((k, tuple(v)) for k, v in sorted(words.items())))
-        if key not in self._verdict_ids:
-            enc = self.tokenizer.encode
-            head = enc(prefix, add_special_tokens=False) if prefix else []
-            ids: dict[str, list[int]] = defaultdict(list)
-            for label in ("safe", "unsafe"):
-                for word in words.get(label, ()):
-                    full = enc(prefix + word, add_special_tokens=False)
-                    tid = full[len(head)] if full[: len(head)] == head and len(full) > len(head) else enc(word, add_special_tokens=False)[0]
-                    if tid not in ids[label]:
-                        ids[label].append(tid)
-            clash = set(ids["safe"]) & set(ids["unsafe"])
-            if not ids["safe"] or not ids["unsafe"] or clash:
-                raise BackendError(
-                    f"verdict words do not map to distinct first tokens with this tokenizer: {dict(ids)}"
-                )
-            self._verdict_ids[key] = (ids["safe"], ids["unsafe"])
-        return self._verdict_ids[key]
 
     # ------------------------------------------------------------------ running
     def _groups(self, prompts: Sequence[GuardPrompt]) -> list[list[int]]:
@@ -162,7 +118,7 @@ class TransformersBackend(Backend):
         out: list[float] = [0.0] * len(prompts)
         for group in self._groups(prompts):
             batch = [prompts[i] for i in group]
-            safe_ids, unsafe_ids = self.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
+            safe_ids, unsafe_ids = self.codec.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
             with self._lock, torch.inference_mode():
                 inputs = self.encode(batch)
                 logits = self.model(**inputs).logits[:, -1, :].float()
@@ -178,7 +134,7 @@ class TransformersBackend(Backend):
         stop_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
         for group in self._groups(prompts):
             batch = [prompts[i] for i in group]
-            safe_ids, unsafe_ids = self.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
+            safe_ids, unsafe_ids = self.codec.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
             with self._lock, torch.inference_mode():
                 inputs = self.encode(batch)
                 result = self.model.generate(
@@ -194,17 +150,8 @@ class TransformersBackend(Backend):
             for row, i in enumerate(group):
                 ids = new_tokens[row].tolist()
                 n = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
-                out[i] = self._generation(ids[:n], step_probs[row, :n].tolist())
+                out[i] = self.codec.generation(ids[:n], step_probs[row, :n].tolist())
         return [g for g in out if g is not None]
-
-    def _generation(self, ids: list[int], probs: list[float]) -> Generation:
-        decode = self.tokenizer.decode
-        spans, prev = [], ""
-        for k in range(len(ids)):
-            cur = decode(ids[: k + 1], skip_special_tokens=True)
-            spans.append((len(prev), len(cur)))
-            prev = cur
-        return Generation(text=prev, token_spans=tuple(spans), step_scores=tuple(probs))
 
 
 def _unsafe_probability(logits: Any, safe_ids: list[int], unsafe_ids: list[int]) -> Any:

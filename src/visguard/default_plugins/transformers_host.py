@@ -7,6 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from visguard.errors import BackendError
+from visguard.hf import load_image_text_model
 from visguard.hookspecs import hookimpl
 from visguard.hosts import Host
 from visguard.images import GuardImage
@@ -25,18 +26,9 @@ class TransformersHost(Host):
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                  max_new_tokens: int = 256) -> None:
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-        torch_dtype = (torch.bfloat16 if device.startswith("cuda") else torch.float32) if dtype == "auto" else getattr(torch, dtype)
-        try:
-            processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
-            hf_model = AutoModelForImageTextToText.from_pretrained(
-                model, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-            ).to(device)
-        except (OSError, ValueError, KeyError) as exc:
-            raise BackendError(f"cannot load host model {model!r}: {exc}") from exc
+        hf_model, processor = load_image_text_model(
+            model, role="host", device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        )
         self._setup(hf_model, processor, str(model), max_new_tokens)
 
     @classmethod

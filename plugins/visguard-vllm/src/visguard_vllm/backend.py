@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from visguard.backend import Backend, Generation
-from visguard.default_plugins.transformers_backend import TransformersBackend
 from visguard.errors import BackendError
 from visguard.format import GuardPrompt
+from visguard.hf import HFPromptCodec
 
 
 class VLLMBackend(Backend):
@@ -50,12 +50,6 @@ class VLLMBackend(Backend):
     """
 
     name = "vllm"
-
-    # Rendering, verdict-token lookup and token spans are the transformers backend's, so both backends
-    # build identical inputs and read outputs identically (they only need ``processor``/``tokenizer``).
-    render = TransformersBackend.render
-    verdict_token_ids = TransformersBackend.verdict_token_ids
-    _generation = TransformersBackend._generation
 
     def __init__(
         self,
@@ -106,25 +100,20 @@ class VLLMBackend(Backend):
 
     def _setup(self, llm: Any, processor: Any, *, model_id: str, max_images: int) -> None:
         self.llm = llm
+        # Rendering, verdict-token lookup and token spans are shared with the transformers backend
+        # (visguard.hf), so both build identical inputs and read outputs identically.
+        self.codec = HFPromptCodec(processor)
         self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer = self.codec.tokenizer
         self.model_id = model_id
         self.max_images = max_images
         self._lock = threading.Lock()
-        self._verdict_ids: dict[tuple, tuple[list[int], list[int]]] = {}
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
-        specials = set(self.tokenizer.all_special_tokens)
-        specials.update(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special)
-        for attr in ("image_token", "boi_token", "eoi_token", "video_token", "fake_image_token"):
-            tok = getattr(processor, attr, None)
-            if isinstance(tok, str):
-                specials.add(tok)
-        self._special_tokens = frozenset(specials)
         self._stop_ids = sorted(_stop_ids(llm, self.tokenizer))
 
     @property
     def special_tokens(self) -> frozenset[str]:
-        return self._special_tokens
+        return self.codec.special_tokens
 
     # ------------------------------------------------------------------ running
     def _inputs(self, prompt: GuardPrompt) -> dict[str, Any]:
@@ -133,7 +122,7 @@ class VLLMBackend(Backend):
                 f"{len(prompt.images)} images in one check, the engine was started with at most "
                 f"{self.max_images} (max_images= / limit_mm_per_prompt)"
             )
-        item: dict[str, Any] = {"prompt": self.render(prompt)}
+        item: dict[str, Any] = {"prompt": self.codec.render(prompt)}
         if prompt.images:
             item["multi_modal_data"] = {"image": list(prompt.images)}
         return item
@@ -143,7 +132,7 @@ class VLLMBackend(Backend):
 
         inputs, params, ids = [], [], []
         for p in prompts:
-            safe_ids, unsafe_ids = self.verdict_token_ids(p.verdict_prefix, p.verdict_words)
+            safe_ids, unsafe_ids = self.codec.verdict_token_ids(p.verdict_prefix, p.verdict_words)
             inputs.append(self._inputs(p))
             params.append(
                 SamplingParams(
@@ -186,7 +175,7 @@ class VLLMBackend(Backend):
             n = next((k for k, t in enumerate(token_ids) if t in stops), len(token_ids))
             steps = completion.logprobs or []
             probs = [_unsafe_probability(step, safe_ids, unsafe_ids) for step in steps[:n]]
-            gens.append(self._generation(token_ids[:n], probs))
+            gens.append(self.codec.generation(token_ids[:n], probs))
         return gens
 
     def close(self) -> None:
