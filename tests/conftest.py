@@ -36,6 +36,20 @@ def qwen_path(tiny_cache) -> str:
     return str(cached_tiny_checkpoint("qwen2_vl", cache_dir=tiny_cache))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread, above all on a shared, busy CPU.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def images() -> list[Image.Image]:
     """Three small distinct RGB images."""

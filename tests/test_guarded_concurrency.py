@@ -23,15 +23,7 @@ COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120))
 TEXTS = ("describe the image", "what is this?")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one intra-op thread, above all on a shared, busy CPU."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,15 +34,7 @@ TEXT = "describe the images"
 REFUSAL = DEFAULT_REFUSAL.format(category=UNNAMED_CATEGORY)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models run fastest on one intra-op thread, above all on a shared, busy CPU."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RecordingHost(TransformersHost):
