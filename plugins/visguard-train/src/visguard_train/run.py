@@ -1,0 +1,380 @@
+"""One training run: data -> examples -> Hugging Face ``Trainer`` -> a checkpoint the guard loads.
+
+The same function runs in one process and under ``torchrun`` / ``accelerate launch`` (DDP; FSDP or
+DeepSpeed through their config files): the Hugging Face ``Trainer`` reads the launcher's
+environment. ``batch_size`` is the global batch per optimiser step, so a run gives the same
+optimisation on one process or many.
+
+Output layout::
+
+    <output>/                      final model (full; lora with --merge) + processor
+    <output>/adapter/              lora with --merge: the adapter (without --merge it is <output> itself)
+    <output>/checkpoints/checkpoint-<step>/   periodic checkpoints (for --resume)
+    <output>/train_log.jsonl       one line per logged step: step, epoch, loss, learning_rate ...
+    <output>/visguard_train.json   the configuration, data summary, model size, timings, eval metrics
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visguard.errors import InputError
+from visguard_train.config import TrainConfig
+from visguard_train.data import TrainRecord, load_records
+
+CHECKPOINTS = "checkpoints"
+LOG_FILE = "train_log.jsonl"
+META_FILE = "visguard_train.json"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced.
+
+    Attributes:
+        output: the output directory.
+        global_step: optimiser steps done (counting steps before a resume).
+        resumed_from: the checkpoint the run resumed from, if any.
+        num_parameters / trainable_parameters: model size.
+        num_examples: training examples (a record can give a fast and a reason example).
+        train_seconds: wall time of ``Trainer.train``.
+        final_loss: mean training loss reported by the ``Trainer``.
+        eval: fast-mode metrics on ``eval_data`` (empty when not asked).
+    """
+
+    output: Path
+    global_step: int = 0
+    resumed_from: str | None = None
+    num_parameters: int = 0
+    trainable_parameters: int = 0
+    num_examples: int = 0
+    train_seconds: float = 0.0
+    final_loss: float | None = None
+    eval: dict[str, Any] = field(default_factory=dict)
+
+
+def last_complete_checkpoint(folder: str | Path) -> Path | None:
+    """The highest-step ``checkpoint-<n>`` in ``folder`` whose trainer state was fully written.
+
+    The ``Trainer`` writes ``trainer_state.json`` last, so a checkpoint interrupted mid-write (a
+    killed job) is skipped rather than resumed from.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = []
+    for d in folder.glob("checkpoint-*"):
+        try:
+            step = int(d.name.rsplit("-", 1)[1])
+            json.loads((d / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            continue
+        found.append((step, d))
+    return max(found)[1] if found else None
+
+
+def batch_split(config: TrainConfig, world_size: int) -> tuple[int, int]:
+    """``(per_device_batch, gradient_accumulation)`` that give the global ``batch_size``.
+
+    Raises:
+        InputError: the global batch cannot be split evenly over ``world_size`` processes.
+    """
+    if config.batch_size % world_size:
+        raise InputError(f"--batch-size {config.batch_size} is not divisible by the {world_size} processes")
+    per_process = config.batch_size // world_size
+    per_device = min(config.per_device_batch_size or per_process, per_process)
+    if per_process % per_device:
+        raise InputError(
+            f"--per-device-batch-size {per_device} does not divide the per-process batch {per_process} "
+            f"(--batch-size {config.batch_size} over {world_size} processes)"
+        )
+    return per_device, per_process // per_device
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Train a guard (or a safety-answer model) as described by ``config``.
+
+    Raises:
+        InputError: missing paths, bad data, a bad configuration or an existing run in ``output``.
+        PluginError: unknown trainer, dataset layout or guard format name.
+    """
+    config.require_paths()
+    from visguard import plugins
+
+    method = plugins.get("trainers", config.trainer)(config=config)
+    records = load_records(config.data, config.data_format, limit=config.limit)
+    eval_records = load_records(config.eval_data, None) if config.eval_data else []
+    from visguard_train.encode import example_specs
+
+    specs = example_specs(records, config.objective, config.guard_modes)
+
+    import torch
+
+    threads = torch.get_num_threads()
+    if config.cpu_threads:
+        torch.set_num_threads(config.cpu_threads)
+    try:
+        return _train(config, method, records, eval_records, specs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(
+    config: TrainConfig, method: Any, records: list[TrainRecord], eval_records: list[TrainRecord], specs: list[Any]
+) -> TrainResult:
+    import torch
+    import transformers
+    from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+
+    from visguard import plugins
+    from visguard.hf import HFPromptCodec
+    from visguard_train.encode import (
+        ExampleBuilder,
+        ExampleDataset,
+        MultiImageCollator,
+        continuation_loss,
+        image_token_ids,
+    )
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_device, accum = batch_split(config, world)
+    output = Path(config.output).expanduser()
+    ckpt_dir = output / CHECKPOINTS
+    use_cpu = config.device == "cpu" or not torch.cuda.is_available()
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available")
+    if config.bf16 and use_cpu:
+        raise InputError("--bf16 needs a GPU with bfloat16 support (this run is on the CPU)")
+
+    resume_from = _resume_point(config, output, ckpt_dir)
+
+    fmt = plugins.get("formats", config.guard_format)()
+    transformers.set_seed(config.seed)
+    try:
+        processor = AutoProcessor.from_pretrained(config.base)
+        model = AutoModelForImageTextToText.from_pretrained(config.base, dtype=torch.float32, use_safetensors=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot load base model {config.base!r}: {exc}") from exc
+    builder = ExampleBuilder(HFPromptCodec(processor), fmt)
+    dataset = ExampleDataset(specs, builder, max_length=config.max_length)
+    try:
+        dataset[0]  # fail early, with the data's own error, before any training starts
+    except NotImplementedError as exc:
+        raise InputError(f"guard format {config.guard_format!r} cannot be trained: {exc}") from exc
+
+    model = method.prepare(model)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    args = TrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accum,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps or -1,
+        learning_rate=config.lr,
+        warmup_steps=config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        **_checkpointing_args(config.gradient_checkpointing),
+        use_cpu=use_cpu,
+        ddp_backend="gloo" if (use_cpu and world > 1) else None,
+        dataloader_num_workers=config.num_workers,
+        remove_unused_columns=False,
+        report_to="none",
+        disable_tqdm=False,
+        deepspeed=config.deepspeed,
+        fsdp=config.fsdp or "",
+        fsdp_config=config.fsdp_config,
+    )
+    if resume_from is not None and args.should_save:
+        _trim_log(output / LOG_FILE, int(resume_from.name.rsplit("-", 1)[1]))
+    if args.should_save and resume_from is None:
+        # A fresh run: its log starts empty; --overwrite also drops the earlier checkpoints.
+        (output / LOG_FILE).unlink(missing_ok=True)
+        if config.overwrite and ckpt_dir.is_dir():
+            shutil.rmtree(ckpt_dir)
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=MultiImageCollator(
+            processor, image_token_ids(processor), logits_to_keep=_accepts_logits_to_keep(model)
+        ),
+        compute_loss_func=continuation_loss,
+        callbacks=[_JsonlLog(output / LOG_FILE)],
+    )
+    start = time.perf_counter()
+    train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - start
+    method.save(trainer, processor, output)
+
+    result = TrainResult(
+        output=output,
+        global_step=trainer.state.global_step,
+        resumed_from=str(resume_from) if resume_from else None,
+        num_parameters=n_params,
+        trainable_parameters=n_train,
+        num_examples=len(dataset),
+        train_seconds=seconds,
+        final_loss=train_out.training_loss,
+    )
+    if trainer.is_world_process_zero():
+        if eval_records and config.objective == "guard":
+            result.eval = _evaluate_after_training(config, output, trainer.model, processor, fmt, eval_records)
+        _write_meta(output, config, result, records, world)
+    return result
+
+
+def _checkpointing_args(enabled: bool) -> dict[str, Any]:
+    # transformers 5 renamed gradient_checkpointing to activation_checkpointing; older releases lack it.
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing"
+    if name not in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        name = "gradient_checkpointing"
+    return {name: enabled, f"{name}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _resume_point(config: TrainConfig, output: Path, ckpt_dir: Path) -> Path | None:
+    last = last_complete_checkpoint(ckpt_dir)
+    if config.resume:
+        if last is None:
+            print(f"visguard train: --resume: no complete checkpoint in {ckpt_dir}; starting from scratch")
+        return last
+    if not config.overwrite and ckpt_dir.is_dir() and any(ckpt_dir.glob("checkpoint-*")):
+        raise InputError(
+            f"{output} already holds checkpoints from an earlier run; pass --resume to continue it "
+            "or --overwrite to start over"
+        )
+    return None
+
+
+def _trim_log(path: Path, step: int) -> None:
+    # Steps after the checkpoint are trained again: drop their entries so the log stays one curve.
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _evaluate_after_training(
+    config: TrainConfig, output: Path, model: Any, processor: Any, fmt: Any, records: Sequence[TrainRecord]
+) -> dict[str, Any]:
+    from visguard.guard import Guard
+
+    if config.trainer == "lora" and not config.merge:
+        from visguard.default_plugins.transformers_backend import TransformersBackend
+
+        guard = Guard(TransformersBackend.from_objects(model, processor, model_id=str(output)), fmt)
+    else:
+        guard = Guard.from_pretrained(str(output), format=fmt, device="cpu" if config.device == "cpu" else "auto")
+    metrics = evaluate_guard(guard, records)
+    print(f"visguard train: fast-mode accuracy on {config.eval_data}: {metrics['accuracy']:.3f} (n={metrics['n']})")
+    return metrics
+
+
+def evaluate_guard(guard: Any, records: Sequence[TrainRecord], *, batch_size: int = 16, mode: str = "fast") -> dict[str, Any]:
+    """Score labelled records with a guard; accuracy and confusion counts.
+
+    ``unavailable`` verdicts count as wrong (they are neither a correct block nor a correct pass).
+
+    Args:
+        guard: a :class:`visguard.Guard`.
+        records: records with labels.
+        batch_size: requests per ``check_batch`` call.
+        mode: ``fast``, ``reason`` or ``adaptive``.
+    """
+    from tqdm.auto import tqdm
+
+    labelled = [r for r in records if r.label is not None]
+    counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0, "unavailable": 0}
+    with tqdm(total=len(labelled), desc=f"evaluating ({mode})", unit="item") as bar:
+        for s in range(0, len(labelled), batch_size):
+            chunk = labelled[s : s + batch_size]
+            requests = [guard.request(list(r.images), r.text, r.response) for r in chunk]
+            for rec, verdict in zip(chunk, guard.check_batch(requests, mode=mode), strict=True):
+                if verdict.label == "unavailable":
+                    counts["unavailable"] += 1
+                elif verdict.label == "unsafe":
+                    counts["tp" if rec.label == "unsafe" else "fp"] += 1
+                else:
+                    counts["tn" if rec.label == "safe" else "fn"] += 1
+            bar.update(len(chunk))
+    n = len(labelled)
+    return {"n": n, "accuracy": (counts["tp"] + counts["tn"]) / n if n else 0.0, **counts}
+
+
+def _write_meta(output: Path, config: TrainConfig, result: TrainResult, records: Sequence[TrainRecord], world: int) -> None:
+    from importlib.metadata import version
+
+    meta_path = output / META_FILE
+    if config.trainer == "lora" and config.merge:
+        paths = [meta_path, output / "adapter" / META_FILE]
+    else:
+        paths = [meta_path]
+    meta = {
+        "visguard_train_version": version("visguard-train"),
+        "config": config.model_dump(mode="json"),
+        "records": len(records),
+        "examples": result.num_examples,
+        "labels": {lab: sum(r.label == lab for r in records) for lab in ("safe", "unsafe")},
+        "num_parameters": result.num_parameters,
+        "trainable_parameters": result.trainable_parameters,
+        "global_step": result.global_step,
+        "resumed_from": result.resumed_from,
+        "world_size": world,
+        "train_seconds": round(result.train_seconds, 2),
+        "final_loss": result.final_loss,
+        "eval": result.eval,
+    }
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def _callback_base() -> type:
+    from transformers import TrainerCallback
+
+    return TrainerCallback
+
+
+class _JsonlLog(_callback_base()):  # type: ignore[misc]
+    """Append every logged training step to ``train_log.jsonl`` (main process only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")

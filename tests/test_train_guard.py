@@ -1,0 +1,78 @@
+"""visguard train end to end: a guard trained on the synthetic two-image data flags held-out pairs in fast mode.
+
+Each image is benign alone (every object also appears in safe pairs); only the combination is unsafe.
+The model is a tiny random-init Qwen2-VL (0.66 M parameters), trained from scratch on CPU in ~3.5 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("visguard_train")
+
+from visguard import Guard  # noqa: E402
+from visguard.cli import _register_plugin_commands, cli  # noqa: E402
+from visguard.synthetic import write_jsonl  # noqa: E402
+
+# Tuned for a tiny random-init model on 2 CPU cores: 1,600 training items give 3,200 examples per
+# epoch (fast + reason prompts); the reason targets, which name each image's object, are what teach
+# the model to read the images at all (fast examples alone stay at chance).
+HIDDEN, LAYERS = 64, 2
+N_TRAIN, N_TEST = 1600, 200
+TRAIN_FLAGS = ["--lr", "4e-3", "--epochs", "2", "--batch-size", "8", "--warmup-ratio", "0.03", "--seed", "0"]
+
+
+@pytest.mark.slow
+def test_trained_guard_flags_unsafe_combinations_of_benign_images(tmp_path, tiny_cache):
+    from visguard_train.data import load_records
+
+    from visguard.testing.checkpoints import cached_tiny_checkpoint
+
+    base = cached_tiny_checkpoint("qwen2_vl", cache_dir=tiny_cache, hidden_size=HIDDEN, num_layers=LAYERS)
+    train = write_jsonl(tmp_path / "data", N_TRAIN, seed=0, name="train.jsonl")
+    test = write_jsonl(tmp_path / "data", N_TEST, seed=1, name="test.jsonl")  # other items, fresh images
+    test_items = [json.loads(line) for line in test.read_text().splitlines()]
+    train_ids = {json.loads(line)["id"] for line in train.read_text().splitlines()}
+    assert not train_ids & {it["id"] for it in test_items}
+
+    out = tmp_path / "guard"
+    _register_plugin_commands()
+    start = time.perf_counter()
+    res = CliRunner().invoke(cli, ["train", "--data", str(train), "--base", str(base), "--output", str(out),
+                                   "--device", "cpu", "--eval-data", str(test), "--save-steps", "100000",
+                                   "--logging-steps", "50", *TRAIN_FLAGS])
+    wall = time.perf_counter() - start
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    meta = json.loads((out / "visguard_train.json").read_text())
+    print(f"\ntrained {meta['num_parameters']:,} parameters on {meta['examples']} examples in "
+          f"{meta['train_seconds']:.0f} s (CLI wall {wall:.0f} s); built-in eval {meta['eval']}")
+
+    # Independent check through the public API, in fast mode: one forward pass per request.
+    guard = Guard.from_pretrained(str(out), device="cpu")
+    records = load_records(test)
+    verdicts = guard.check_batch([guard.request(list(r.images), r.text) for r in records], mode="fast")
+    correct = [v.label == r.label for v, r in zip(verdicts, records, strict=True)]
+    accuracy = sum(correct) / len(correct)
+    assert all(v.mode == "fast" and v.score is not None for v in verdicts)
+    assert accuracy == pytest.approx(meta["eval"]["accuracy"])
+    assert accuracy >= 0.90, f"fast-mode accuracy {accuracy:.3f}"
+
+    # The flagged pairs are made of images that are benign alone: each object of a correctly flagged
+    # unsafe pair also appears in held-out items labelled safe.
+    objects_in_safe = set()
+    for item, rec in zip(test_items, records, strict=True):
+        if rec.label == "safe":
+            objects_in_safe.update(_objects(item))
+    caught = [item for item, rec, ok in zip(test_items, records, correct, strict=True) if ok and rec.label == "unsafe"]
+    assert len(caught) >= 0.85 * sum(r.label == "unsafe" for r in records)
+    assert all(set(_objects(item)) <= objects_in_safe for item in caught)
+
+
+def _objects(item: dict) -> tuple[str, str]:
+    # "Image 1: a crowbar (...)" -> "crowbar"
+    lines = item["target"].splitlines()[:2]
+    return tuple(line.split(": ", 1)[1].split(" (")[0].split(" ", 1)[1] for line in lines)
