@@ -61,6 +61,15 @@ def test_trained_guard_flags_unsafe_combinations_of_benign_images(tmp_path, tiny
     assert accuracy == pytest.approx(meta["eval"]["accuracy"])
     assert accuracy >= 0.90, f"fast-mode accuracy {accuracy:.3f}"
 
+    # `visguard eval` on the same held-out split reports the accuracy that training measured.
+    res = CliRunner().invoke(cli, ["eval", "--benchmark", "jsonl", "--data", str(test), "--model", str(out),
+                                   "--device", "cpu", "--out", str(tmp_path / "eval"), "--no-progress",
+                                   "--no-plots", "--json"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    summary = json.loads(res.stdout)
+    assert summary["n"] == N_TEST
+    assert summary["accuracy"] == pytest.approx(meta["eval"]["accuracy"])
+
     # The flagged pairs are made of images that are benign alone: each object of a correctly flagged
     # unsafe pair also appears in held-out items labelled safe.
     objects_in_safe = set()
