@@ -98,7 +98,7 @@ def test_image_paths_must_stay_inside_the_root(tmp_path, bad):
     os.symlink(tmp_path / "outside.png", root / "link.png")
     line = {"images": [bad], "text": "t", "label": "safe"}
     (root / "d.jsonl").write_text(json.dumps(line) + "\n")
-    with pytest.raises(DatasetError, match=r"d\.jsonl line 1: image path .*(leaves the dataset root|is absolute)"):
+    with pytest.raises(DatasetError, match=r"d\.jsonl line 1: image path .*(escapes the dataset root|is absolute)"):
         load_records(root / "d.jsonl")
 
 
@@ -107,7 +107,7 @@ def test_cli_reports_user_errors_without_traceback(runner, tmp_path, layouts):
     root.mkdir()
     (root / "d.jsonl").write_text(json.dumps({"images": ["../x.png"], "text": "t", "label": "safe"}) + "\n")
     res = runner.invoke(cli, ["train", "--data", str(root / "d.jsonl"), "--base", "m", "--output", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "leaves the dataset root" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 2 and "escapes the dataset root" in res.output and "Traceback" not in res.output
 
     res = runner.invoke(cli, ["train", "--data", str(layouts["jsonl"]), "--output", str(tmp_path / "o")])
     assert res.exit_code == 2 and "missing --base" in res.output

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from visguard.errors import InputError
+from visguard.paths import resolve_inside
 
 GoldLabel = Literal["safe", "unsafe"]
 
@@ -169,23 +170,8 @@ def resolve_under(root: Path, rel: Any, *, what: str, fallback_suffixes: bool = 
     Raises:
         BenchmarkLayoutError: the value is not a relative path, escapes ``root`` or does not exist.
     """
-    if not isinstance(rel, str) or not rel.strip():
-        raise BenchmarkLayoutError(f"{what}: image path must be a non-empty string, got {rel!r}")
-    candidate = Path(rel.strip().replace("\\", "/"))
-    if candidate.is_absolute() or candidate.drive:
-        raise BenchmarkLayoutError(f"{what}: image path {rel!r} must be relative to the dataset root")
-    base = root.resolve()
-    path = (base / candidate).resolve()
-    if not path.is_relative_to(base):
-        raise BenchmarkLayoutError(f"{what}: image path {rel!r} escapes the dataset root {base}")
-    if path.is_file():
-        return path
-    if fallback_suffixes:
-        for suffix in IMAGE_SUFFIXES:
-            alt = path.with_suffix(suffix)
-            if alt.is_file() and alt.resolve().is_relative_to(base):
-                return alt.resolve()
-    raise BenchmarkLayoutError(f"{what}: image file {base / candidate} does not exist")
+    suffixes = IMAGE_SUFFIXES if fallback_suffixes else ()
+    return resolve_inside(root, rel, where=what, error=BenchmarkLayoutError, fallback_suffixes=suffixes)
 
 
 def read_json(path: Path, *, benchmark: str) -> Any:

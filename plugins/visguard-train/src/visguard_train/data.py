@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from visguard.errors import InputError
+from visguard.paths import resolve_inside as _resolve_inside
 
 Label = Literal["safe", "unsafe"]
 
@@ -94,26 +95,9 @@ class DatasetLoader:
 def resolve_inside(root: Path, rel: Any, *, where: str) -> Path:
     """Resolve an image path from a data file against its dataset root, refusing escapes.
 
-    Args:
-        root: the dataset root (the directory of the data file).
-        rel: the path string as written in the data.
-        where: ``"<file> record <n>"``, for the error message.
-
-    Raises:
-        DatasetError: not a non-empty string, absolute, leaving ``root`` (``..`` or a symlink),
-            or not an existing file.
+    The core's one path check (:func:`visguard.paths.resolve_inside`), raising :class:`DatasetError`.
     """
-    if not isinstance(rel, str) or not rel.strip():
-        raise DatasetError(f"{where}: image path must be a non-empty string, got {rel!r}")
-    if Path(rel).is_absolute() or re.match(r"^[A-Za-z]:[\\/]", rel):
-        raise DatasetError(f"{where}: image path {rel!r} is absolute; paths must be relative to the dataset root {root}")
-    base = root.resolve()
-    target = (base / rel).resolve()
-    if not target.is_relative_to(base):
-        raise DatasetError(f"{where}: image path {rel!r} leaves the dataset root {base}")
-    if not target.is_file():
-        raise DatasetError(f"{where}: image file not found: {rel!r} (under {base})")
-    return target
+    return _resolve_inside(root, rel, where=where, error=DatasetError)
 
 
 def _read_json_list(file: Path) -> list[Any]:
