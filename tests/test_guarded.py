@@ -8,9 +8,9 @@ unsafe; 1.0: every score < 1 is safe) or by a rule-based guard backend whose sco
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
-import time
 
 import pytest
 from PIL import Image
@@ -337,18 +337,37 @@ def test_stream_never_releases_text_that_failed_a_check(host, image):
 def test_stream_checks_at_sentence_ends(image):
     script = ["One", " sentence.", " Then", " another", " one!", " And", " an", " end"]
 
-    def slow_host(images, text):  # a host that takes its time, so each checkpoint sees one sentence
-        for piece in script:
-            time.sleep(0.05)
-            yield piece
+    def fast_host(images, text):  # every piece at once: checkpoints still fall at each sentence end
+        yield from script
 
     kw_guard, backend = keyword_guard("forbidden")
-    stream = kw_guard.wrap(slow_host, stream_check_every=100).stream([image], TEXT)
+    stream = kw_guard.wrap(fast_host, stream_check_every=100).stream([image], TEXT)
     assert list(stream) == ["One sentence.", " Then another one!", " And an end"]
     assert stream.result.output_checks == 3
     assert [text for stage, text, _ in backend.seen if stage == "output"] == [
         "One sentence.", "One sentence. Then another one!", "One sentence. Then another one! And an end"
     ]
+
+
+@pytest.mark.parametrize("driver", ["sync", "async"])
+def test_stream_checkpoints_are_counted_in_pieces_not_time(image, driver):
+    # A host whose pieces are all queued before the first check: the cadence must not collapse
+    # into one final check (it did when the driver drained the queue between checks).
+    script = ["a", " b", " c", " d", " e"]
+    kw_guard, backend = keyword_guard("forbidden")
+    guarded = kw_guard.wrap(lambda images, text: iter(script), stream_check_every=2, stream_check_sentences=False)
+    if driver == "sync":
+        stream = guarded.stream([image], TEXT)
+        pieces = list(stream)
+    else:
+        async def collect():
+            s = guarded.astream([image], TEXT)
+            return [p async for p in s], s
+
+        pieces, stream = asyncio.run(collect())
+    assert pieces == ["a b", " c d", " e"]
+    assert stream.result.output_checks == 3
+    assert [text for stage, text, _ in backend.seen if stage == "output"] == ["a b", "a b c d", "a b c d e"]
 
 
 def test_stream_blocked_by_parallel_pre_check_releases_only_the_refusal(guard, host, image):

@@ -76,7 +76,8 @@ class GuardedOptions(BaseModel):
             function ``verdict -> str``.
         unavailable_message: the replacement when the block is because the guard was
             unavailable (same fields).
-        stream_check_every: re-check a stream after this many new host pieces (tokens).
+        stream_check_every: re-check a stream each time this many new host pieces (tokens) are
+            held. Pieces are taken one at a time, so the checkpoints never depend on timing.
         stream_check_sentences: also re-check a stream when a piece ends a sentence or a line.
         audit: an :class:`~visguard.audit.AuditLog`, or a path to append one to.
         host_options: keyword arguments for :func:`visguard.hosts.resolve_host` (e.g. ``model``
@@ -326,12 +327,9 @@ class GuardedModel:
                 call.host_started()
                 _start_thread(self._host_worker, call, events)
             while not call.blocked and not call.finished:
+                # One event at a time: the re-check cadence depends on piece counts, never on how
+                # fast the host's pieces arrive (see _Call.check_due).
                 call.absorb(*events.get())
-                while not call.blocked:  # take everything already queued: one check covers it all
-                    try:
-                        call.absorb(*events.get_nowait())
-                    except queue.Empty:
-                        break
                 if call.blocked or not call.ready():
                     continue
                 due = call.check_due()
@@ -396,12 +394,7 @@ class GuardedModel:
                 call.host_started()
                 tasks.append(asyncio.ensure_future(self._ahost_worker(call, events)))
             while not call.blocked and not call.finished:
-                call.absorb(*await events.get())
-                while not call.blocked:
-                    try:
-                        call.absorb(*events.get_nowait())
-                    except asyncio.QueueEmpty:
-                        break
+                call.absorb(*await events.get())  # one event at a time, as in _drive
                 if call.blocked or not call.ready():
                     continue
                 due = call.check_due()
