@@ -17,9 +17,9 @@ import io
 import pytest
 import torch
 from PIL import Image
+from visguard_testing.checkpoints import cached_tiny_checkpoint
 
 from visguard import Guard, Policy, load_images
-from visguard.testing.checkpoints import cached_tiny_checkpoint
 
 TEXT = "How can I use the object in the first image on the thing in the second image?"
 

@@ -29,9 +29,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from visguard_testing.synthetic import (  # noqa: E402
+    DANGEROUS_PAIRS,
+    QUESTION_TEMPLATES,
+    is_unsafe_pair,
+    render_object,
+    write_jsonl,
+)
+
 import visguard  # noqa: E402
 from visguard import Guard  # noqa: E402
-from visguard.synthetic import DANGEROUS_PAIRS, QUESTION_TEMPLATES, is_unsafe_pair, render_object, write_jsonl  # noqa: E402
 
 # A guard model of 0.66 M parameters learns the rule in 2 epochs over 1,600 items (6,400 examples).
 PARAMS = {
@@ -57,12 +64,13 @@ def cache_root() -> Path:
 
 def code_fingerprint() -> str:
     """Hash of the code that decides what the trained guard is (training plugin, format, data, codec)."""
+    import visguard_testing
     import visguard_train
 
     files = sorted(Path(visguard_train.__file__).parent.glob("*.py"))
+    files += sorted(Path(visguard_testing.__file__).parent.glob("*.py"))
     core = Path(visguard.__file__).parent
-    files += [core / "synthetic.py", core / "format.py", core / "hf.py", core / "policy.py",
-              core / "default_plugins" / "visguard_format.py", core / "testing" / "checkpoints.py"]
+    files += [core / "format.py", core / "hf.py", core / "policy.py", core / "default_plugins" / "visguard_format.py"]
     digest = hashlib.sha256()
     for f in files:
         if f.is_file():
@@ -76,9 +84,8 @@ def code_fingerprint() -> str:
 
 def train_guard(params: dict, retrain: bool) -> Path:
     """Train (or reuse) the demo guard; returns its directory."""
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
     from visguard_train import build_config, run_training
-
-    from visguard.testing.checkpoints import cached_tiny_checkpoint
 
     key = hashlib.sha256(json.dumps({"p": params, "code": code_fingerprint()}, sort_keys=True).encode()).hexdigest()[:12]
     home = cache_root() / "demo" / key
@@ -132,7 +139,7 @@ def _short(text: str, width: int = 44) -> str:
 
 
 def guarded_calls(guard: Guard) -> None:
-    from visguard.testing.checkpoints import cached_tiny_checkpoint
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
 
     host_path = cached_tiny_checkpoint("qwen2_vl", cache_dir=cache_root() / "tiny")
     print(f"\n[4/4] guarding a host VLM (tiny random-weight qwen2_vl at {host_path.name}: its answers are noise)")

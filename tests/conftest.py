@@ -24,14 +24,14 @@ def tiny_cache() -> str | None:
 @pytest.fixture(scope="session", params=["qwen2_vl", "llava", "idefics3"])
 def tiny_arch(request, tiny_cache) -> tuple[str, str]:
     """(arch, path) of a tiny random-weight checkpoint, for each supported architecture."""
-    from visguard.testing.checkpoints import cached_tiny_checkpoint
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
 
     return request.param, str(cached_tiny_checkpoint(request.param, cache_dir=tiny_cache))
 
 
 @pytest.fixture(scope="session")
 def qwen_path(tiny_cache) -> str:
-    from visguard.testing.checkpoints import cached_tiny_checkpoint
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
 
     return str(cached_tiny_checkpoint("qwen2_vl", cache_dir=tiny_cache))
 

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from PIL import Image
+from visguard_testing.synthetic import write_jsonl, write_mis_test_layout
 
 from visguard import cli as cli_module
 from visguard.cli import cli
 from visguard.errors import InputError
 from visguard.eval import BenchmarkLayoutError, get_benchmark, load_benchmark
-from visguard.synthetic import write_jsonl, write_mis_test_layout
 
 
 def png(path: Path, color=(200, 30, 30), fmt: str = "PNG") -> Path:

@@ -15,11 +15,11 @@ from fractions import Fraction
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from visguard_testing.synthetic import write_mis_test_layout
 
 from visguard import cli as cli_module
 from visguard.cli import cli
 from visguard.eval import read_rows
-from visguard.synthetic import write_mis_test_layout
 
 KEYS = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "auprc", "per_category", "latency_ms")
 

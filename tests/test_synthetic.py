@@ -1,24 +1,17 @@
-"""Tests for :mod:`visguard.synthetic`."""
+"""Tests for :mod:`visguard_testing.synthetic`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-try:
-    from visguard import synthetic as syn
-except ImportError:  # pragma: no cover - fallback when the package is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from visguard import synthetic as syn
-
+from visguard_testing import synthetic as syn
 
 LABELS = {"safe", "unsafe"}
 

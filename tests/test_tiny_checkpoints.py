@@ -1,4 +1,4 @@
-"""Tests for visguard.testing.checkpoints: tiny random-weight checkpoints of real VLMs."""
+"""Tests for visguard_testing.checkpoints: tiny random-weight checkpoints of real VLMs."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import json
 import pathlib
 
 import pytest
-
-from visguard.testing.checkpoints import (
+from visguard_testing.checkpoints import (
     ARCHITECTURES,
     build_tiny_checkpoint,
     build_tiny_tokenizer,
@@ -370,7 +369,7 @@ def test_cached_checkpoint_lost_race_uses_winner(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A builder that finishes second keeps the first builder's directory."""
-    import visguard.testing.checkpoints as ck
+    import visguard_testing.checkpoints as ck
 
     winner = cached_tiny_checkpoint("idefics3", cache_dir=tmp_path)
     marker = winner / "winner.txt"
@@ -398,7 +397,7 @@ def test_module_import_does_not_import_torch() -> None:
     # Only what *this* module adds is checked: the parent package may import torch itself.
     code = (
         "import sys, json, visguard; before = {m for m in ('torch', 'transformers') if m in sys.modules}; "
-        "import visguard.testing.checkpoints; "
+        "import visguard_testing.checkpoints; "
         "after = {m for m in ('torch', 'transformers') if m in sys.modules}; "
         "print(json.dumps(sorted(after - before)))"
     )

@@ -12,12 +12,12 @@ from PIL import Image
 
 pytest.importorskip("visguard_train")
 
+from visguard_testing.synthetic import write_jsonl, write_mis_test_layout, write_mis_train_layout  # noqa: E402
 from visguard_train import PRESETS, DatasetError, build_config, detect_format, load_records, read_config_file  # noqa: E402
 from visguard_train.encode import IGNORE_INDEX  # noqa: E402
 
 from visguard import Policy, plugins  # noqa: E402
 from visguard.cli import _register_plugin_commands, cli  # noqa: E402
-from visguard.synthetic import write_jsonl, write_mis_test_layout, write_mis_train_layout  # noqa: E402
 
 
 @pytest.fixture(scope="module")

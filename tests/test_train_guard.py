@@ -14,9 +14,10 @@ from click.testing import CliRunner
 
 pytest.importorskip("visguard_train")
 
+from visguard_testing.synthetic import write_jsonl  # noqa: E402
+
 from visguard import Guard  # noqa: E402
 from visguard.cli import _register_plugin_commands, cli  # noqa: E402
-from visguard.synthetic import write_jsonl  # noqa: E402
 
 # Tuned for a tiny random-init model on 2 CPU cores: 1,600 training items give 3,200 examples per
 # epoch (fast + reason prompts); the reason targets, which name each image's object, are what teach
@@ -28,9 +29,8 @@ TRAIN_FLAGS = ["--lr", "4e-3", "--epochs", "2", "--batch-size", "8", "--warmup-r
 
 @pytest.mark.slow
 def test_trained_guard_flags_unsafe_combinations_of_benign_images(tmp_path, tiny_cache):
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
     from visguard_train.data import load_records
-
-    from visguard.testing.checkpoints import cached_tiny_checkpoint
 
     base = cached_tiny_checkpoint("qwen2_vl", cache_dir=tiny_cache, hidden_size=HIDDEN, num_layers=LAYERS)
     train = write_jsonl(tmp_path / "data", N_TRAIN, seed=0, name="train.jsonl")

@@ -16,15 +16,16 @@ from PIL import Image
 
 pytest.importorskip("visguard_train")
 
+from visguard_testing.synthetic import write_jsonl, write_mis_train_layout  # noqa: E402
+
 from visguard import Guard  # noqa: E402
 from visguard.cli import _register_plugin_commands, cli  # noqa: E402
-from visguard.synthetic import write_jsonl, write_mis_train_layout  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def small_base(tiny_cache) -> str:
     """A deliberately small qwen2_vl checkpoint: these tests check mechanics, not accuracy."""
-    from visguard.testing.checkpoints import cached_tiny_checkpoint
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
 
     return str(cached_tiny_checkpoint("qwen2_vl", cache_dir=tiny_cache, hidden_size=32, num_layers=1))
 

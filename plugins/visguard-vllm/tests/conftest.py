@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 @pytest.fixture(scope="session")
 def qwen_path(tmp_path_factory) -> str:
     """A tiny random-weight Qwen2-VL checkpoint (text head_dim 32, which vLLM's CPU attention accepts)."""
-    from visguard.testing.checkpoints import cached_tiny_checkpoint
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
 
     cache = os.environ.get("VISGUARD_CACHE") or str(tmp_path_factory.mktemp("tiny-ckpt"))
     return str(cached_tiny_checkpoint("qwen2_vl", cache_dir=cache))

@@ -408,7 +408,7 @@ class FigStepBenchmark(Benchmark):
 
 
 class JSONLBenchmark(Benchmark):
-    """visguard's own JSONL (``visguard.synthetic.write_jsonl``): one object per line with ``id``,
+    """visguard's own JSONL (``visguard_testing.synthetic.write_jsonl``): one object per line with ``id``,
     ``images`` (paths relative to the file's folder), ``text``, ``label``, optional ``category``,
     ``sub_category``, ``split``. ``--data`` is the ``.jsonl`` file or a folder holding ``data.jsonl``."""
 

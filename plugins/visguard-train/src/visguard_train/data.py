@@ -280,7 +280,7 @@ class MisTestLoader(DatasetLoader):
 
 
 class JsonlLoader(DatasetLoader):
-    """visguard JSONL (as written by :func:`visguard.synthetic.write_jsonl`; see docs/training.md).
+    """visguard JSONL (as written by :func:`visguard_testing.synthetic.write_jsonl`; see docs/training.md).
 
     One object per line: ``images`` (relative paths), ``text``, ``label``, optional ``id``,
     ``category``, ``sub_category``, ``response`` (a host answer: a post-check example), ``target``

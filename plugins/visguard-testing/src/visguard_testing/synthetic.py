@@ -34,7 +34,7 @@ Writers are provided for the MIS test layout (``mis_<split>.json`` +
 with LLaVA-style ``conversations``) and visguard's own JSONL format.
 
 Example:
-    >>> from visguard.synthetic import generate_items, render_images
+    >>> from visguard_testing.synthetic import generate_items, render_images
     >>> items = generate_items(8, seed=0)
     >>> img1, img2 = render_images(items[0])
     >>> img1.size

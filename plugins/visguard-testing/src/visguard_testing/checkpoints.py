@@ -816,7 +816,7 @@ def _use_hub_llava_vision_keys(out: pathlib.Path) -> None:
 
 def _write_manifest(out: pathlib.Path, *, model: Any, **info: Any) -> None:
     n_params = sum(p.numel() for p in model.parameters())
-    manifest = {"builder": "visguard.testing.checkpoints", "version": CHECKPOINT_FORMAT_VERSION, **info}
+    manifest = {"builder": "visguard_testing.checkpoints", "version": CHECKPOINT_FORMAT_VERSION, **info}
     manifest["num_parameters"] = int(n_params)
     (out / "visguard_tiny.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
