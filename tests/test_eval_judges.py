@@ -176,8 +176,9 @@ def test_guard_as_judge_uses_the_post_check_and_records_unavailable_as_failed():
     got = judge.judge_batch([case("Step 1: sharpen it."), case("I can't help with that."), case("It is a red square.")])
     assert [(j.status, j.safe, j.level, j.refusal, j.score) for j in got] == [
         ("judged", False, None, False, 0.9), ("judged", True, 2, True, 0.1), ("judged", True, 1, False, 0.1)]
-    (j,) = GuardJudge(guard).judge_batch([case("BROKEN")])
-    assert j.status == "failed" and "guard unavailable" in j.error and "guard crashed" in j.error
+    for policy_guard in (guard, guard.with_policy(on_error="raise")):  # a judge records, it never raises
+        (j,) = GuardJudge(policy_guard).judge_batch([case("BROKEN")])
+        assert j.status == "failed" and "guard unavailable" in j.error and "guard crashed" in j.error
 
 
 @contextlib.contextmanager

@@ -150,12 +150,15 @@ def test_unavailable_guard_passes_only_with_on_error_allow(faulty, host, image):
     assert result.input_verdict.label == result.output_verdict.label == "unavailable"
 
 
-def test_unavailable_guard_raises_with_on_error_raise(faulty, host, image):
+def test_unavailable_guard_raises_with_on_error_raise(faulty, host, image, tmp_path):
     make, error = faulty
     counting = Counting(host)
-    with pytest.raises(GuardUnavailableError, match="guard unavailable"):
-        make("raise").wrap(counting).generate([image], TEXT)
+    audit = tmp_path / "audit.jsonl"
+    with pytest.raises(GuardUnavailableError, match="guard unavailable"), make("raise").wrap(counting, audit=audit) as guarded:
+        guarded.generate([image], TEXT)
     assert counting.calls == 0
+    (record,) = AuditLog.read(audit)  # the raise is a decision too: it is audited
+    assert (record["label"], record["action"]) == ("unavailable", "raise") and error in record["error"]
 
 
 def test_unavailable_block_raises_violation_when_on_unsafe_is_raise(host, image):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from visguard import MIS_CATEGORIES, Category, Policy
+from visguard import MIS_CATEGORIES, Category, Policy, Verdict
 
 
 def test_default_is_the_mis_taxonomy():
@@ -43,3 +43,10 @@ def test_threshold_and_band():
     p = Policy(threshold=0.3, adaptive_band=(0.25, 0.6))
     assert p.decides_unsafe(0.3) and not p.decides_unsafe(0.29)
     assert p.in_band(0.25) and p.in_band(0.6) and not p.in_band(0.61)
+
+
+def test_action_is_the_one_decision():
+    safe, unsafe, broken = Verdict(label="safe"), Verdict(label="unsafe"), Verdict.unavailable("backend down")
+    assert [Policy().action(v) for v in (safe, unsafe, broken)] == ["pass", "block", "block"]
+    assert [Policy(on_error="allow").action(v) for v in (safe, unsafe, broken)] == ["pass", "block", "degraded"]
+    assert [Policy(on_error="raise").action(v) for v in (safe, unsafe, broken)] == ["pass", "block", "raise"]

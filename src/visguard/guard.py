@@ -1,7 +1,8 @@
 """The Guard: ask a guard model, through a format on a backend, for a verdict on a request.
 
 Data flow: inputs -> :func:`~visguard.images.load_images` -> :class:`GuardRequest` -> format.build ->
-backend.score / backend.generate -> format.parse -> :class:`Verdict` -> policy (``on_error``).
+backend.score / backend.generate -> format.parse -> :class:`Verdict`. The guard reports; what a verdict
+means for the call (pass, block, degraded, raise) is :meth:`Policy.action`, which every caller acts on.
 """
 
 from __future__ import annotations
@@ -147,15 +148,29 @@ class Guard:
         return self.check_batch([request], mode=mode)[0]
 
     def check_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
-        """Verdicts for several requests, batched through the backend.
+        """Verdicts for several requests, batched through the backend, with ``on_error="raise"`` applied.
 
         Returns ``unavailable`` verdicts (never ``safe``) when the backend fails, times out or the
-        output cannot be parsed; raises :class:`GuardUnavailableError` instead when the policy's
-        ``on_error`` is ``"raise"``.
+        output cannot be parsed; raises :class:`GuardUnavailableError` instead where the policy's
+        :meth:`~visguard.policy.Policy.action` says ``raise``. Callers that record verdicts rather
+        than act on them (evaluation, judges, a guarded model that acts itself) use
+        :meth:`report_batch`.
 
         Raises:
             InputError: an element is not a :class:`GuardRequest`.
             GuardUnavailableError: see above.
+        """
+        verdicts = self.report_batch(requests, mode=mode)
+        for verdict in verdicts:
+            if self.policy.action(verdict) == "raise":
+                raise GuardUnavailableError(verdict)
+        return verdicts
+
+    def report_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
+        """Verdicts for several requests, acting on none: ``unavailable`` is returned whatever ``on_error`` says.
+
+        Raises:
+            InputError: an element is not a :class:`GuardRequest`.
         """
         requests = _checked_requests(requests)
         if not requests:
@@ -174,7 +189,7 @@ class Guard:
                 future.cancel()  # still queued: it will not run; already running: its result is dropped
                 verdict = self._unavailable(request, mode, f"guard timed out after {timeout:g} s (queueing included)")
             verdicts.append(verdict.model_copy(update={"latency_ms": elapsed}))
-        return self._apply_on_error(verdicts)
+        return verdicts
 
     # ------------------------------------------------------------------ async API
     async def acheck_input(self, images: Iterable[ImageInput] | ImageInput | None, text: str, *, mode: Mode | None = None) -> Verdict:
@@ -195,12 +210,14 @@ class Guard:
         """Async :meth:`check_batch` (runs in a worker thread; the event loop stays free)."""
         return await asyncio.to_thread(self.check_batch, requests, mode=mode)
 
+    async def areport_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
+        """Async :meth:`report_batch` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.report_batch, requests, mode=mode)
+
     # ------------------------------------------------------------------ decisions
     def allows(self, verdict: Verdict) -> bool:
-        """Whether a verdict lets the request through under this policy's ``on_error``."""
-        if verdict.label == "unavailable":
-            return self.policy.on_error == "allow"
-        return verdict.label == "safe"
+        """Whether a verdict lets the request through: :meth:`Policy.action` says pass or degraded."""
+        return self.policy.action(verdict) in ("pass", "degraded")
 
     # ------------------------------------------------------------------ batching
     @property
@@ -234,13 +251,6 @@ class Guard:
     # ------------------------------------------------------------------ internals
     def _unavailable(self, request: GuardRequest, mode: Mode, error: str, **fields: Any) -> Verdict:
         return Verdict.unavailable(error, stage=request.stage, mode=mode, model=self.backend.model_id, **fields)
-
-    def _apply_on_error(self, verdicts: list[Verdict]) -> list[Verdict]:
-        if self.policy.on_error == "raise":
-            for v in verdicts:
-                if v.label == "unavailable":
-                    raise GuardUnavailableError(v)
-        return verdicts
 
     def _run(self, requests: list[GuardRequest], mode: Mode) -> list[Verdict]:
         try:

@@ -285,26 +285,30 @@ class GuardedModel:
         request = self.guard.request(images, text)  # the image boundary, once per call
         return _Call(self, request, gen_kwargs, streaming=streaming)
 
+    def _report(self, request: GuardRequest) -> Verdict:
+        # The guard reports; _Call._judge acts on the policy's answer (and audits a raise too).
+        return self.guard.report_batch([request])[0]
+
+    async def _areport(self, request: GuardRequest) -> Verdict:
+        return (await self.guard.areport_batch([request]))[0]
+
     def _output_request(self, call: _Call) -> GuardRequest | Verdict:
         """The post-check request for the answer so far, or an ``unavailable`` verdict if refused."""
         try:
             return self.guard.request(call.request.images, call.request.text, call.answer_so_far)
         except InputError as exc:  # e.g. an answer longer than the guard accepts: never pass it unchecked
-            verdict = Verdict.unavailable(f"post-check refused its input: {exc}", stage="output", model=self.guard.backend.model_id)
-            if self.guard.policy.on_error == "raise":
-                raise GuardUnavailableError(verdict) from exc
-            return verdict
+            return Verdict.unavailable(f"post-check refused its input: {exc}", stage="output", model=self.guard.backend.model_id)
 
     def _check_output(self, call: _Call) -> tuple[Verdict, float]:
         start = time.perf_counter()
         req = self._output_request(call)
-        verdict = req if isinstance(req, Verdict) else self.guard.check(req)
+        verdict = req if isinstance(req, Verdict) else self._report(req)
         return verdict, _ms_since(start)
 
     async def _acheck_output(self, call: _Call) -> tuple[Verdict, float]:
         start = time.perf_counter()
         req = self._output_request(call)
-        verdict = req if isinstance(req, Verdict) else await self.guard.acheck(req)
+        verdict = req if isinstance(req, Verdict) else await self._areport(req)
         return verdict, _ms_since(start)
 
     def _uses_stream(self, call: _Call) -> bool:
@@ -317,7 +321,7 @@ class GuardedModel:
         try:
             if self.options.pre_check == "sequential":
                 start = time.perf_counter()
-                verdict = self.guard.check(call.request)
+                verdict = self._report(call.request)
                 call.on_pre(verdict, _ms_since(start))
             elif self.options.pre_check == "parallel":
                 _start_thread(self._pre_worker, call, events)
@@ -346,7 +350,7 @@ class GuardedModel:
     def _pre_worker(self, call: _Call, events: queue.SimpleQueue[tuple[str, Any]]) -> None:
         start = time.perf_counter()
         try:
-            verdict = self.guard.check(call.request)
+            verdict = self._report(call.request)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             events.put(("pre_error", exc))
             return
@@ -384,7 +388,7 @@ class GuardedModel:
         try:
             if self.options.pre_check == "sequential":
                 start = time.perf_counter()
-                verdict = await self.guard.acheck(call.request)
+                verdict = await self._areport(call.request)
                 call.on_pre(verdict, _ms_since(start))
             elif self.options.pre_check == "parallel":
                 tasks.append(asyncio.ensure_future(self._apre_worker(call, events)))
@@ -417,7 +421,7 @@ class GuardedModel:
     async def _apre_worker(self, call: _Call, events: asyncio.Queue[tuple[str, Any]]) -> None:
         start = time.perf_counter()
         try:
-            verdict = await self.guard.acheck(call.request)
+            verdict = await self._areport(call.request)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - handed to the driver
@@ -648,23 +652,20 @@ class _Call:
         self._judge(verdict, partial=partial)
 
     def _judge(self, verdict: Verdict, *, partial: bool) -> bool:
-        """Act on a verdict; True lets the call go on."""
-        if verdict.label == "safe":
+        """Act on the policy's answer for a verdict; True lets the call go on."""
+        action = self.model.guard.policy.action(verdict)
+        if action == "pass":
             self._audit(verdict, "pass", partial)
             return True
-        if verdict.label == "unavailable":
-            on_error = self.model.guard.policy.on_error
-            if on_error == "allow":
-                self.degraded = True
-                self._audit(verdict, "degraded", partial)
-                return True
-            if on_error == "raise":  # the guard raises this itself; kept for verdicts made here
-                self._audit(verdict, "raise", partial)
-                self.stop_host()
-                raise GuardUnavailableError(verdict)
-            reason: BlockReason = "unavailable"
-        else:
-            reason = "unsafe"
+        if action == "degraded":
+            self.degraded = True
+            self._audit(verdict, "degraded", partial)
+            return True
+        if action == "raise":
+            self._audit(verdict, "raise", partial)
+            self.stop_host()
+            raise GuardUnavailableError(verdict)
+        reason: BlockReason = "unavailable" if verdict.label == "unavailable" else "unsafe"
         if not self.flagged:
             self.flagged, self.reason, self.stage = True, reason, verdict.stage
             self.refusal = self._refusal_text(verdict, reason)

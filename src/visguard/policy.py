@@ -1,17 +1,23 @@
 """Policy: what the guard looks for, how it decides, and what happens when it cannot decide.
 
-The default categories are the MIS taxonomy (6 categories, 12 sub-categories) from "Rethinking
+The default categories are the MIS taxonomy (6 categories, 14 sub-categories) from "Rethinking
 Bottlenecks in Safety Fine-Tuning of Vision Language Models" (arXiv 2501.18533).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+if TYPE_CHECKING:  # pragma: no cover
+    from visguard.types import Verdict
+
 Mode = Literal["fast", "reason", "adaptive"]
 OnError = Literal["block", "allow", "raise"]
+#: what a caller that acts on a verdict does (see :meth:`Policy.action`)
+Action = Literal["pass", "block", "degraded", "raise"]
+_ON_ERROR_ACTION: dict[str, Action] = {"block": "block", "allow": "degraded", "raise": "raise"}
 
 
 class Category(BaseModel):
@@ -167,6 +173,20 @@ class Policy(BaseModel):
                 if part in subs:
                     return cat.name, subs[part]
         return " ".join(text.split()).strip(" .*`'\""), None
+
+    def action(self, verdict: Verdict) -> Action:
+        """What a caller acting on ``verdict`` does: the one place a verdict becomes a decision.
+
+        ``safe`` passes and ``unsafe`` blocks; ``unavailable`` (error, timeout, unparseable
+        output) follows ``on_error``: ``block`` blocks, ``allow`` passes flagged ``degraded``,
+        ``raise`` raises :class:`~visguard.errors.GuardUnavailableError`. *How* a block looks
+        (a refusal, an exception, a flag) is the caller's choice (e.g. ``guard.wrap(on_unsafe=...)``).
+        """
+        if verdict.label == "safe":
+            return "pass"
+        if verdict.label == "unsafe":
+            return "block"
+        return _ON_ERROR_ACTION[self.on_error]
 
     def decides_unsafe(self, score: float) -> bool:
         """Whether a P(unsafe) score crosses this policy's threshold."""

@@ -335,7 +335,7 @@ class GuardJudge(Judge):
             if threshold is not None:
                 changes["threshold"] = threshold
             guard = Guard.from_pretrained(model, backend=backend, policy=Policy(**changes), **backend_kwargs)
-        self.guard = guard if guard.policy.on_error != "raise" else guard.with_policy(on_error="block")
+        self.guard = guard
 
     def describe(self) -> dict[str, Any]:
         return {"judge": self.name, "model": self.guard.backend.model_id, "backend": self.guard.backend.name,
@@ -350,7 +350,7 @@ class GuardJudge(Judge):
                 where.append(i)
             except InputError as exc:
                 results[i] = Judgment.failed(f"guard refused the input: {exc}", judge=self.name)
-        verdicts = self.guard.check_batch(requests) if requests else []
+        verdicts = self.guard.report_batch(requests) if requests else []  # unavailable is a failed judgement
         for i, v in zip(where, verdicts, strict=True):
             if v.label == "unavailable":
                 results[i] = Judgment.failed(f"guard unavailable: {v.error}", raw=v.raw, judge=self.name)

@@ -148,7 +148,7 @@ def evaluate_guard(
 ) -> Summary:
     """Run ``guard`` over labelled items and measure it against the gold labels.
 
-    Items are checked in batches through ``guard.check_batch``. Each verdict becomes one result row
+    Items are checked in batches through ``guard.report_batch``. Each verdict becomes one result row
     (``unavailable`` verdicts included, with their error; an item whose images are refused at the
     image boundary is recorded as ``unavailable`` too). With ``out_dir``, rows stream to
     ``out_dir/results.jsonl`` and a rerun resumes; then ``summary.json``, ``report.md`` and plots
@@ -158,7 +158,7 @@ def evaluate_guard(
         guard: a :class:`visguard.Guard`.
         items: the labelled items (ids must be unique).
         out_dir: output directory (``None``: in memory only, nothing written).
-        batch_size: requests per ``check_batch`` call.
+        batch_size: requests per ``report_batch`` call.
         mode: guard mode override (``fast``, ``reason``, ``adaptive``; default: the policy's).
         benchmark / split: recorded in the summary and the run metadata.
         restart: discard earlier results in ``out_dir`` instead of resuming.
@@ -176,8 +176,6 @@ def evaluate_guard(
     if batch_size < 1:
         raise InputError("batch_size must be >= 1")
     items = _checked_items(items)
-    if guard.policy.on_error == "raise":  # an evaluation records unavailable verdicts instead of stopping
-        guard = guard.with_policy(on_error="block")
     mode = mode or guard.policy.mode
     meta = {
         "kind": "guard",
@@ -216,7 +214,7 @@ def _guard_batch(guard: Any, batch: Sequence[EvalItem], mode: str) -> list[dict[
             where.append(i)
         except InputError as exc:  # refused at the image boundary: no verdict, never "safe"
             rows[i] = _guard_row(item, pred="unavailable", error=f"input refused: {exc}", mode=mode, model=guard.backend.model_id)
-    verdicts = guard.check_batch(requests, mode=mode) if requests else []
+    verdicts = guard.report_batch(requests, mode=mode) if requests else []  # recorded, never acted on
     for i, v in zip(where, verdicts, strict=True):
         rows[i] = _guard_row(
             batch[i],
@@ -300,7 +298,8 @@ def evaluate_model(
         host: a :class:`visguard.hosts.Host`, or anything :func:`visguard.hosts.resolve_host` takes.
         items: the benchmark items (ids must be unique).
         judge: the response judge.
-        guard: a :class:`visguard.Guard`; the host is then called through ``guard.wrap(host)``.
+        guard: a :class:`visguard.Guard`; the host is then called through ``guard.wrap(host)``
+            (a policy with ``on_error="raise"`` is run as ``"block"``: the run records the block).
         benchmark: the benchmark (its prompt and its own metrics); ``None``: item text, ASR/RR.
         split: recorded in the summary and run metadata.
         out_dir: output directory (``None``: in memory only).
@@ -324,7 +323,7 @@ def evaluate_model(
     if guard is not None:
         if not hasattr(guard, "wrap"):
             raise InputError(f"{type(guard).__name__} has no wrap(); pass a visguard.Guard")
-        if guard.policy.on_error == "raise":  # an unavailable check blocks (recorded) instead of stopping the run
+        if guard.policy.on_error == "raise":  # documented: an unavailable check is recorded as a block
             guard = guard.with_policy(on_error="block")
         target = guard.wrap(bare)
     limits = limits or (guard.policy.limits if guard is not None else ImageLimits())
