@@ -4,7 +4,8 @@ Loads ``AutoProcessor`` + ``AutoModelForImageTextToText`` (safetensors only, ``t
 off unless asked), renders prompts with the model's own chat template, batches requests with left
 padding, and serialises model calls with a lock so one instance is safe to share between threads.
 
-- ``score``: one forward pass; P(unsafe) = softmax over the verdict tokens' logits at the last position.
+- ``score``: one forward pass computing only the last position's logits (``logits_to_keep=1``);
+  P(unsafe) = softmax over the verdict tokens' logits there.
 - ``generate``: greedy decoding; for every generated token, the same restricted softmax is kept so
   the verdict word's probability can be read wherever the format finds it.
 """
@@ -121,7 +122,7 @@ class TransformersBackend(Backend):
             safe_ids, unsafe_ids = self.codec.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
             with self._lock, torch.inference_mode():
                 inputs = self.encode(batch)
-                logits = self.model(**inputs).logits[:, -1, :].float()
+                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
             probs = _unsafe_probability(logits, safe_ids, unsafe_ids)
             for i, p in zip(group, probs.tolist(), strict=True):
                 out[i] = p
