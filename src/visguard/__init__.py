@@ -19,9 +19,10 @@ from visguard.errors import (
     ImageInputError,
     InputError,
     PluginError,
+    UnsupportedRequestError,
     VisguardError,
 )
-from visguard.format import GuardFormat, GuardPrompt, ParsedOutput
+from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput
 from visguard.guard import DEFAULT_MODEL, Guard
 from visguard.guarded import (
     AsyncGuardedStream,
@@ -47,6 +48,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "CallableHost",
+    "Capabilities",
     "Category",
     "Generation",
     "Guard",
@@ -68,6 +70,7 @@ __all__ = [
     "ParsedOutput",
     "PluginError",
     "Policy",
+    "UnsupportedRequestError",
     "Verdict",
     "VisguardError",
     "__version__",

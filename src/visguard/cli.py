@@ -8,6 +8,7 @@ Exit codes of ``check``: 0 safe, 1 unsafe, 2 unavailable or a usage/input error.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -101,7 +102,11 @@ def _print_verdict(verdict: Any) -> None:
 def plugins_command(as_json: bool) -> None:
     """List loaded plugins, the hooks each implements and what each registers."""
     info = plugins.describe()
+    formats = {name: getattr(factory, "capabilities", None) for name, factory in sorted(plugins.registry("formats").items())}
     if as_json:
+        for p in info:
+            if p["provides"].get("formats"):
+                p["capabilities"] = {n: dataclasses.asdict(formats[n]) if formats.get(n) else None for n in p["provides"]["formats"]}
         click.echo(json.dumps(info, indent=2))
         return
     for p in info:
@@ -109,6 +114,10 @@ def plugins_command(as_json: bool) -> None:
         click.echo(f"{p['name']}  [{p['distribution'] or '?'}]  hooks: {', '.join(p['hooks'])}")
         if provides:
             click.echo(f"    {provides}")
+    click.echo("\nformats (what each can judge):")
+    width = max((len(n) for n in formats), default=0)
+    for name, caps in formats.items():
+        click.echo(f"  {name:<{width}}  {caps.summary() if caps is not None else '(capabilities not declared)'}")
 
 
 _commands_registered = False

@@ -21,6 +21,11 @@ class InputError(VisguardError, ValueError):
     """A request is malformed (bad text, too many images, wrong types)."""
 
 
+class UnsupportedRequestError(InputError):
+    """A guard format cannot judge this request (too many images, text it cannot read, a
+    response, a mode or custom categories it does not support): raised, never answered wrongly."""
+
+
 class ImageInputError(InputError):
     """An image could not be accepted at the image boundary.
 

@@ -11,14 +11,74 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from PIL import Image
 
-from visguard.policy import Policy
+from visguard.errors import UnsupportedRequestError
+from visguard.policy import Mode, Policy
 from visguard.types import GuardRequest
 
 PromptMode = Literal["fast", "reason"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a guard format can judge; a request outside these gets :class:`UnsupportedRequestError`.
+
+    Attributes:
+        min_images / max_images: how many images one request may carry (``None``: no upper limit).
+        text: whether the user's text is read. A format that does not read it refuses a request
+            with text unless built with ``ignore_unread=True`` (the text is then knowingly dropped).
+        images: whether images are read at all (``False``: a text guard; same rule as ``text``).
+        requests: whether it judges a user's request (an input, pre-check).
+        responses: whether it judges an assistant's response (an output, post-check).
+        score: whether verdicts carry P(unsafe).
+        categories: whether an unsafe verdict names a category.
+        custom_categories: whether categories outside the model's own taxonomy can be asked for
+            (through the model's own mechanism); ``False``: a policy that needs them is refused.
+        modes: the modes it runs in (``reason`` needs a format that generates before its verdict).
+        fast_tokens: fast mode generates this many tokens and reads the verdict from them instead
+            of scoring the next token (``0``: the next token after the prompt is the verdict).
+        shares_prefix: whether requests may share a cached prompt prefix (``False`` when the
+            per-request content comes first, as in image-first classifier prompts).
+        cross_image: whether several images are judged together (harm that only appears when they
+            are combined), not each on its own.
+    """
+
+    min_images: int = 0
+    max_images: int | None = None
+    text: bool = True
+    images: bool = True
+    requests: bool = True
+    responses: bool = True
+    score: bool = True
+    categories: bool = True
+    custom_categories: bool = True
+    modes: tuple[Mode, ...] = ("fast", "reason", "adaptive")
+    fast_tokens: int = 0
+    shares_prefix: bool = True
+    cross_image: bool = True
+
+    def summary(self) -> str:
+        """One line for ``visguard plugins`` and docs."""
+        if not self.images:
+            imgs = "no images"
+        elif self.max_images is None:
+            imgs = f"{self.min_images}+ images"
+        elif self.min_images == self.max_images:
+            imgs = f"{self.max_images} image{'s' if self.max_images != 1 else ''}"
+        else:
+            imgs = f"{self.min_images}-{self.max_images} images"
+        parts = [imgs, "text" if self.text else "no text"]
+        judged = [w for w, ok in (("requests", self.requests), ("responses", self.responses)) if ok]
+        parts.append("judges " + " and ".join(judged))
+        parts.append("score" if self.score else "no score")
+        parts.append("categories" if self.categories else "no categories")
+        if self.categories and not self.custom_categories:
+            parts.append("fixed taxonomy")
+        parts.append("modes " + "/".join(self.modes))
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -64,10 +124,72 @@ class ParsedOutput:
 
 
 class GuardFormat(ABC):
-    """Base class of guard formats (register subclasses through ``register_formats``)."""
+    """Base class of guard formats (register subclasses through ``register_formats``).
+
+    Args:
+        ignore_unread: accept requests carrying parts this format does not read (text for an
+            image-only classifier, images for a text guard) and drop those parts knowingly; off by
+            default, such a request raises :class:`UnsupportedRequestError`.
+    """
 
     #: registry name
     name: str = ""
+    #: what this format can judge
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, *, ignore_unread: bool = False) -> None:
+        self.ignore_unread = ignore_unread
+
+    def check_request(self, request: GuardRequest, mode: Mode | None = None) -> None:
+        """Refuse a request (or mode, when given) this format cannot judge.
+
+        Raises:
+            UnsupportedRequestError: names the format and what it cannot judge.
+        """
+        caps, name = self.capabilities, self.name or type(self).__name__
+        if mode is not None and mode not in caps.modes:
+            raise UnsupportedRequestError(f"format {name!r} cannot run in {mode} mode; it runs in: {', '.join(caps.modes)}")
+        if request.stage == "input" and not caps.requests:
+            raise UnsupportedRequestError(f"format {name!r} judges responses only (post-checks), not a user's request")
+        if request.stage == "output" and not caps.responses:
+            raise UnsupportedRequestError(f"format {name!r} cannot judge an assistant's response (post-check)")
+        n = len(request.images)
+        if n and not caps.images and not getattr(self, "ignore_unread", False):
+            raise UnsupportedRequestError(
+                f"format {name!r} is a text guard and cannot see the request's {n} image(s) "
+                "(build it with ignore_unread=True to judge the text alone)")
+        if caps.images:
+            if n < caps.min_images:
+                raise UnsupportedRequestError(f"format {name!r} needs at least {caps.min_images} image(s), got {n}")
+            if caps.max_images is not None and n > caps.max_images:
+                raise UnsupportedRequestError(
+                    f"format {name!r} judges at most {caps.max_images} image(s) per request, got {n}"
+                    + ("" if caps.cross_image else " (it cannot judge harm that appears only across images)"))
+        if request.text.strip() and not caps.text and not getattr(self, "ignore_unread", False):
+            raise UnsupportedRequestError(
+                f"format {name!r} judges images alone and cannot read the request's text "
+                "(build it with ignore_unread=True to drop the text knowingly)")
+
+    def check_policy(self, policy: Policy) -> None:  # noqa: B027 - optional hook
+        """Refuse a policy this format cannot express (e.g. custom categories for a fixed taxonomy).
+
+        Raises:
+            UnsupportedRequestError: names the categories the model cannot take.
+        """
+
+    def build_all(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> list[GuardPrompt]:
+        """All prompts one request needs (default: the one from :meth:`build`).
+
+        Formats that ask one question per (image, policy) pair return several; fast-mode scores
+        come back in the same order and go through :meth:`combine`.
+        """
+        return [self.build(request, policy, mode=mode, special_tokens=special_tokens)]
+
+    def combine(self, scores: list[float], policy: Policy) -> tuple[float, str | None]:
+        """One P(unsafe) (and the category it points at) from the scores of :meth:`build_all`'s prompts."""
+        return scores[0], None
     #: text that precedes the verdict word on the verdict line
     verdict_prefix: str = "Verdict:"
     #: label -> spellings that follow ``verdict_prefix``

@@ -54,7 +54,8 @@ class Guard:
     ) -> None:
         self.backend = backend
         self.format = format
-        self.policy = policy or Policy()
+        self.policy = policy or Policy(mode=_default_mode(format))
+        format.check_policy(self.policy)
         self._batcher = shared_batcher(backend, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0)
 
     # ------------------------------------------------------------------ construction
@@ -95,6 +96,7 @@ class Guard:
     def with_policy(self, policy: Policy | None = None, **changes: Any) -> Guard:
         """A guard sharing this one's model with another policy (or this policy with ``changes``)."""
         new = policy or self.policy.updated(**changes)
+        self.format.check_policy(new)
         return Guard(self.backend, self.format, new, max_batch=self._batcher.max_batch,
                      max_wait_ms=self._batcher.max_wait_s * 1000.0)
 
@@ -127,8 +129,15 @@ class Guard:
         text: str,
         response: str | None = None,
     ) -> GuardRequest:
-        """Build a :class:`GuardRequest` through the image boundary with this policy's limits."""
-        return GuardRequest.build(images, text, response, limits=self.policy.limits)
+        """Build a :class:`GuardRequest` through the image boundary with this policy's limits.
+
+        Raises:
+            ImageInputError: an image was refused at the boundary.
+            UnsupportedRequestError: this guard's format cannot judge such a request.
+        """
+        request = GuardRequest.build(images, text, response, limits=self.policy.limits)
+        self.format.check_request(request)
+        return request
 
     # ------------------------------------------------------------------ sync API
     def check_input(self, images: Iterable[ImageInput] | ImageInput | None, text: str, *, mode: Mode | None = None) -> Verdict:
@@ -158,6 +167,7 @@ class Guard:
 
         Raises:
             InputError: an element is not a :class:`GuardRequest`.
+            UnsupportedRequestError: the format cannot judge a request, or run in ``mode``.
             GuardUnavailableError: see above.
         """
         verdicts = self.report_batch(requests, mode=mode)
@@ -176,6 +186,10 @@ class Guard:
         if not requests:
             return []
         mode = mode or self.policy.mode
+        if mode not in ("fast", "reason", "adaptive"):
+            raise InputError(f"unknown mode {mode!r}; expected fast, reason or adaptive")
+        for r in requests:
+            self.format.check_request(r, mode)
         start = time.perf_counter()
         timeout = self.policy.timeout_s
         futures = self._batcher.submit(requests, (self._run, mode))
@@ -271,19 +285,44 @@ class Guard:
         return [self.format.build(r, self.policy, mode=mode, special_tokens=specials) for r in requests]
 
     def _fast(self, requests: list[GuardRequest]) -> list[Verdict]:
+        tokens = self.format.capabilities.fast_tokens
+        if tokens:  # the verdict comes within the first few generated tokens, not at position 0
+            return self._reason(requests, mode="fast", max_new_tokens=tokens, prompt_mode="fast")
         if not self.backend.supports_scores:
             raise RuntimeError(f"backend {self.backend.name!r} cannot score verdict tokens; use mode='reason'")
-        scores = self.backend.score(self._prompts(requests, "fast"))
-        return [self._scored(r, s, "fast") for r, s in zip(requests, scores, strict=True)]
+        specials = self.backend.special_tokens
+        per_request = [self.format.build_all(r, self.policy, mode="fast", special_tokens=specials) for r in requests]
+        flat = [p for prompts in per_request for p in prompts]
+        scores = self.backend.score(flat)
+        out, start = [], 0
+        for request, prompts in zip(requests, per_request, strict=True):
+            mine = scores[start : start + len(prompts)]
+            start += len(prompts)
+            bad = [s for s in mine if s is None or s != s or not 0.0 <= s <= 1.0]
+            if bad:
+                out.append(self._unavailable(request, "fast", f"backend returned an invalid score {bad[0]!r}"))
+                continue
+            score, category = self.format.combine([float(s) for s in mine], self.policy)
+            out.append(self._scored(request, score, "fast", category=category))
+        return out
 
-    def _scored(self, request: GuardRequest, score: float, mode: Mode) -> Verdict:
+    def _scored(self, request: GuardRequest, score: float, mode: Mode, category: str | None = None) -> Verdict:
         if score is None or not 0.0 <= score <= 1.0 or score != score:
             return self._unavailable(request, mode, f"backend returned an invalid score {score!r}")
         label = "unsafe" if self.policy.decides_unsafe(score) else "safe"
-        return Verdict(label=label, score=float(score), stage=request.stage, mode=mode, model=self.backend.model_id)
+        return Verdict(label=label, score=float(score), category=category if label == "unsafe" else None,
+                       stage=request.stage, mode=mode, model=self.backend.model_id)
 
-    def _reason(self, requests: list[GuardRequest], mode: Mode, fast: list[Verdict] | None = None) -> list[Verdict]:
-        gens = self.backend.generate(self._prompts(requests, "reason"), max_new_tokens=self.policy.max_new_tokens)
+    def _reason(
+        self,
+        requests: list[GuardRequest],
+        mode: Mode,
+        fast: list[Verdict] | None = None,
+        *,
+        max_new_tokens: int | None = None,
+        prompt_mode: str = "reason",
+    ) -> list[Verdict]:
+        gens = self.backend.generate(self._prompts(requests, prompt_mode), max_new_tokens=max_new_tokens or self.policy.max_new_tokens)
         out = []
         for i, (req, gen) in enumerate(zip(requests, gens, strict=True)):
             parsed = self.format.parse(gen.text, self.policy)
@@ -308,7 +347,7 @@ class Guard:
         return out
 
     def _adaptive(self, requests: list[GuardRequest]) -> list[Verdict]:
-        if not self.backend.supports_scores:
+        if not self.backend.supports_scores and not self.format.capabilities.fast_tokens:
             return self._reason(requests, mode="adaptive")
         fast = [v.model_copy(update={"mode": "adaptive"}) for v in self._fast(requests)]
         unsure = [i for i, v in enumerate(fast) if v.score is not None and self.policy.in_band(v.score)]
@@ -317,6 +356,12 @@ class Guard:
             for i, v in zip(unsure, reasoned, strict=True):
                 fast[i] = v
         return fast
+
+
+def _default_mode(format: GuardFormat) -> Mode:
+    """The default policy's mode, or the format's first mode when it cannot run fast."""
+    modes = format.capabilities.modes
+    return "fast" if "fast" in modes else modes[0]
 
 
 def _checked_requests(requests: Sequence[GuardRequest]) -> list[GuardRequest]:
