@@ -130,13 +130,84 @@ def _env() -> dict[str, str]:
             "TOKENIZERS_PARALLELISM": "false"}
 
 
+_RESUME_ARGS = ["--guard-modes", "fast", "--lr", "1e-2", "--batch-size", "2", "--max-steps", "6", "--save-steps", "3",
+                "--save-total-limit", "5", "--logging-steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, small_base, data) -> Path:
+    """A 6-step full run that wrote checkpoints at steps 3 and 6: the reference a resumed run must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    _train(["--data", str(data), "--base", small_base, "--output", str(out), *_RESUME_ARGS])
+    return out
+
+
+def _losses(output: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in _log(output) if "loss" in e}
+
+
+def _interrupted_copy(reference: Path, dest: Path, step: int) -> Path:
+    """The state a run killed after checkpoint ``step`` leaves: that checkpoint and the log up to it."""
+    import shutil
+
+    (dest / "checkpoints").mkdir(parents=True)
+    shutil.copytree(reference / "checkpoints" / f"checkpoint-{step}", dest / "checkpoints" / f"checkpoint-{step}")
+    kept = [line for line in (reference / "train_log.jsonl").read_text().splitlines() if json.loads(line)["step"] <= step]
+    (dest / "train_log.jsonl").write_text("".join(line + "\n" for line in kept))
+    return dest
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert set(wa) == set(wb)
+    worst = max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+    assert worst <= 1e-6, f"final weights differ by up to {worst}"
+
+
+def test_resume_restores_the_weights_and_continues_the_same_curve(tmp_path, small_base, data, uninterrupted):
+    """Issue 10 #2: the checkpoint's key names did not match the model, so --resume kept the base weights."""
+    out = _interrupted_copy(uninterrupted, tmp_path / "resumed", 3)
+    text = _train(["--data", str(data), "--base", small_base, "--output", str(out), *_RESUME_ARGS, "--resume"])
+    assert "resumed from" in text and "checkpoint-3" in text
+    ref, got = _losses(uninterrupted), _losses(out)
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4, 5, 6]
+    assert [got[s] for s in (4, 5, 6)] == pytest.approx([ref[s] for s in (4, 5, 6)], rel=1e-5, abs=1e-6)
+    _assert_same_weights(uninterrupted, out)
+    assert not (_weights(out)["lm_head.weight"] == _weights(Path(small_base))["lm_head.weight"]).all()
+
+
+def test_resume_refuses_a_malicious_optimizer_file(tmp_path, small_base, data, uninterrupted):
+    """A pickled optimizer.pt that would run code is refused by weights_only loading: one line, exit 2."""
+    import torch
+
+    out = _interrupted_copy(uninterrupted, tmp_path / "evil", 3)
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Evil(str(marker))}, out / "checkpoints" / "checkpoint-3" / "optimizer.pt")
+    run = subprocess.run(_cmd("--data", str(data), "--base", small_base, "--output", str(out), *_RESUME_ARGS, "--resume"),
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    errors = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "optimizer.pt was refused" in errors[0], run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+    assert not marker.exists()
+
+
+class _Evil:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, small_base, data):
+    """SIGKILL mid-run, then --resume: one loss curve equal to an uninterrupted run's, same final weights."""
     out = tmp_path / "resume"
-    args = ["--data", str(data), "--base", small_base, "--output", str(out), "--guard-modes", "fast", "--lr", "1e-3",
+    args = ["--data", str(data), "--base", small_base, "--guard-modes", "fast", "--lr", "1e-2",
             "--batch-size", "2", "--epochs", "2", "--save-steps", "3", "--save-total-limit", "5", "--logging-steps", "1"]
-    proc = subprocess.Popen(_cmd(*args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(_cmd(*args, "--output", str(out)), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
     first = out / "checkpoints" / "checkpoint-3" / "trainer_state.json"
     deadline = time.monotonic() + 120
     while not first.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -150,21 +221,28 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, small_base, data)
 
     # without --resume the earlier run is protected
     _register_plugin_commands()
-    res = CliRunner().invoke(cli, ["train", *args])
+    res = CliRunner().invoke(cli, ["train", *args, "--output", str(out)])
     assert res.exit_code == 2 and "--resume" in res.output
 
-    text = _train([*args, "--resume"])
+    text = _train([*args, "--output", str(out), "--resume"])
     assert "resumed from" in text and "checkpoint-" in text
     resumed_from = int(text.split("checkpoint-")[1].split()[0].rstrip(","))
     assert resumed_from >= 3
     log = _log(out)
     steps = [e["step"] for e in log if "loss" in e]
-    assert steps == sorted(steps) and len(steps) == len(set(steps))  # one curve, no restart from step 1
-    assert steps[-1] == steps_per_run
+    assert steps == list(range(1, steps_per_run + 1))  # one curve: no lost, no repeated step
     state = json.loads((out / "checkpoints" / f"checkpoint-{steps_per_run}" / "trainer_state.json").read_text())
     assert state["global_step"] == steps_per_run
     meta = json.loads((out / "visguard_train.json").read_text())
     assert meta["global_step"] == steps_per_run and meta["resumed_from"].endswith(f"checkpoint-{resumed_from}")
+
+    # the same run, never interrupted: same losses after the resume point, same final weights
+    ref = tmp_path / "reference"
+    _train([*args, "--output", str(ref)])
+    want, got = _losses(ref), _losses(out)
+    after = [s for s in sorted(want) if s > resumed_from]
+    assert after and [got[s] for s in after] == pytest.approx([want[s] for s in after], rel=1e-5, abs=1e-6)
+    _assert_same_weights(ref, out)
 
 
 @pytest.mark.slow

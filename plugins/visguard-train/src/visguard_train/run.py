@@ -16,11 +16,12 @@ Output layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ def _train(
 ) -> TrainResult:
     import torch
     import transformers
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
     from visguard import plugins
     from visguard.hf import HFPromptCodec
@@ -211,7 +212,7 @@ def _train(
         if config.overwrite and ckpt_dir.is_dir():
             shutil.rmtree(ckpt_dir)
 
-    trainer = Trainer(
+    trainer = _trainer_class()(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -357,6 +358,113 @@ def _write_meta(output: Path, config: TrainConfig, result: TrainResult, records:
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def load_checkpoint_weights(model: Any, checkpoint: str | Path) -> None:
+    """Load a full-model checkpoint written by ``save_pretrained`` into ``model``, all keys or none.
+
+    ``save_pretrained`` writes the architecture's *checkpoint* key names (transformers reverts its
+    weight renamings when saving, e.g. ``model.embed_tokens`` for ``model.language_model.embed_tokens``),
+    so a plain ``load_state_dict`` of the file matches no key. The checkpoint is read back through
+    ``from_pretrained``, which applies the same renamings as the first load, and copied in strictly.
+
+    Raises:
+        InputError: the checkpoint cannot be read, or its weights do not cover the model exactly.
+    """
+    import torch
+
+    checkpoint = Path(checkpoint)
+    dtype = next(model.parameters()).dtype
+    try:
+        loaded = type(model).from_pretrained(str(checkpoint), dtype=dtype, use_safetensors=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise InputError(f"--resume: cannot read the weights of {checkpoint}: {_first_line(exc)}") from exc
+    state = loaded.state_dict()
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise InputError(
+            f"--resume: the weights in {checkpoint} do not match the model "
+            f"({len(missing)} missing, e.g. {missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]})"
+        )
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(state[name])
+    del loaded, state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _trainer_class() -> type:
+    """The Hugging Face ``Trainer`` with resume made exact and fail-closed.
+
+    - full-model checkpoints are loaded with the model's own key names (:func:`load_checkpoint_weights`);
+      the stock loader matches none of them on transformers 5 and silently keeps the base weights;
+    - a checkpoint's pickled state (optimizer, scheduler, RNG, scaler) is loaded with
+      ``weights_only`` (by transformers); a file that is refused becomes one ``InputError`` line
+      naming the file instead of a traceback.
+    """
+    from transformers import Trainer
+
+    class VisguardTrainer(Trainer):  # type: ignore[misc]
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            target = model if model is not None else self.model
+            ckpt = Path(resume_from_checkpoint)
+            plain = (ckpt / "model.safetensors").is_file() or (ckpt / "model.safetensors.index.json").is_file()
+            if plain and not self.is_fsdp_enabled and not hasattr(target, "peft_config"):
+                load_checkpoint_weights(target, ckpt)
+                return
+            with _refuse_unsafe(ckpt):
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            with _refuse_unsafe(checkpoint):
+                super()._load_optimizer_and_scheduler(checkpoint)
+
+        def _load_rng_state(self, checkpoint: str | None) -> None:
+            with _refuse_unsafe(checkpoint):
+                super()._load_rng_state(checkpoint)
+
+        def _load_scaler(self, checkpoint: str | None) -> None:
+            with _refuse_unsafe(checkpoint):
+                super()._load_scaler(checkpoint)
+
+    return VisguardTrainer
+
+
+#: pickled files a Trainer checkpoint holds besides the weights (all loaded with ``weights_only``)
+_PICKLED = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt", "pytorch_model.bin")
+
+
+@contextlib.contextmanager
+def _refuse_unsafe(checkpoint: str | Path | None) -> Iterator[None]:
+    """Turn a refused or unreadable pickled checkpoint file into one ``InputError`` line naming it."""
+    import pickle
+
+    try:
+        yield
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        folder = Path(checkpoint or ".")
+        bad = [name for name in _PICKLED if (folder / name).is_file() and not _loads_safely(folder / name)]
+        where = folder / bad[0] if bad else folder
+        raise InputError(
+            f"--resume: {where} was refused: it is not a plain tensor file (weights_only loading; "
+            "a checkpoint file holding other objects is never unpickled)"
+        ) from exc
+
+
+def _loads_safely(path: Path) -> bool:
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure means "not loadable safely"
+        return False
+    return True
 
 
 def _callback_base() -> type:
