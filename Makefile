@@ -31,21 +31,27 @@ $(VLLM_VENV)/.installed: pyproject.toml plugins/visguard-vllm/pyproject.toml plu
 	$(VLLM_ENV) $(VLLM_PY) -c "import vllm, visguard_vllm; print('vllm', vllm.__version__, 'ok')"
 	touch $@
 
-.PHONY: install install-vllm demo test test-core test-vllm bench lint
+.PHONY: install install-vllm demo test test-core test-vllm bench lint chromium
 install: $(VENV)/.installed
 install-vllm: $(VLLM_VENV)/.installed
 
+# The offline demo (plugins/visguard-demo): trains or reuses the small demo guard, writes runs/demo/report.html.
 demo: $(VENV)/.installed
-	$(PY) examples/demo.py
+	$(VENV)/bin/visguard demo
 
 test: test-core test-vllm
 
-test-core: $(VENV)/.installed
+test-core: $(VENV)/.installed chromium
 	$(PY) -m pytest -q
 
 # One vLLM engine per test module; about 2-3 minutes on 2 CPU cores.
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_ENV) $(VLLM_PY) -m pytest -q plugins/visguard-vllm/tests
+
+# Headless Chromium renders the demo's HTML report in tests (Debian's package; installed only when missing).
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "warning: could not install chromium (apt-get install -y chromium); the demo report test will skip"
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks -q --benchmark-only
