@@ -17,6 +17,7 @@ from visguard import (
     Guard,
     GuardFormat,
     GuardPrompt,
+    InputError,
     ParsedOutput,
     PluginError,
     hookimpl,
@@ -186,3 +187,28 @@ def test_env_var_restricts_installed_plugins():
     unknown = _plugins_json("visguard-no-such-plugin")
     assert unknown.returncode == 2
     assert "VISGUARD_LOAD_PLUGINS names 'visguard-no-such-plugin', which is not installed" in unknown.stderr
+
+
+def test_factories_declare_their_options_and_the_cli_passes_only_those():
+    assert {"device", "dtype", "trust_remote_code"} <= set(plugins.option_names(plugins.get("backends", "transformers")))
+    assert "device" not in plugins.option_names(plugins.get("backends", "openai"))
+    shorthands = {"device": "cpu", "base_url": "http://127.0.0.1:9/v1", "api_key_env": None}
+    assert plugins.supported_options("backends", "transformers", shorthands) == {"device": "cpu"}
+    assert plugins.supported_options("backends", "openai", shorthands) == {"base_url": "http://127.0.0.1:9/v1"}
+    assert plugins.supported_options("hosts", "openai", {"model": "m", "device": "cpu"}) == {"model": "m"}
+    with pytest.raises(InputError, match=r"the 'transformers' backend takes no option 'nope'; its options: device"):
+        Guard.from_pretrained("m", backend="transformers", nope=1)
+    usage = CliRunner().invoke(cli, ["check", "--model", "m", "--backend-arg", "nope"])
+    assert usage.exit_code == 2 and "expected KEY=VALUE" in usage.output
+    unknown = CliRunner().invoke(cli, ["check", "--model", "m", "--backend-arg", "nope=1"])
+    assert unknown.exit_code == 2 and "takes no option 'nope'" in unknown.output and "Traceback" not in unknown.output
+
+
+def test_servers_forward_what_the_host_declares():
+    from visguard.hosts import CallableHost
+    from visguard.serve.openai_types import ChatCompletionRequest, generation_options
+
+    body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=7, temperature=0.3)
+    assert generation_options(body, plugins.get("hosts", "openai")) == {"max_new_tokens": 7, "temperature": 0.3}
+    assert generation_options(body, plugins.get("hosts", "transformers")) == {"max_new_tokens": 7}
+    assert generation_options(body, CallableHost(lambda images, text: "")) == {}

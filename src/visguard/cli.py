@@ -21,6 +21,39 @@ from visguard.errors import VisguardError
 EXIT_SAFE, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
 
 
+def key_values(pairs: tuple[str, ...], option: str = "--backend-arg") -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as keyword arguments; values are JSON where they parse (numbers, booleans, objects).
+
+    Raises:
+        click.BadParameter: a pair has no ``=`` or an empty key.
+    """
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint=option)
+        try:
+            out[key.strip()] = json.loads(raw)  # numbers, booleans, JSON objects (limit_mm_per_prompt)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+def backend_kwargs(backend: str, backend_args: tuple[str, ...], **shorthands: Any) -> dict[str, Any]:
+    """A backend's keyword arguments: ``--backend-arg`` pairs, plus the shorthands it declares.
+
+    Shorthand options (``--device``, ``--base-url`` ...) go only to backends that name them among
+    their parameters (:func:`visguard.plugins.supported_options`); ``--backend-arg`` wins over them.
+    """
+    return {**plugins.supported_options("backends", backend, shorthands), **key_values(backend_args)}
+
+
+#: ``--backend-arg`` as every command spells it
+backend_arg_option = click.option(
+    "--backend-arg", "backend_args", multiple=True, metavar="KEY=VALUE",
+    help="Backend keyword argument, repeatable; JSON values (dtype=float32, tensor_parallel_size=2, base_url=...).")
+
+
 class _Group(click.Group):
     """Turns visguard errors into a one-line message and exit code 2 (no traceback)."""
 
@@ -53,10 +86,13 @@ def cli() -> None:
 @click.option("--format", "format_name", default="visguard", show_default=True, help="Guard format plugin name.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True, help="Reason-mode budget.")
-@click.option("--device", default="auto", show_default=True, help="transformers backend: cpu, cuda, cuda:1 ...")
+@backend_arg_option
+@click.option("--device", default="auto", show_default=True,
+              help="Where a local backend runs (cpu, cuda, cuda:1 ...): passed to backends that take `device`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 def check(images: tuple[str, ...], model: str, text: str, response: str | None, mode: str, backend: str,
-          format_name: str, threshold: float, max_new_tokens: int, device: str, as_json: bool) -> None:
+          format_name: str, threshold: float, max_new_tokens: int, backend_args: tuple[str, ...], device: str,
+          as_json: bool) -> None:
     """Check IMAGES (zero or more files) plus --text with a guard model.
 
     Exit code: 0 safe, 1 unsafe, 2 unavailable (guard error or unparseable output) or bad input.
@@ -67,7 +103,7 @@ def check(images: tuple[str, ...], model: str, text: str, response: str | None, 
     from visguard.policy import Policy
 
     policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens)
-    kwargs = {"device": device} if backend == "transformers" else {}
+    kwargs = backend_kwargs(backend, backend_args, device=device)
     guard = Guard.from_pretrained(model, backend=backend, format=format_name, policy=policy, **kwargs)
     request = guard.request(list(images), text, response)
     verdict = guard.check(request)

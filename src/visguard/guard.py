@@ -82,11 +82,12 @@ class Guard:
 
         Raises:
             PluginError: unknown backend or format name.
+            InputError: a keyword argument the backend does not take.
             BackendError: the model could not be loaded.
         """
         fmt = plugins.get("formats", format)() if isinstance(format, str) else format
         if isinstance(backend, str):
-            be = plugins.get("backends", backend)(model, **backend_kwargs)
+            be = plugins.create("backends", backend, model, **backend_kwargs)
         else:
             if backend_kwargs:
                 raise InputError(f"backend keyword arguments {sorted(backend_kwargs)} need a backend name")

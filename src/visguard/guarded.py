@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import inspect
 import queue
 import re
 import threading
@@ -38,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from visguard.audit import AuditLog
 from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError
-from visguard.hosts import Host, resolve_host
+from visguard.hosts import Host, resolve_host, supports_cancel
 from visguard.images import ImageInput
 from visguard.types import GuardRequest, Stage, Verdict
 
@@ -765,22 +764,6 @@ class _Call:
                 pre_check_ms=self.pre_ms, host_ms=host_ms, post_check_ms=self.post_ms, total_ms=(end - self.started) * 1000.0
             ),
         )
-
-
-def supports_cancel(host: Host, *, asynchronous: bool = False) -> bool:
-    """Whether ``host.stream`` (or ``host.astream``) takes a ``cancel`` :class:`threading.Event`.
-
-    Only a parameter named ``cancel`` counts (``**kwargs`` would pass the event on to the model).
-    The default :meth:`Host.astream` forwards its keyword arguments to :meth:`Host.stream`.
-    """
-    method = host.stream
-    if asynchronous and type(host).astream is not Host.astream:
-        method = host.astream
-    try:
-        param = inspect.signature(method).parameters.get("cancel")
-    except (TypeError, ValueError):
-        return False
-    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
 def _checked_piece(piece: Any) -> str:

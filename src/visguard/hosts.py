@@ -12,7 +12,7 @@ import asyncio
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -32,6 +32,9 @@ class Host(ABC):
     name: str = ""
     #: the host model's id, path or URL
     model_id: str = ""
+    #: per-call keyword arguments the host understands from a chat request (``max_new_tokens``,
+    #: ``temperature`` ...): a server forwards exactly these (:func:`visguard.serve.wire.generation_options`)
+    generation_options: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def generate(self, images: Sequence[GuardImage], text: str, **gen_kwargs: Any) -> str:
@@ -55,8 +58,32 @@ class Host(ABC):
                 return
             yield piece  # type: ignore[misc]
 
+    def served_model(self) -> str:
+        """The model's name as its server knows it (may ask the server; default :attr:`model_id`).
+
+        Raises:
+            BackendError: the server could not say.
+        """
+        return self.model_id
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
+
+
+def supports_cancel(host: Host, *, asynchronous: bool = False) -> bool:
+    """Whether ``host.stream`` (or ``host.astream``) takes a ``cancel`` :class:`threading.Event`.
+
+    Only a parameter named ``cancel`` counts (``**kwargs`` would pass the event on to the model).
+    The default :meth:`Host.astream` forwards its keyword arguments to :meth:`Host.stream`.
+    """
+    method = host.stream
+    if asynchronous and type(host).astream is not Host.astream:
+        method = host.astream
+    try:
+        param = inspect.signature(method).parameters.get("cancel")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
 class CallableHost(Host):
@@ -96,6 +123,11 @@ def _checked_piece(piece: Any) -> str:
     return piece
 
 
+def default_host_name(target: str) -> str:
+    """The host plugin a string target gets by default: ``openai`` for an http(s) URL, else ``transformers``."""
+    return "openai" if target.startswith(("http://", "https://")) else "transformers"
+
+
 def resolve_host(target: Any, **kwargs: Any) -> Host:
     """Turn what a user passes to ``guard.wrap`` into a :class:`Host`.
 
@@ -108,16 +140,14 @@ def resolve_host(target: Any, **kwargs: Any) -> Host:
 
     Raises:
         PluginError: the needed host plugin is not installed.
-        InputError: nothing fits.
+        InputError: nothing fits, or the host takes no such keyword argument.
     """
     if isinstance(target, Host):
         return target
     if isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str):
-        return plugins.get("hosts", target[0])(target[1], **kwargs)
-    if isinstance(target, str) and target.startswith(("http://", "https://")):
-        return plugins.get("hosts", "openai")(target, **kwargs)
+        return plugins.create("hosts", target[0], target[1], **kwargs)
     if isinstance(target, str):
-        return plugins.get("hosts", "transformers")(target, **kwargs)
+        return plugins.create("hosts", default_host_name(target), target, **kwargs)
     if callable(target):
         return CallableHost(target, **kwargs)
     raise InputError(f"cannot use {type(target).__name__} as a host; pass a Host, a model path, a URL or a callable")

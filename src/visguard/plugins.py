@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pluggy
 
 from visguard import hookspecs
-from visguard.errors import PluginError
+from visguard.errors import InputError, PluginError
 
 DEFAULT_PLUGINS = (
     "visguard.default_plugins.visguard_format",
@@ -122,6 +123,52 @@ def get(kind: str, name: str) -> Callable[..., Any]:
             f"no {kind[:-1]} named {name!r}; installed: {sorted(reg) or 'none'}"
             " (see `visguard plugins`)"
         ) from None
+
+
+def option_names(factory: Callable[..., Any]) -> tuple[str, ...]:
+    """The keyword options a backend / host / judge factory declares: its named parameters after the first.
+
+    The first parameter is the target (model name, path or URL); ``**kwargs`` declares nothing.
+    """
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return ()
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in params[1:] if p.kind in named)
+
+
+def create(kind: str, name: str, target: Any, **options: Any) -> Any:
+    """Call the factory registered as ``name`` with ``target`` and keyword ``options``.
+
+    Raises:
+        PluginError: no such name.
+        InputError: an option the factory does not declare (unless it takes ``**kwargs``).
+    """
+    factory = get(kind, name)
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        params = ()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        unknown = sorted(set(options) - set(option_names(factory)))
+        if unknown:
+            raise InputError(f"the {name!r} {kind[:-1]} takes no option {', '.join(map(repr, unknown))}; "
+                             f"its options: {', '.join(option_names(factory)) or 'none'}")
+    return factory(target, **options)
+
+
+def supported_options(kind: str, name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that the factory registered as ``name`` declares (``None`` values dropped).
+
+    This is how the command line passes its shorthands (``--device``, ``--base-url`` ...) without
+    knowing any plugin: each goes only to factories that name it among their parameters.
+
+    Raises:
+        PluginError: no such name.
+    """
+    declared = option_names(get(kind, name))
+    return {k: v for k, v in options.items() if v is not None and k in declared}
 
 
 def describe() -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from visguard.cli import backend_arg_option, backend_kwargs, key_values
 from visguard.hookspecs import hookimpl
 
 HEADLINE_GUARD = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "auprc", "unavailable")
@@ -19,12 +20,6 @@ def default_out_dir(benchmark: str, split: str | None, model: str, kind: str) ->
     """``runs/eval/<benchmark>-<split>-<kind>-<model>``: stable, so rerunning a command resumes it."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/").split("/")[-1] or model)[:60]
     return Path("runs") / "eval" / f"{benchmark}-{split or 'all'}-{kind}-{slug}"
-
-
-def _backend_kwargs(backend: str, device: str, base_url: str | None) -> dict[str, Any]:
-    if backend == "transformers":
-        return {"device": device}
-    return {"base_url": base_url} if base_url else {}
 
 
 def _make_judge(name: str | None, judge_model: str | None, judge_backend: str, device: str,
@@ -40,7 +35,8 @@ def _make_judge(name: str | None, judge_model: str | None, judge_backend: str, d
         name = "mis"
     if name == "refusal":
         return get_judge("refusal")
-    kwargs: dict[str, Any] = {"backend": judge_backend, **_backend_kwargs(judge_backend, device, judge_base_url)}
+    kwargs: dict[str, Any] = {"backend": judge_backend,
+                              **backend_kwargs(judge_backend, (), device=device, base_url=judge_base_url)}
     if judge_model:
         kwargs["model"] = judge_model
     return get_judge(name, **kwargs)
@@ -78,8 +74,13 @@ def register_commands(cli):
     @click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True, help="Guard reasoning budget.")
     @click.option("--host-max-new-tokens", type=click.IntRange(1), default=1024, show_default=True,
                   help="Host answer budget (the paper: greedy, up to 1024).")
-    @click.option("--device", default="auto", show_default=True, help="transformers backends/hosts: cpu, cuda, cuda:1 ...")
-    @click.option("--base-url", default=None, help="API root for the openai backend (guard) or host.")
+    @backend_arg_option
+    @click.option("--host-arg", "host_args", multiple=True, metavar="KEY=VALUE",
+                  help="Host keyword argument (model evaluation), repeatable; JSON values.")
+    @click.option("--device", default="auto", show_default=True,
+                  help="Where local backends / hosts run (cpu, cuda, cuda:1 ...): passed to those that take `device`.")
+    @click.option("--base-url", default=None,
+                  help="API root of the guard's server (backends that take `base_url`), or of the host (--host).")
     @click.option("--restart", is_flag=True, help="Discard results already in --out instead of resuming.")
     @click.option("--no-plots", is_flag=True, help="Do not write PNG plots.")
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -88,7 +89,8 @@ def register_commands(cli):
                      guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
                      judge_base_url: str | None, out_dir: str | None, limit: int | None, mode: str, backend: str,
                      format_name: str, threshold: float, batch_size: int, max_new_tokens: int,
-                     host_max_new_tokens: int, device: str, base_url: str | None, restart: bool, no_plots: bool,
+                     host_max_new_tokens: int, backend_args: tuple[str, ...], host_args: tuple[str, ...],
+                     device: str, base_url: str | None, restart: bool, no_plots: bool,
                      no_progress: bool, as_json: bool) -> None:
         """Evaluate a guard, or a (guarded) host VLM, on a local safety benchmark.
 
@@ -132,23 +134,20 @@ def register_commands(cli):
 
         def load_guard(name: str) -> Guard:
             return Guard.from_pretrained(name, backend=backend, format=format_name, policy=policy,
-                                         **_backend_kwargs(backend, device, base_url))
+                                         **backend_kwargs(backend, backend_args, device=device, base_url=base_url))
 
         if kind == "guard":
             summary = evaluate_guard(load_guard(model), items, out_dir=out, batch_size=batch_size, mode=mode,
                                      benchmark=benchmark, split=split, restart=restart,
                                      progress=not no_progress, plots=not no_plots)
         else:
-            from visguard.hosts import resolve_host
+            from visguard.hosts import default_host_name
 
-            if host_adapter == "auto":
-                host = (resolve_host(base_url, model=model) if base_url else
-                        resolve_host(model, device=device, max_new_tokens=host_max_new_tokens))
-            elif host_adapter == "transformers":
-                host = plugins.get("hosts", "transformers")(model, device=device, max_new_tokens=host_max_new_tokens)
-            else:
-                target = base_url or model
-                host = plugins.get("hosts", host_adapter)(target, **({"model": model} if base_url else {}))
+            target = base_url or model
+            adapter = default_host_name(target) if host_adapter == "auto" else host_adapter
+            shorthands = {"device": device, "max_new_tokens": host_max_new_tokens, "model": model if base_url else None}
+            host_kwargs = {**plugins.supported_options("hosts", adapter, shorthands), **key_values(host_args, "--host-arg")}
+            host = plugins.create("hosts", adapter, target, **host_kwargs)
             guard = None
             if guard_model:
                 guard = load_guard(guard_model)

@@ -48,6 +48,7 @@ class OpenAIHost(Host):
     """
 
     name = "openai"
+    generation_options = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 
     def __init__(
         self,
@@ -101,6 +102,10 @@ class OpenAIHost(Host):
         if limit is not None:
             body["max_tokens"] = limit
         return body
+
+    def served_model(self) -> str:
+        """The served model's name (asks ``GET {base_url}/models`` once when none was given)."""
+        return self._model_name()
 
     def _model_name(self) -> str:
         if self.model is None:

@@ -5,42 +5,32 @@ Needs the ``serve`` extra (``pip install 'visguard[serve]'``: FastAPI, uvicorn, 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 import click
 
+from visguard.cli import backend_arg_option, backend_kwargs, key_values
 from visguard.hookspecs import hookimpl
-
-
-def _backend_args(pairs: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--backend-arg")
-        try:
-            out[key.strip()] = json.loads(raw)  # numbers, booleans, JSON objects (limit_mm_per_prompt)
-        except ValueError:
-            out[key.strip()] = raw
-    return out
 
 
 @click.command("serve")
 @click.option("--model", "-m", required=True, help="Guard model: hub id or local path (openai backend: the served name).")
 @click.option("--backend", "-b", default="transformers", show_default=True, help="Guard backend: transformers, openai, vllm ...")
 @click.option("--format", "format_name", default="visguard", show_default=True, help="Guard format plugin name.")
-@click.option("--backend-arg", "backend_args", multiple=True, metavar="KEY=VALUE",
-              help="Backend keyword argument, repeatable; JSON values (tensor_parallel_size=2, dtype=float32).")
-@click.option("--guard-url", default=None, help="openai backend: base URL of the guard's server, e.g. http://guard:8000/v1.")
-@click.option("--device", default="auto", show_default=True, help="transformers backend/host: cpu, cuda, cuda:1 ...")
+@backend_arg_option
+@click.option("--guard-url", default=None,
+              help="Base URL of the guard's server, e.g. http://guard:8000/v1 (backends that take `base_url`).")
+@click.option("--device", default="auto", show_default=True,
+              help="Where a local backend / host runs (cpu, cuda, cuda:1 ...): passed to those that take `device`.")
 @click.option("--host", "bind_host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
 @click.option("--upstream", default=None, help="OpenAI-compatible base URL of the host model to guard (…/v1).")
 @click.option("--upstream-model", default=None, help="The upstream's model name (default: the first it lists).")
 @click.option("--api-key-env", default=None, help="Environment variable holding the upstream's API key.")
 @click.option("--host-model", default=None, help="A local host model (path or hub id) to serve guarded, in process.")
+@click.option("--host-arg", "host_args", multiple=True, metavar="KEY=VALUE",
+              help="Host keyword argument, repeatable; JSON values (timeout_s=120, system_prompt=...).")
 @click.option("--served-model-name", default=None, help="Model name chat clients use (default: the host's).")
 @click.option("--max-concurrency", type=click.IntRange(1), default=64, show_default=True,
               help="Requests served at once; more get HTTP 429.")
@@ -60,7 +50,7 @@ def _backend_args(pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--log-level", default="info", show_default=True)
 def serve(model: str, backend: str, format_name: str, backend_args: tuple[str, ...], guard_url: str | None, device: str,
           bind_host: str, port: int, upstream: str | None, upstream_model: str | None, api_key_env: str | None,
-          host_model: str | None, served_model_name: str | None, max_concurrency: int, max_body_mb: float,
+          host_model: str | None, host_args: tuple[str, ...], served_model_name: str | None, max_concurrency: int, max_body_mb: float,
           auth_token_env: str | None, mode: str, threshold: float, on_unsafe: str, on_error: str, pre_check: str,
           max_batch_size: int, max_wait_ms: float, timeout_s: float | None, log_level: str) -> None:
     """Serve a guard over HTTP, optionally as a guarded OpenAI-compatible proxy.
@@ -87,22 +77,21 @@ def serve(model: str, backend: str, format_name: str, backend_args: tuple[str, .
         if not token:  # asked for auth: never start open by mistake
             raise click.UsageError(f"--auth-token-env names {auth_token_env}, which is unset or empty")
 
-    kwargs = _backend_args(backend_args)
-    if backend == "transformers":
-        kwargs.setdefault("device", device)
-    if guard_url:
-        kwargs["base_url"] = guard_url
+    from visguard import plugins
+    from visguard.hosts import default_host_name
+
+    if guard_url and "base_url" not in plugins.option_names(plugins.get("backends", backend)):
+        raise click.UsageError(f"--guard-url: the {backend!r} backend takes no base_url")
+    kwargs = backend_kwargs(backend, backend_args, device=device, base_url=guard_url)
     policy = Policy(mode=mode, threshold=threshold, on_error=on_error, timeout_s=timeout_s)
     guard = Guard.from_pretrained(model, backend=backend, format=format_name, policy=policy, **kwargs)
 
     host: str | None = upstream or host_model
     host_options: dict[str, Any] = {}
-    if upstream:
-        host_options["model"] = upstream_model
-        if api_key_env:
-            host_options["api_key_env"] = api_key_env
-    elif host_model:
-        host_options["device"] = device
+    if host:
+        shorthands = {"model": upstream_model, "api_key_env": api_key_env} if upstream else {"device": device}
+        host_options = {**plugins.supported_options("hosts", default_host_name(host), shorthands),
+                        **key_values(host_args, "--host-arg")}
     settings = ServeSettings(
         model_name=served_model_name or upstream_model or (os.path.basename(host_model.rstrip("/")) if host_model else None),
         max_concurrency=max_concurrency,
@@ -125,18 +114,13 @@ def serve(model: str, backend: str, format_name: str, backend_args: tuple[str, .
 
 
 def _discover_model(app: Any) -> str:
-    """Ask the upstream which model it serves (its ``/models``), so clients can name it."""
-    host = app.state.host
-    import httpx
+    """Ask the upstream which model it serves (:meth:`Host.served_model`), so clients can name it."""
+    from visguard.errors import VisguardError
 
     try:
-        resp = httpx.get(host.models_url, headers=getattr(host, "headers", None), timeout=10)
-        resp.raise_for_status()
-        name = str(resp.json()["data"][0]["id"])
-    except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
+        return app.state.host.served_model()
+    except VisguardError as exc:
         raise click.ClickException(f"cannot list the upstream's models ({exc}); pass --upstream-model") from exc
-    host.model = host.model_id = name
-    return name
 
 
 @hookimpl

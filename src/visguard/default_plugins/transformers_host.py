@@ -23,6 +23,7 @@ class TransformersHost(Host):
     """
 
     name = "transformers"
+    generation_options = ("max_new_tokens",)  # decodes greedily: sampling settings are not taken
 
     def __init__(self, model: str, *, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False,
                  max_new_tokens: int = 256) -> None:

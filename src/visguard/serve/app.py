@@ -55,16 +55,15 @@ from visguard.serve.openai_types import (
     ModelCard,
     ModelList,
     completion_id,
+    generation_options,
     split_messages,
     sse_event,
 )
-from visguard.serve.upstream import default_generation_options, error_response
+from visguard.serve.upstream import error_response
 from visguard.types import GuardRequest
 
 #: paths behind the gate (auth, size, concurrency)
 GATED_PREFIX = "/v1/"
-#: request fields forwarded to an ``openai`` host besides the token limit
-FORWARDED_SAMPLING = ("temperature", "top_p", "stop", "seed")
 
 
 class ServeSettings(BaseModel):
@@ -259,7 +258,7 @@ def create_app(
         except InputError as exc:
             raise ServeError(400, str(exc), param="messages") from exc
         images, text = chat.images, chat.prompt_text()
-        gen = _generation_options(body, guarded.host)
+        gen = generation_options(body, guarded.host)
         if body.stream:
             return await _stream_response(guarded, images, text, gen, body.model, metrics)
         try:
@@ -278,13 +277,6 @@ def create_app(
 
 
 # ---------------------------------------------------------------------------------- chat helpers
-
-
-def _generation_options(body: ChatCompletionRequest, host: Host) -> dict[str, Any]:
-    options = default_generation_options(body, host)
-    if host.name == "openai":  # a proxy forwards sampling; local hosts decode greedily
-        options.update({k: getattr(body, k) for k in FORWARDED_SAMPLING if getattr(body, k) is not None})
-    return options
 
 
 def _summary(result: GuardedResult) -> dict[str, Any]:

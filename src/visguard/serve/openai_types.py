@@ -89,6 +89,19 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
+def generation_options(request: ChatCompletionRequest, host: Any) -> dict[str, Any]:
+    """The request's generation settings that ``host`` declares in ``host.generation_options``.
+
+    ``max_new_tokens`` is the request's token limit; ``temperature``, ``top_p``, ``stop`` and ``seed``
+    are passed under their own names. Settings the request leaves out, or the host does not
+    declare (a local model decoding greedily, a plain callable), are not passed.
+    """
+    offered = {"max_new_tokens": request.token_limit, "temperature": request.temperature, "top_p": request.top_p,
+               "stop": request.stop, "seed": request.seed}
+    declared = getattr(host, "generation_options", ())
+    return {k: v for k, v in offered.items() if v is not None and k in declared}
+
+
 # ---------------------------------------------------------------------------------- responses
 
 

@@ -30,8 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from visguard.errors import InputError
-from visguard.guarded import supports_cancel
-from visguard.hosts import Host
+from visguard.hosts import Host, supports_cancel
 from visguard.policy import ImageLimits
 from visguard.serve.openai_types import (
     SSE_DONE,
@@ -47,6 +46,7 @@ from visguard.serve.openai_types import (
     ModelCard,
     ModelList,
     completion_id,
+    generation_options,
     messages_to_prompt,
     sse_event,
 )
@@ -55,17 +55,8 @@ from visguard.serve.openai_types import (
 GenerationOptions = Callable[[ChatCompletionRequest, Host], dict[str, Any]]
 
 
-def default_generation_options(request: ChatCompletionRequest, host: Host) -> dict[str, Any]:
-    """Pass the request's token limit as ``max_new_tokens`` to hosts known to take it.
-
-    The ``transformers`` and ``openai`` hosts take ``max_new_tokens``; other hosts (e.g. a plain
-    callable) get no keyword arguments, since their signature is unknown. Sampling parameters
-    are not forwarded: pass your own ``generation_options`` to :func:`create_upstream_app` for that.
-    """
-    limit = request.token_limit
-    if limit is not None and host.name in ("transformers", "openai"):
-        return {"max_new_tokens": limit}
-    return {}
+#: the default: what the host declares (see :func:`~visguard.serve.openai_types.generation_options`)
+default_generation_options: GenerationOptions = generation_options
 
 
 class UpstreamError(Exception):
