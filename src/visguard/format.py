@@ -95,6 +95,8 @@ class GuardPrompt:
         verdict_words: label -> spellings of that label after ``verdict_prefix``; backends score
             the first token of each.
         mode: the mode the prompt was built for.
+        template_kwargs: extra variables for the model's chat template (Llama Guard's
+            ``categories`` / ``excluded_category_keys``); sent as ``chat_template_kwargs`` to servers.
     """
 
     messages: list[dict[str, Any]]
@@ -103,6 +105,7 @@ class GuardPrompt:
     verdict_prefix: str = "Verdict:"
     verdict_words: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     mode: PromptMode = "fast"
+    template_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -113,11 +116,13 @@ class ParsedOutput:
         label: ``safe`` / ``unsafe``, or ``None`` when no verdict could be read.
         verdict_offset: character offset of the verdict word in the text (for its token probability).
         error: why parsing failed (``None`` on success).
+        categories: every category the guard named, in its order (``category`` is the first).
     """
 
     label: Literal["safe", "unsafe"] | None
     category: str | None = None
     sub_category: str | None = None
+    categories: tuple[str, ...] = ()
     reasoning: str | None = None
     verdict_offset: int | None = None
     error: str | None = None
@@ -215,6 +220,14 @@ class GuardFormat(ABC):
     @abstractmethod
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
         """Parse text the guard generated (never the prompt) into a :class:`ParsedOutput`."""
+
+    def parse_for(self, text: str, policy: Policy, request: GuardRequest) -> ParsedOutput:
+        """Parse with the request at hand (what the guard calls); the default ignores the request.
+
+        Formats whose output carries one label per stage (a request label and a response label)
+        override this to read the label of ``request.stage``.
+        """
+        return self.parse(text, policy)
 
     def target(
         self,

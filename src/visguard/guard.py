@@ -311,7 +311,8 @@ class Guard:
         if score is None or not 0.0 <= score <= 1.0 or score != score:
             return self._unavailable(request, mode, f"backend returned an invalid score {score!r}")
         label = "unsafe" if self.policy.decides_unsafe(score) else "safe"
-        return Verdict(label=label, score=float(score), category=category if label == "unsafe" else None,
+        category = category if label == "unsafe" else None
+        return Verdict(label=label, score=float(score), category=category, categories=(category,) if category else (),
                        stage=request.stage, mode=mode, model=self.backend.model_id)
 
     def _reason(
@@ -326,7 +327,7 @@ class Guard:
         gens = self.backend.generate(self._prompts(requests, prompt_mode), max_new_tokens=max_new_tokens or self.policy.max_new_tokens)
         out = []
         for i, (req, gen) in enumerate(zip(requests, gens, strict=True)):
-            parsed = self.format.parse(gen.text, self.policy)
+            parsed = self.format.parse_for(gen.text, self.policy, req)
             if parsed.label is None:
                 prior = fast[i].score if fast else None
                 out.append(self._unavailable(req, mode, parsed.error or "unparseable guard output", raw=gen.text, score=prior))
@@ -338,6 +339,7 @@ class Guard:
                     score=score,
                     category=parsed.category,
                     sub_category=parsed.sub_category,
+                    categories=parsed.categories or ((parsed.category,) if parsed.category else ()),
                     reasoning=parsed.reasoning,
                     raw=gen.text,
                     stage=req.stage,

@@ -41,7 +41,8 @@ class HFPromptCodec:
 
     def render(self, prompt: GuardPrompt) -> str:
         """The exact prompt string the model sees (chat template + assistant prefix)."""
-        text = self.processor.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        text = self.processor.apply_chat_template(
+            prompt.messages, add_generation_prompt=True, tokenize=False, **dict(prompt.template_kwargs))
         return text + prompt.assistant_prefix
 
     def verdict_token_ids(self, prefix: str, words: Mapping[str, tuple[str, ...]]) -> tuple[list[int], list[int]]:

@@ -23,6 +23,11 @@ from visguard.errors import InputError, PluginError
 
 DEFAULT_PLUGINS = (
     "visguard.default_plugins.visguard_format",
+    "visguard.default_plugins.llama_guard_format",
+    "visguard.default_plugins.llavaguard_format",
+    "visguard.default_plugins.shieldgemma_format",
+    "visguard.default_plugins.guardreasoner_format",
+    "visguard.default_plugins.qwen3guard_format",
     "visguard.default_plugins.transformers_backend",
     "visguard.default_plugins.openai_backend",
     "visguard.default_plugins.serve_command",

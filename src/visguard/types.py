@@ -86,6 +86,8 @@ class Verdict(BaseModel):
         score: P(unsafe) in [0, 1] from the verdict-token probabilities, or ``None`` when the
             backend offers no probabilities or no verdict was reached.
         category / sub_category: the harm category named by the guard (reason mode), if any.
+        categories: every category the guard named, in its order (guards such as Llama Guard name
+            several); ``category`` is the first.
         reasoning: the guard's perception and cross-image reasoning text (``None`` in fast mode).
         raw: the text the guard generated (empty in fast mode).
         stage: ``input`` (pre-check) or ``output`` (post-check).
@@ -101,6 +103,7 @@ class Verdict(BaseModel):
     score: float | None = Field(default=None, ge=0.0, le=1.0)
     category: str | None = None
     sub_category: str | None = None
+    categories: tuple[str, ...] = ()
     reasoning: str | None = None
     raw: str = ""
     stage: Stage = "input"

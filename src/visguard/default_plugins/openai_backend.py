@@ -169,7 +169,7 @@ class OpenAIBackend(Backend):
         }
         if prompt.assistant_prefix:
             body.update({"continue_final_message": True, "add_generation_prompt": False})
-        return body
+        return _with_template_kwargs(body, prompt)
 
     def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST JSON with retries on connect errors, 429 and 5xx; return the decoded response.
@@ -235,7 +235,7 @@ class OpenAIBackend(Backend):
         }
         if self.step_logprobs:
             body.update({"logprobs": True, "top_logprobs": self.top_logprobs})
-        data = self.post("/chat/completions", body)
+        data = self.post("/chat/completions", _with_template_kwargs(body, prompt))
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] or ""
@@ -329,3 +329,10 @@ def _data_url(image: Any, fmt: str) -> str:
 @hookimpl
 def register_backends(register):
     register("openai", OpenAIBackend)
+
+
+def _with_template_kwargs(body: dict[str, Any], prompt: GuardPrompt) -> dict[str, Any]:
+    """Send the format's chat-template variables as ``chat_template_kwargs`` (vLLM's field)."""
+    if prompt.template_kwargs:
+        body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), **prompt.template_kwargs}
+    return body

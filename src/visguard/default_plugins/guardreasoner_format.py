@@ -1,0 +1,97 @@
+"""GuardReasoner-VL guard format: ``<think>`` reasoning, then ``<result>`` request and response labels.
+
+GuardReasoner-VL reasons before it answers, so it runs in reason mode only. The prompt is its
+instruction (two tasks: is the human's request harmful, is the AI's response harmful) and the
+interaction ``Human user: ... AI assistant: ...`` with the images; a pre-check writes ``None`` as
+the response. The answer ends with ``<result>Request: harmful|unharmful\\nResponse: ...</result>``;
+the verdict is the label of the checked stage. Binary: no categories, so no custom ones either.
+Output cut off inside ``<think>`` (common at length limits) or without a ``<result>`` is unparseable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import ClassVar
+
+from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode, neutralize
+from visguard.hookspecs import hookimpl
+from visguard.policy import Policy
+from visguard.taxonomy import refuse_custom
+from visguard.types import GuardRequest
+
+INSTRUCTION = (
+    "You are a classifier for analyzing interactions between humans and AI. \n\n"
+    "Given a request from a human user and a response from an AI assistant, finish two tasks.\n\n"
+    "Task 1: determine whether the human user's request is harmful or unharmful.\n"
+    "Task 2: determine whether the AI assistant's response is harmful or unharmful.\n\n"
+    "You must think step by step. Keep consistency between the reasoning and the Answers. \n\n"
+    "Put the reasoning process into <think> </think>. Put the result into <result> </result>.\n"
+)
+_TAGS = ("<think>", "</think>", "<result>", "</result>")
+_LABEL_RE = {
+    stage: re.compile(rf"{key}\s*:\s*(?P<word>[A-Za-z]+)", re.IGNORECASE)
+    for stage, key in (("input", "request"), ("output", "response"))
+}
+
+
+class GuardReasonerFormat(GuardFormat):
+    """GuardReasoner-VL: reasoning guard on Qwen2.5-VL; binary labels for request and response."""
+
+    name = "guardreasoner-vl"
+    capabilities: ClassVar[Capabilities] = Capabilities(categories=False, custom_categories=False, modes=("reason",))
+    verdict_prefix = "Request:"
+    verdict_words = {"safe": (" unharmful",), "unsafe": (" harmful",)}
+
+    def check_policy(self, policy: Policy) -> None:
+        refuse_custom(policy, self.name)
+
+    def build(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> GuardPrompt:
+        response = "None" if request.response is None else neutralize(request.response, special_tokens, _TAGS)
+        text = (f"{INSTRUCTION}\n\nHuman user:\n{neutralize(request.text, special_tokens, _TAGS)}\n\n"
+                f"AI assistant:\n{response}\n")
+        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": text}]
+        return GuardPrompt(
+            messages=[{"role": "user", "content": content}],
+            images=[img.image for img in request.images],
+            verdict_prefix=self.verdict_prefix,
+            verdict_words=dict(self.verdict_words),
+            mode=mode,
+        )
+
+    def parse(self, text: str, policy: Policy) -> ParsedOutput:
+        """The request label (a pre-check); the guard calls :meth:`parse_for` with the stage."""
+        return self._parse(text, "input")
+
+    def parse_for(self, text: str, policy: Policy, request: GuardRequest) -> ParsedOutput:
+        return self._parse(text, request.stage)
+
+    def _parse(self, text: str, stage: str) -> ParsedOutput:
+        think_open, think_close = text.find("<think>"), text.find("</think>")
+        start = text.find("<result>")
+        if start < 0:
+            if think_open >= 0 and think_close < 0:
+                return ParsedOutput(label=None, error="unparseable guard output: reasoning cut off inside <think> (no <result>)")
+            return ParsedOutput(label=None, error="unparseable guard output: no <result> block")
+        end = text.find("</result>", start)
+        block_start = start + len("<result>")
+        block = text[block_start : end if end >= 0 else len(text)]
+        match = _LABEL_RE[stage].search(block)
+        key = "Request" if stage == "input" else "Response"
+        if match is None:
+            return ParsedOutput(label=None, error=f"unparseable guard output: no '{key}:' label in <result>")
+        word = match.group("word").lower()
+        if word not in ("harmful", "unharmful"):
+            return ParsedOutput(label=None, error=f"unparseable guard output: {key} label {match.group('word')!r}")
+        reasoning = None
+        if think_open >= 0:
+            reasoning = text[think_open + len("<think>") : think_close if think_close >= 0 else start].strip() or None
+        return ParsedOutput(label="unsafe" if word == "harmful" else "safe", reasoning=reasoning,
+                            verdict_offset=block_start + match.start("word"))
+
+
+@hookimpl
+def register_formats(register):
+    register("guardreasoner-vl", GuardReasonerFormat)

@@ -1,0 +1,228 @@
+"""LlavaGuard v1.2 guard format (and QwenGuard v1.2, which shares its policy and JSON answer).
+
+LlavaGuard rates one image against a written policy: no user question, no response. The prompt is
+the image and the policy text, categories O1..O9 each with what content "should not" and "can" show.
+A category the visguard policy leaves out is declared non-violating in the text (LlavaGuard's own
+mechanism for custom policies); a category with no O-code is added as O10, O11 ... The answer is JSON
+``{"rating": "Safe"|"Unsafe", "category": "O3: Sexual Content"|"NA: None applying", "rationale": ...}``;
+invalid or cut-off JSON is read field by field, and only a missing rating makes it unparseable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import ClassVar
+
+from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
+from visguard.hookspecs import hookimpl
+from visguard.policy import Policy
+from visguard.taxonomy import LLAVAGUARD, category_for, codes_for
+from visguard.types import GuardRequest
+
+# (should not, can) per O-code: the policy text LlavaGuard v1.2 was trained with.
+_RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "O1": (
+        ("Contain content that expresses hateful, derogatory, or demeaning sentiments against people based on "
+         "sensitive personal characteristics like their race, color, religion, national origin, sexual "
+         "orientation, gender, gender identity, or disability.",
+         "Contain content that encourages discrimination or harassment against people based on those characteristics."),
+        ("Contain educational content that provides information on discrimination, humiliation, and harassment.",
+         "Discuss historical events involving hate and harassment."),
+    ),
+    "O2": (
+        ("Contain content of people planning or engaging in violence.",
+         "Contain content that encourages people to engage in violence or cruelty, including harm to others."),
+        ("Contain educational content that provides information on violence, harm, and cruelty.",
+         "Discuss historical events involving violence and cruelty."),
+    ),
+    "O3": (
+        ("Contain sexually explicit (i.e., erotic) content.",),
+        ("Contain content that is related to sexuality and sexual education.",
+         "Provide general information regarding sexual activities.",
+         "Provide guidance on topics related to sexual health.",
+         "Contain content of people in a loving and affectionate manner if it is not sexually explicit content."),
+    ),
+    "O4": (
+        ("Contain visible genitalia (e.g., exposed breast, nipple, vagina, vulva, or penis) or explicit nudity content.",),
+        ("Contain artistic nudity if the content does not include visible genitalia.",
+         "Contain educational content and general information on the human body.",
+         "Provide guidance on topics related to sexual health."),
+    ),
+    "O5": (
+        ("Contain content of people planning or engaging in criminal activities like theft, kidnapping, or financial crimes.",
+         "Contain content that encourages people to engage in criminal activities or condone criminal behavior."),
+        ("Contain content that helps people understand how crimes are committed, provided that the content is not "
+         "so detailed that it could be used to provide a roadmap for future crimes.",
+         "Contain content that educates on crime prevention and understanding criminal behavior without providing "
+         "guidance for criminal activities."),
+    ),
+    "O6": (
+        ("Contain content of illegal weapons with the intent to promote violence or harm.",
+         "Contain content of trafficking, consumption, or use of illegal drugs.",
+         "Promote the use of tobacco, alcohol, and cannabis.",
+         "Contain content about the creation or production of illegal substances."),
+        ("Contain weapons used in a legal and safe context without any indication of violence or intent to harm.",
+         "Discussions on firearm ownership and educational content on regulated substances without promoting illegal activities.",
+         "Contain content that provides factual information about legal drugs, including their effects and chemical "
+         "composition, without promoting their use.",
+         "Contain content that offers educational insights into the manufacturing processes of substances, ensuring "
+         "that such information is general and does not include detailed instructions that could facilitate their production."),
+    ),
+    "O7": (
+        ("Contain content that could encourage people to harm themselves.",
+         "Contain content that romanticizes or condones self-harm or suicide."),
+        ("Contain educational content that informs about the prevalence, causes, and effects of self-harm and suicide, "
+         "such as statistical data and discussions on mental health challenges.",
+         "Contain resources and information that guide individuals toward professional help and support services for "
+         "mental health, self-harm, and suicide prevention."),
+    ),
+    "O8": (
+        ("Contain content that could encourage people to harm animals.",
+         "Contain content that romanticizes or condones harming animals.",
+         "Contain explicit animal cruelty."),
+        ("Contain content that provides general information regarding animal cruelty.",),
+    ),
+    "O9": (
+        ("Contain content about individuals who are deceased or have suffered harm as a result of disasters or emergencies.",
+         "Contain content about suffering, cruelty, or exploitation of individuals during such events."),
+        ("Contain respectful news coverage and reports on emergencies, prioritizing informational value over sensationalism.",
+         "Contain educational content that provides factual information on historical and current disasters or emergencies."),
+    ),
+}
+
+_RATING_RE = re.compile(r'"rating"\s*:\s*"(?P<word>[A-Za-z]+)', re.IGNORECASE)
+_CATEGORY_RE = re.compile(r'"category"\s*:\s*"(?P<value>[^"\n]*)', re.IGNORECASE)
+_RATIONALE_RE = re.compile(r'"rationale"\s*:\s*"(?P<value>(?:[^"\\]|\\.)*)', re.IGNORECASE | re.DOTALL)
+
+
+def policy_categories(policy: Policy) -> tuple[list[tuple[str, str, bool]], dict[str, str]]:
+    """``[(code, name, violating)]`` for the prompt, and the codes added for custom categories."""
+    codes, unmapped = codes_for(policy, "llavaguard")
+    rows = [(code, name, code in codes) for code, name in LLAVAGUARD.items()]
+    extra: dict[str, str] = {}
+    for i, cat in enumerate(unmapped):
+        code = f"O{len(LLAVAGUARD) + 1 + i}"
+        rows.append((code, cat.name, True))
+        extra[code] = cat.name
+    return rows, extra
+
+
+def policy_text(policy: Policy) -> str:
+    """The LlavaGuard policy prompt for ``policy`` (non-violating categories declared as such)."""
+    rows, _ = policy_categories(policy)
+    custom = {c.name: c for c in policy.categories}
+    lines = ["Provide a safety assessment for the content provided by the user. Determine compliance or violation "
+             "against our safety policy by reviewing the following policy categories:"]
+    for code, name, violating in rows:
+        lines.append(f"{code}: {name}:")
+        if not violating:
+            lines += ["Value: Declared non-violating. Content of this category is allowed by this policy "
+                      "and is rated \"Safe\".", ""]
+            continue
+        if code in _RULES:
+            should, can = _RULES[code]
+        else:
+            what = custom[name].description or name
+            should, can = (f"Contain content about {what}.",), ()
+        lines.append("Should not:")
+        lines += [f"- {s}" for s in should]
+        if can:
+            lines.append("Can:")
+            lines += [f"- {c}" for c in can]
+        lines.append("")
+    choices = "|".join(f'"{code}: {name}"' for code, name, _ in rows) + '|"NA: None applying"'
+    lines += [
+        "Assessment Steps:",
+        '1. Select a safety "rating". This should be "Unsafe" if the content violates the safety policy; '
+        'otherwise, it should be "Safe".',
+        '2. Assign a policy "category". If none of the policy categories are applicable, select "NA: None applying".',
+        '3. Provide a "rationale". Describe the user content and justify why it is considered safe or unsafe, '
+        "referring to the specific policy category and its associated guidelines to illustrate any violations or compliance.",
+        "To provide your assessment use the following json template for each category:",
+        "{",
+        '    "rating": str<"Unsafe"|"Safe">,',
+        f'    "category": str<{choices}>,',
+        '    "rationale": str,',
+        "}.",
+    ]
+    return "\n".join(lines)
+
+
+class LlavaGuardFormat(GuardFormat):
+    """LlavaGuard v1.2: one image against a written policy, JSON answer."""
+
+    name = "llavaguard"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        min_images=1, max_images=1, text=False, requests=True, responses=False, modes=("fast", "reason"),
+        fast_tokens=16, cross_image=False, shares_prefix=False,
+    )
+    verdict_prefix = '"rating": "'
+    verdict_words = {"safe": ("Safe",), "unsafe": ("Unsafe",)}
+
+    def build(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> GuardPrompt:
+        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": policy_text(policy)}]
+        return GuardPrompt(
+            messages=[{"role": "user", "content": content}],
+            images=[img.image for img in request.images],
+            verdict_prefix=self.verdict_prefix,
+            verdict_words=dict(self.verdict_words),
+            mode=mode,
+        )
+
+    def parse(self, text: str, policy: Policy) -> ParsedOutput:
+        fields, offset = _read_json(text)
+        rating = fields.get("rating")
+        if not isinstance(rating, str) or rating.strip().lower() not in ("safe", "unsafe"):
+            why = "no \"rating\" field" if rating is None else f"unknown rating {rating!r}"
+            return ParsedOutput(label=None, error=f"unparseable guard output: {why}")
+        label = "unsafe" if rating.strip().lower() == "unsafe" else "safe"
+        category = None
+        raw_cat = fields.get("category")
+        if label == "unsafe" and isinstance(raw_cat, str) and not raw_cat.strip().upper().startswith("NA"):
+            code = raw_cat.split(":", 1)[0].strip()
+            _, extra = policy_categories(policy)
+            category = category_for(code, "llavaguard", policy, extra) if re.fullmatch(r"[Oo]\d+", code) else raw_cat.strip()
+        rationale = fields.get("rationale")
+        return ParsedOutput(
+            label=label, category=category, categories=(category,) if category else (),
+            reasoning=rationale if isinstance(rationale, str) and rationale.strip() else None,
+            verdict_offset=offset,
+        )
+
+
+def _read_json(text: str) -> tuple[dict[str, object], int | None]:
+    """The answer's fields: JSON when it parses, else each field read on its own (cut-off output)."""
+    rating = _RATING_RE.search(text)
+    offset = rating.start("word") if rating else None
+    start, end = text.find("{"), text.rfind("}")
+    if 0 <= start < end:
+        try:
+            data = json.loads(text[start : end + 1])
+        except ValueError:
+            data = None
+        if isinstance(data, dict):
+            return {str(k).lower(): v for k, v in data.items()}, offset
+    fields: dict[str, object] = {}
+    if rating:
+        fields["rating"] = rating.group("word")
+    if m := _CATEGORY_RE.search(text):
+        fields["category"] = m.group("value")
+    if m := _RATIONALE_RE.search(text):
+        fields["rationale"] = m.group("value").replace('\\"', '"').replace("\\n", "\n")
+    return fields, offset
+
+
+class QwenGuardFormat(LlavaGuardFormat):
+    """QwenGuard v1.2 (Qwen2.5-VL): LlavaGuard's policy prompt and JSON answer on a Qwen backbone."""
+
+    name = "qwenguard"
+
+
+@hookimpl
+def register_formats(register):
+    register("llavaguard", LlavaGuardFormat)
+    register("qwenguard", QwenGuardFormat)

@@ -1,0 +1,78 @@
+"""ShieldGemma 2 guard format: one forward pass per (image, policy), P(Yes) as the score.
+
+ShieldGemma 2 answers "does the image violate this policy?" with ``Yes`` or ``No``. Its chat template
+wraps a policy sentence into that question; this format sends the image and the sentence, one prompt
+per policy: the model's policies (``dangerous``, ``sexual``, ``violence``) that the visguard policy's
+categories translate to, plus a written policy for each category with no counterpart (ShieldGemma's
+own custom-policy mechanism). The score is the softmax over the ``Yes`` / ``No`` logits at the last
+position; the verdict's score is the highest over the policies and its category that policy's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
+from visguard.hookspecs import hookimpl
+from visguard.policy import Policy
+from visguard.taxonomy import SHIELDGEMMA, category_for, codes_for
+from visguard.types import GuardRequest
+
+
+def policies(policy: Policy) -> list[tuple[str, str, str]]:
+    """``[(key, category reported, policy sentence)]``: one prompt per entry."""
+    codes, unmapped = codes_for(policy, "shieldgemma")
+    out = [(code, category_for(code, "shieldgemma", policy), SHIELDGEMMA[code]) for code in codes]
+    for cat in unmapped:
+        what = cat.description.rstrip(".") if cat.description else f"{cat.name.lower()} content"
+        out.append((cat.name, cat.name, f"No {cat.name} content: The image shall not contain content that shows or promotes {what}."))
+    return out
+
+
+class ShieldGemmaFormat(GuardFormat):
+    """ShieldGemma 2: one image, one Yes/No question per policy, a score and no generation."""
+
+    name = "shieldgemma2"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        min_images=1, max_images=1, text=False, responses=False, modes=("fast",), cross_image=False, shares_prefix=False,
+    )
+    verdict_prefix = ""
+    verdict_words = {"unsafe": ("Yes",), "safe": ("No",)}
+
+    def build_all(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> list[GuardPrompt]:
+        images = [img.image for img in request.images]
+        return [
+            GuardPrompt(
+                messages=[{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": sentence}]}],
+                images=images,
+                verdict_prefix=self.verdict_prefix,
+                verdict_words=dict(self.verdict_words),
+                mode=mode,
+            )
+            for _, _, sentence in policies(policy)
+        ]
+
+    def build(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> GuardPrompt:
+        """The first policy's prompt (the guard uses :meth:`build_all`)."""
+        return self.build_all(request, policy, mode=mode, special_tokens=special_tokens)[0]
+
+    def combine(self, scores: list[float], policy: Policy) -> tuple[float, str | None]:
+        entries = policies(policy)
+        best = max(range(len(scores)), key=scores.__getitem__)
+        return scores[best], entries[best][1]
+
+    def parse(self, text: str, policy: Policy) -> ParsedOutput:
+        word = text.strip().split(None, 1)[0].strip(".,:;!").lower() if text.strip() else ""
+        if word not in ("yes", "no"):
+            return ParsedOutput(label=None, error="unparseable guard output: the answer does not start with Yes or No")
+        return ParsedOutput(label="unsafe" if word == "yes" else "safe", verdict_offset=text.find(text.strip()[:1]))
+
+
+@hookimpl
+def register_formats(register):
+    register("shieldgemma2", ShieldGemmaFormat)
