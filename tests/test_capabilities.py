@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import ClassVar
 
 import pytest
@@ -78,7 +79,9 @@ def test_plugins_command_lists_format_capabilities():
     text = CliRunner().invoke(cli, ["plugins"])
     assert text.exit_code == 0, text.output
     assert "formats (what each can judge):" in text.output
-    assert "visguard  0+ images, text, judges requests and responses" in text.output
+    assert re.search(r"visguard +0\+ images, text, judges requests and responses", text.output)
+    for name in ("llama-guard-4", "llavaguard", "qwenguard", "shieldgemma2", "guardreasoner-vl", "qwen3guard"):
+        assert re.search(rf"^  {name} ", text.output, re.MULTILINE), name
     data = json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).output)
     core = next(p for p in data if "visguard" in p["provides"].get("formats", []))
     assert core["capabilities"]["visguard"]["max_images"] is None
