@@ -117,6 +117,8 @@ class ParsedOutput:
         verdict_offset: character offset of the verdict word in the text (for its token probability).
         error: why parsing failed (``None`` on success).
         categories: every category the guard named, in its order (``category`` is the first).
+        safe_answer: a complete, safe reply to the user that the guard wrote (formats of guards that
+            answer, such as ``mirage``), which a blocked request can be answered with.
     """
 
     label: Literal["safe", "unsafe"] | None
@@ -126,6 +128,7 @@ class ParsedOutput:
     reasoning: str | None = None
     verdict_offset: int | None = None
     error: str | None = None
+    safe_answer: str | None = None
 
 
 class GuardFormat(ABC):
@@ -228,6 +231,37 @@ class GuardFormat(ABC):
         override this to read the label of ``request.stage``.
         """
         return self.parse(text, policy)
+
+    def followup(
+        self,
+        request: GuardRequest,
+        policy: Policy,
+        generated: str,
+        *,
+        special_tokens: Iterable[str] = (),
+    ) -> GuardPrompt | None:
+        """A verdict prompt to score after the reason pass generated ``generated`` (optional).
+
+        Formats whose generated text does not end in a scored verdict word (``mirage``: the model
+        writes an answer, not a verdict line) return a prompt that continues the conversation with
+        a short verdict question; the guard scores it in one forward pass (its prefix is the
+        generation prompt plus ``generated``, so prefix caching makes it cost the question's tokens)
+        and takes P(unsafe) and the label from that score. The default returns ``None``: the score
+        is read at the verdict word inside ``generated``.
+        """
+        return None
+
+    def parse_followup(self, text: str) -> Literal["safe", "unsafe"] | None:
+        """The label of a *generated* answer to a :meth:`followup` prompt (backends without
+        scores): the first word when it is one of the verdict words, else ``None``."""
+        m = re.match(r"[\s\"'*`_]*([A-Za-z]+)", text)
+        if m is None:
+            return None
+        word = m.group(1).lower()
+        for label in ("unsafe", "safe"):
+            if any(word == w.strip().lower() for w in self.verdict_words.get(label, ())):
+                return label  # type: ignore[return-value]
+        return None
 
     def target(
         self,

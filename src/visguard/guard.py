@@ -26,6 +26,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from visguard.guarded import GuardedModel
 
 DEFAULT_MODEL = "Tuwhy/Qwen2-VL-7B-MIRage"
+#: the format of checkpoints no table entry names
+DEFAULT_FORMAT = "visguard"
 
 
 class Guard:
@@ -65,7 +67,7 @@ class Guard:
         model: str = DEFAULT_MODEL,
         *,
         backend: str | Backend = "transformers",
-        format: str | GuardFormat = "visguard",
+        format: str | GuardFormat | None = None,
         policy: Policy | None = None,
         **backend_kwargs: Any,
     ) -> Guard:
@@ -75,7 +77,9 @@ class Guard:
             model: a hub id (default: the MIS-tuned ``Tuwhy/Qwen2-VL-7B-MIRage``) or a local path.
             backend: a registered backend name (``transformers``, ``openai``, ``vllm`` when its
                 plugin is installed ...) or a :class:`Backend` instance.
-            format: a registered format name or a :class:`GuardFormat` instance.
+            format: a registered format name or a :class:`GuardFormat` instance; ``None`` (default)
+                uses the format the checkpoint was trained for (:func:`resolve_format`: ``mirage``
+                for the MIRage checkpoints), else ``visguard``.
             policy: decision policy.
             **backend_kwargs: passed to the backend factory (``device``, ``dtype``,
                 ``trust_remote_code``, ``max_batch_size`` ...).
@@ -85,7 +89,7 @@ class Guard:
             InputError: a keyword argument the backend does not take.
             BackendError: the model could not be loaded.
         """
-        fmt = plugins.get("formats", format)() if isinstance(format, str) else format
+        fmt = resolve_format(model, format)
         if isinstance(backend, str):
             be = plugins.create("backends", backend, model, **backend_kwargs)
         else:
@@ -325,28 +329,61 @@ class Guard:
         prompt_mode: str = "reason",
     ) -> list[Verdict]:
         gens = self.backend.generate(self._prompts(requests, prompt_mode), max_new_tokens=max_new_tokens or self.policy.max_new_tokens)
+        follow = (self._followups(requests, [g.text for g in gens]) if prompt_mode == "reason"
+                  else [None] * len(requests))
         out = []
         for i, (req, gen) in enumerate(zip(requests, gens, strict=True)):
             parsed = self.format.parse_for(gen.text, self.policy, req)
-            if parsed.label is None:
+            score: float | None
+            if follow[i] is not None:
+                # The format's verdict question, asked after the guard's own text, decides.
+                label, score, error = follow[i]
+                if label is None:
+                    out.append(self._unavailable(req, mode, error or "no verdict in the follow-up answer", raw=gen.text))
+                    continue
+            elif parsed.label is None:
                 prior = fast[i].score if fast else None
                 out.append(self._unavailable(req, mode, parsed.error or "unparseable guard output", raw=gen.text, score=prior))
                 continue
-            score = gen.score_at(parsed.verdict_offset)
+            else:
+                score, label = gen.score_at(parsed.verdict_offset), parsed.label
             out.append(
                 Verdict(
-                    label=parsed.label,
+                    label=label,
                     score=score,
-                    category=parsed.category,
-                    sub_category=parsed.sub_category,
-                    categories=parsed.categories or ((parsed.category,) if parsed.category else ()),
+                    category=parsed.category if label == "unsafe" else None,
+                    sub_category=parsed.sub_category if label == "unsafe" else None,
+                    categories=(parsed.categories or ((parsed.category,) if parsed.category else ())) if label == "unsafe" else (),
                     reasoning=parsed.reasoning,
                     raw=gen.text,
                     stage=req.stage,
                     mode=mode,
                     model=self.backend.model_id,
+                    safe_answer=parsed.safe_answer,
                 )
             )
+        return out
+
+    def _followups(self, requests: list[GuardRequest], texts: list[str]) -> list[tuple[Any, float | None, str | None] | None]:
+        """``(label, P(unsafe), error)`` from the format's follow-up verdict prompts (``None`` where
+        the format asks none): scored in one forward pass, or, on backends without scores,
+        answered with a few greedy tokens and read by :meth:`GuardFormat.parse_followup`."""
+        specials = self.backend.special_tokens
+        prompts = [self.format.followup(r, self.policy, t, special_tokens=specials) for r, t in zip(requests, texts, strict=True)]
+        where = [i for i, p in enumerate(prompts) if p is not None]
+        out: list[tuple[Any, float | None, str | None] | None] = [None] * len(requests)
+        if not where:
+            return out
+        asked = [prompts[i] for i in where]
+        if self.backend.supports_scores:
+            for i, s in zip(where, self.backend.score(asked), strict=True):
+                if s is None or s != s or not 0.0 <= s <= 1.0:
+                    raise RuntimeError(f"backend returned an invalid follow-up score {s!r}")
+                out[i] = ("unsafe" if self.policy.decides_unsafe(s) else "safe", float(s), None)
+        else:
+            for i, g in zip(where, self.backend.generate(asked, max_new_tokens=4), strict=True):
+                label = self.format.parse_followup(g.text)
+                out[i] = (label, None, None if label else f"no verdict word in the follow-up answer {g.text[:40]!r}")
         return out
 
     def _adaptive(self, requests: list[GuardRequest]) -> list[Verdict]:
@@ -365,6 +402,30 @@ def _default_mode(format: GuardFormat) -> Mode:
     """The default policy's mode, or the format's first mode when it cannot run fast."""
     modes = format.capabilities.modes
     return "fast" if "fast" in modes else modes[0]
+
+
+def resolve_format(model: str, format: str | GuardFormat | None = None) -> GuardFormat:
+    """The guard format to run ``model`` with.
+
+    An explicit ``format`` (name or instance) wins; otherwise the format registered for the model
+    (:func:`visguard.plugins.format_for_model`: a checkpoint's ``visguard.json``, the
+    ``register_model_formats`` table, e.g. ``Tuwhy/Qwen2-VL-7B-MIRage`` -> ``mirage``); otherwise
+    ``visguard``. Naming the checkpoint's own format (``format="mirage"`` for a MIRage id) keeps
+    the table's settings for it.
+
+    Raises:
+        PluginError: an unknown format name.
+    """
+    if isinstance(format, GuardFormat):
+        return format
+    if format is not None and not isinstance(format, str):
+        raise InputError(f"format must be a name or a GuardFormat, got {type(format).__name__}")
+    factory = plugins.format_for_model(str(model))
+    native = factory() if factory is not None else None
+    if format is None:
+        return native if native is not None else plugins.get("formats", DEFAULT_FORMAT)()
+    # Naming the checkpoint's own format keeps the table's settings (variant, pixel range).
+    return native if native is not None and native.name == format else plugins.get("formats", format)()
 
 
 def _checked_requests(requests: Sequence[GuardRequest]) -> list[GuardRequest]:

@@ -24,6 +24,12 @@ def register_formats(register):
 
 
 @hookspec
+def register_model_formats(register):
+    """Say which format a known guard checkpoint was trained for: ``register(model_id, factory)``;
+    ``factory() -> GuardFormat`` (see :func:`visguard.plugins.format_for_model`)."""
+
+
+@hookspec
 def register_benchmarks(register):
     """Register benchmark loaders: ``register(name, factory)``; ``factory(**kwargs) -> Benchmark``."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import inspect
+import json
 import os
 import sys
 import threading
@@ -28,6 +29,7 @@ DEFAULT_PLUGINS = (
     "visguard.default_plugins.shieldgemma_format",
     "visguard.default_plugins.guardreasoner_format",
     "visguard.default_plugins.qwen3guard_format",
+    "visguard.default_plugins.mirage_format",
     "visguard.default_plugins.transformers_backend",
     "visguard.default_plugins.openai_backend",
     "visguard.default_plugins.serve_command",
@@ -39,7 +41,7 @@ DEFAULT_PLUGINS = (
 )
 
 #: registry kinds, each served by the hook ``register_<kind>``
-KINDS = ("backends", "formats", "benchmarks", "judges", "trainers", "datasets", "hosts")
+KINDS = ("backends", "formats", "model_formats", "benchmarks", "judges", "trainers", "datasets", "hosts")
 
 pm = pluggy.PluginManager("visguard")
 pm.add_hookspecs(hookspecs)
@@ -174,6 +176,51 @@ def supported_options(kind: str, name: str, options: Mapping[str, Any]) -> dict[
     """
     declared = option_names(get(kind, name))
     return {k: v for k, v in options.items() if v is not None and k in declared}
+
+
+#: file in a checkpoint directory that names its guard format: ``{"format": NAME, "format_kwargs": {...}}``
+MODEL_FORMAT_FILE = "visguard.json"
+
+
+def format_for_model(model: str) -> Callable[[], Any] | None:
+    """The format factory a guard checkpoint was trained for, or ``None`` when unknown.
+
+    Looked up, in order: a ``visguard.json`` file in a local checkpoint directory; the model id in
+    the ``model_formats`` registry (case-insensitive); for a local path, a Hugging Face cache
+    folder ``models--ORG--NAME`` on the path, or the directory's own name matched against the
+    name part of each registered id (a local copy of ``Tuwhy/Qwen2-VL-7B-MIRage`` kept as
+    ``.../Qwen2-VL-7B-MIRage``). Nothing is downloaded.
+
+    Raises:
+        PluginError: ``visguard.json`` is unreadable or names an unknown format.
+    """
+    path = os.path.expanduser(str(model))
+    marker = os.path.join(path, MODEL_FORMAT_FILE)
+    if os.path.isfile(marker):
+        try:
+            with open(marker, encoding="utf-8") as fh:
+                spec = json.load(fh)
+            name, kwargs = spec["format"], dict(spec.get("format_kwargs") or {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PluginError(f"{marker} must hold {{\"format\": NAME, \"format_kwargs\": {{...}}}}: {exc}") from exc
+        factory = get("formats", name)
+        return lambda: factory(**kwargs)
+    table = {k.lower(): f for k, f in registry("model_formats").items()}
+    key = str(model).strip().rstrip("/").lower()
+    if key in table:
+        return table[key]
+    if os.path.isdir(path):
+        parts = [p for p in os.path.normpath(path).split(os.sep) if p]
+        for part in reversed(parts):
+            if part.lower().startswith("models--"):
+                hub_id = part[len("models--"):].replace("--", "/", 1).lower()
+                if hub_id in table:
+                    return table[hub_id]
+        base = parts[-1].lower() if parts else ""
+        matches = [f for k, f in table.items() if k.rsplit("/", 1)[-1] == base]
+        if len(matches) == 1:
+            return matches[0]
+    return None
 
 
 def describe() -> list[dict[str, Any]]:

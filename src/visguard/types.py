@@ -95,6 +95,10 @@ class Verdict(BaseModel):
         model: the guard model's id or path.
         latency_ms: wall time of the check.
         error: why the verdict is ``unavailable`` (``None`` otherwise).
+        safe_answer: a complete, safe and helpful reply to the user written by the guard itself
+            (the ``mirage`` format in reason mode: MIRage's own answer); ``guard.wrap(...,
+            on_unsafe="safe_answer")`` answers a blocked request with it. ``None`` when the guard
+            wrote none (fast mode, formats that only judge, a cut-off answer).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -111,6 +115,7 @@ class Verdict(BaseModel):
     model: str = ""
     latency_ms: float = 0.0
     error: str | None = None
+    safe_answer: str | None = None
 
     @property
     def is_safe(self) -> bool:
