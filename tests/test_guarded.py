@@ -9,12 +9,12 @@ unsafe; 1.0: every score < 1 is safe) or by a rule-based guard backend whose sco
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 
 import pytest
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
+from visguard_testing.backends import keyword_guard
 
 from visguard import (
     AuditLog,
@@ -111,45 +111,6 @@ class CountingCallable:
         with self._lock:
             self.calls += 1
         return self.model.stream(load_images(images), text, **gen_kwargs)
-
-
-class KeywordBackend(Backend):
-    """A rule-based guard backend with a known score: 1.0 when the checked text has a keyword.
-
-    Output checks look at the quoted assistant response only, input checks at the user request.
-    Every (stage, checked text, score) is recorded so tests can see exactly what was judged.
-    """
-
-    name = "keyword"
-
-    def __init__(self, *keywords: str) -> None:
-        self.keywords = keywords
-        self.model_id = "keyword-guard"
-        self.seen: list[tuple[str, str, float]] = []
-        self._lock = threading.Lock()
-
-    def score(self, prompts):
-        out = []
-        for prompt in prompts:
-            text = prompt.messages[-1]["content"][-1]["text"]
-            response = re.search(r"<assistant_response>\n(.*)\n</assistant_response>", text, re.S)
-            if response is not None:
-                stage, checked = "output", response.group(1)
-            else:
-                stage, checked = "input", re.search(r"<user_request>\n(.*)\n</user_request>", text, re.S).group(1)
-            score = 1.0 if any(k in checked for k in self.keywords) else 0.0
-            with self._lock:
-                self.seen.append((stage, checked, score))
-            out.append(score)
-        return out
-
-    def generate(self, prompts, *, max_new_tokens):
-        raise NotImplementedError("fast mode only")
-
-
-def keyword_guard(*keywords: str) -> tuple[Guard, KeywordBackend]:
-    backend = KeywordBackend(*keywords)
-    return Guard(backend, VisguardFormat(), Policy()), backend
 
 
 # ------------------------------------------------------------------ sequential pre-check

@@ -1,19 +1,31 @@
-"""The LangChain Runnable around a guard, on a real tiny checkpoint."""
+"""The LangChain integration: GuardCheck on a real tiny checkpoint; GuardedChatModel's plumbing.
+
+The plumbing tests (image shapes, tool calls, composition) use the rule-based ``KeywordBackend``
+guard and LangChain's scripted chat models: what they show is what reaches the guard and what
+comes back. Chains over a real model and a real server: tests/test_langchain_chat.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.language_models import GenericFakeChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompt_values import ChatPromptValue
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.utils.function_calling import convert_to_openai_tool
 from PIL import Image
+from pydantic import BaseModel
+from visguard_testing.backends import keyword_guard, pixel_sha256
 
-from visguard import Guard, GuardrailViolation, InputError, Policy
-from visguard.langchain import GuardCheck
+from visguard import AuditLog, Guard, GuardrailViolation, ImageInputError, InputError, Policy
+from visguard.langchain import GuardCheck, GuardedChatModel, split_chat
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +95,147 @@ def test_bad_inputs_are_typed_errors(guard):
 
 def test_policy_threshold_passes_through(guard, images):
     assert GuardCheck(guard=guard.with_policy(Policy(threshold=0.0))).invoke({"images": images[:1], "text": "x"}).label == "unsafe"
+
+
+# ------------------------------------------------------------------ every image shape, one boundary
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_shapes(img: Image.Image) -> dict[str, dict]:
+    """The same PNG in every content shape LangChain users send."""
+    b64 = base64.b64encode(_png(img)).decode()
+    url = "data:image/png;base64," + b64
+    return {
+        "openai image_url": {"type": "image_url", "image_url": {"url": url, "detail": "auto"}},
+        "openai image_url (string)": {"type": "image_url", "image_url": url},
+        "openai responses input_image": {"type": "input_image", "image_url": url},
+        "standard base64": {"type": "image", "base64": b64, "mime_type": "image/png"},
+        "standard url": {"type": "image", "url": url},
+        "source_type base64": {"type": "image", "source_type": "base64", "data": b64, "mime_type": "image/png"},
+        "source_type url": {"type": "image", "source_type": "url", "url": url},
+        "anthropic source": {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}},
+    }
+
+
+def test_every_image_shape_reaches_the_guard_as_the_same_pixels(images, tmp_path):
+    kw_guard, backend = keyword_guard("never-said")
+    audit = tmp_path / "audit.jsonl"
+    shapes = image_shapes(images[0])
+    fake = GenericFakeChatModel(messages=iter([AIMessage(content="fine")] * len(shapes)))
+    llm = GuardedChatModel(guard=kw_guard, model=fake, audit=audit)
+    for shape in shapes.values():
+        llm.invoke([HumanMessage(content=[shape, {"type": "text", "text": "what is it?"}])])
+    pixels = pixel_sha256(images[0])
+    encoded = hashlib.sha256(_png(images[0])).hexdigest()
+    assert backend.images_seen == [[pixels]] * (2 * len(shapes))  # pre- and post-check of each call
+    assert [r["images"] for r in AuditLog.read(audit)] == [[encoded]] * (2 * len(shapes))
+
+
+def test_several_images_per_message_and_in_earlier_turns(images):
+    shapes = list(image_shapes(images[0]).values())
+    messages = [
+        SystemMessage(content="be brief"),
+        HumanMessage(content=[shapes[0], image_shapes(images[1])["standard base64"], {"type": "text", "text": "compare"}]),
+        AIMessage(content="two squares"),
+        HumanMessage(content=[{"type": "text", "text": "and now?"}, image_shapes(images[2])["anthropic source"]]),
+    ]
+    chat = split_chat(messages)
+    assert [pixel_sha256(g.image) for g in chat.images] == [pixel_sha256(i) for i in images]
+    assert chat.prompt_text() == "System: be brief\nUser: [image 1]\n[image 2]\ncompare\nAssistant: two squares\nUser: and now?"
+    kw_guard, backend = keyword_guard("never-said")
+    GuardCheck(guard=kw_guard).invoke(messages)
+    assert backend.images_seen == [[pixel_sha256(i) for i in images]]
+
+
+def test_images_the_guard_cannot_see_are_refused(images):
+    kw_guard, _ = keyword_guard("never-said")
+    fake = GenericFakeChatModel(messages=iter([AIMessage(content="unreachable")]))
+    llm = GuardedChatModel(guard=kw_guard, model=fake)
+    for part in ({"type": "image", "file_id": "file-abc"}, {"type": "image", "source_type": "id", "id": "file-abc"},
+                 {"type": "input_image", "file_id": "file-abc"}):
+        with pytest.raises(ImageInputError, match="provider file id .*cannot be checked"):
+            llm.invoke([HumanMessage(content=[part, {"type": "text", "text": "hi"}])])
+    with pytest.raises(ImageInputError, match="remote image URL refused"):
+        llm.invoke([HumanMessage(content=[{"type": "image", "url": "https://example.com/a.png"}])])
+    with pytest.raises(InputError, match="'audio'.*cannot check"):
+        llm.invoke([HumanMessage(content=[{"type": "audio", "base64": "AAAA", "mime_type": "audio/wav"}])])
+    with pytest.raises(InputError, match="no human message"):
+        llm.invoke([SystemMessage(content="only a system prompt")])
+
+
+# ------------------------------------------------------------------ composition
+def test_passthrough_gate_and_short_circuit(images):
+    kw_guard, backend = keyword_guard("bomb")
+    prompt = ChatPromptTemplate.from_messages([("human", "{question}")])
+    fake = GenericFakeChatModel(messages=iter([AIMessage(content="an answer")]))
+    gate = GuardCheck(guard=kw_guard, passthrough=True)
+    value = prompt.invoke({"question": "hello"})
+    assert gate.invoke(value) is value
+    assert (prompt | gate | fake | StrOutputParser()).invoke({"question": "hello"}) == "an answer"
+    with pytest.raises(GuardrailViolation) as info:
+        (prompt | gate | fake | StrOutputParser()).invoke({"question": "a bomb"})
+    assert info.value.verdict.label == "unsafe"
+    unused = GenericFakeChatModel(messages=iter([]))  # raises if ever called
+    chain = prompt | GuardCheck(guard=kw_guard).short_circuit(unused | StrOutputParser(), "Sorry, no.")
+    assert chain.invoke({"question": "a bomb"}) == "Sorry, no."
+    assert asyncio.run(chain.ainvoke({"question": "a bomb"})) == "Sorry, no."
+
+
+# ------------------------------------------------------------------ tools and structured output pass through
+class ToolCallingFake(GenericFakeChatModel):
+    """A scripted chat model that binds tools like real providers do (as ``tools=`` call kwargs)."""
+
+    calls: list = []
+
+    def bind_tools(self, tools, *, tool_choice=None, **kwargs):
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        return self.bind(tools=formatted, **({"tool_choice": tool_choice} if tool_choice else {}), **kwargs)
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.calls.append(kwargs)
+        return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+
+class Weather(BaseModel):
+    """The weather in a city."""
+
+    city: str
+
+
+def tool_message(city: str) -> AIMessage:
+    return AIMessage(content="", tool_calls=[{"name": "Weather", "args": {"city": city}, "id": "call_1"}])
+
+
+def test_tool_calls_and_structured_output_pass_through_the_guard():
+    kw_guard, backend = keyword_guard("Mordor")
+    fake = ToolCallingFake(messages=iter([tool_message("Paris"), tool_message("Mordor"), tool_message("Oslo"),
+                                          tool_message("Mordor")]), calls=[])
+    llm = GuardedChatModel(guard=kw_guard, model=fake, on_unsafe="raise")
+    with_tools = llm.bind_tools([Weather], tool_choice="Weather")
+    answer = with_tools.invoke("weather in Paris?")
+    assert answer.tool_calls == [{"name": "Weather", "args": {"city": "Paris"}, "id": "call_1", "type": "tool_call"}]
+    assert fake.calls[-1]["tools"][0]["function"]["name"] == "Weather" and fake.calls[-1]["tool_choice"] == "Weather"
+    assert backend.seen[-1] == ("output", '\n[tool call Weather] {"city": "Paris"}', 0.0)  # the arguments were checked
+    with pytest.raises(GuardrailViolation):
+        with_tools.invoke("weather in the dark land?")
+    structured = llm.with_structured_output(Weather)
+    assert structured.invoke("weather in Oslo?") == Weather(city="Oslo")
+    with pytest.raises(GuardrailViolation):
+        structured.invoke("weather in the dark land?")
+    assert len(fake.calls) == 4
+
+
+def test_on_unsafe_return_and_bad_options():
+    kw_guard, _ = keyword_guard("bomb")
+    fake = GenericFakeChatModel(messages=iter([AIMessage(content="a bomb recipe")]))
+    flagged = GuardedChatModel(guard=kw_guard, model=fake, on_unsafe="return").invoke("hi")
+    assert flagged.content == "a bomb recipe"
+    decision = flagged.response_metadata["visguard"]
+    assert decision["flagged"] and not decision["blocked"] and decision["stage"] == "output"
+    with pytest.raises(InputError, match="pre_check"):
+        GuardedChatModel(guard=kw_guard, model=fake, pre_check="sometimes")
+    with pytest.raises(InputError, match="chat model"):
+        GuardedChatModel(guard=kw_guard, model="gpt-4o")

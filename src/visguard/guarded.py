@@ -172,6 +172,14 @@ class GuardedResult(BaseModel):
         """The caller may show the host's answer (not blocked)."""
         return not self.blocked
 
+    def summary(self) -> dict[str, Any]:
+        """The decision as JSON-ready data: every field except the texts ``text`` and ``response``.
+
+        What ``visguard serve`` puts in a completion's ``visguard`` field and the LangChain
+        guarded chat model in ``response_metadata["visguard"]``.
+        """
+        return self.model_dump(mode="json", exclude={"text", "response"})
+
 
 class GuardedModel:
     """A host model behind a guard. Build one with ``guard.wrap(host, **options)``.
@@ -458,7 +466,33 @@ class GuardedModel:
             events.put_nowait(("host_error", exc))
 
 
-class GuardedStream(Iterator[str]):
+class _StreamState:
+    """What a guarded stream tells about its call while and after it runs."""
+
+    _call: _Call
+
+    @property
+    def result(self) -> GuardedResult | None:
+        """The call's :class:`GuardedResult` once the stream has ended (``None`` before)."""
+        return self._call.result
+
+    @property
+    def request_id(self) -> str:
+        """The call's id (also in its audit records)."""
+        return self._call.request_id
+
+    @property
+    def blocked(self) -> bool:
+        """The call is blocked: whatever the stream yields from now on is the refusal."""
+        return self._call.blocked
+
+    @property
+    def input_verdict(self) -> Verdict | None:
+        """The pre-check verdict once it is in (``None`` before it, or with the pre-check off)."""
+        return self._call.input_verdict
+
+
+class GuardedStream(_StreamState, Iterator[str]):
     """The text a guarded stream releases, piece by piece; :attr:`result` once it has ended.
 
     Closing the stream early (``close()``, ``break`` in a ``with`` block, or garbage collection)
@@ -475,16 +509,6 @@ class GuardedStream(Iterator[str]):
     def __next__(self) -> str:
         return next(self._pieces)
 
-    @property
-    def result(self) -> GuardedResult | None:
-        """The call's :class:`GuardedResult` once the stream has ended (``None`` before)."""
-        return self._call.result
-
-    @property
-    def request_id(self) -> str:
-        """The call's id (also in its audit records)."""
-        return self._call.request_id
-
     def close(self) -> None:
         """Stop early: cancel the host and release nothing more."""
         close = getattr(self._pieces, "close", None)
@@ -498,7 +522,7 @@ class GuardedStream(Iterator[str]):
         self.close()
 
 
-class AsyncGuardedStream(AsyncIterator[str]):
+class AsyncGuardedStream(_StreamState, AsyncIterator[str]):
     """Async twin of :class:`GuardedStream` (``async for``; ``await stream.aclose()``)."""
 
     def __init__(self, call: _Call, pieces: AsyncIterator[str]) -> None:
@@ -510,16 +534,6 @@ class AsyncGuardedStream(AsyncIterator[str]):
 
     async def __anext__(self) -> str:
         return await self._pieces.__anext__()
-
-    @property
-    def result(self) -> GuardedResult | None:
-        """The call's :class:`GuardedResult` once the stream has ended (``None`` before)."""
-        return self._call.result
-
-    @property
-    def request_id(self) -> str:
-        """The call's id (also in its audit records)."""
-        return self._call.request_id
 
     async def aclose(self) -> None:
         """Stop early: cancel the host and release nothing more."""

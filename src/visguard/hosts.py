@@ -12,6 +12,7 @@ import asyncio
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from os import PathLike
 from typing import Any, ClassVar
 
 from PIL import Image
@@ -132,6 +133,8 @@ def resolve_host(target: Any, **kwargs: Any) -> Host:
     """Turn what a user passes to ``guard.wrap`` into a :class:`Host`.
 
     - a :class:`Host`: used as is;
+    - an object a registered host claims (its factory's ``accepts(target)`` is true; e.g. the
+      ``langchain`` host claims LangChain chat models);
     - ``"http://..."`` / ``"https://..."``: the ``openai`` host (an OpenAI-compatible endpoint; pass
       ``model=`` for the served model name);
     - any other string or path: the ``transformers`` host (hub id or local checkpoint);
@@ -146,6 +149,11 @@ def resolve_host(target: Any, **kwargs: Any) -> Host:
         return target
     if isinstance(target, tuple) and len(target) == 2 and isinstance(target[0], str):
         return plugins.create("hosts", target[0], target[1], **kwargs)
+    if not isinstance(target, str | PathLike):
+        for name, factory in plugins.registry("hosts").items():
+            accepts = getattr(factory, "accepts", None)
+            if accepts is not None and accepts(target):
+                return plugins.create("hosts", name, target, **kwargs)
     if isinstance(target, str):
         return plugins.create("hosts", default_host_name(target), target, **kwargs)
     if callable(target):

@@ -1,9 +1,13 @@
 """The one image boundary: every image that enters visguard passes through here.
 
 Accepted inputs: a file path (``str`` or ``os.PathLike``), raw encoded ``bytes``, a ``PIL.Image``,
-a ``data:image/...;base64,`` URL, an OpenAI-style part ``{"type": "image_url", "image_url":
-{"url": ...}}``, a LangChain content block (``{"type": "image", "base64"|"url"|"data": ...}``) or a
-:class:`GuardImage` (already checked). Everything becomes an RGB ``PIL.Image`` with its SHA-256 (of
+a ``data:image/...;base64,`` URL, an OpenAI-style part (``{"type": "image_url", "image_url":
+{"url": ...}}``, or the Responses API's ``{"type": "input_image", "image_url": ...}``), a LangChain
+content block (``{"type": "image", "base64"|"url": ...}`` or the older ``source_type`` form
+``{"type": "image", "source_type": "base64", "data": ...}``), an Anthropic-style block
+(``{"type": "image", "source": {"type": "base64", "data": ...}}``) or a :class:`GuardImage`
+(already checked). Images named only by a provider file id (``file_id``, ``source_type: "id"``)
+are refused: the guard cannot see them. Everything becomes an RGB ``PIL.Image`` with its SHA-256 (of
 the decoded pixels' source bytes) for audit logs and caches. Remote ``http(s)`` URLs are refused
 unless the limits allow fetching. Anything else raises :class:`~visguard.errors.ImageInputError`
 naming the image and the problem.
@@ -191,26 +195,48 @@ def _from_path(path: Path, limits: ImageLimits, index: int | None) -> GuardImage
 
 def _from_part(part: Mapping[str, Any], limits: ImageLimits, index: int | None) -> GuardImage:
     kind = part.get("type")
-    if kind == "image_url":  # OpenAI chat content part
+    if kind in ("image_url", "input_image"):  # OpenAI chat content part / Responses API input image
         inner = part.get("image_url")
         url = inner.get("url") if isinstance(inner, Mapping) else inner
+        if url is None and part.get("file_id") is not None:
+            raise _unseen_file(part["file_id"], index)
         if not isinstance(url, str):
-            raise ImageInputError("image_url part has no url string", index=index, reason="bad_part")
+            raise ImageInputError(f"{kind} part has no url string", index=index, reason="bad_part")
         return load_image(url, limits, index=index)
-    if kind == "image":  # LangChain standard content block
+    if kind == "image":  # LangChain standard block (v1 keys or v0 ``source_type``), or Anthropic's ``source``
+        source = part.get("source")
+        if isinstance(source, Mapping):
+            if source.get("type") == "base64" and isinstance(source.get("data"), str):
+                return _from_base64(source["data"], limits, index)
+            if source.get("type") == "url" and isinstance(source.get("url"), str):
+                return load_image(source["url"], limits, index=index)
+            raise ImageInputError(f"image source of type {source.get('type')!r} is not accepted", index=index, reason="bad_part")
         for key in ("base64", "data"):
             if isinstance(part.get(key), str):
-                try:
-                    raw = base64.b64decode(part[key], validate=True)
-                except (binascii.Error, ValueError) as exc:
-                    raise ImageInputError(f"invalid base64 in image block: {exc}", index=index, reason="bad_part") from exc
-                return _decode(raw, limits, index, "base64")
+                return _from_base64(part[key], limits, index)
         if isinstance(part.get("url"), str):
             return load_image(part["url"], limits, index=index)
-        if part.get("source_type") == "base64" and isinstance(part.get("data"), str):
-            return load_image({"type": "image", "base64": part["data"]}, limits, index=index)
+        if part.get("file_id") is not None or part.get("source_type") == "id":
+            raise _unseen_file(part.get("file_id", part.get("id")), index)
         raise ImageInputError("image block needs 'base64', 'data' or 'url'", index=index, reason="bad_part")
     raise ImageInputError(f"unsupported content part type {kind!r}", index=index, reason="bad_part")
+
+
+def _from_base64(payload: str, limits: ImageLimits, index: int | None) -> GuardImage:
+    try:
+        raw = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageInputError(f"invalid base64 in image block: {exc}", index=index, reason="bad_part") from exc
+    return _decode(raw, limits, index, "base64")
+
+
+def _unseen_file(file_id: Any, index: int | None) -> ImageInputError:
+    # A provider-side file cannot be checked here: refusing it keeps unseen pixels from passing as safe.
+    return ImageInputError(
+        f"image given by a provider file id ({file_id!r}) cannot be checked; send it as base64 or a data URL",
+        index=index,
+        reason="unresolvable",
+    )
 
 
 def _fetch(url: str, limits: ImageLimits, index: int | None) -> GuardImage:

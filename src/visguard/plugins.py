@@ -35,6 +35,7 @@ DEFAULT_PLUGINS = (
     "visguard.default_plugins.serve_command",
     "visguard.default_plugins.transformers_host",
     "visguard.default_plugins.openai_host",
+    "visguard.default_plugins.langchain_host",
     "visguard.default_plugins.benchmarks",
     "visguard.default_plugins.judges",
     "visguard.default_plugins.eval_command",
