@@ -342,3 +342,68 @@ def test_capabilities_and_policy(images):
     with pytest.raises(UnsupportedRequestError):
         Guard(ScriptedBackend([]), fmt, Policy().with_categories("Medical advice"))
     Guard(ScriptedBackend([]), fmt, Policy().without_categories("Erotic"))  # a subset is fine
+
+
+# ---------------------------------------------------------------------------------------------- safe answers
+
+
+def _host(images, text):
+    return "Step 1: take the knife. Step 2: ..."
+
+
+def test_wrap_answers_a_blocked_request_with_the_safe_answer(images):
+    from visguard.guarded import DEFAULT_REFUSAL, UNNAMED_CATEGORY
+
+    guard = Guard(ScriptedBackend([HARMFUL], scores=[0.95]), MirageFormat(), Policy(mode="reason"))
+    r = guard.wrap(_host, on_unsafe="safe_answer").generate(images[:2], "use 1 on 2")
+    assert r.blocked and r.stage == "input" and r.answered_by_guard
+    assert r.text == HARMFUL == r.refusal and not r.host_called
+    # refuse (the default) ignores the safe answer
+    guard = Guard(ScriptedBackend([HARMFUL], scores=[0.95]), MirageFormat(), Policy(mode="reason"))
+    r = guard.wrap(_host).generate(images[:2], "use 1 on 2")
+    assert r.blocked and r.text == DEFAULT_REFUSAL.format(category="Violent") and not r.answered_by_guard
+    # no safe answer (fast mode writes none): the refusal
+    guard = Guard(ScriptedBackend([], scores=[0.95]), MirageFormat(), Policy(mode="fast"))
+    r = guard.wrap(_host, on_unsafe="safe_answer").generate(images[:2], "use 1 on 2")
+    assert r.blocked and r.text == DEFAULT_REFUSAL.format(category=UNNAMED_CATEGORY) and not r.answered_by_guard
+    # a cut-off answer is never shown
+    guard = Guard(ScriptedBackend([HARMFUL[:60]], scores=[0.95]), MirageFormat(), Policy(mode="reason"))
+    r = guard.wrap(_host, on_unsafe="safe_answer").generate(images[:2], "use 1 on 2")
+    assert r.blocked and not r.answered_by_guard and r.text.startswith("I can't help with that")
+
+
+def test_post_check_safe_answer_replaces_the_host_answer(images):
+    # pre-check: MIRage answers benignly and scores safe; post-check: it answers again, then judges
+    # the host's answer unsafe: its own answer replaces the host's.
+    guard = Guard(ScriptedBackend([BENIGN, HARMFUL], scores=[0.1, 0.9]), MirageFormat(), Policy(mode="reason"))
+    r = guard.wrap(_host, on_unsafe="safe_answer").generate(images[:2], "use 1 on 2")
+    assert r.blocked and r.stage == "output" and r.text == HARMFUL and r.host_called
+    assert r.output_verdict.safe_answer == HARMFUL and r.input_verdict.label == "safe"
+    # unavailable is not unsafe: the unavailable message, not a safe answer
+    guard = Guard(ScriptedBackend([BENIGN, "Maybe"]), MirageFormat(), Policy(mode="reason"))
+    r = guard.wrap(_host, on_unsafe="safe_answer").generate(images[:2], "q")
+    assert r.blocked and r.reason == "unavailable" and "unavailable" in r.text
+
+
+def test_server_proxy_answers_with_the_safe_answer(images):
+    import openai
+
+    from visguard.serve.app import ServeSettings, create_app
+    from visguard.serve.upstream import ServerThread
+
+    guard = Guard(ScriptedBackend([HARMFUL], scores=[0.95]), MirageFormat(), Policy(mode="reason"))
+    app = create_app(guard, _host, settings=ServeSettings(on_unsafe="safe_answer", max_wait_ms=0))
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        import base64
+        import io
+
+        parts = []
+        for img in images[:2]:
+            buf = io.BytesIO()
+            img.save(buf, format="PNG")
+            parts.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
+        reply = client.chat.completions.create(model="_host", messages=[{"role": "user", "content": parts + [{"type": "text", "text": "use 1 on 2"}]}])
+    assert reply.choices[0].message.content == HARMFUL
+    assert reply.choices[0].finish_reason == "content_filter"
+    assert reply.model_extra["visguard"]["answered_by_guard"] is True

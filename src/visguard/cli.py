@@ -83,7 +83,8 @@ def cli() -> None:
 @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="fast", show_default=True,
               help="fast: one forward pass; reason: generate perception + reasoning; adaptive: reason only when unsure.")
 @click.option("--backend", "-b", default="transformers", show_default=True, help="Backend plugin name.")
-@click.option("--format", "format_name", default="visguard", show_default=True, help="Guard format plugin name.")
+@click.option("--format", "format_name", default=None,
+              help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
 @click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True, help="Reason-mode budget.")
 @backend_arg_option
@@ -91,7 +92,7 @@ def cli() -> None:
               help="Where a local backend runs (cpu, cuda, cuda:1 ...): passed to backends that take `device`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 def check(images: tuple[str, ...], model: str, text: str, response: str | None, mode: str, backend: str,
-          format_name: str, threshold: float, max_new_tokens: int, backend_args: tuple[str, ...], device: str,
+          format_name: str | None, threshold: float, max_new_tokens: int, backend_args: tuple[str, ...], device: str,
           as_json: bool) -> None:
     """Check IMAGES (zero or more files) plus --text with a guard model.
 

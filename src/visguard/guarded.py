@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from visguard.guard import Guard
 
 PreCheck = Literal["sequential", "parallel", "off"]
-OnUnsafe = Literal["refuse", "raise", "return"]
+OnUnsafe = Literal["refuse", "safe_answer", "raise", "return"]
 BlockReason = Literal["unsafe", "unavailable"]
 
 DEFAULT_REFUSAL = "I can't help with that: it may involve {category}."
@@ -67,7 +67,9 @@ class GuardedOptions(BaseModel):
             (the pre-check runs while the host generates; a blocked request's host output is
             discarded and the host cancelled) or ``off``.
         post_check: check the host's answer (default on); streams are re-checked as they grow.
-        on_unsafe: ``refuse`` (default: replace the answer with ``refusal``), ``raise``
+        on_unsafe: ``refuse`` (default: replace the answer with ``refusal``), ``safe_answer``
+            (replace it with the guard's own safe, helpful reply, :attr:`Verdict.safe_answer`, e.g.
+            MIRage's answer in reason mode; ``refusal`` when the verdict carries none), ``raise``
             (:class:`GuardrailViolation`) or ``return`` (act on nothing: the host's answer and the
             verdicts are returned, ``flagged``, for the caller to decide).
         refusal: the replacement for a blocked answer: a ``str.format`` template with the fields
@@ -133,6 +135,7 @@ class GuardedResult(BaseModel):
         response: the host's complete answer; ``None`` when the host was not called, its output
             was discarded, or the call was blocked.
         blocked: the host's answer was withheld and replaced by ``refusal``.
+        answered_by_guard: ``refusal`` is the guard's own safe answer (``on_unsafe="safe_answer"``).
         flagged: a check objected (``unsafe``, or ``unavailable`` under ``on_error="block"``);
             with ``on_unsafe="return"`` a call is flagged but not blocked.
         reason: why it was flagged: ``unsafe`` or ``unavailable`` (``None`` when not flagged).
@@ -154,6 +157,7 @@ class GuardedResult(BaseModel):
     text: str
     response: str | None = None
     blocked: bool = False
+    answered_by_guard: bool = False
     flagged: bool = False
     reason: BlockReason | None = None
     stage: Stage | None = None
@@ -585,6 +589,7 @@ class _Call:
         self.reason: BlockReason | None = None
         self.stage: Stage | None = None
         self.refusal: str | None = None
+        self.answered_by_guard = False
         # timings
         self.pre_ms: float | None = None
         self.post_ms: float | None = None
@@ -682,6 +687,7 @@ class _Call:
         if not self.flagged:
             self.flagged, self.reason, self.stage = True, reason, verdict.stage
             self.refusal = self._refusal_text(verdict, reason)
+            self.answered_by_guard = self.refusal == verdict.safe_answer and verdict.safe_answer is not None
         on_unsafe = self.options.on_unsafe
         if on_unsafe == "return":
             self._audit(verdict, "flag", partial)
@@ -695,6 +701,8 @@ class _Call:
         return False
 
     def _refusal_text(self, verdict: Verdict, reason: BlockReason) -> str:
+        if self.options.on_unsafe == "safe_answer" and reason == "unsafe" and verdict.safe_answer:
+            return verdict.safe_answer
         template = self.options.unavailable_message if reason == "unavailable" else self.options.refusal
         if callable(template):
             return str(template(verdict))
@@ -763,6 +771,7 @@ class _Call:
             text="".join(self.shown),
             response=self.released if complete else None,
             blocked=self.blocked,
+            answered_by_guard=self.answered_by_guard,
             flagged=self.flagged,
             reason=self.reason,
             stage=self.stage,

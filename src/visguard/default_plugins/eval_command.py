@@ -67,7 +67,8 @@ def register_commands(cli):
     @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="fast", show_default=True,
                   help="Guard mode: fast (one forward pass), reason, adaptive.")
     @click.option("--backend", "-b", default="transformers", show_default=True, help="Guard backend plugin.")
-    @click.option("--format", "format_name", default="visguard", show_default=True, help="Guard format plugin.")
+    @click.option("--format", "format_name", default=None,
+              help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
     @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
     @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
                   help="Guard requests per batch (model evaluation: responses per judge batch).")
@@ -88,7 +89,7 @@ def register_commands(cli):
     def eval_command(benchmark: str, data: str, split: str | None, model: str, host_adapter: str | None,
                      guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
                      judge_base_url: str | None, out_dir: str | None, limit: int | None, mode: str, backend: str,
-                     format_name: str, threshold: float, batch_size: int, max_new_tokens: int,
+                     format_name: str | None, threshold: float, batch_size: int, max_new_tokens: int,
                      host_max_new_tokens: int, backend_args: tuple[str, ...], host_args: tuple[str, ...],
                      device: str, base_url: str | None, restart: bool, no_plots: bool,
                      no_progress: bool, as_json: bool) -> None:

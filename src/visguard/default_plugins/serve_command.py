@@ -17,7 +17,8 @@ from visguard.hookspecs import hookimpl
 @click.command("serve")
 @click.option("--model", "-m", required=True, help="Guard model: hub id or local path (openai backend: the served name).")
 @click.option("--backend", "-b", default="transformers", show_default=True, help="Guard backend: transformers, openai, vllm ...")
-@click.option("--format", "format_name", default="visguard", show_default=True, help="Guard format plugin name.")
+@click.option("--format", "format_name", default=None,
+              help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
 @backend_arg_option
 @click.option("--guard-url", default=None,
               help="Base URL of the guard's server, e.g. http://guard:8000/v1 (backends that take `base_url`).")
@@ -39,8 +40,9 @@ from visguard.hookspecs import hookimpl
 @click.option("--auth-token-env", default=None, help="Environment variable with the bearer token clients must send (401 otherwise).")
 @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="fast", show_default=True)
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
-@click.option("--on-unsafe", type=click.Choice(["refuse", "error"]), default="refuse", show_default=True,
-              help="refuse: a completion with the refusal; error: HTTP 400 content_filter.")
+@click.option("--on-unsafe", type=click.Choice(["refuse", "safe_answer", "error"]), default="refuse", show_default=True,
+              help="refuse: a completion with the refusal; safe_answer: with the guard's own safe reply "
+                   "(mirage format, --mode reason), else the refusal; error: HTTP 400 content_filter.")
 @click.option("--on-error", type=click.Choice(["block", "allow"]), default="block", show_default=True,
               help="What an unavailable guard does (block: fail closed).")
 @click.option("--pre-check", type=click.Choice(["sequential", "parallel"]), default="sequential", show_default=True)
@@ -48,7 +50,7 @@ from visguard.hookspecs import hookimpl
 @click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True, help="Micro-batch wait.")
 @click.option("--timeout-s", type=click.FloatRange(0.001), default=None, help="Per-check time limit.")
 @click.option("--log-level", default="info", show_default=True)
-def serve(model: str, backend: str, format_name: str, backend_args: tuple[str, ...], guard_url: str | None, device: str,
+def serve(model: str, backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
           bind_host: str, port: int, upstream: str | None, upstream_model: str | None, api_key_env: str | None,
           host_model: str | None, host_args: tuple[str, ...], served_model_name: str | None, max_concurrency: int, max_body_mb: float,
           auth_token_env: str | None, mode: str, threshold: float, on_unsafe: str, on_error: str, pre_check: str,

@@ -77,7 +77,9 @@ class ServeSettings(BaseModel):
         auth_token: when set, ``/v1/...`` requests need ``Authorization: Bearer <auth_token>`` (401).
         max_batch_size / max_wait_ms: micro-batching of checks (applied to the guard's batcher,
             which every guard on the same backend shares).
-        on_unsafe: ``refuse`` (a completion with the refusal) or ``error`` (HTTP 400 ``content_filter``).
+        on_unsafe: ``refuse`` (a completion with the refusal), ``safe_answer`` (a completion with the
+            guard's own safe reply, e.g. MIRage's answer in reason mode; the refusal when the guard
+            gave none) or ``error`` (HTTP 400 ``content_filter``).
         pre_check: ``sequential`` (the host never sees a blocked request) or ``parallel``.
         post_check: check the host's answers.
         stream_check_every: re-check a streamed answer every N pieces (and at sentence ends).
@@ -93,7 +95,7 @@ class ServeSettings(BaseModel):
     auth_token: str | None = Field(default=None, repr=False)
     max_batch_size: int = Field(default=8, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
-    on_unsafe: Literal["refuse", "error"] = "refuse"
+    on_unsafe: Literal["refuse", "safe_answer", "error"] = "refuse"
     pre_check: Literal["sequential", "parallel"] = "sequential"
     post_check: bool = True
     stream_check_every: int = Field(default=16, ge=1)
@@ -171,7 +173,7 @@ def create_app(
     guarded: GuardedModel | None = None
     if resolved is not None:
         options: dict[str, Any] = {
-            "on_unsafe": "raise" if settings.on_unsafe == "error" else "refuse",
+            "on_unsafe": "raise" if settings.on_unsafe == "error" else settings.on_unsafe,
             "pre_check": settings.pre_check,
             "post_check": settings.post_check,
             "stream_check_every": settings.stream_check_every,
