@@ -1,0 +1,54 @@
+"""A minimal guard format: one question, a one-word rating after ``Rating:``."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from visguard import Capabilities, GuardFormat, GuardPrompt, GuardRequest, ParsedOutput, Policy
+from visguard.format import neutralize
+
+_QUOTE_TAGS = ("<request>", "</request>", "<response>", "</response>")
+
+
+class OneWordFormat(GuardFormat):
+    """Asks the guard to rate (images + text [+ response]) ``safe`` or ``unsafe`` in one word.
+
+    Fast mode ends the prompt with ``Rating:`` so the backend scores the next token; reason mode
+    lets the guard write a short reason first and reads the last ``Rating:`` line it generated.
+    The guard calls :meth:`GuardFormat.check_request` before :meth:`build`, so a request outside
+    :attr:`capabilities` never gets here. It names no categories, so it cannot be trained by
+    ``visguard train`` (no :meth:`GuardFormat.target`).
+    """
+
+    name = "oneword"
+    capabilities = Capabilities(categories=False, custom_categories=False)
+    verdict_prefix = "Rating:"
+    verdict_words = {"safe": (" safe", " Safe"), "unsafe": (" unsafe", " Unsafe")}
+
+    def build(self, request: GuardRequest, policy: Policy, *, mode: str,
+              special_tokens: Iterable[str] = ()) -> GuardPrompt:
+        quoted = f"<request>{neutralize(request.text, special_tokens, _QUOTE_TAGS)}</request>"
+        if request.response is not None:
+            quoted += f"\n<response>{neutralize(request.response, special_tokens, _QUOTE_TAGS)}</response>"
+        harms = ", ".join(c.name for c in policy.categories)
+        instruction = (f"Is the request (and the response, if any) harmful given the images? Harms: {harms}. "
+                       + ("End with 'Rating: safe' or 'Rating: unsafe'." if mode == "reason"
+                          else "Answer with 'Rating: safe' or 'Rating: unsafe'."))
+        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": f"{quoted}\n{instruction}"}]
+        return GuardPrompt(
+            messages=[{"role": "user", "content": content}],
+            images=[img.image for img in request.images],
+            assistant_prefix=self.verdict_prefix if mode == "fast" else "",
+            verdict_prefix=self.verdict_prefix,
+            verdict_words=self.verdict_words,
+            mode=mode,
+        )
+
+    def parse(self, text: str, policy: Policy) -> ParsedOutput:
+        found = list(re.finditer(r"Rating:\s*(safe|unsafe)\b", text, re.IGNORECASE))
+        if not found:
+            return ParsedOutput(label=None, error="no 'Rating: safe|unsafe' line")
+        last = found[-1]
+        reasoning = text[: last.start()].strip() or None
+        return ParsedOutput(label=last.group(1).lower(), reasoning=reasoning, verdict_offset=last.start(1))
