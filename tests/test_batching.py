@@ -121,3 +121,79 @@ def test_idle_worker_exits_and_restarts():
     time.sleep(0.3)
     assert batcher._thread is None
     assert batcher.submit([4], None)[0].result(timeout=2) == 8
+
+
+class _Stuck:
+    """A batch runner that hangs on the item ``"hang"`` until released (an Event: no sleeps order anything)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, items, key):
+        if "hang" in items:
+            self.entered.set()
+            self.release.wait(60)
+        return [f"{key}:{i}" for i in items]
+
+
+def _stuck_workers(batcher: MicroBatcher) -> list[threading.Thread]:
+    with batcher._lock:
+        return list(batcher._stalled)
+
+
+def test_a_stuck_batch_does_not_block_the_checks_after_it():
+    """Issue 10 #6: one hung batch kept the single worker thread, so every later item timed out too."""
+    run = _Stuck()
+    batcher = MicroBatcher(run, max_batch=4, max_wait_s=0)
+    hung = batcher.submit(["hang"], "a")
+    assert run.entered.wait(10)
+    batcher.abandon(hung)  # its caller's time limit passed
+    assert batcher.abandoned == 1 and batcher.stalled == 1
+    assert batcher.submit(["ok"], "a")[0].result(timeout=10) == "a:ok"  # a fresh worker serves it
+    (stuck,) = _stuck_workers(batcher)
+    run.release.set()
+    stuck.join(10)
+    assert not stuck.is_alive() and batcher.stalled == 0
+    assert hung[0].result(timeout=1) == "a:hang"  # finished late; its caller had gone
+
+
+def test_items_batched_with_a_stuck_one_move_to_the_fresh_worker():
+    run = _Stuck()
+    batcher = MicroBatcher(run, max_batch=2, max_wait_s=30)  # the worker waits until both are queued
+    hung = batcher.submit(["hang"], "a")
+    other = batcher.submit(["ok"], "b")  # same collected batch, another key: runs after "a"
+    assert run.entered.wait(10)
+    batcher.configure(max_wait_s=0)
+    batcher.abandon(hung)
+    assert other[0].result(timeout=10) == "b:ok"
+    run.release.set()
+
+
+def test_when_too_many_batches_are_stuck_new_items_fail_fast():
+    from visguard.errors import BackendStalledError
+
+    run = _Stuck()
+    batcher = MicroBatcher(run, max_batch=1, max_wait_s=0, max_stalled=2)
+    for _ in range(2):
+        run.entered.clear()
+        hung = batcher.submit(["hang"], "a")
+        assert run.entered.wait(10)
+        batcher.abandon(hung)
+    fast = batcher.submit(["ok"], "a")[0]
+    assert fast.done()  # no waiting for a time limit
+    with pytest.raises(BackendStalledError, match="2 batches still running"):
+        fast.result()
+    stuck = _stuck_workers(batcher)
+    run.release.set()
+    for t in stuck:
+        t.join(10)
+    assert batcher.stalled == 0
+    assert batcher.submit(["ok"], "a")[0].result(timeout=10) == "a:ok"
+
+
+def test_a_runner_returning_the_wrong_number_of_results_fails_its_callers():
+    batcher = MicroBatcher(lambda items, key: items[:-1] if len(items) > 1 else items, max_batch=4, max_wait_s=0)
+    with pytest.raises(RuntimeError, match="1 results for 2 items"):
+        batcher.submit([1, 2], None)[0].result(timeout=10)
+    assert batcher.submit([3], None)[0].result(timeout=10) == 3  # the worker survived

@@ -5,6 +5,13 @@ thread takes the first waiting request, collects whatever else arrives within ``
 ``max_batch``), and runs them as one backend batch. Under concurrency this turns N serialized
 forward passes into a few batched ones; a lone caller pays one thread hand-off (tens of µs) plus
 at most ``max_wait_s``.
+
+Liveness: a batch that never returns must not stop every later check. A caller that gives up on a
+running batch (its time limit passed) calls :meth:`MicroBatcher.abandon`: the worker stuck in that
+batch is retired (it exits when the batch returns, its results dropped) and a fresh worker serves
+the queue. At most ``max_stalled`` retired workers may be stuck at once; beyond that, new checks
+fail at once with :class:`~visguard.errors.BackendStalledError` (the guard reports them
+``unavailable`` with that reason) until a stuck batch returns.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from visguard.errors import BackendStalledError
+
 _STOP = object()
 
 
@@ -30,18 +39,30 @@ class MicroBatcher:
         max_wait_s: how long the first item of a batch waits for company.
         idle_s: the worker thread exits after this long without work (a new one starts on demand).
         name: worker thread name.
+        max_stalled: most abandoned workers still stuck in a batch before new items fail fast.
     """
 
     def __init__(self, run: Callable[[list[Any], Any], list[Any]], *, max_batch: int = 16, max_wait_s: float = 0.002,
-                 idle_s: float = 30.0, name: str = "visguard-batcher") -> None:
+                 idle_s: float = 30.0, name: str = "visguard-batcher", max_stalled: int = 2) -> None:
+        if max_stalled < 1:
+            raise ValueError("max_stalled must be >= 1")
         self._run = run
         self.configure(max_batch=max_batch, max_wait_s=max_wait_s)
         self.idle_s = idle_s
+        self.max_stalled = max_stalled
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._name = name
         self._closed = False
+        #: worker -> (futures of the batch it is running, when that batch started)
+        self._running: dict[threading.Thread, tuple[frozenset[Future], float]] = {}
+        #: worker -> groups of its current batch not started yet
+        self._pending: dict[threading.Thread, list[list[tuple[Any, Any, Future, float]]]] = {}
+        #: retired workers still inside a batch -> when that batch started
+        self._stalled: dict[threading.Thread, float] = {}
+        #: workers retired because their batch outlived its callers
+        self.abandoned = 0
         #: batches run and items checked so far
         self.batches = 0
         self.items = 0
@@ -66,12 +87,55 @@ class MicroBatcher:
         with self._lock:  # queue under the lock: an idle worker decides to exit under it too
             if self._closed:
                 raise RuntimeError("batcher is closed")
+            if len(self._stalled) >= self.max_stalled:
+                oldest = time.monotonic() - min(self._stalled.values())
+                error = BackendStalledError(
+                    f"guard backend stalled: {len(self._stalled)} batches still running after their callers "
+                    f"gave up (the oldest for {oldest:.0f} s); checks fail fast until one returns"
+                )
+                for fut in futures:
+                    fut.set_exception(error)
+                return futures
             for item, fut in zip(items, futures, strict=True):
                 self._queue.put((item, key, fut, now))
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
+            self._ensure_worker()
         return futures
+
+    @property
+    def stalled(self) -> int:
+        """Abandoned workers still stuck in a batch."""
+        with self._lock:
+            return len(self._stalled)
+
+    def abandon(self, futures: list[Future]) -> None:
+        """The caller gives up on ``futures`` (its time limit passed).
+
+        Queued ones are cancelled (they will not run). If a worker is running a batch that holds
+        one of them, that worker is retired: it exits when the batch returns (its results are
+        dropped) and a fresh worker serves the rest of the queue, so one stuck batch never blocks
+        later checks.
+        """
+        running = {f for f in futures if not f.cancel() and not f.done()}
+        if not running:
+            return
+        with self._lock:
+            for worker, (batch, since) in list(self._running.items()):
+                if worker in self._stalled or not running & batch:
+                    continue
+                self._stalled[worker] = since
+                self.abandoned += 1
+                for group in self._pending.pop(worker, []):  # its groups not started yet go back in line
+                    for entry in group:
+                        self._queue.put(entry)
+                if self._thread is worker:
+                    self._thread = None
+                    if not self._closed and not self._queue.empty():
+                        self._ensure_worker()
+
+    def _ensure_worker(self) -> None:  # under self._lock
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
         """Stop the worker after the batches already queued."""
@@ -82,13 +146,15 @@ class MicroBatcher:
 
 
     def _loop(self) -> None:
+        me = threading.current_thread()
         while True:
             try:
                 first = self._queue.get(timeout=self.idle_s)
             except queue.Empty:
                 with self._lock:
                     if self._queue.empty():
-                        self._thread = None
+                        if self._thread is me:
+                            self._thread = None
                         return
                 continue
             if first is _STOP:
@@ -105,32 +171,53 @@ class MicroBatcher:
                     stop = True
                     break
                 batch.append(nxt)
-            self._execute(batch)
-            if stop:
+            if not self._execute(batch) or stop:
                 return
 
-    def _execute(self, batch: list[tuple[Any, Any, Future, float]]) -> None:
-        by_key: dict[Any, list[tuple[Any, Future, float]]] = defaultdict(list)
-        for item, key, fut, queued in batch:
-            if fut.set_running_or_notify_cancel():  # skip items whose caller gave up (timed out)
-                by_key[key].append((item, fut, queued))
-        for key, entries in by_key.items():
+    def _execute(self, batch: list[tuple[Any, Any, Future, float]]) -> bool:
+        """Run ``batch`` key by key; ``False`` when this worker was retired meanwhile (it must exit)."""
+        me = threading.current_thread()
+        by_key: dict[Any, list[tuple[Any, Any, Future, float]]] = defaultdict(list)
+        for entry in batch:
+            by_key[entry[1]].append(entry)
+        with self._lock:
+            self._pending[me] = list(by_key.values())  # groups not started yet: abandon() may hand them on
+        while True:
+            with self._lock:
+                groups = self._pending.get(me)
+                if not groups:
+                    self._pending.pop(me, None)
+                    return True
+                group = groups.pop(0)
+                # skip items whose caller gave up (timed out) while they were queued
+                entries = [(item, fut, queued) for item, _, fut, queued in group if fut.set_running_or_notify_cancel()]
+                if not entries:
+                    continue
+                self._running[me] = (frozenset(fut for _, fut, _ in entries), time.monotonic())
+            key = group[0][1]
             self.batches += 1
             self.items += len(entries)
             try:
                 results = self._run([item for item, _, _ in entries], key)
+                if len(results) != len(entries):
+                    raise RuntimeError(f"batch runner returned {len(results)} results for {len(entries)} items")
             except BaseException as exc:  # noqa: BLE001 - handed to every caller of this batch
                 for _, fut, _ in entries:
                     fut.set_exception(exc)
-                continue
-            done = time.perf_counter()
-            for observer in list(self.observers):
-                try:
-                    observer(key, results, [done - queued for _, _, queued in entries])
-                except Exception:  # noqa: BLE001 - metrics must never break a check
-                    pass
-            for (_, fut, _), result in zip(entries, results, strict=True):
-                fut.set_result(result)
+            else:
+                done = time.perf_counter()
+                for observer in list(self.observers):
+                    try:
+                        observer(key, results, [done - queued for _, _, queued in entries])
+                    except Exception:  # noqa: BLE001 - metrics must never break a check
+                        pass
+                for (_, fut, _), result in zip(entries, results, strict=True):
+                    fut.set_result(result)
+            with self._lock:
+                self._running.pop(me, None)
+                if self._stalled.pop(me, None) is not None:  # retired while this group ran
+                    self._pending.pop(me, None)
+                    return False
 
 
 _shared: weakref.WeakKeyDictionary[Any, MicroBatcher] = weakref.WeakKeyDictionary()

@@ -49,6 +49,14 @@ class BackendError(VisguardError, RuntimeError):
     """A backend failed to load a model or to run it."""
 
 
+class BackendStalledError(BackendError):
+    """Checks fail fast: earlier batches are stuck in the backend past their callers' time limits.
+
+    Raised for new checks while a guard's batcher holds its maximum of abandoned, still-running
+    batches (see :mod:`visguard.batching`); the guard turns it into an ``unavailable`` verdict.
+    """
+
+
 class GuardUnavailableError(VisguardError, RuntimeError):
     """The guard could not reach a verdict and the policy says ``on_error="raise"``.
 

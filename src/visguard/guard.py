@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from visguard import plugins
 from visguard.backend import Backend
 from visguard.batching import MicroBatcher, shared_batcher
-from visguard.errors import GuardUnavailableError, InputError
+from visguard.errors import BackendError, GuardUnavailableError, InputError
 from visguard.format import GuardFormat
 from visguard.images import ImageInput
 from visguard.policy import Mode, Policy
@@ -200,13 +200,23 @@ class Guard:
         futures = self._batcher.submit(requests, (self._run, mode))
         concurrent.futures.wait(futures, timeout=timeout)
         elapsed = (time.perf_counter() - start) * 1000.0
+        late = [f for f in futures if not f.done()]
+        if late:
+            # queued ones will not run; a batch still running is abandoned and its worker replaced,
+            # so a stuck backend call never blocks the checks after it
+            self._batcher.abandon(late)
         verdicts = []
         for request, future in zip(requests, futures, strict=True):
-            if future.done():
-                verdict = future.result()  # re-raises InputError from the batch
-            else:
-                future.cancel()  # still queued: it will not run; already running: its result is dropped
+            if future in late:
                 verdict = self._unavailable(request, mode, f"guard timed out after {timeout:g} s (queueing included)")
+            elif isinstance(future.exception(), InputError):
+                raise future.exception()  # type: ignore[misc]
+            elif future.exception() is not None:
+                exc = future.exception()
+                error = str(exc) if isinstance(exc, BackendError) else f"guard batch failed: {type(exc).__name__}: {exc}"
+                verdict = self._unavailable(request, mode, error)
+            else:
+                verdict = future.result()
             verdicts.append(verdict.model_copy(update={"latency_ms": elapsed}))
         return verdicts
 

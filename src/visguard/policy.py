@@ -86,6 +86,11 @@ class ImageLimits(BaseModel):
     remote_timeout_s: float = Field(default=10.0, gt=0)
 
 
+#: default :attr:`Policy.timeout_s`: generous for a reason pass of a 7B guard on a GPU, short
+#: enough that a hung backend surfaces as ``unavailable`` instead of blocking callers forever
+DEFAULT_TIMEOUT_S = 60.0
+
+
 class Policy(BaseModel):
     """How a guard decides and acts.
 
@@ -99,7 +104,9 @@ class Policy(BaseModel):
         on_error: what an ``unavailable`` verdict does where a decision is acted upon: ``block``
             (default, fail closed), ``allow`` (pass, flagged as degraded) or ``raise``.
         max_new_tokens: generation budget of the reason pass.
-        timeout_s: per-check time limit (``None``: no limit).
+        timeout_s: time limit of one check call, queueing included (default 60 s); past it the
+            check is ``unavailable`` and a batch still running is abandoned (its worker replaced,
+            see :mod:`visguard.batching`). ``None``: no limit (a hung backend then blocks the caller).
         limits: image-boundary limits.
     """
 
@@ -111,7 +118,7 @@ class Policy(BaseModel):
     adaptive_band: tuple[float, float] = (0.2, 0.8)
     on_error: OnError = "block"
     max_new_tokens: int = Field(default=512, ge=1)
-    timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=DEFAULT_TIMEOUT_S, gt=0)
     limits: ImageLimits = ImageLimits()
 
     @field_validator("categories")

@@ -12,6 +12,7 @@ import click
 
 from visguard.cli import backend_arg_option, backend_kwargs, key_values
 from visguard.hookspecs import hookimpl
+from visguard.policy import DEFAULT_TIMEOUT_S
 
 
 @click.command("serve")
@@ -48,13 +49,14 @@ from visguard.hookspecs import hookimpl
 @click.option("--pre-check", type=click.Choice(["sequential", "parallel"]), default="sequential", show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(1), default=8, show_default=True, help="Micro-batch size.")
 @click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True, help="Micro-batch wait.")
-@click.option("--timeout-s", type=click.FloatRange(0.001), default=None, help="Per-check time limit.")
+@click.option("--timeout-s", type=click.FloatRange(0.001), default=DEFAULT_TIMEOUT_S, show_default=True,
+              help="Per-check time limit, queueing included; past it the check is unavailable.")
 @click.option("--log-level", default="info", show_default=True)
 def serve(model: str, backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
           bind_host: str, port: int, upstream: str | None, upstream_model: str | None, api_key_env: str | None,
           host_model: str | None, host_args: tuple[str, ...], served_model_name: str | None, max_concurrency: int, max_body_mb: float,
           auth_token_env: str | None, mode: str, threshold: float, on_unsafe: str, on_error: str, pre_check: str,
-          max_batch_size: int, max_wait_ms: float, timeout_s: float | None, log_level: str) -> None:
+          max_batch_size: int, max_wait_ms: float, timeout_s: float, log_level: str) -> None:
     """Serve a guard over HTTP, optionally as a guarded OpenAI-compatible proxy.
 
     Endpoints: POST /v1/guard/check, POST /v1/chat/completions (with --upstream or --host-model),
