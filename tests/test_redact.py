@@ -29,3 +29,8 @@ def test_named_secrets_and_ordinary_text():
     assert redact("host http://127.0.0.1:8000/v1 timed out after 60 s") == "host http://127.0.0.1:8000/v1 timed out after 60 s"
     assert "127.0.0.1:8000" in redact(plain)
     assert redact_url("http://u:p@h:1/v1?token=t0k&model=m") == f"http://{MASK}@h:1/v1?token={MASK}&model=m"
+
+
+def test_hints_that_name_a_variable_stay_readable():
+    hint = "answered HTTP 401: denied (no API key: $MY_KEY_ENV is not set)"
+    assert redact(hint) == hint

@@ -67,6 +67,10 @@ class Host(ABC):
         """
         return self.model_id
 
+    async def aready(self) -> str | None:
+        """``None`` when the host can answer now, else why not (a server host asks its server)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources."""
 

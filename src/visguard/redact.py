@@ -16,11 +16,10 @@ MASK = "***"
 
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s?#]+)@")
 _BEARER = re.compile(r"(?P<prefix>\b[Bb]earer\s+)[A-Za-z0-9._~+/=-]+")
-_KEY_PARAM = re.compile(
-    r"(?P<prefix>(?:[?&;\s,{\"']|^)(?:api[_-]?key|access[_-]?token|token|key|password|secret)[\"']?\s*[=:]\s*[\"']?)"
-    r"[^&\s\"',}]+",
-    re.IGNORECASE,
-)
+_NAMES = r"(?:api[_-]?key|access[_-]?token|token|key|password|secret)"
+# query / form values (key=...) and JSON or repr fields ("api_key": "...", 'token': '...')
+_KEY_PARAM = re.compile(rf"(?P<prefix>(?<![A-Za-z0-9_]){_NAMES}=)[^&\s\"',}}]+", re.IGNORECASE)
+_KEY_FIELD = re.compile(rf"(?P<prefix>[\"']{_NAMES}[\"']\s*:\s*[\"'])[^\"']*", re.IGNORECASE)
 _SK_KEY = re.compile(r"\bsk-[A-Za-z0-9_-]{8,}")
 
 
@@ -42,6 +41,7 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     out = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", out)
     out = _BEARER.sub(lambda m: f"{m['prefix']}{MASK}", out)
     out = _KEY_PARAM.sub(lambda m: f"{m['prefix']}{MASK}", out)
+    out = _KEY_FIELD.sub(lambda m: f"{m['prefix']}{MASK}", out)
     return _SK_KEY.sub(MASK, out)
 
 

@@ -19,9 +19,10 @@ Works with vLLM's OpenAI server, SGLang, TGI and hosted APIs. Images travel as `
   per-token ``top_logprobs`` when the server offers them (the same rule, ``None`` where no spelling
   is listed).
 
-One ``httpx.Client`` is reused for all requests (connection pooling; thread-safe); a batch is sent
-as concurrent requests. Timeouts are per request; connect errors, HTTP 429 and 5xx are retried with
-exponential backoff (``Retry-After`` honoured, capped), nothing else is.
+Requests go through :class:`visguard.http_client.ApiClient` (one pooled ``httpx`` client; per-request
+timeouts; connect errors, HTTP 429 and 5xx retried with exponential backoff, ``Retry-After``
+honoured and capped, nothing else); a batch is sent as concurrent requests. Responses are read with
+the wire helpers of :mod:`visguard.serve.openai_types`.
 """
 
 from __future__ import annotations
@@ -29,9 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import os
-import random
 import threading
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,10 +38,9 @@ from visguard.backend import Backend, Generation
 from visguard.errors import BackendError
 from visguard.format import GuardPrompt
 from visguard.hookspecs import hookimpl
+from visguard.http_client import ApiClient
 from visguard.images import GuardImage
-
-#: HTTP statuses worth another try (rate limiting, server trouble).
-RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+from visguard.serve.openai_types import WireError, completion_choice, content_text, image_part
 
 
 class OpenAIBackend(Backend):
@@ -89,36 +87,23 @@ class OpenAIBackend(Backend):
         extra_body: Mapping[str, Any] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        import httpx
-
         base_url = base_url or os.environ.get("VISGUARD_GUARD_BASE_URL")
         if not base_url:
             raise BackendError("the openai backend needs base_url= (e.g. http://127.0.0.1:8000/v1)")
-        if not base_url.startswith(("http://", "https://")):
-            raise BackendError(f"base_url must be an http(s) URL, got {base_url!r}")
-        if top_logprobs < 1 or max_retries < 0 or max_concurrency < 1 or timeout_s <= 0:
-            raise BackendError("top_logprobs and max_concurrency must be >= 1, max_retries >= 0, timeout_s > 0")
+        if top_logprobs < 1 or max_concurrency < 1:
+            raise BackendError("top_logprobs and max_concurrency must be >= 1")
         self.model_id = model
-        self.base_url = base_url.rstrip("/")
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_backoff_s = max_backoff_s
+        self.client = ApiClient(base_url, what="guard server", api_key_env=api_key_env, timeout_s=timeout_s,
+                                max_retries=max_retries, backoff_s=backoff_s, max_backoff_s=max_backoff_s,
+                                headers={"User-Agent": "visguard-openai-backend", **dict(headers or {})},
+                                max_connections=max_concurrency)
+        self.base_url = self.client.root
         self.top_logprobs = top_logprobs
         self.step_logprobs = step_logprobs
         self.max_concurrency = max_concurrency
         self.image_format = image_format
         self.extra_body = dict(extra_body or {})
         self._scores = scores
-        all_headers = {"User-Agent": "visguard-openai-backend", **dict(headers or {})}
-        key = os.environ.get(api_key_env, "") if api_key_env else ""
-        if key:
-            all_headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.Client(
-            base_url=self.base_url,
-            headers=all_headers,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
-        )
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
 
@@ -142,8 +127,7 @@ class OpenAIBackend(Backend):
                             img = next(images)
                         except StopIteration:
                             raise BackendError("prompt has more image parts than images") from None
-                        url = _data_url(img, self.image_format)
-                        parts.append({"type": "image_url", "image_url": {"url": url}})
+                        parts.append(image_part(_guard_image(img), self.image_format))
                     elif kind == "text":
                         parts.append({"type": "text", "text": part.get("text", "")})
                     else:
@@ -172,36 +156,12 @@ class OpenAIBackend(Backend):
         return _with_template_kwargs(body, prompt)
 
     def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """POST JSON with retries on connect errors, 429 and 5xx; return the decoded response.
+        """POST JSON (retried on connect errors, 429 and 5xx); the decoded response.
 
         Raises:
             BackendError: after the last failed attempt, or at once for other HTTP errors.
         """
-        import httpx
-
-        delay = self.backoff_s
-        for attempt in range(self.max_retries + 1):
-            last = attempt == self.max_retries
-            try:
-                resp = self._client.post(path, json=body)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                if last:
-                    raise BackendError(f"cannot reach guard server {self.base_url}: {exc}") from exc
-                wait = delay
-            except httpx.HTTPError as exc:  # read timeouts etc.: the server may be working on it; no retry
-                raise BackendError(f"guard server {self.base_url} failed: {type(exc).__name__}: {exc}") from exc
-            else:
-                if resp.status_code < 400:
-                    try:
-                        return resp.json()
-                    except ValueError as exc:
-                        raise BackendError(f"guard server sent invalid JSON: {resp.text[:200]!r}") from exc
-                if resp.status_code not in RETRY_STATUSES or last:
-                    raise BackendError(f"guard server answered HTTP {resp.status_code}: {resp.text[:300]}")
-                wait = _retry_after(resp.headers.get("retry-after"), delay)
-            time.sleep(min(wait, self.max_backoff_s) * (1.0 + 0.1 * random.random()))
-            delay = min(delay * 2, self.max_backoff_s)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self.client.request_json("POST", path, body)
 
     # ------------------------------------------------------------------ Backend API
     def score(self, prompts: Sequence[GuardPrompt]) -> list[float]:
@@ -237,10 +197,10 @@ class OpenAIBackend(Backend):
             body.update({"logprobs": True, "top_logprobs": self.top_logprobs})
         data = self.post("/chat/completions", _with_template_kwargs(body, prompt))
         try:
-            choice = data["choices"][0]
-            text = choice["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError) as exc:
-            raise BackendError(f"guard server returned no message: {exc!r}") from exc
+            choice = completion_choice(data)
+            text = content_text(choice["message"].get("content")) or ""
+        except WireError as exc:
+            raise self.client.error(str(exc)) from exc
         steps = ((choice.get("logprobs") or {}).get("content")) or []
         return _generation(text, steps, prompt.verdict_words)
 
@@ -255,7 +215,7 @@ class OpenAIBackend(Backend):
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        self.client.close()
 
 
 def verdict_probability(
@@ -313,17 +273,8 @@ def _generation(text: str, steps: Sequence[Mapping[str, Any]], verdict_words: Ma
     return Generation(text=text, token_spans=tuple(spans[:n]), step_scores=scores)
 
 
-def _retry_after(value: str | None, default: float) -> float:
-    try:
-        return max(0.0, float(value)) if value is not None else default
-    except ValueError:
-        return default
-
-
-def _data_url(image: Any, fmt: str) -> str:
-    if isinstance(image, GuardImage):
-        return image.to_data_url(fmt)
-    return GuardImage(image, "", "prompt").to_data_url(fmt)
+def _guard_image(image: Any) -> GuardImage:
+    return image if isinstance(image, GuardImage) else GuardImage(image, "", "prompt")
 
 
 @hookimpl

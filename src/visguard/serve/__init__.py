@@ -1,9 +1,13 @@
 """Serving: OpenAI-compatible HTTP endpoints around visguard.
 
-- :mod:`visguard.serve.openai_types`: the OpenAI chat-completions wire types and the helper that
-  turns chat messages into (images, text); pydantic only, importable without FastAPI.
+- :mod:`visguard.serve.openai_types`: the OpenAI chat-completions wire format, for servers (chat
+  messages -> (images, text), SSE framing) and clients (the ``openai`` host and backend read answers
+  with it); pydantic only, importable without FastAPI.
+- :mod:`visguard.serve.common`: what the apps share (OpenAI error bodies, bearer check, request
+  checks, streamed chunks).
 - :mod:`visguard.serve.upstream`: :func:`create_upstream_app` serves a local host model as an
   OpenAI-compatible endpoint (needs the ``serve`` extra: FastAPI and uvicorn).
+- :mod:`visguard.serve.app`: ``visguard serve`` (a guard over HTTP, and a guarded proxy).
 
 Names are imported lazily so ``import visguard.serve`` does not need FastAPI.
 """

@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
-import httpx
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,25 +37,27 @@ from visguard.guard import Guard
 from visguard.guarded import GuardedModel, GuardedResult
 from visguard.hosts import Host, resolve_host
 from visguard.policy import Mode
+from visguard.serve.common import (
+    ApiError,
+    bearer_ok,
+    chunk_builder,
+    install_error_handlers,
+    read_chat,
+    sse_data,
+    sse_response,
+)
 from visguard.serve.metrics import ServeMetrics
 from visguard.serve.openai_types import (
     SSE_DONE,
     AssistantMessage,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
-    ChunkChoice,
     Delta,
-    ErrorDetail,
     ModelCard,
     ModelList,
-    completion_id,
     generation_options,
-    split_messages,
-    sse_event,
 )
-from visguard.serve.upstream import error_response
 from visguard.types import GuardRequest
 
 #: paths behind the gate (auth, size, concurrency)
@@ -123,26 +121,6 @@ class GuardCheckBody(BaseModel):
     mode: Mode | None = None
 
 
-class ServeError(Exception):
-    """An error answered with an OpenAI error body (plus optional extra top-level fields)."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, extra: Mapping[str, Any] | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = ErrorDetail(message=message, type=type, code=code, param=param)
-        self.extra = dict(extra or {})
-        self.headers = dict(headers or {})
-
-    def response(self) -> JSONResponse:
-        resp = error_response(self.status, self.detail)
-        if self.extra:
-            resp = JSONResponse({**json.loads(resp.body), **self.extra}, status_code=self.status)
-        resp.headers.update(self.headers)
-        return resp
-
-
 def create_app(
     guard: Guard,
     host: Host | str | None = None,
@@ -199,15 +177,7 @@ def create_app(
     app.add_middleware(_Gate, settings=settings, metrics=metrics)
     probe = _ReadyProbe(resolved, settings.ready_timeout_s)
 
-    @app.exception_handler(ServeError)
-    async def _serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(400, ErrorDetail(message=f"invalid request: {first.get('msg', exc)}", param=param))
+    install_error_handlers(app)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -237,28 +207,20 @@ def create_app(
                 conversation=body.conversation, limits=guard.policy.limits,
             )
         except InputError as exc:
-            raise ServeError(400, str(exc), param="images" if "image" in str(exc) else None) from exc
+            raise ApiError(400, str(exc), param="images" if "image" in str(exc) else None) from exc
         try:
             verdict = await guard.acheck(request, mode=body.mode)
         except GuardUnavailableError as exc:
-            raise ServeError(503, str(exc), type="server_error", code="guard_unavailable",
+            raise ApiError(503, str(exc), type="server_error", code="guard_unavailable",
                              extra={"visguard": exc.verdict.model_dump(mode="json")}) from exc
         return JSONResponse(verdict.model_dump(mode="json"))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
         if guarded is None:
-            raise ServeError(404, "this server guards no host model (start it with --upstream or --host-model); "
+            raise ApiError(404, "this server guards no host model (start it with --upstream or --host-model); "
                              "use POST /v1/guard/check", code="no_host")
-        if body.model != app.state.model_name:
-            raise ServeError(404, f"the model {body.model!r} does not exist; this server serves {app.state.model_name!r}",
-                             code="model_not_found", param="model")
-        if body.n != 1:
-            raise ServeError(400, "only n=1 is supported", param="n")
-        try:
-            chat = await asyncio.to_thread(split_messages, body.messages, limits=guard.policy.limits)
-        except InputError as exc:
-            raise ServeError(400, str(exc), param="messages") from exc
+        chat = await read_chat(body, app.state.model_name, guard.policy.limits)
         images, text = chat.images, chat.prompt_text()
         gen = generation_options(body, guarded.host)
         if body.stream:
@@ -294,18 +256,18 @@ def _outcome(result: GuardedResult) -> str:
     return "degraded" if result.degraded else "passed"
 
 
-def _chat_error(exc: Exception, metrics: ServeMetrics) -> ServeError:
+def _chat_error(exc: Exception, metrics: ServeMetrics) -> ApiError:
     if isinstance(exc, GuardrailViolation):
         metrics.guarded.labels("blocked").inc()
-        return ServeError(400, str(exc), type="content_filter", code="content_filter",
+        return ApiError(400, str(exc), type="content_filter", code="content_filter",
                           extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}})
     metrics.guarded.labels("error").inc()
     if isinstance(exc, GuardUnavailableError):
-        return ServeError(503, str(exc), type="server_error", code="guard_unavailable",
+        return ApiError(503, str(exc), type="server_error", code="guard_unavailable",
                           extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}})
     if isinstance(exc, InputError):
-        return ServeError(400, str(exc), param="messages")
-    return ServeError(502, f"host failed: {type(exc).__name__}: {exc}", type="server_error", code="host_error")
+        return ApiError(400, str(exc), param="messages")
+    return ApiError(502, f"host failed: {type(exc).__name__}: {exc}", type="server_error", code="host_error")
 
 
 async def _stream_response(
@@ -321,35 +283,25 @@ async def _stream_response(
     except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
         await stream.aclose()
         raise _chat_error(exc, metrics) from exc
-    return StreamingResponse(
-        _sse(stream, first, model, metrics),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
+    return sse_response(_sse(stream, first, model, metrics))
 
 
 async def _sse(stream: Any, first: str | None, model: str, metrics: ServeMetrics) -> AsyncIterator[str]:
     """Role chunk, content chunks as the guard releases them, a last chunk with ``visguard``, ``[DONE]``."""
-    cid, created = completion_id(), int(time.time())
-
-    def chunk(delta: Delta, finish: Any = None) -> dict[str, Any]:
-        return ChatCompletionChunk(id=cid, created=created, model=model,
-                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump(mode="json")
-
-    yield sse_event(json.dumps(chunk(Delta(role="assistant", content=""))))
+    chunk = chunk_builder(model)
+    yield sse_data(chunk(Delta(role="assistant", content="")))
     try:
         if first:
-            yield sse_event(json.dumps(chunk(Delta(content=first))))
+            yield sse_data(chunk(Delta(content=first)))
         async for piece in stream:
             if piece:
-                yield sse_event(json.dumps(chunk(Delta(content=piece))))
+                yield sse_data(chunk(Delta(content=piece)))
         result: GuardedResult = stream.result
         metrics.guarded.labels(_outcome(result)).inc()
         last = chunk(Delta(), "content_filter" if result.blocked else "stop")
-        yield sse_event(json.dumps({**last, "visguard": _summary(result)}))
+        yield sse_data({**last, "visguard": _summary(result)})
     except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band, then end the stream
-        error = _chat_error(exc, metrics)
-        yield sse_event(json.dumps({"error": error.detail.model_dump(), **error.extra}))
+        yield sse_data(_chat_error(exc, metrics).body())
     finally:
         await stream.aclose()
     yield SSE_DONE
@@ -359,28 +311,25 @@ async def _sse(stream: Any, first: str | None, model: str, metrics: ServeMetrics
 
 
 class _ReadyProbe:
-    """Ready when the upstream (if it is an HTTP server) lists its models; cached for a second."""
+    """Ready when the host says so (:meth:`Host.aready`: a server host asks its server); cached for a second."""
 
     def __init__(self, host: Host | None, timeout_s: float) -> None:
-        self.url = getattr(host, "models_url", None)
-        self.headers = {k: v for k, v in (getattr(host, "headers", None) or {}).items() if k.lower() == "authorization"}
+        self.host = host
         self.timeout_s = timeout_s
-        self._last: tuple[float, bool, str] | None = None
+        self._last: tuple[float, str | None] | None = None
 
     async def check(self) -> tuple[bool, str]:
-        if self.url is None:
+        if self.host is None:
             return True, ""
         now = time.monotonic()
-        if self._last is not None and now - self._last[0] < 1.0:
-            return self._last[1], self._last[2]
-        try:
-            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-                resp = await client.get(self.url, headers=self.headers)
-            ok, reason = resp.status_code < 400, "" if resp.status_code < 400 else f"upstream answered {resp.status_code}"
-        except httpx.HTTPError as exc:
-            ok, reason = False, f"upstream unreachable: {type(exc).__name__}"
-        self._last = (now, ok, reason)
-        return ok, reason
+        if self._last is None or now - self._last[0] >= 1.0:
+            try:
+                reason = await asyncio.wait_for(self.host.aready(), self.timeout_s)
+            except TimeoutError:
+                reason = f"upstream did not answer within {self.timeout_s:g} s"
+            self._last = (now, reason)
+        reason = self._last[1]
+        return reason is None, reason or ""
 
 
 # ---------------------------------------------------------------------------------- the gate
@@ -422,10 +371,9 @@ class _Gate:
     async def _gated(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if self._token is not None:
-            scheme, _, given = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            if not bearer_ok(headers.get("authorization"), self._token):
                 self.metrics.rejected.labels("unauthorized").inc()
-                err = ServeError(401, "invalid or missing bearer token", code="invalid_api_key",
+                err = ApiError(401, "invalid or missing bearer token", code="invalid_api_key",
                                  headers={"WWW-Authenticate": "Bearer"})
                 await err.response()(scope, receive, send)
                 return
@@ -436,7 +384,7 @@ class _Gate:
             return
         if self.inflight >= self.settings.max_concurrency:
             self.metrics.rejected.labels("overloaded").inc()
-            err = ServeError(429, f"too many concurrent requests (limit {self.settings.max_concurrency}); retry shortly",
+            err = ApiError(429, f"too many concurrent requests (limit {self.settings.max_concurrency}); retry shortly",
                              type="rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
             await err.response()(scope, receive, send)
             return
@@ -470,7 +418,7 @@ class _Gate:
 
     async def _too_large(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.metrics.rejected.labels("too_large").inc()
-        err = ServeError(413, f"request body larger than {self.settings.max_body_bytes} bytes", code="request_too_large")
+        err = ApiError(413, f"request body larger than {self.settings.max_body_bytes} bytes", code="request_too_large")
         await err.response()(scope, receive, send)
 
 

@@ -1,4 +1,4 @@
-"""OpenAI chat-completions wire types, and the one helper that turns chat messages into (images, text).
+"""The OpenAI chat-completions wire format: one module for servers, hosts and backends.
 
 These pydantic models cover the part of the OpenAI ``/v1/chat/completions`` API that a
 vision-language chat server needs: text and ``image_url`` content parts, streaming chunks, model
@@ -6,12 +6,16 @@ listing and error bodies. Request models accept unknown fields (clients send man
 parameters), response models write exactly the fields clients read. They depend on pydantic only,
 so clients and servers can both import them without FastAPI.
 
-:func:`split_messages` / :func:`messages_to_prompt` are the single place where chat messages
-become visguard inputs; images go through :func:`visguard.images.load_images` (the image boundary).
+Server side: :func:`split_messages` / :func:`messages_to_prompt` are the single place where chat
+messages become visguard inputs (images go through :func:`visguard.images.load_images`, the image
+boundary); :func:`sse_event` frames a stream. Client side (the ``openai`` host and backend):
+:func:`image_part` writes an image, :func:`completion_choice`, :func:`message_text` and
+:func:`stream_event` read what a server answered.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -197,6 +201,89 @@ def sse_event(payload: BaseModel | str) -> str:
 
 
 SSE_DONE = sse_event("[DONE]")
+
+# ---------------------------------------------------------------------------------- client side
+
+
+class WireError(ValueError):
+    """A server's answer does not have the chat-completions shape (callers name the server)."""
+
+
+#: :func:`stream_event`'s answer to ``data: [DONE]``
+DONE = object()
+
+
+def image_part(image: GuardImage, image_format: str = "PNG") -> dict[str, Any]:
+    """An ``image_url`` content part carrying ``image`` as a data URL (PNG keeps pixels exact)."""
+    return {"type": "image_url", "image_url": {"url": image.to_data_url(image_format)}}
+
+
+def content_text(content: Any) -> str | None:
+    """Message content as text: a string, or the text parts of a list of parts joined."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    raise WireError(f"message content of type {type(content).__name__}")
+
+
+def completion_choice(data: Any) -> dict[str, Any]:
+    """The first choice of a chat completion.
+
+    Raises:
+        WireError: ``data`` has no choices.
+    """
+    try:
+        choice = data["choices"][0]
+        choice["message"]  # noqa: B018 - the shape check
+    except (KeyError, IndexError, TypeError) as exc:
+        raise WireError(f"sent no chat completion message: {str(data)[:200]!r}") from exc
+    return choice
+
+
+def message_text(data: Any) -> str:
+    """The text of a chat completion's first message (``""`` when it has none)."""
+    return content_text(completion_choice(data)["message"].get("content")) or ""
+
+
+def stream_event(line: str) -> Any:
+    """One line of a streamed completion: its delta text, :data:`DONE`, or ``None``.
+
+    ``None`` stands for lines without text: blank separators, ``: keep-alive`` comments,
+    ``event:`` / ``id:`` fields and role-only chunks.
+
+    Raises:
+        WireError: the event is not JSON, is an error event, or is not a chunk.
+    """
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return DONE
+    try:
+        chunk = json.loads(data)
+    except ValueError as exc:
+        raise WireError(f"sent a stream event that is not JSON: {data[:100]!r}") from exc
+    if isinstance(chunk, dict) and "error" in chunk:
+        err = chunk["error"]
+        raise WireError(f"failed mid-stream: {err.get('message', err) if isinstance(err, dict) else err}")
+    try:
+        choices = chunk.get("choices") or []
+        return content_text(choices[0].get("delta", {}).get("content")) if choices else None
+    except (AttributeError, TypeError) as exc:
+        raise WireError(f"sent an unexpected chunk: {data[:200]!r}") from exc
+
+
+def first_model(data: Any) -> str:
+    """The first model id of a ``GET /models`` answer.
+
+    Raises:
+        WireError: the list is empty or malformed.
+    """
+    try:
+        return str(data["data"][0]["id"])
+    except (KeyError, IndexError, TypeError) as exc:
+        raise WireError("lists no model") from exc
 
 # ---------------------------------------------------------------------------------- messages -> inputs
 

@@ -17,8 +17,6 @@ notebooks, demos). Needs the ``serve`` extra (``fastapi``, ``uvicorn``).
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import socket
 import threading
 import time
@@ -26,29 +24,30 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
-from visguard.errors import InputError
 from visguard.hosts import Host, supports_cancel
 from visguard.policy import ImageLimits
+from visguard.serve.common import (
+    ApiError,
+    bearer_ok,
+    chunk_builder,
+    install_error_handlers,
+    read_chat,
+    sse_data,
+    sse_response,
+)
 from visguard.serve.openai_types import (
     SSE_DONE,
     AssistantMessage,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
-    ChunkChoice,
     Delta,
     ErrorDetail,
-    ErrorResponse,
     ModelCard,
     ModelList,
-    completion_id,
     generation_options,
-    messages_to_prompt,
-    sse_event,
 )
 
 #: maps a request to the host's keyword arguments
@@ -57,21 +56,6 @@ GenerationOptions = Callable[[ChatCompletionRequest, Host], dict[str, Any]]
 
 #: the default: what the host declares (see :func:`~visguard.serve.openai_types.generation_options`)
 default_generation_options: GenerationOptions = generation_options
-
-
-class UpstreamError(Exception):
-    """An error answered with an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.detail = ErrorDetail(message=message, type=type, code=code, param=param)
-
-
-def error_response(status: int, detail: ErrorDetail) -> JSONResponse:
-    """An OpenAI-style JSON error response."""
-    return JSONResponse(ErrorResponse(error=detail).model_dump(), status_code=status)
 
 
 def create_upstream_app(
@@ -86,7 +70,7 @@ def create_upstream_app(
 
     Args:
         host: the model that answers; it receives the request's images (checked at the image
-            boundary, in message order) and text (see :func:`~visguard.serve.openai_types.messages_to_prompt`).
+            boundary, in message order) and text (see :meth:`~visguard.serve.openai_types.SplitChat.prompt_text`).
         model_name: the model id clients must send and ``/v1/models`` lists.
         api_key: when set, requests must carry ``Authorization: Bearer <api_key>``.
         limits: image-boundary limits (default :class:`ImageLimits()`: remote URLs refused).
@@ -100,23 +84,11 @@ def create_upstream_app(
     app.state.host = host
     app.state.model_name = model_name
 
-    @app.exception_handler(UpstreamError)
-    async def _upstream_error(request: Request, exc: UpstreamError) -> JSONResponse:
-        return error_response(exc.status, exc.detail)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return error_response(400, ErrorDetail(message=f"invalid request: {first.get('msg', exc)}", param=param))
+    install_error_handlers(app)
 
     async def authorized(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise UpstreamError(401, "invalid or missing API key", code="invalid_api_key")
+        if api_key is not None and not bearer_ok(request.headers.get("authorization"), api_key):
+            raise ApiError(401, "invalid or missing API key", code="invalid_api_key")
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -128,26 +100,15 @@ def create_upstream_app(
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)], response_model=None)
     async def chat_completions(body: ChatCompletionRequest) -> ChatCompletion | StreamingResponse:
-        if body.model != model_name:
-            raise UpstreamError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
-                                code="model_not_found", param="model")
-        if body.n != 1:
-            raise UpstreamError(400, "only n=1 is supported", param="n")
-        try:
-            images, text = await asyncio.to_thread(messages_to_prompt, body.messages, limits=limits)
-        except InputError as exc:
-            raise UpstreamError(400, str(exc), param="messages") from exc
+        chat = await read_chat(body, model_name, limits)
+        images, text = chat.images, chat.prompt_text()
         options = generation_options(body, host)
         if body.stream:
-            return StreamingResponse(
-                _sse(host, images, text, options, model_name),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return sse_response(_sse(host, images, text, options, model_name))
         try:
             answer = await host.agenerate(images, text, **options)
         except Exception as exc:  # noqa: BLE001 - reported to the client as a server error
-            raise UpstreamError(500, f"host failed: {type(exc).__name__}: {exc}", type="server_error") from exc
+            raise ApiError(500, f"host failed: {type(exc).__name__}: {exc}", type="server_error") from exc
         return ChatCompletion(model=model_name, choices=[Choice(message=AssistantMessage(content=answer))])
 
     return app
@@ -159,32 +120,24 @@ async def _sse(host: Host, images: list[Any], text: str, options: dict[str, Any]
     A host error mid-stream is sent as an error event before ``[DONE]``. When the client goes
     away the generator is closed, which stops the host (through ``cancel`` where it takes one).
     """
-    cid = completion_id()
-    created = int(time.time())
-
-    def chunk(delta: Delta, finish: Any = None) -> str:
-        return sse_event(
-            ChatCompletionChunk(id=cid, created=created, model=model_name,
-                                choices=[ChunkChoice(delta=delta, finish_reason=finish)])
-        )
-
+    chunk = chunk_builder(model_name)
     cancel = threading.Event()
     kwargs = dict(options, cancel=cancel) if supports_cancel(host, asynchronous=True) else options
-    yield chunk(Delta(role="assistant", content=""))
+    yield sse_data(chunk(Delta(role="assistant", content="")))
     try:
         pieces = host.astream(images, text, **kwargs)
         try:
             async for piece in pieces:
                 if piece:
-                    yield chunk(Delta(content=piece))
+                    yield sse_data(chunk(Delta(content=piece)))
         finally:
             aclose = getattr(pieces, "aclose", None)
             if aclose is not None:
                 await aclose()
-        yield chunk(Delta(), "stop")
+        yield sse_data(chunk(Delta(), "stop"))
     except Exception as exc:  # noqa: BLE001 - the status line is already sent; report in-band
-        yield sse_event(ErrorResponse(error=ErrorDetail(message=f"host failed: {type(exc).__name__}: {exc}",
-                                                        type="server_error")))
+        yield sse_data({"error": ErrorDetail(message=f"host failed: {type(exc).__name__}: {exc}",
+                                             type="server_error").model_dump()})
     finally:
         cancel.set()
     yield SSE_DONE

@@ -1,0 +1,116 @@
+"""What every visguard OpenAI-compatible app shares: errors, auth, request checks, streamed chunks.
+
+Used by :mod:`visguard.serve.app` (``visguard serve``) and :mod:`visguard.serve.upstream` (a host
+served as an upstream). Needs the ``serve`` extra (FastAPI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from visguard.errors import InputError
+from visguard.policy import ImageLimits
+from visguard.serve.openai_types import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChunkChoice,
+    Delta,
+    ErrorDetail,
+    ErrorResponse,
+    SplitChat,
+    completion_id,
+    split_messages,
+    sse_event,
+)
+
+#: headers of every server-sent-event response (no caching, no proxy buffering)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI error body (plus optional extra top-level fields and headers)."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, extra: Mapping[str, Any] | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(message=message, type=type, code=code, param=param)
+        self.extra = dict(extra or {})
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        """``{"error": {...}, **extra}``."""
+        return {**ErrorResponse(error=self.detail).model_dump(), **self.extra}
+
+    def response(self) -> JSONResponse:
+        """The JSON response (also an ASGI app, for middleware)."""
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer :class:`ApiError` and request-validation failures (HTTP 400) with OpenAI error bodies."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return ApiError(400, f"invalid request: {first.get('msg', exc)}", param=param).response()
+
+
+def bearer_ok(authorization: str | None, token: str | bytes) -> bool:
+    """Whether an ``Authorization`` header carries ``Bearer <token>`` (constant-time comparison)."""
+    scheme, _, given = (authorization or "").partition(" ")
+    expected = token if isinstance(token, bytes) else token.encode()
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
+
+
+async def read_chat(body: ChatCompletionRequest, served: str, limits: ImageLimits | None) -> SplitChat:
+    """Check a chat request against the served model and take its messages apart (off the event loop).
+
+    Raises:
+        ApiError: 404 for another model name, 400 for ``n`` other than 1 or refused messages / images.
+    """
+    if body.model != served:
+        raise ApiError(404, f"the model {body.model!r} does not exist; this server serves {served!r}",
+                       code="model_not_found", param="model")
+    if body.n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    try:
+        return await asyncio.to_thread(split_messages, body.messages, limits=limits)
+    except InputError as exc:
+        raise ApiError(400, str(exc), param="messages") from exc
+
+
+def chunk_builder(model: str) -> Callable[..., dict[str, Any]]:
+    """``chunk(delta, finish=None) -> dict``: the chunks of one streamed completion (one id, one time)."""
+    cid, created = completion_id(), int(time.time())
+
+    def chunk(delta: Delta, finish: Any = None) -> dict[str, Any]:
+        return ChatCompletionChunk(id=cid, created=created, model=model,
+                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump(mode="json")
+
+    return chunk
+
+
+def sse_data(payload: Mapping[str, Any]) -> str:
+    """One server-sent event carrying a JSON object."""
+    return sse_event(json.dumps(payload))
+
+
+def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
+    """A ``text/event-stream`` response of already framed events."""
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
