@@ -97,6 +97,9 @@ class GuardPrompt:
         mode: the mode the prompt was built for.
         template_kwargs: extra variables for the model's chat template (Llama Guard's
             ``categories`` / ``excluded_category_keys``); sent as ``chat_template_kwargs`` to servers.
+        request_options: extra fields of an OpenAI-compatible generation request (e.g. a JSON-schema
+            ``response_format`` for structured output, ``top_p``); backends without such a request
+            (in-process transformers) ignore them.
     """
 
     messages: list[dict[str, Any]]
@@ -106,6 +109,7 @@ class GuardPrompt:
     verdict_words: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     mode: PromptMode = "fast"
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    request_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ def default_out_dir(benchmark: str, split: str | None, model: str, kind: str) ->
 
 
 def _make_judge(name: str | None, judge_model: str | None, judge_backend: str, device: str,
-                judge_base_url: str | None) -> Any:
+                judge_base_url: str | None, judge_prompt: str | None = None, judge_system: str | None = None) -> Any:
     from visguard.eval import get_judge
 
     if name is None:
@@ -39,6 +39,15 @@ def _make_judge(name: str | None, judge_model: str | None, judge_backend: str, d
                               **backend_kwargs(judge_backend, (), device=device, base_url=judge_base_url)}
     if judge_model:
         kwargs["model"] = judge_model
+    if judge_prompt is not None or judge_system is not None:
+        if name != "mis":
+            raise click.UsageError("--judge-prompt and --judge-system apply to the mis judge")
+        from visguard.default_plugins.judges import read_judge_prompt
+
+        if judge_prompt is not None:
+            kwargs["prompt"] = read_judge_prompt(judge_prompt)
+        if judge_system is not None:
+            kwargs["system"] = judge_system
     return get_judge(name, **kwargs)
 
 
@@ -60,6 +69,12 @@ def register_commands(cli):
     @click.option("--judge-model", default=None, help="The judge's model (mis: an instruction-following VLM; guard: a guard model).")
     @click.option("--judge-backend", default="transformers", show_default=True, help="Backend of the judge model (openai for an endpoint).")
     @click.option("--judge-base-url", default=None, help="API root of an OpenAI-compatible judge endpoint.")
+    @click.option("--judge-prompt", default=None, metavar="FILE",
+                  help="mis judge: the judge instruction from FILE, a template with {question} and {response} "
+                       "(e.g. the MIS repo's PROMPT_TEMPLATE); answered in the MIS schema (label_perception, "
+                       "label_str), 128 tokens.")
+    @click.option("--judge-system", default=None, metavar="TEXT",
+                  help="mis judge: a system message (the MIS repo sends \"You are a helpful assistant.\").")
     @click.option("--out", "-o", "out_dir", default=None,
                   help="Output directory (results.jsonl, summary.json, report.md, plots/). "
                        "Default: runs/eval/<benchmark>-<split>-<kind>-<model>. Rerunning resumes.")
@@ -88,7 +103,7 @@ def register_commands(cli):
     @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
     def eval_command(benchmark: str, data: str, split: str | None, model: str, host_adapter: str | None,
                      guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
-                     judge_base_url: str | None, out_dir: str | None, limit: int | None, mode: str, backend: str,
+                     judge_base_url: str | None, judge_prompt: str | None, judge_system: str | None, out_dir: str | None, limit: int | None, mode: str, backend: str,
                      format_name: str | None, threshold: float, batch_size: int, max_new_tokens: int,
                      host_max_new_tokens: int, backend_args: tuple[str, ...], host_args: tuple[str, ...],
                      device: str, base_url: str | None, restart: bool, no_plots: bool,
@@ -152,7 +167,7 @@ def register_commands(cli):
             guard = None
             if guard_model:
                 guard = load_guard(guard_model)
-            judge_obj = _make_judge(judge, judge_model, judge_backend, device, judge_base_url)
+            judge_obj = _make_judge(judge, judge_model, judge_backend, device, judge_base_url, judge_prompt, judge_system)
             summary = evaluate_model(host, items, judge_obj, guard=guard, benchmark=bench, split=split, out_dir=out,
                                      judge_batch_size=batch_size, restart=restart, progress=not no_progress,
                                      plots=not no_plots)

@@ -195,6 +195,7 @@ class OpenAIBackend(Backend):
         }
         if self.step_logprobs:
             body.update({"logprobs": True, "top_logprobs": self.top_logprobs})
+        body.update(prompt.request_options)
         data = self.post("/chat/completions", _with_template_kwargs(body, prompt))
         try:
             choice = completion_choice(data)
