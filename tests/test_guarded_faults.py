@@ -186,10 +186,11 @@ def test_stream_with_a_failing_guard_releases_nothing_but_the_message(host, imag
         assert stream.result.reason == "unavailable"
 
 
-def test_answer_too_long_for_the_guard_is_unavailable_not_unchecked(image):
+def test_answer_too_long_for_the_guard_is_checked_not_passed(image):
+    # A long answer is checked in windows (tests/test_input_boundary.py); a garbage guard blocks it.
     guard = Guard(GarbageBackend(), VisguardFormat(), Policy())
     result = guard.wrap(lambda images, text: "x" * 40_000, pre_check="off").generate([image], TEXT)
-    assert result.blocked and result.reason == "unavailable" and "post-check refused its input" in result.output_verdict.error
+    assert result.blocked and result.reason == "unavailable" and "invalid score" in result.output_verdict.error
 
 
 def test_host_errors_reach_the_caller_unless_the_request_was_blocked(tiny_guard, image):

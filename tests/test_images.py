@@ -124,7 +124,7 @@ def test_request_build_validates_text_and_response():
         GuardRequest.build(None, 123)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="response must be a string"):
         GuardRequest.build(None, "hi", b"x")  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="exceeds the limit"):
+    with pytest.raises(InputError, match="^text has 40000 characters, more than the limit of 32000$"):
         GuardRequest.build(None, "x" * 40_000)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from visguard.format import GuardPrompt
@@ -58,6 +58,16 @@ class Backend(ABC):
     def special_tokens(self) -> frozenset[str]:
         """Strings the model's tokenizer treats as control tokens (neutralised in user text)."""
         return frozenset()
+
+    def check_verdict_words(self, prefix: str, words: Mapping[str, Sequence[str]]) -> None:  # noqa: B027 - optional hook
+        """Fail early if this backend cannot read the verdict ``words`` after ``prefix``.
+
+        Called once when a :class:`~visguard.guard.Guard` is built. The default accepts everything;
+        backends that score token ids check them here (and may warn about spellings they drop).
+
+        Raises:
+            BackendError: no usable safe/unsafe pair of spellings.
+        """
 
     @property
     def supports_scores(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Any
 
@@ -55,14 +56,32 @@ backend_arg_option = click.option(
 
 
 class _Group(click.Group):
-    """Turns visguard errors into a one-line message and exit code 2 (no traceback)."""
+    """Turns every error into a one-line message and exit code 2 (no traceback).
+
+    Exit code 1 means "unsafe" for ``check``, so a crash must never exit with it. Set
+    ``VISGUARD_DEBUG=1`` to see the traceback of an unexpected (non-visguard) error.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except VisguardError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {one_line(exc)}", err=True)
             ctx.exit(EXIT_ERROR)
+        except Exception as exc:  # noqa: BLE001 - never a traceback, never the "unsafe" exit code
+            if os.environ.get("VISGUARD_DEBUG"):
+                raise
+            click.echo(f"Error: unexpected {type(exc).__name__}: {one_line(exc)} (VISGUARD_DEBUG=1 shows the traceback)",
+                       err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An error's message on one line (whitespace collapsed, at most ``limit`` characters)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -102,11 +121,13 @@ def check(images: tuple[str, ...], model: str, text: str, response: str | None, 
     """
     from visguard.guard import Guard
     from visguard.policy import Policy
+    from visguard.types import GuardRequest
 
     policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens)
+    # Inputs first: a bad image or text is reported before minutes of model loading.
+    request = GuardRequest.build(list(images), text, response, limits=policy.limits)
     kwargs = backend_kwargs(backend, backend_args, device=device)
     guard = Guard.from_pretrained(model, backend=backend, format=format_name, policy=policy, **kwargs)
-    request = guard.request(list(images), text, response)
     verdict = guard.check(request)
     if as_json:
         click.echo(verdict.model_dump_json(indent=2))

@@ -20,7 +20,7 @@ from visguard.errors import BackendError, GuardUnavailableError, InputError
 from visguard.format import GuardFormat
 from visguard.images import ImageInput
 from visguard.policy import Mode, Policy
-from visguard.types import GuardRequest, Verdict
+from visguard.types import MAX_TEXT_CHARS, GuardRequest, Verdict
 
 if TYPE_CHECKING:  # pragma: no cover
     from visguard.guarded import GuardedModel
@@ -58,6 +58,9 @@ class Guard:
         self.format = format
         self.policy = policy or Policy(mode=_default_mode(format))
         format.check_policy(self.policy)
+        if format.capabilities.score and "fast" in format.capabilities.modes and not format.capabilities.fast_tokens:
+            # a tokenizer that cannot tell the verdict words apart fails here, once, not every check
+            backend.check_verdict_words(format.verdict_prefix, format.verdict_words)
         self._batcher = shared_batcher(backend, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0)
 
     # ------------------------------------------------------------------ construction
@@ -87,7 +90,8 @@ class Guard:
         Raises:
             PluginError: unknown backend or format name.
             InputError: a keyword argument the backend does not take.
-            BackendError: the model could not be loaded.
+            BackendError: the model could not be loaded, or its tokenizer cannot tell the verdict
+                words apart.
         """
         fmt = resolve_format(model, format)
         if isinstance(backend, str):
@@ -133,29 +137,70 @@ class Guard:
         images: Iterable[ImageInput] | ImageInput | None,
         text: str,
         response: str | None = None,
+        *,
+        conversation: Iterable[dict[str, str]] = (),
     ) -> GuardRequest:
-        """Build a :class:`GuardRequest` through the image boundary with this policy's limits.
+        """Build a :class:`GuardRequest` through the input boundary with this policy's limits.
 
         Raises:
-            ImageInputError: an image was refused at the boundary.
+            InputError: text, response, conversation or an image is refused (one line naming it).
             UnsupportedRequestError: this guard's format cannot judge such a request.
         """
-        request = GuardRequest.build(images, text, response, limits=self.policy.limits)
+        request = GuardRequest.build(images, text, response, conversation=conversation, limits=self.policy.limits)
         self.format.check_request(request)
         return request
 
     # ------------------------------------------------------------------ sync API
-    def check_input(self, images: Iterable[ImageInput] | ImageInput | None, text: str, *, mode: Mode | None = None) -> Verdict:
-        """Pre-check: is this (images + text) request unsafe?"""
-        return self.check(self.request(images, text), mode=mode)
+    def check_input(
+        self,
+        images: Iterable[ImageInput] | ImageInput | None,
+        text: str,
+        *,
+        mode: Mode | None = None,
+        conversation: Iterable[dict[str, str]] = (),
+    ) -> Verdict:
+        """Pre-check: is this (images + text) request unsafe? ``conversation``: earlier turns, as context."""
+        return self.check(self.request(images, text, conversation=conversation), mode=mode)
 
     def check_output(
-        self, images: Iterable[ImageInput] | ImageInput | None, text: str, response: str, *, mode: Mode | None = None
+        self,
+        images: Iterable[ImageInput] | ImageInput | None,
+        text: str,
+        response: str,
+        *,
+        mode: Mode | None = None,
+        conversation: Iterable[dict[str, str]] = (),
     ) -> Verdict:
         """Post-check: is the host model's ``response`` to (images + text) unsafe?"""
         if not isinstance(response, str):
             raise InputError(f"response must be a string, got {type(response).__name__}")
-        return self.check(self.request(images, text, response), mode=mode)
+        return self.check(self.request(images, text, response, conversation=conversation), mode=mode)
+
+    def check_answer(self, request: GuardRequest, answer: str, *, mode: Mode | None = None) -> Verdict:
+        """Post-check a host model's ``answer`` to ``request``, whatever its length.
+
+        The answer is host output, not caller input, so it is made acceptable instead of refused:
+        lone surrogates become U+FFFD, and an answer longer than :data:`MAX_TEXT_CHARS` is checked
+        in overlapping windows (:data:`ANSWER_WINDOW_OVERLAP` characters shared) in one batch; the
+        worst window decides (any ``unsafe``, else any ``unavailable``, else ``safe``). A long
+        answer is therefore never passed unchecked, whatever ``on_error`` says.
+
+        Raises:
+            GuardUnavailableError: the verdict is ``unavailable`` and ``on_error="raise"``.
+        """
+        verdict = self.report_answer(request, answer, mode=mode)
+        if self.policy.action(verdict) == "raise":
+            raise GuardUnavailableError(verdict)
+        return verdict
+
+    def report_answer(self, request: GuardRequest, answer: str, *, mode: Mode | None = None) -> Verdict:
+        """:meth:`check_answer` acting on nothing (``unavailable`` is returned whatever ``on_error`` says)."""
+        requests = [request.model_copy(update={"response": w}) for w in answer_windows(answer)]
+        return worst_verdict(self.report_batch(requests, mode=mode))
+
+    async def areport_answer(self, request: GuardRequest, answer: str, *, mode: Mode | None = None) -> Verdict:
+        """Async :meth:`report_answer` (runs in a worker thread)."""
+        return await asyncio.to_thread(self.report_answer, request, answer, mode=mode)
 
     def check(self, request: GuardRequest, *, mode: Mode | None = None) -> Verdict:
         """Verdict for one request (``mode`` overrides the policy's mode)."""
@@ -221,15 +266,28 @@ class Guard:
         return verdicts
 
     # ------------------------------------------------------------------ async API
-    async def acheck_input(self, images: Iterable[ImageInput] | ImageInput | None, text: str, *, mode: Mode | None = None) -> Verdict:
+    async def acheck_input(
+        self,
+        images: Iterable[ImageInput] | ImageInput | None,
+        text: str,
+        *,
+        mode: Mode | None = None,
+        conversation: Iterable[dict[str, str]] = (),
+    ) -> Verdict:
         """Async :meth:`check_input`."""
-        return await self.acheck(self.request(images, text), mode=mode)
+        return await self.acheck(self.request(images, text, conversation=conversation), mode=mode)
 
     async def acheck_output(
-        self, images: Iterable[ImageInput] | ImageInput | None, text: str, response: str, *, mode: Mode | None = None
+        self,
+        images: Iterable[ImageInput] | ImageInput | None,
+        text: str,
+        response: str,
+        *,
+        mode: Mode | None = None,
+        conversation: Iterable[dict[str, str]] = (),
     ) -> Verdict:
         """Async :meth:`check_output`."""
-        return await self.acheck(self.request(images, text, response), mode=mode)
+        return await self.acheck(self.request(images, text, response, conversation=conversation), mode=mode)
 
     async def acheck(self, request: GuardRequest, *, mode: Mode | None = None) -> Verdict:
         """Async :meth:`check`."""
@@ -436,6 +494,35 @@ def resolve_format(model: str, format: str | GuardFormat | None = None) -> Guard
         return native if native is not None else plugins.get("formats", DEFAULT_FORMAT)()
     # Naming the checkpoint's own format keeps the table's settings (variant, pixel range).
     return native if native is not None and native.name == format else plugins.get("formats", format)()
+
+
+#: characters two consecutive windows of a long answer share (see :meth:`Guard.check_answer`)
+ANSWER_WINDOW_OVERLAP = 2_000
+
+
+def answer_windows(answer: str, size: int = MAX_TEXT_CHARS, overlap: int = ANSWER_WINDOW_OVERLAP) -> list[str]:
+    """Split host text into overlapping windows of at most ``size`` valid-Unicode characters."""
+    if not isinstance(answer, str):
+        raise InputError(f"answer must be a string, got {type(answer).__name__}")
+    clean = answer.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if len(clean) <= size:
+        return [clean]
+    step = size - overlap
+    return [clean[i : i + size] for i in range(0, len(clean) - overlap, step)]
+
+
+def worst_verdict(verdicts: Sequence[Verdict]) -> Verdict:
+    """One verdict for several checks of parts of one thing: any ``unsafe`` (the most certain), else
+    any ``unavailable``, else ``safe`` (with the highest score)."""
+    if len(verdicts) == 1:
+        return verdicts[0]
+    unsafe = [v for v in verdicts if v.label == "unsafe"]
+    if unsafe:
+        return max(unsafe, key=lambda v: -1.0 if v.score is None else v.score)
+    unavailable = [v for v in verdicts if v.label == "unavailable"]
+    if unavailable:
+        return unavailable[0]
+    return max(verdicts, key=lambda v: -1.0 if v.score is None else v.score)
 
 
 def _checked_requests(requests: Sequence[GuardRequest]) -> list[GuardRequest]:

@@ -303,23 +303,15 @@ class GuardedModel:
     async def _areport(self, request: GuardRequest) -> Verdict:
         return (await self.guard.areport_batch([request]))[0]
 
-    def _output_request(self, call: _Call) -> GuardRequest | Verdict:
-        """The post-check request for the answer so far, or an ``unavailable`` verdict if refused."""
-        try:
-            return self.guard.request(call.request.images, call.request.text, call.answer_so_far)
-        except InputError as exc:  # e.g. an answer longer than the guard accepts: never pass it unchecked
-            return Verdict.unavailable(f"post-check refused its input: {exc}", stage="output", model=self.guard.backend.model_id)
-
     def _check_output(self, call: _Call) -> tuple[Verdict, float]:
+        # check_answer takes an answer of any length (windows) and any characters: never refused.
         start = time.perf_counter()
-        req = self._output_request(call)
-        verdict = req if isinstance(req, Verdict) else self._report(req)
+        verdict = self.guard.report_answer(call.request, call.answer_so_far)
         return verdict, _ms_since(start)
 
     async def _acheck_output(self, call: _Call) -> tuple[Verdict, float]:
         start = time.perf_counter()
-        req = self._output_request(call)
-        verdict = req if isinstance(req, Verdict) else await self._areport(req)
+        verdict = await self.guard.areport_answer(call.request, call.answer_so_far)
         return verdict, _ms_since(start)
 
     def _uses_stream(self, call: _Call) -> bool:

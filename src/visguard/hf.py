@@ -8,7 +8,7 @@ identically.
 
 from __future__ import annotations
 
-from collections import defaultdict
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +30,8 @@ class HFPromptCodec:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self._verdict_ids: dict[tuple, tuple[list[int], list[int]]] = {}
+        #: verdict spellings left out because their first token is not distinct (see verdict_token_ids)
+        self.dropped_verdict_spellings: tuple[str, ...] = ()
         specials = set(self.tokenizer.all_special_tokens)
         specials.update(t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special)
         for attr in _PROCESSOR_TOKEN_ATTRS:
@@ -46,30 +48,57 @@ class HFPromptCodec:
         return text + prompt.assistant_prefix
 
     def verdict_token_ids(self, prefix: str, words: Mapping[str, tuple[str, ...]]) -> tuple[list[int], list[int]]:
-        """First token id of each verdict spelling as it follows ``prefix`` (safe ids, unsafe ids).
+        """First token id of each usable verdict spelling as it follows ``prefix`` (safe ids, unsafe ids).
+
+        A spelling is usable when its first token is its own: a token that also starts a spelling
+        of the other label (a tokenizer that splits ``" Safe"`` and ``" Unsafe"`` into a shared
+        space token and the word), or one that is only whitespace, says nothing about the verdict.
+        Such spellings are dropped, with a warning, and listed in
+        :attr:`dropped_verdict_spellings`; the rest are scored.
 
         Raises:
-            BackendError: the spellings do not map to distinct first tokens.
+            BackendError: no usable spelling is left for ``safe`` or for ``unsafe``.
         """
         key = (prefix, tuple((k, tuple(v)) for k, v in sorted(words.items())))
         if key not in self._verdict_ids:
-            enc = self.tokenizer.encode
-            head = enc(prefix, add_special_tokens=False) if prefix else []
-            ids: dict[str, list[int]] = defaultdict(list)
-            for label in ("safe", "unsafe"):
-                for word in words.get(label, ()):
-                    full = enc(prefix + word, add_special_tokens=False)
-                    if full[: len(head)] == head and len(full) > len(head):
-                        tid = full[len(head)]
-                    else:
-                        tid = enc(word, add_special_tokens=False)[0]
-                    if tid not in ids[label]:
+            first = {label: {word: self._first_token(prefix, word) for word in words.get(label, ())} for label in ("safe", "unsafe")}
+            shared = set(first["safe"].values()) & set(first["unsafe"].values())
+            ids: dict[str, list[int]] = {"safe": [], "unsafe": []}
+            dropped: list[str] = []
+            for label, spellings in first.items():
+                for word, tid in spellings.items():
+                    if tid in shared or not self.tokenizer.decode([tid]).strip():
+                        dropped.append(word)
+                    elif tid not in ids[label]:
                         ids[label].append(tid)
-            clash = set(ids["safe"]) & set(ids["unsafe"])
-            if not ids["safe"] or not ids["unsafe"] or clash:
-                raise BackendError(f"verdict words do not map to distinct first tokens with this tokenizer: {dict(ids)}")
+            if not ids["safe"] or not ids["unsafe"]:
+                raise BackendError(
+                    "this tokenizer gives no safe/unsafe verdict spellings with distinct first tokens after "
+                    f"{prefix!r} (first tokens: "
+                    + ", ".join(f"{w!r}->{t}" for label in first.values() for w, t in label.items())
+                    + "); fast scores cannot be read from it"
+                )
+            if dropped:
+                warnings.warn(
+                    f"verdict spellings {dropped} left out: their first token after {prefix!r} is not distinct "
+                    f"with this tokenizer; scoring with {[w for lab in first.values() for w in lab if w not in dropped]}",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self.dropped_verdict_spellings = tuple(dict.fromkeys((*self.dropped_verdict_spellings, *dropped)))
             self._verdict_ids[key] = (ids["safe"], ids["unsafe"])
         return self._verdict_ids[key]
+
+    def _first_token(self, prefix: str, word: str) -> int:
+        enc = self.tokenizer.encode
+        head = enc(prefix, add_special_tokens=False) if prefix else []
+        full = enc(prefix + word, add_special_tokens=False)
+        if full[: len(head)] == head and len(full) > len(head):
+            return full[len(head)]
+        alone = enc(word, add_special_tokens=False)
+        if not alone:
+            raise BackendError(f"verdict spelling {word!r} encodes to no token")
+        return alone[0]
 
     def generation(self, ids: list[int], probs: list[float | None]) -> Generation:
         """A :class:`Generation` for generated token ``ids`` with per-token verdict probabilities."""
@@ -121,6 +150,7 @@ def load_image_text_model(
     try:
         processor = AutoProcessor.from_pretrained(model, **kwargs)
         hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, use_safetensors=True, **kwargs, **extra)
-    except (OSError, ValueError, KeyError) as exc:
-        raise BackendError(f"cannot load {role} model {model!r} with transformers: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated weights) ...
+        text = " ".join(str(exc).split())[:300]
+        raise BackendError(f"cannot load {role} model {model!r} with transformers: {type(exc).__name__}: {text}") from exc
     return hf_model.to(device), processor

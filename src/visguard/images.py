@@ -10,7 +10,14 @@ content block (``{"type": "image", "base64"|"url": ...}`` or the older ``source_
 are refused: the guard cannot see them. Everything becomes an RGB ``PIL.Image`` with its SHA-256 (of
 the decoded pixels' source bytes) for audit logs and caches. Remote ``http(s)`` URLs are refused
 unless the limits allow fetching. Anything else raises :class:`~visguard.errors.ImageInputError`
-naming the image and the problem.
+naming the image and the problem in one line.
+
+Every accepted image is also made acceptable to every model: EXIF orientation is applied (the
+guard sees the image as a viewer does), transparency is composited on white, and an image whose
+sides differ by more than ``ImageLimits.max_aspect_ratio`` is padded with white along its short
+side up to that ratio (refused when the padded image would exceed ``max_pixels``). Vision
+processors refuse extreme shapes (Qwen2-VL: aspect ratio 200), so without this an attacker could
+turn a valid image into a guard failure.
 """
 
 from __future__ import annotations
@@ -19,14 +26,17 @@ import base64
 import binascii
 import hashlib
 import io
+import itertools
+import math
 import os
+import re
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from visguard.errors import ImageInputError
 from visguard.policy import ImageLimits
@@ -79,18 +89,22 @@ def load_image(item: ImageInput, limits: ImageLimits | None = None, *, index: in
     limits = limits or ImageLimits()
     if isinstance(item, GuardImage):
         _check_pixels(item.image.size, limits, index)
+        _check_aspect(item.image.size, limits, index)
         return item
     if isinstance(item, Image.Image):
         _check_pixels(item.size, limits, index)
-        rgb = _to_rgb(item)
+        try:
+            rgb = _to_rgb(_upright(item))
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageInputError(f"cannot read PIL image: {_one_line(exc)}", index=index, reason="undecodable") from exc
         digest = hashlib.sha256(rgb.tobytes() + repr(rgb.size).encode()).hexdigest()
-        return GuardImage(rgb, digest, "pil")
+        return GuardImage(_fit_aspect(rgb, limits, index), digest, "pil")
     if isinstance(item, bytes | bytearray | memoryview):
         return _decode(bytes(item), limits, index, "bytes")
     if isinstance(item, Mapping):
         return _from_part(item, limits, index)
     if isinstance(item, str) and item.startswith("data:"):
-        return _decode(_data_url_bytes(item, index), limits, index, "data-url")
+        return _decode(_data_url_bytes(item, index, limits), limits, index, "data-url")
     if isinstance(item, str) and item.startswith(("http://", "https://")):
         return _fetch(item, limits, index)
     if isinstance(item, str | os.PathLike):
@@ -111,12 +125,15 @@ def load_images(items: Iterable[ImageInput] | ImageInput | None, limits: ImageLi
     limits = limits or ImageLimits()
     if items is None:
         return []
-    if isinstance(items, str | bytes | bytearray | os.PathLike | Image.Image | Mapping | GuardImage):
-        items = [items]
-    items = list(items)
+    if isinstance(items, str | bytes | bytearray | memoryview | os.PathLike | Image.Image | Mapping | GuardImage) or not isinstance(
+        items, Iterable
+    ):
+        items = [items]  # one image (an unsupported one is refused by load_image with its type named)
+    items = list(itertools.islice(items, limits.max_images + 1))  # an endless iterator is not read to the end
     if len(items) > limits.max_images:
         raise ImageInputError(
-            f"{len(items)} images given, the policy allows at most {limits.max_images}", reason="too_many"
+            f"more than {limits.max_images} images given; the policy allows at most {limits.max_images}",
+            reason="too_many",
         )
     return [load_image(it, limits, index=i) for i, it in enumerate(items)]
 
@@ -131,6 +148,48 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     return img.convert("RGB")
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag, so the guard sees what a viewer sees."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - unreadable EXIF: keep the stored orientation
+        return img
+    return ImageOps.exif_transpose(img) if orientation not in (None, 1) else img
+
+
+def _check_aspect(size: tuple[int, int], limits: ImageLimits, index: int | None) -> None:
+    w, h = size
+    if max(w, h) / min(w, h) > limits.max_aspect_ratio:
+        raise ImageInputError(
+            f"{w}x{h} has an aspect ratio above the limit of {limits.max_aspect_ratio:g}", index=index, reason="aspect_ratio"
+        )
+
+
+def _fit_aspect(img: Image.Image, limits: ImageLimits, index: int | None) -> Image.Image:
+    """Pad an extreme strip with white up to ``max_aspect_ratio`` (refused if that needs too many pixels)."""
+    w, h = img.size
+    ratio = limits.max_aspect_ratio
+    if max(w, h) / min(w, h) <= ratio:
+        return img
+    new = (w, math.ceil(w / ratio)) if w > h else (math.ceil(h / ratio), h)
+    if new[0] * new[1] > limits.max_pixels:
+        raise ImageInputError(
+            f"{w}x{h} has an aspect ratio above {ratio:g} and padding it to {new[0]}x{new[1]} exceeds the limit of "
+            f"{limits.max_pixels} pixels",
+            index=index,
+            reason="aspect_ratio",
+        )
+    canvas = Image.new("RGB", new, (255, 255, 255))
+    canvas.paste(img, ((new[0] - w) // 2, (new[1] - h) // 2))
+    return canvas
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's text on one line, without object reprs (``<_io.BytesIO object at 0x...>``)."""
+    text = re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "the data", str(exc))
+    return " ".join(text.split())[:300] or type(exc).__name__
 
 
 def _check_pixels(size: tuple[int, int], limits: ImageLimits, index: int | None) -> None:
@@ -162,35 +221,64 @@ def _decode(data: bytes, limits: ImageLimits, index: int | None, source: str) ->
                 )
             _check_pixels(img.size, limits, index)  # before decoding pixels: stops decompression bombs
             img.load()
+            rgb = _to_rgb(_upright(img))
     except ImageInputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageInputError(f"decompression bomb refused: {exc}", index=index, reason="too_large") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageInputError(f"cannot decode image data: {exc}", index=index, reason="undecodable") from exc
-    return GuardImage(_to_rgb(img), hashlib.sha256(data).hexdigest(), source)
+        raise ImageInputError(f"decompression bomb refused: {_one_line(exc)}", index=index, reason="too_large") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageInputError(
+            f"not a recognised image ({len(data)} bytes; accepted formats: {', '.join(sorted(ALLOWED_FORMATS))})",
+            index=index,
+            reason="undecodable",
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise ImageInputError(f"cannot decode image data: {_one_line(exc)}", index=index, reason="undecodable") from exc
+    return GuardImage(_fit_aspect(rgb, limits, index), hashlib.sha256(data).hexdigest(), source)
 
 
-def _data_url_bytes(url: str, index: int | None) -> bytes:
+def _data_url_bytes(url: str, index: int | None, limits: ImageLimits) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or not header.startswith("data:image/"):
         raise ImageInputError("data URL must look like data:image/<type>;base64,<data>", index=index, reason="bad_url")
     if not header.endswith(";base64"):
         raise ImageInputError("only base64 data URLs are accepted", index=index, reason="bad_url")
+    return _b64(payload, index, limits, "data URL", "bad_url")
+
+
+def _b64(payload: str, index: int | None, limits: ImageLimits, what: str, reason: str) -> bytes:
+    if len(payload) // 4 * 3 > limits.max_bytes + 3:  # checked before decoding: no huge allocations
+        raise ImageInputError(
+            f"{what} holds about {len(payload) // 4 * 3} bytes, more than the limit of {limits.max_bytes}",
+            index=index,
+            reason="too_large",
+        )
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ImageInputError(f"invalid base64 in data URL: {exc}", index=index, reason="bad_url") from exc
+        raise ImageInputError(f"invalid base64 in {what}: {_one_line(exc)}", index=index, reason=reason) from exc
 
 
 def _from_path(path: Path, limits: ImageLimits, index: int | None) -> GuardImage:
-    if not path.is_file():
-        raise ImageInputError(f"no such image file: {path}", index=index, reason="not_found")
-    size = path.stat().st_size
-    if size > limits.max_bytes:
-        raise ImageInputError(f"{path}: {size} bytes exceeds the limit of {limits.max_bytes}", index=index, reason="too_large")
-    gi = _decode(path.read_bytes(), limits, index, str(path))
-    return gi
+    shown = _one_line(ValueError(str(path)))[:200]
+    try:
+        if not path.exists():
+            raise ImageInputError(f"no such image file: {shown}", index=index, reason="not_found")
+        if not path.is_file():
+            raise ImageInputError(f"not a regular file: {shown}", index=index, reason="not_found")
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise ImageInputError(f"{shown}: {size} bytes exceeds the limit of {limits.max_bytes}", index=index, reason="too_large")
+        with path.open("rb") as fh:  # bounded read: /proc files report size 0 but may be long
+            data = fh.read(limits.max_bytes + 1)
+    except ImageInputError:
+        raise
+    except (OSError, ValueError) as exc:  # permission denied, name too long, embedded NUL ...
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+        raise ImageInputError(f"cannot read image file {shown}: {reason}", index=index, reason="unreadable") from exc
+    if len(data) > limits.max_bytes:
+        raise ImageInputError(f"{shown}: more than {limits.max_bytes} bytes", index=index, reason="too_large")
+    return _decode(data, limits, index, str(path))
 
 
 def _from_part(part: Mapping[str, Any], limits: ImageLimits, index: int | None) -> GuardImage:
@@ -223,11 +311,7 @@ def _from_part(part: Mapping[str, Any], limits: ImageLimits, index: int | None) 
 
 
 def _from_base64(payload: str, limits: ImageLimits, index: int | None) -> GuardImage:
-    try:
-        raw = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageInputError(f"invalid base64 in image block: {exc}", index=index, reason="bad_part") from exc
-    return _decode(raw, limits, index, "base64")
+    return _decode(_b64(payload, index, limits, "image block", "bad_part"), limits, index, "base64")
 
 
 def _unseen_file(file_id: Any, index: int | None) -> ImageInputError:

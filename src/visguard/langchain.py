@@ -155,7 +155,7 @@ def request_from_langchain(guard: Guard, value: Any, *, stage: Literal["input", 
     """Build a :class:`GuardRequest` from a LangChain-style input.
 
     - ``str``: the user's text, no images;
-    - ``dict``: keys ``images`` (any image form), ``text``, ``response``;
+    - ``dict``: keys ``images`` (any image form), ``text``, ``response``, ``conversation``;
     - messages / ``PromptValue``: see :func:`split_chat`; for an output check the last AI
       message is the response and the messages before it the request.
 
@@ -163,10 +163,11 @@ def request_from_langchain(guard: Guard, value: Any, *, stage: Literal["input", 
         InputError: the input has none of these shapes, or an output check has no response.
     """
     if isinstance(value, dict):
-        unknown = set(value) - {"images", "text", "response"}
+        unknown = set(value) - {"images", "text", "response", "conversation"}
         if unknown:
-            raise InputError(f"unknown keys {sorted(unknown)}; expected images, text, response")
-        request = guard.request(value.get("images"), value.get("text", ""), value.get("response"))
+            raise InputError(f"unknown keys {sorted(map(str, unknown))}; expected images, text, response, conversation")
+        request = guard.request(value.get("images"), value.get("text", ""), value.get("response"),
+                                conversation=value.get("conversation") or ())
     elif isinstance(value, str):
         request = guard.request(None, value)
     else:

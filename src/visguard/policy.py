@@ -82,6 +82,11 @@ class ImageLimits(BaseModel):
     max_images: int = Field(default=8, ge=0)
     max_pixels: int = Field(default=4096 * 4096, gt=0, description="width * height of one image")
     max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="encoded size of one image")
+    max_aspect_ratio: float = Field(
+        default=100.0, ge=1.0, le=150.0,
+        description="longer side / shorter side; a longer strip is padded with white up to this ratio "
+        "(vision processors refuse extreme ratios, e.g. Qwen2-VL above 200)",
+    )
     allow_remote: bool = Field(default=False, description="fetch http(s) URLs (off: refused)")
     remote_timeout_s: float = Field(default=10.0, gt=0)
 

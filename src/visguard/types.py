@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from visguard.errors import InputError
 from visguard.images import GuardImage, ImageInput, load_images
@@ -15,6 +15,74 @@ Label = Literal["safe", "unsafe", "unavailable"]
 Stage = Literal["input", "output"]
 
 MAX_TEXT_CHARS = 32_000
+#: most earlier turns a request may carry
+MAX_CONVERSATION_TURNS = 32
+#: roles an earlier turn may have
+CONVERSATION_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+
+
+def check_text(value: Any, field: str, *, optional: bool = False, limit: int = MAX_TEXT_CHARS) -> str | None:
+    """The one text check of visguard's input boundary.
+
+    Text must be a ``str`` (``None`` where ``optional``) of at most ``limit`` characters that
+    encodes as UTF-8 (no lone surrogates, which no tokenizer can take).
+
+    Raises:
+        InputError: a one-line message naming ``field`` and the limit or the problem.
+    """
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        kind = "a string or None" if optional else "a string"
+        raise InputError(f"{field} must be {kind}, got {type(value).__name__}")
+    if len(value) > limit:
+        raise InputError(f"{field} has {len(value)} characters, more than the limit of {limit}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{field} holds a lone surrogate (U+{ord(value[exc.start]):04X}) at character {exc.start}: not valid Unicode text"
+        ) from exc
+    return value
+
+
+def check_conversation(value: Any, field: str = "conversation") -> tuple[dict[str, str], ...]:
+    """Validate earlier turns: at most :data:`MAX_CONVERSATION_TURNS` ``{"role", "content"}`` mappings.
+
+    ``role`` is one of :data:`CONVERSATION_ROLES` (the OpenAI chat roles); ``content`` passes
+    :func:`check_text`.
+
+    Raises:
+        InputError: a one-line message naming the turn and the problem.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Iterable):
+        raise InputError(f"{field} must be a list of {{'role', 'content'}} turns, got {type(value).__name__}")
+    turns = []
+    for i, turn in enumerate(value):
+        if i >= MAX_CONVERSATION_TURNS:
+            raise InputError(f"{field} has more than {MAX_CONVERSATION_TURNS} turns, the limit")
+        if not isinstance(turn, Mapping):
+            raise InputError(f"{field}[{i}] must be a mapping with 'role' and 'content', got {type(turn).__name__}")
+        unknown = sorted(str(k) for k in turn if k not in ("role", "content"))
+        if unknown:
+            raise InputError(f"{field}[{i}] has unknown keys {unknown}; expected 'role' and 'content'")
+        role = turn.get("role")
+        if role not in CONVERSATION_ROLES:
+            raise InputError(f"{field}[{i}].role must be one of {sorted(CONVERSATION_ROLES)}, got {str(role)[:40]!r}")
+        content = check_text(turn.get("content"), f"{field}[{i}].content")
+        turns.append({"role": role, "content": content})
+    total = sum(len(t["content"]) for t in turns)
+    if total > MAX_TEXT_CHARS:
+        raise InputError(f"{field} has {total} characters in all, more than the limit of {MAX_TEXT_CHARS}")
+    return tuple(turns)
+
+
+def _one_line_validation(exc: ValidationError) -> str:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+    return f"{where}: {' '.join(str(first.get('msg', exc)).split())}"
 
 
 class GuardRequest(BaseModel):
@@ -26,7 +94,9 @@ class GuardRequest(BaseModel):
         images: checked images, in the order the user gave them.
         text: the user's instruction (may be empty).
         response: the host model's answer; present for output (post) checks.
-        conversation: optional earlier turns, ``[{"role": ..., "content": str}]``, for context.
+        conversation: earlier turns, ``[{"role": "user"|"assistant"|"system"..., "content": str}]``;
+            the format quotes them into the guard prompt as context (at most
+            :data:`MAX_CONVERSATION_TURNS` turns, :data:`MAX_TEXT_CHARS` characters in all).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
@@ -36,12 +106,21 @@ class GuardRequest(BaseModel):
     response: str | None = None
     conversation: tuple[dict[str, str], ...] = ()
 
-    @field_validator("text", "response")
+    @field_validator("text", "response", mode="before")
     @classmethod
-    def _bounded(cls, value: str | None) -> str | None:
-        if value is not None and len(value) > MAX_TEXT_CHARS:
-            raise ValueError(f"text of {len(value)} characters exceeds the limit of {MAX_TEXT_CHARS}")
-        return value
+    def _valid_text(cls, value: Any, info: Any) -> str | None:
+        try:
+            return check_text(value, info.field_name, optional=info.field_name == "response")
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("conversation", mode="before")
+    @classmethod
+    def _valid_conversation(cls, value: Any) -> tuple[dict[str, str], ...]:
+        try:
+            return check_conversation(value)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
 
     @property
     def stage(self) -> Stage:
@@ -60,19 +139,21 @@ class GuardRequest(BaseModel):
     ) -> GuardRequest:
         """Validate raw inputs into a request.
 
+        Text is checked before images (it is cheaper), each by the one check of its kind:
+        :func:`check_text`, :func:`check_conversation`, :func:`~visguard.images.load_images`.
+
         Raises:
             ImageInputError: an image was refused at the boundary.
-            InputError: text or response is not a string, or too long.
+            InputError: text, response or conversation is not valid (one line naming the field).
         """
-        if not isinstance(text, str):
-            raise InputError(f"text must be a string, got {type(text).__name__}")
-        if response is not None and not isinstance(response, str):
-            raise InputError(f"response must be a string or None, got {type(response).__name__}")
+        text = check_text(text, "text")
+        response = check_text(response, "response", optional=True)
+        turns = check_conversation(conversation)
         checked = load_images(images, limits)
         try:
-            return cls(images=tuple(checked), text=text, response=response, conversation=tuple(conversation))
-        except ValueError as exc:  # pydantic.ValidationError is a ValueError
-            raise InputError(str(exc)) from exc
+            return cls(images=tuple(checked), text=text, response=response, conversation=turns)
+        except ValidationError as exc:
+            raise InputError(_one_line_validation(exc)) from exc
 
     def image_hashes(self) -> list[str]:
         return [img.sha256 for img in self.images]

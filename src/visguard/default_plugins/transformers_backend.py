@@ -85,6 +85,14 @@ class TransformersBackend(Backend):
     def special_tokens(self) -> frozenset[str]:
         return self.codec.special_tokens
 
+    @property
+    def dropped_verdict_spellings(self) -> tuple[str, ...]:
+        """Verdict spellings not scored because this tokenizer gives them no distinct first token."""
+        return self.codec.dropped_verdict_spellings
+
+    def check_verdict_words(self, prefix: str, words: Any) -> None:
+        self.codec.verdict_token_ids(prefix, words)
+
     # ------------------------------------------------------------------ rendering
     def render(self, prompt: GuardPrompt) -> str:
         """The exact prompt string the model sees (chat template + assistant prefix)."""

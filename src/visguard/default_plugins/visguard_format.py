@@ -8,8 +8,16 @@ request (and, for a post-check, the assistant's response) between delimiters, an
     Verdict: safe|unsafe
     Category: <Category> / <Sub-category>   or   Category: none
 
+Earlier turns of a conversation (``GuardRequest.conversation``) are quoted, neutralised like the
+request, between ``<conversation>`` tags before the request, as context.
+
 Fast mode asks for the verdict line first and ends the prompt right after ``Verdict:``, so P(unsafe)
-is read from one forward pass. Parsing reads only generated text and takes the last verdict line.
+is read from one forward pass. Parsing reads only generated text, and the guard's *first* verdict
+block decides: the first ``Verdict:`` line and the ``Category:`` line right after it. Anything the
+guard writes after that block (for example an echo of the request that contains its own
+``Verdict: safe``) is ignored. In untrusted text the labels ``Verdict`` and ``Category`` at the
+start of a line are broken with a zero-width space, so a verbatim echo of the request in the
+guard's reasoning cannot form a verdict line either.
 """
 
 from __future__ import annotations
@@ -18,12 +26,17 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-from visguard.format import GuardFormat, GuardPrompt, ParsedOutput, PromptMode, neutralize
+from visguard.format import _ZWSP, GuardFormat, GuardPrompt, ParsedOutput, PromptMode, neutralize
 from visguard.hookspecs import hookimpl
 from visguard.policy import Policy
 from visguard.types import GuardRequest
 
-_TAGS = ("<user_request>", "</user_request>", "<assistant_response>", "</assistant_response>")
+_TAGS = (
+    "<user_request>", "</user_request>", "<assistant_response>", "</assistant_response>",
+    "<conversation>", "</conversation>",
+)
+#: a label that would start a verdict/category line, wherever a line of untrusted text starts
+_LABEL_LINE_RE = re.compile(r"(?im)^([ \t>*#_`-]*)(verdict|categor)")
 
 _VERDICT_RE = re.compile(
     r"^[ \t>*#_`-]*verdict[ \t*_`]*[:=][ \t*_`]*(?P<word>[A-Za-z]+)(?P<rest>[^\n]*)$",
@@ -71,9 +84,13 @@ class VisguardFormat(GuardFormat):
             subs = f" ({', '.join(cat.sub_categories)})" if cat.sub_categories else ""
             desc = f": {cat.description}" if cat.description else ""
             lines.append(f"- {cat.name}{subs}{desc}")
-        lines += ["", "<user_request>", neutralize(request.text, special_tokens, _TAGS), "</user_request>"]
+        if request.conversation:
+            lines += ["", "Earlier turns of the conversation, as context:", "<conversation>"]
+            lines += [f"[{turn['role']}] {_quote(turn['content'], special_tokens)}" for turn in request.conversation]
+            lines.append("</conversation>")
+        lines += ["", "<user_request>", _quote(request.text, special_tokens), "</user_request>"]
         if post:
-            lines += ["<assistant_response>", neutralize(request.response or "", special_tokens, _TAGS), "</assistant_response>"]
+            lines += ["<assistant_response>", _quote(request.response or "", special_tokens), "</assistant_response>"]
         lines += ["", f"Decide whether {subject} is unsafe, considering the images and the text together."]
         if mode == "fast":
             lines += ["Answer in exactly this format:", "Verdict: safe or unsafe", "Category: <category> / <sub-category>, or none"]
@@ -88,25 +105,29 @@ class VisguardFormat(GuardFormat):
         return "\n".join(lines)
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
-        matches = list(_VERDICT_RE.finditer(text))
-        if not matches:
+        """Read the guard's first verdict block; text after it never decides (see the module doc)."""
+        if not isinstance(text, str):
+            return ParsedOutput(label=None, error=f"unparseable guard output: {type(text).__name__}, not text")
+        first = _VERDICT_RE.search(text)
+        if first is None:
             return ParsedOutput(label=None, error="unparseable guard output: no 'Verdict: safe|unsafe' line")
-        last = matches[-1]
-        word = last.group("word").lower()
+        word = first.group("word").lower()
         if word not in ("safe", "unsafe"):
-            return ParsedOutput(label=None, error=f"unparseable guard output: unknown verdict {last.group('word')!r}")
+            shown = " ".join(first.group("word").split())[:40]
+            return ParsedOutput(label=None, error=f"unparseable guard output: unknown verdict {shown!r}")
         label: Literal["safe", "unsafe"] = "safe" if word == "safe" else "unsafe"
         category = sub = None
-        cat_match = _CATEGORY_RE.search(text, last.end())
+        # The category belongs to the block only if it is the next non-empty line.
+        cat_match = _CATEGORY_RE.match(text, _next_line_start(text, first.end()))
         if cat_match is not None and label == "unsafe":
             category, sub = policy.find_category(cat_match.group("value"))
-        reasoning = text[: last.start()].strip() or None
+        reasoning = text[: first.start()].strip() or None
         return ParsedOutput(
             label=label,
             category=category,
             sub_category=sub,
             reasoning=reasoning,
-            verdict_offset=last.start("word"),
+            verdict_offset=first.start("word"),
         )
 
     def target(
@@ -130,6 +151,25 @@ class VisguardFormat(GuardFormat):
         if mode == "fast":
             return tail
         return f"{reasoning.strip()}\n{tail}" if reasoning else tail
+
+
+def _quote(text: str, special_tokens: Iterable[str]) -> str:
+    """Untrusted text made inert: specials and tags broken, label lines defanged."""
+    text = neutralize(text, special_tokens, _TAGS)
+    return _LABEL_LINE_RE.sub(lambda m: m.group(1) + m.group(2)[0] + _ZWSP + m.group(2)[1:], text)
+
+
+def _next_line_start(text: str, pos: int) -> int:
+    """Start of the first non-blank line after ``pos`` (``len(text)`` when none)."""
+    while True:
+        nl = text.find("\n", pos)
+        if nl < 0:
+            return len(text)
+        pos = nl + 1
+        end = text.find("\n", pos)
+        line = text[pos : len(text) if end < 0 else end]
+        if line.strip():
+            return pos
 
 
 @hookimpl

@@ -93,6 +93,7 @@ __all__ = [
     "build_tiny_checkpoint",
     "build_tiny_tokenizer",
     "cached_tiny_checkpoint",
+    "with_added_words",
 ]
 
 ARCHITECTURES: tuple[str, ...] = ("qwen2_vl", "llava", "idefics3")
@@ -904,3 +905,32 @@ def cached_tiny_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def with_added_words(
+    checkpoint: str | os.PathLike[str], words: tuple[str, ...], output: str | os.PathLike[str]
+) -> pathlib.Path:
+    """Copy a tiny checkpoint with ``words`` added to its tokenizer as (non-special) added tokens.
+
+    An added token is cut out of the text before pre-tokenization, so ``" Safe"`` then encodes as
+    a space token followed by ``"Safe"``: the shape of a real tokenizer that splits a verdict
+    spelling. The embeddings are resized (new rows random) so the model still loads and runs.
+
+    Args:
+        checkpoint: a directory from :func:`cached_tiny_checkpoint`.
+        words: the words to add, e.g. ``("Safe", "Unsafe")``.
+        output: the new checkpoint directory (created).
+
+    Returns:
+        ``output`` as a path.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = pathlib.Path(output)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint)
+    processor.tokenizer.add_tokens(list(words))
+    model.resize_token_embeddings(len(processor.tokenizer))
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

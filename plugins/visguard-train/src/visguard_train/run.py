@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -160,10 +161,16 @@ def _train(
     transformers.set_seed(config.seed)
     try:
         processor = AutoProcessor.from_pretrained(config.base)
-        model = AutoModelForImageTextToText.from_pretrained(config.base, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load base model {config.base!r}: {exc}") from exc
-    builder = ExampleBuilder(HFPromptCodec(processor), fmt)
+    codec = HFPromptCodec(processor)
+    if config.objective == "guard":
+        _require_verdict_tokens(codec, fmt, config.base)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(config.base, dtype=torch.float32, use_safetensors=True)
+    except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError ...: one typed message
+        raise InputError(f"cannot load base model {config.base!r}: {type(exc).__name__}: {exc}") from exc
+    builder = ExampleBuilder(codec, fmt)
     dataset = ExampleDataset(specs, builder, max_length=config.max_length)
     try:
         dataset[0]  # fail early, with the data's own error, before any training starts
@@ -223,7 +230,13 @@ def _train(
         callbacks=[_JsonlLog(output / LOG_FILE)],
     )
     start = time.perf_counter()
-    train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a checkpoint file
+        raise InputError(
+            f"cannot resume from {resume_from}: a checkpoint file holds more than tensors and was refused "
+            f"(possibly malicious): {' '.join(str(exc).split())[:160]}"
+        ) from exc
     seconds = time.perf_counter() - start
     method.save(trainer, processor, output)
 
@@ -242,6 +255,16 @@ def _train(
             result.eval = _evaluate_after_training(config, output, trainer.model, processor, fmt, eval_records)
         _write_meta(output, config, result, records, world)
     return result
+
+
+def _require_verdict_tokens(codec: Any, fmt: Any, base: str) -> None:
+    """Refuse, before any training, a base model whose trained guard could never be scored."""
+    from visguard.errors import BackendError
+
+    try:
+        codec.verdict_token_ids(fmt.verdict_prefix, fmt.verdict_words)
+    except BackendError as exc:
+        raise InputError(f"base model {base!r} cannot become a {fmt.name!r} guard: {exc}") from exc
 
 
 def _checkpointing_args(enabled: bool) -> dict[str, Any]:
