@@ -157,7 +157,7 @@ def test_resume_refuses_a_malicious_optimizer_state_in_one_line(tmp_path):
     res = CliRunner().invoke(cli, [*args, "--max-steps", "2", "--resume"])
     assert res.exit_code == 2, res.output
     errors = [line for line in res.output.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "cannot resume from" in errors[0] and "refused" in errors[0]
+    assert len(errors) == 1 and "optimizer.pt" in errors[0] and "refused" in errors[0]
     assert "Traceback" not in res.output and "pwned" not in res.output
 
 
@@ -207,6 +207,26 @@ def test_server_uses_the_conversation_field(tiny):
     assert with_turns.json()["score"] != without.json()["score"]
     bad = client.post("/v1/guard/check", json={"text": "now", "conversation": [{"role": "wizard", "content": "x"}]})
     assert bad.status_code == 400 and "conversation[0].role" in bad.json()["error"]["message"]
+
+
+def test_a_format_that_cannot_read_the_conversation_refuses_it():
+    from visguard.errors import UnsupportedRequestError
+    from visguard.format import Capabilities
+
+    class NoConversation(VisguardFormat):
+        name = "no-conversation"
+        capabilities = Capabilities()
+
+    guard = Guard(MarkerBackend(), NoConversation())
+    turns = [{"role": "user", "content": "earlier"}]
+    with pytest.raises(UnsupportedRequestError, match="does not read earlier conversation turns"):
+        guard.check_input(None, "now", conversation=turns)
+    assert guard.check_input(None, "now").label == "safe"
+    client = TestClient(create_app(guard))
+    refused = client.post("/v1/guard/check", json={"text": "now", "conversation": turns})
+    assert refused.status_code == 400 and "conversation" in refused.json()["error"]["message"]
+    dropped = Guard(MarkerBackend(), NoConversation(ignore_unread=True))
+    assert dropped.check_input(None, "now", conversation=turns).label == "safe"  # dropped knowingly
 
 
 def test_langchain_messages_before_the_last_human_become_the_conversation(tiny):

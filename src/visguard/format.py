@@ -44,6 +44,8 @@ class Capabilities:
             per-request content comes first, as in image-first classifier prompts).
         cross_image: whether several images are judged together (harm that only appears when they
             are combined), not each on its own.
+        conversation: whether earlier turns (``GuardRequest.conversation``) reach the prompt; a
+            format that does not use them refuses a request that has them (never ignores them).
     """
 
     min_images: int = 0
@@ -59,6 +61,7 @@ class Capabilities:
     fast_tokens: int = 0
     shares_prefix: bool = True
     cross_image: bool = True
+    conversation: bool = False
 
     def summary(self) -> str:
         """One line for ``visguard plugins`` and docs."""
@@ -177,6 +180,10 @@ class GuardFormat(ABC):
                 raise UnsupportedRequestError(
                     f"format {name!r} judges at most {caps.max_images} image(s) per request, got {n}"
                     + ("" if caps.cross_image else " (it cannot judge harm that appears only across images)"))
+        if request.conversation and not caps.conversation and not getattr(self, "ignore_unread", False):
+            raise UnsupportedRequestError(
+                f"format {name!r} does not read earlier conversation turns; send the request without "
+                "'conversation' (or build the format with ignore_unread=True to drop them knowingly)")
         if request.text.strip() and not caps.text and not getattr(self, "ignore_unread", False):
             raise UnsupportedRequestError(
                 f"format {name!r} judges images alone and cannot read the request's text "

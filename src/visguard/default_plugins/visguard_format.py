@@ -26,7 +26,15 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-from visguard.format import _ZWSP, GuardFormat, GuardPrompt, ParsedOutput, PromptMode, neutralize
+from visguard.format import (
+    _ZWSP,
+    Capabilities,
+    GuardFormat,
+    GuardPrompt,
+    ParsedOutput,
+    PromptMode,
+    neutralize,
+)
 from visguard.hookspecs import hookimpl
 from visguard.policy import Policy
 from visguard.types import GuardRequest
@@ -49,6 +57,7 @@ class VisguardFormat(GuardFormat):
     """Perception -> cross-image reasoning -> verdict -> category, as plain labelled lines."""
 
     name = "visguard"
+    capabilities = Capabilities(conversation=True)
 
     def build(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()

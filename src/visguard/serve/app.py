@@ -58,7 +58,6 @@ from visguard.serve.openai_types import (
     ModelList,
     generation_options,
 )
-from visguard.types import GuardRequest
 
 #: paths behind the gate (auth, size, concurrency)
 GATED_PREFIX = "/v1/"
@@ -202,14 +201,11 @@ def create_app(
     @app.post("/v1/guard/check")
     async def guard_check(body: GuardCheckBody) -> JSONResponse:
         try:
-            request = await asyncio.to_thread(
-                GuardRequest.build, body.images, body.text, body.response,
-                conversation=body.conversation, limits=guard.policy.limits,
-            )
-        except InputError as exc:
-            raise ApiError(400, str(exc), param="images" if "image" in str(exc) else None) from exc
-        try:
+            request = await asyncio.to_thread(guard.request, body.images, body.text, body.response,
+                                              conversation=body.conversation)
             verdict = await guard.acheck(request, mode=body.mode)
+        except InputError as exc:  # refused at the input boundary, or a request the format cannot judge
+            raise ApiError(400, str(exc), param="images" if "image" in str(exc) else None) from exc
         except GuardUnavailableError as exc:
             raise ApiError(503, str(exc), type="server_error", code="guard_unavailable",
                              extra={"visguard": exc.verdict.model_dump(mode="json")}) from exc

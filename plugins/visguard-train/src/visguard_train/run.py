@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -230,13 +229,7 @@ def _train(
         callbacks=[_JsonlLog(output / LOG_FILE)],
     )
     start = time.perf_counter()
-    try:
-        train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refused a checkpoint file
-        raise InputError(
-            f"cannot resume from {resume_from}: a checkpoint file holds more than tensors and was refused "
-            f"(possibly malicious): {' '.join(str(exc).split())[:160]}"
-        ) from exc
+    train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     method.save(trainer, processor, output)
 
@@ -261,6 +254,9 @@ def _require_verdict_tokens(codec: Any, fmt: Any, base: str) -> None:
     """Refuse, before any training, a base model whose trained guard could never be scored."""
     from visguard.errors import BackendError
 
+    caps = fmt.capabilities
+    if not (caps.score and "fast" in caps.modes and not caps.fast_tokens):
+        return  # the format's verdicts are not read from verdict-token scores
     try:
         codec.verdict_token_ids(fmt.verdict_prefix, fmt.verdict_words)
     except BackendError as exc:
