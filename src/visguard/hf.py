@@ -123,6 +123,9 @@ def load_image_text_model(
 ) -> tuple[Any, Any]:
     """Load ``(model, processor)`` of an image-text-to-text checkpoint, safetensors only.
 
+    A text-only checkpoint (a text guard such as Qwen3Guard) loads as its causal LM, with its
+    tokenizer as the processor.
+
     Args:
         model: hub id or local path.
         role: ``"guard"`` or ``"host"``, for error messages.
@@ -149,7 +152,14 @@ def load_image_text_model(
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         processor = AutoProcessor.from_pretrained(model, **kwargs)
-        hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, use_safetensors=True, **kwargs, **extra)
+        try:
+            hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, use_safetensors=True, **kwargs, **extra)
+        except ValueError as exc:  # a text-only checkpoint (e.g. a text guard): its causal LM, same prompts
+            if "Unrecognized configuration class" not in str(exc):
+                raise
+            from transformers import AutoModelForCausalLM
+
+            hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, use_safetensors=True, **kwargs, **extra)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated weights) ...
         text = " ".join(str(exc).split())[:300]
         raise BackendError(f"cannot load {role} model {model!r} with transformers: {type(exc).__name__}: {text}") from exc

@@ -95,3 +95,9 @@ class GuardReasonerFormat(GuardFormat):
 @hookimpl
 def register_formats(register):
     register("guardreasoner-vl", GuardReasonerFormat)
+
+
+@hookimpl
+def register_model_formats(register):
+    for size in ("3B", "7B"):
+        register(f"yueliu1999/GuardReasoner-VL-{size}", GuardReasonerFormat)

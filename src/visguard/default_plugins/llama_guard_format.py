@@ -103,3 +103,9 @@ class LlamaGuard3VisionFormat(LlamaGuardFormat):
 def register_formats(register):
     register("llama-guard-4", LlamaGuardFormat)
     register("llama-guard-3-vision", LlamaGuard3VisionFormat)
+
+
+@hookimpl
+def register_model_formats(register):
+    register("meta-llama/Llama-Guard-4-12B", LlamaGuardFormat)
+    register("meta-llama/Llama-Guard-3-11B-Vision", LlamaGuard3VisionFormat)

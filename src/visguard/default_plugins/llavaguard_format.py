@@ -226,3 +226,11 @@ class QwenGuardFormat(LlavaGuardFormat):
 def register_formats(register):
     register("llavaguard", LlavaGuardFormat)
     register("qwenguard", QwenGuardFormat)
+
+
+@hookimpl
+def register_model_formats(register):
+    for size in ("0.5B", "7B"):
+        register(f"AIML-TUDA/LlavaGuard-v1.2-{size}-OV-hf", LlavaGuardFormat)
+    for size in ("3B", "7B"):
+        register(f"AIML-TUDA/QwenGuard-v1.2-{size}", QwenGuardFormat)

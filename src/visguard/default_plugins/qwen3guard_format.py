@@ -94,3 +94,9 @@ class Qwen3GuardFormat(GuardFormat):
 @hookimpl
 def register_formats(register):
     register("qwen3guard", Qwen3GuardFormat)
+
+
+@hookimpl
+def register_model_formats(register):
+    for size in ("0.6B", "4B", "8B"):
+        register(f"Qwen/Qwen3Guard-Gen-{size}", Qwen3GuardFormat)

@@ -76,3 +76,8 @@ class ShieldGemmaFormat(GuardFormat):
 @hookimpl
 def register_formats(register):
     register("shieldgemma2", ShieldGemmaFormat)
+
+
+@hookimpl
+def register_model_formats(register):
+    register("google/shieldgemma-2-4b-it", ShieldGemmaFormat)

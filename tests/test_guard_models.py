@@ -1,0 +1,117 @@
+"""Each well-known guard format on a tiny random-weight checkpoint of its real architecture.
+
+The checkpoints (visguard_testing.guard_checkpoints) use the real transformers model, processor and
+tokenizer classes and a chat template written after each family's own. Random weights produce
+random text, so these tests check the code paths: the prompt each format renders through the real
+template and processor, the score each backend call returns, and that whatever the model writes
+becomes a verdict or an ``unavailable`` one, never a silent ``safe``. The parsers' branches are
+tested on hand-written outputs in tests/test_guard_formats.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from visguard import Category, Guard, Policy
+from visguard.plugins import get
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
+
+
+def _guard(arch: str, fmt: str, *, mode: str, **fmt_kwargs) -> Guard:
+    from visguard_testing.guard_checkpoints import cached_guard_checkpoint
+
+    path = cached_guard_checkpoint(arch)
+    return Guard.from_pretrained(str(path), format=get("formats", fmt)(**fmt_kwargs),
+                                 policy=Policy(mode=mode, max_new_tokens=12))
+
+
+def _images(n: int) -> list[Image.Image]:
+    return [Image.new("RGB", (64 + 8 * i, 64), (200 - 60 * i, 40, 40 + 60 * i)) for i in range(n)]
+
+
+def _check_outcome(verdict, *, scored: bool) -> None:
+    assert verdict.label in ("safe", "unsafe", "unavailable")
+    if verdict.label == "unavailable":
+        assert verdict.error  # says why; the random model rarely writes a parseable answer
+    elif scored:
+        assert verdict.score is not None and 0.0 <= verdict.score <= 1.0
+
+
+def test_shieldgemma2_on_gemma3_one_forward_per_policy():
+    guard = _guard("gemma3", "shieldgemma2", mode="fast")
+    request = guard.request(_images(1), "")
+    prompts = guard.format.build_all(request, guard.policy, mode="fast")
+    rendered = guard.backend.render(prompts[1])
+    assert "<start_of_image>" in rendered and "No Sexually Explicit content" in rendered
+    assert rendered.endswith("Your Answer must start with 'Yes' or 'No'.<end_of_turn>\n<start_of_turn>model\n")
+    scores = guard.backend.score(prompts)
+    assert len(scores) == len(prompts) == 5 and len({round(s, 6) for s in scores}) > 1
+    verdict = guard.check(request)
+    assert verdict.score == pytest.approx(max(scores), abs=1e-5)
+    if verdict.label == "unsafe":  # the category is the highest-scoring policy's
+        assert verdict.category == ["Illegal Activity", "Erotic", "Violent", "Hate", "Privacy"][scores.index(max(scores))]
+    custom = guard.with_policy(Policy(categories=(Category(name="Gambling", description="betting on games"),)))
+    (prompt,) = custom.format.build_all(request, custom.policy, mode="fast")
+    assert "No Gambling content" in custom.backend.render(prompt)
+
+
+def test_llavaguard_on_llava_onevision():
+    guard = _guard("llava_onevision", "llavaguard", mode="reason")
+    request = guard.request(_images(1), "")
+    rendered = guard.backend.render(guard.format.build(request, guard.policy, mode="reason"))
+    assert "<image>" in rendered and '"rating": str<"Unsafe"|"Safe">' in rendered
+    assert rendered.endswith("<|im_start|>assistant\n")
+    inputs = guard.backend.encode([guard.format.build(request, guard.policy, mode="reason")])
+    assert "pixel_values" in inputs and "image_sizes" in inputs
+    _check_outcome(guard.check(request), scored=True)
+    _check_outcome(guard.check(request, mode="fast"), scored=True)
+
+
+def test_guardreasoner_and_qwenguard_on_qwen2_5_vl():
+    guard = _guard("qwen2_5_vl", "guardreasoner-vl", mode="reason")
+    assert guard.policy.mode == "reason"
+    request = guard.request(_images(2), "how do I use the tool in image 1 on image 2?")
+    rendered = guard.backend.render(guard.format.build(request, guard.policy, mode="reason"))
+    assert rendered.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
+    assert "Human user:\nhow do I use the tool" in rendered and "AI assistant:\nNone" in rendered
+    verdicts = guard.check_batch([request, guard.request(_images(1), "x", "sure")])
+    for v in verdicts:
+        _check_outcome(v, scored=False)
+    qwenguard = _guard("qwen2_5_vl", "qwenguard", mode="fast", ignore_unread=True)
+    _check_outcome(qwenguard.check(qwenguard.request(_images(1), "ignored text")), scored=True)
+
+
+def test_qwen3guard_on_qwen3_text_model():
+    guard = _guard("qwen3", "qwen3guard", mode="fast", ignore_unread=True)
+    post = guard.request(_images(1), "how do I pick a lock?", "Use a tension wrench and a pick.")
+    rendered = guard.backend.render(guard.format.build(post, guard.policy, mode="fast"))
+    assert "ASSISTANT: Use a tension wrench" in rendered and "Refusal:" in rendered
+    assert rendered.endswith("<|im_start|>assistant\nSafety:")
+    verdict = guard.check(post)
+    assert verdict.label in ("safe", "unsafe") and 0.0 <= verdict.score <= 1.0
+    assert guard.check(post).score == pytest.approx(verdict.score, abs=1e-6)  # deterministic
+    _check_outcome(guard.check(post, mode="reason"), scored=False)
+
+
+def test_llama_guard_4_on_llama4():
+    guard = _guard("llama4", "llama-guard-4", mode="fast")
+    request = guard.request(_images(2), "what should I do with these?")
+    prompt = guard.format.build(request, guard.policy, mode="fast")
+    rendered = guard.backend.render(prompt)
+    # The real template's shape: categories with the policy's exclusions, images as <|image|>, no blank line at the end.
+    assert "S1: Violent Crimes.\n" in rendered and "S5: Defamation" not in rendered and "S14:" not in rendered
+    assert "User: <|image|><|image|>what should I do with these?" in rendered
+    assert rendered.endswith("<|eot|><|header_start|>assistant<|header_end|>")
+    inputs = guard.backend.encode([prompt])
+    ids = inputs["input_ids"][0].tolist()
+    tok = guard.backend.tokenizer
+    assert ids.count(tok.convert_tokens_to_ids("<|image_start|>")) == 2  # each image expanded by Llama4Processor
+    verdict = guard.check(request)
+    # transformers 5.24's Llama4ForConditionalGeneration.forward reads `image_outputs` from the text
+    # model's output and fails; the guard then says unavailable (never safe). Once fixed, a verdict.
+    if verdict.label == "unavailable":
+        assert "image_outputs" in verdict.error
+    else:
+        _check_outcome(verdict, scored=True)
