@@ -16,16 +16,17 @@ from visguard_demo.run import REAL_CHECKPOINT_LINE, SIZES
 @click.option("--retrain", is_flag=True, help="Train the demo guard again even if a cached one exists.")
 @click.option("--guard", "guard_model", default=None,
               help="Use this guard model (hub id or path) instead of training the demo guard.")
-@click.option("--format", "guard_format", default="visguard", show_default=True,
-              help="Guard format of --guard (a format plugin name).")
+@click.option("--format", "guard_format", default=None,
+              help="Guard format of --guard (a format plugin name; default: the checkpoint's own, "
+                   "e.g. mirage for the MIRage checkpoints).")
 @click.option("--host", default=None,
-              help="Host VLM to guard (hub id, path or OpenAI-compatible URL). "
+              help="Host VLM to guard (hub id or local path of a transformers model). "
                    "Default: a tiny random-weight Qwen2-VL whose answers are noise.")
 @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="reason", show_default=True,
               help="Guard mode of the guarded requests (reason shows the guard's reasoning; the evaluation is fast).")
 @click.option("--device", default="cpu", show_default=True, help="Device of the guard and the host: cpu, cuda ...")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_format: str, host: str | None,
+def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_format: str | None, host: str | None,
          mode: str, device: str, no_progress: bool) -> None:
     """Train a small multi-image guard offline, guard a host VLM with it, and write an HTML report.
 

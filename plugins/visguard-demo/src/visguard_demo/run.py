@@ -187,7 +187,7 @@ def run_demo(
     size: str = "standard",
     retrain: bool = False,
     guard_model: str | None = None,
-    guard_format: str = "visguard",
+    guard_format: str | None = None,
     host: str | None = None,
     device: str = "cpu",
     mode: str = "reason",
@@ -201,7 +201,7 @@ def run_demo(
         size: ``standard``, ``quick`` or ``smoke`` (see :data:`SIZES`).
         retrain: train the demo guard again even when a cached one exists.
         guard_model: use this guard (hub id or path) instead of training the demo guard.
-        guard_format: the guard format of ``guard_model``.
+        guard_format: the guard format of ``guard_model`` (``None``: the checkpoint's own).
         host: the host VLM to guard (default: a tiny random-weight Qwen2-VL, whose answers are noise).
         device: ``cpu``, ``cuda`` ... for the guard and the host.
         mode: the guard mode of the guarded requests' checks (``reason`` shows the guard's
@@ -232,7 +232,7 @@ def run_demo(
         guard_name = str(guard_path)
         guard = Guard.from_pretrained(guard_name, device=device)
     else:
-        _say(1, total, f"guard {guard_model} (format {guard_format}): no training", echo)
+        _say(1, total, f"guard {guard_model}: no training", echo)
         guard_name, trained = guard_model, False
         guard = Guard.from_pretrained(guard_model, format=guard_format, device=device)
 
