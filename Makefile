@@ -31,7 +31,7 @@ $(VLLM_VENV)/.installed: pyproject.toml plugins/visguard-vllm/pyproject.toml plu
 	$(VLLM_ENV) $(VLLM_PY) -c "import vllm, visguard_vllm; print('vllm', vllm.__version__, 'ok')"
 	touch $@
 
-.PHONY: install install-vllm demo test test-core test-vllm bench lint chromium
+.PHONY: install install-vllm demo test test-core test-vllm bench lint chromium docs
 install: $(VENV)/.installed
 install-vllm: $(VLLM_VENV)/.installed
 
@@ -55,6 +55,10 @@ chromium:
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks -q --benchmark-only
+
+# docs/cli.md from the commands' own --help (tests/test_cli_docs.py fails when they drift apart).
+docs: $(VENV)/.installed
+	$(PY) scripts/cli_reference.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src plugins tests benchmarks examples

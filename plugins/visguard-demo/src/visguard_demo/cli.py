@@ -11,8 +11,8 @@ from visguard_demo.run import REAL_CHECKPOINT_LINE, SIZES
 @click.option("--out", "-o", "out_dir", default="runs/demo", show_default=True,
               help="Output directory: report.html, eval/ (visguard eval's outputs), requests.json.")
 @click.option("--size", type=click.Choice(list(SIZES)), default="standard", show_default=True,
-              help="How much the demo guard trains: standard (about 3 minutes on 2 CPU cores), quick "
-                   "(under a minute, less accurate), smoke (seconds, for tests: near chance).")
+              help="How much the demo guard trains: standard (1,600 items, 2 epochs: what make demo runs), "
+                   "quick (400 items, 1 epoch: less accurate), smoke (16 items, for tests: near chance).")
 @click.option("--retrain", is_flag=True, help="Train the demo guard again even if a cached one exists.")
 @click.option("--guard", "guard_model", default=None,
               help="Use this guard model (hub id or path) instead of training the demo guard.")
