@@ -6,7 +6,9 @@ same tiny checkpoint through the transformers backend. Its weights are random, s
 forced by the policy threshold (0.0: every score is unsafe; 1.0: nothing reaches P(unsafe) = 1),
 or, where the test needs to know which text is unsafe, by the rule-based ``KeywordBackend``.
 
-The chain: ``prompt | GuardedChatModel(ChatOpenAI(upstream)) | StrOutputParser()``.
+Two set-ups: ``prompt | GuardedChatModel(ChatOpenAI(upstream)) | StrOutputParser()``, and the
+same chain with ``visguard serve``'s guarded proxy as ChatOpenAI's endpoint (the guard's decision
+comes back in ``x-visguard-*`` headers, the host's token counts in ``usage``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from visguard import AuditLog, Guard, GuardrailViolation, load_images
 from visguard.default_plugins.transformers_host import TransformersHost
 from visguard.guarded import DEFAULT_REFUSAL, STREAM_REFUSAL_SEPARATOR, UNNAMED_CATEGORY
 from visguard.langchain import GuardedChatModel
+from visguard.serve.app import ServeSettings, create_app
 from visguard.serve.upstream import ServerThread, create_upstream_app
 
 MODEL = "tiny-qwen2-vl"
@@ -47,14 +50,14 @@ class RecordingHost(TransformersHost):
         self.requests: list[list[str]] = []
         self.cancels: list[threading.Event | None] = []
 
-    def generate(self, images, text, **kwargs):
+    def generate(self, images, text, *, usage=None, **kwargs):
         self.requests.append([pixel_sha256(g.image) for g in images])
-        return super().generate(images, text, **kwargs)
+        return super().generate(images, text, usage=usage, **kwargs)
 
-    def stream(self, images, text, *, cancel=None, **kwargs):
+    def stream(self, images, text, *, cancel=None, usage=None, **kwargs):
         self.requests.append([pixel_sha256(g.image) for g in images])
         self.cancels.append(cancel)
-        yield from super().stream(images, text, cancel=cancel, **kwargs)
+        yield from super().stream(images, text, cancel=cancel, usage=usage, **kwargs)
 
 
 def fixed_length(request, host) -> dict:
@@ -164,7 +167,7 @@ def test_decision_metadata_headers_events_and_run_names(upstream, guard, prompt,
     assert decision["blocked"] is False and decision["input_verdict"]["label"] == "safe"
     assert decision["output_verdict"]["label"] == "safe" and decision["output_checks"] == 1
     assert message.response_metadata["headers"]["content-type"].startswith("application/json")  # the model's own metadata kept
-    assert message.usage_metadata is None or message.usage_metadata["output_tokens"] >= 0
+    assert message.usage_metadata["output_tokens"] == MAX_TOKENS  # the upstream's usage, passed through
     # One chat model run (the guarded one; the wrapped model runs without the chain's callbacks).
     assert len(seen.starts) == 1 and "demo" in seen.starts[0][1]
     assert [name for name, _ in seen.events] == ["visguard_verdict", "visguard_verdict", "visguard_result"]
@@ -260,3 +263,55 @@ def test_guard_wrap_takes_a_chat_model_as_host(upstream, guard, image, expected)
         assert GuardedChatModel.from_guarded(guarded).guarded is guarded
     with pytest.raises(GuardrailViolation):
         guard.with_policy(threshold=0.0).wrap(chat_openai(upstream.url), on_unsafe="raise").generate(load_images([image]), QUESTION)
+# ------------------------------------------------------------------ the guarded proxy as the endpoint
+@pytest.fixture(scope="module")
+def proxies(upstream, guard):
+    def proxy(threshold: float):
+        app = create_app(guard.with_policy(threshold=threshold), upstream.url + "/v1",
+                         settings=ServeSettings(model_name=MODEL, max_wait_ms=0), host_options={"model": MODEL})
+        return ServerThread(app)
+
+    with proxy(0.0) as strict, proxy(1.0) as lenient:
+        yield strict, lenient
+
+
+def test_chat_openai_through_the_guarded_proxy(proxies, host, prompt, image, expected):
+    strict, lenient = proxies
+    inputs = {"image": b64png(image), "question": QUESTION}
+    before = len(host.requests)
+    answers = run_all(prompt | chat_openai(strict.url) | StrOutputParser(), inputs)
+    assert answers == dict.fromkeys(answers, REFUSAL) and len(host.requests) == before
+    answers = run_all(prompt | chat_openai(lenient.url) | StrOutputParser(), inputs)
+    assert answers == dict.fromkeys(answers, expected)
+    assert host.requests[before:] == [[pixel_sha256(image)]] * 8
+
+
+def test_proxy_decision_in_headers_and_usage(proxies, prompt, image, expected):
+    strict, lenient = proxies
+    inputs = {"image": b64png(image), "question": QUESTION}
+    blocked = (prompt | chat_openai(strict.url, include_response_headers=True)).invoke(inputs)
+    headers = blocked.response_metadata["headers"]
+    assert blocked.content == REFUSAL and blocked.response_metadata["finish_reason"] == "content_filter"
+    assert (headers["x-visguard-blocked"], headers["x-visguard-reason"], headers["x-visguard-stage"]) == ("true", "unsafe", "input")
+    assert headers["x-visguard-input-label"] == "unsafe" and float(headers["x-visguard-input-score"]) >= 0.0
+    assert {k: blocked.usage_metadata[k] for k in ("input_tokens", "output_tokens", "total_tokens")} == {
+        "input_tokens": 0, "output_tokens": 0, "total_tokens": 0}  # the host never ran
+
+    passed = (prompt | chat_openai(lenient.url, include_response_headers=True)).invoke(inputs)
+    headers = passed.response_metadata["headers"]
+    assert passed.content == expected and headers["x-visguard-blocked"] == "false"
+    assert headers["x-visguard-input-label"] == headers["x-visguard-output-label"] == "safe"
+    assert len(headers["x-visguard-request-id"]) == 32
+    usage = passed.usage_metadata
+    assert usage["output_tokens"] == MAX_TOKENS and usage["input_tokens"] > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+
+    # A stream's headers carry the pre-check (the answer's checks come in its last chunk).
+    chunks = list((prompt | chat_openai(lenient.url, include_response_headers=True, stream_usage=True)).stream(inputs))
+    first = next(c for c in chunks if "headers" in c.response_metadata)
+    assert first.response_metadata["headers"]["x-visguard-input-label"] == "safe"
+    assert "".join(c.content for c in chunks) == expected
+    streamed_usage = sum(c.usage_metadata["output_tokens"] for c in chunks if c.usage_metadata)
+    assert streamed_usage == MAX_TOKENS
+
+

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from typing import Any, ClassVar
 
@@ -84,8 +85,47 @@ def supports_cancel(host: Host, *, asynchronous: bool = False) -> bool:
     method = host.stream
     if asynchronous and type(host).astream is not Host.astream:
         method = host.astream
+    return _takes(method, "cancel")
+
+
+@dataclass
+class TokenUsage:
+    """The tokens one host call used, filled in by hosts that take a ``usage`` keyword.
+
+    Servers pass one per request (see :func:`reports_usage`) and report it as the completion's
+    OpenAI ``usage``. Counts add up over the calls it is passed to.
+
+    Attributes:
+        prompt_tokens: tokens of the input the host read (image tokens included).
+        completion_tokens: tokens the host generated (also those of an answer the guard replaced).
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.prompt_tokens += int(prompt_tokens)
+        self.completion_tokens += int(completion_tokens)
+
+
+def reports_usage(host: Host) -> bool:
+    """Whether every answering method of ``host`` takes ``usage`` (a :class:`TokenUsage` it fills in).
+
+    Only a parameter named ``usage`` counts; the default async methods forward to the sync ones.
+    """
+    methods = [host.generate, host.stream]
+    methods += [m for m, base in ((host.agenerate, Host.agenerate), (host.astream, Host.astream))
+                if getattr(type(host), m.__name__) is not base]
+    return all(_takes(m, "usage") for m in methods)
+
+
+def _takes(method: Callable[..., Any], name: str) -> bool:
     try:
-        param = inspect.signature(method).parameters.get("cancel")
+        param = inspect.signature(method).parameters.get(name)
     except (TypeError, ValueError):
         return False
     return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)

@@ -14,11 +14,19 @@ from typing import Any
 
 from visguard.errors import BackendError
 from visguard.hookspecs import hookimpl
-from visguard.hosts import Host
+from visguard.hosts import Host, TokenUsage
 from visguard.http_client import ApiClient
 from visguard.images import GuardImage
 from visguard.redact import redact
-from visguard.serve.openai_types import DONE, WireError, first_model, image_part, message_text, stream_event
+from visguard.serve.openai_types import (
+    DONE,
+    WireError,
+    add_usage,
+    first_model,
+    image_part,
+    message_text,
+    stream_event,
+)
 
 
 class OpenAIHost(Host):
@@ -111,42 +119,59 @@ class OpenAIHost(Host):
         except WireError as exc:
             raise self.client.error(str(exc)) from exc
 
-    def _piece(self, line: str, cancel: threading.Event | None) -> Any:
+    def _piece(self, line: str, cancel: threading.Event | None, usage: TokenUsage | None) -> Any:
         """The text of one stream line, ``None``, or ``DONE`` (also once ``cancel`` is set)."""
         if cancel is not None and cancel.is_set():
             return DONE
-        return self._read(stream_event, line)
+        return self._read(lambda data: stream_event(data, usage), line)
+
+    def _answer(self, data: Any, usage: TokenUsage | None) -> str:
+        add_usage(data, usage)
+        return self._read(message_text, data)
+
+    def _stream_body(self, images: Sequence[GuardImage], text: str, usage: TokenUsage | None,
+                     gen_kwargs: dict[str, Any]) -> dict[str, Any]:
+        body = self.body(images, text, stream=True, **gen_kwargs)
+        if usage is not None:  # ask for a last chunk with the token counts
+            body["stream_options"] = {"include_usage": True}
+        return body
 
     # ------------------------------------------------------------------ sync
-    def generate(self, images: Sequence[GuardImage], text: str, **gen_kwargs: Any) -> str:
+    def generate(self, images: Sequence[GuardImage], text: str, *, usage: TokenUsage | None = None,
+                 **gen_kwargs: Any) -> str:
+        """The answer; ``usage`` (if given) gets the token counts the server reported."""
         body = self.body(images, text, stream=False, **gen_kwargs)
-        return self._read(message_text, self.client.request_json("POST", "/chat/completions", body))
+        return self._answer(self.client.request_json("POST", "/chat/completions", body), usage)
 
     def stream(self, images: Sequence[GuardImage], text: str, *, cancel: threading.Event | None = None,
-               **gen_kwargs: Any) -> Iterator[str]:
-        """Yield text pieces from the server's SSE stream; setting ``cancel`` (or closing) hangs up."""
-        body = self.body(images, text, stream=True, **gen_kwargs)
+               usage: TokenUsage | None = None, **gen_kwargs: Any) -> Iterator[str]:
+        """Yield text pieces from the server's SSE stream; setting ``cancel`` (or closing) hangs up.
+
+        With ``usage``, the server is asked for its token counts (``stream_options.include_usage``).
+        """
+        body = self._stream_body(images, text, usage, gen_kwargs)
         with self.client.stream_lines("/chat/completions", body) as lines:
             for line in lines:
-                piece = self._piece(line, cancel)
+                piece = self._piece(line, cancel, usage)
                 if piece is DONE:
                     return
                 if piece:
                     yield piece
 
     # ------------------------------------------------------------------ async
-    async def agenerate(self, images: Sequence[GuardImage], text: str, **gen_kwargs: Any) -> str:
+    async def agenerate(self, images: Sequence[GuardImage], text: str, *, usage: TokenUsage | None = None,
+                        **gen_kwargs: Any) -> str:
         body = self.body(images, text, stream=False, **gen_kwargs)  # may ask /models: sync, once
-        return self._read(message_text, await self.client.arequest_json("POST", "/chat/completions", body))
+        return self._answer(await self.client.arequest_json("POST", "/chat/completions", body), usage)
 
     async def astream(self, images: Sequence[GuardImage], text: str, *, cancel: threading.Event | None = None,
-                      **gen_kwargs: Any) -> AsyncIterator[str]:
+                      usage: TokenUsage | None = None, **gen_kwargs: Any) -> AsyncIterator[str]:
         """Async :meth:`stream` (an ``httpx.AsyncClient`` per call, so any event loop may use it)."""
-        body = self.body(images, text, stream=True, **gen_kwargs)
+        body = self._stream_body(images, text, usage, gen_kwargs)
         lines = self.client.astream_lines("/chat/completions", body)
         try:
             async for line in lines:
-                piece = self._piece(line, cancel)
+                piece = self._piece(line, cancel, usage)
                 if piece is DONE:
                     return
                 if piece:

@@ -9,7 +9,7 @@ from typing import Any
 from visguard.errors import BackendError
 from visguard.hf import load_image_text_model
 from visguard.hookspecs import hookimpl
-from visguard.hosts import Host
+from visguard.hosts import Host, TokenUsage
 from visguard.images import GuardImage
 
 
@@ -63,17 +63,25 @@ class TransformersHost(Host):
         out.update(gen_kwargs)
         return out
 
-    def generate(self, images: Sequence[GuardImage], text: str, **gen_kwargs: Any) -> str:
+    def generate(self, images: Sequence[GuardImage], text: str, *, usage: TokenUsage | None = None,
+                 **gen_kwargs: Any) -> str:
+        """The answer; ``usage`` (if given) gets the prompt's and the answer's token counts."""
         import torch
 
         with self._lock, torch.inference_mode():
             inputs = self._inputs(images, text)
             seq = self.model.generate(**inputs, **self._gen_kwargs(gen_kwargs))
-        return self.tokenizer.decode(seq[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        prompt_len = inputs["input_ids"].shape[1]
+        if usage is not None:
+            usage.add(prompt_len, seq.shape[1] - prompt_len)
+        return self.tokenizer.decode(seq[0, prompt_len:], skip_special_tokens=True)
 
     def stream(self, images: Sequence[GuardImage], text: str, *, cancel: threading.Event | None = None,
-               **gen_kwargs: Any) -> Iterator[str]:
-        """Yield text pieces as they are generated; setting ``cancel`` (or closing the iterator) stops generation."""
+               usage: TokenUsage | None = None, **gen_kwargs: Any) -> Iterator[str]:
+        """Yield text pieces as they are generated; setting ``cancel`` (or closing the iterator) stops generation.
+
+        ``usage`` (if given) gets the token counts once generation has ended.
+        """
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -85,13 +93,15 @@ class TransformersHost(Host):
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
         errors: list[BaseException] = []
+        counts: list[int] = []
 
         def run() -> None:
             try:
                 with self._lock, torch.inference_mode():
                     inputs = self._inputs(images, text)
-                    self.model.generate(**inputs, **self._gen_kwargs(gen_kwargs), streamer=streamer,
-                                        stopping_criteria=StoppingCriteriaList([_Cancel()]))
+                    seq = self.model.generate(**inputs, **self._gen_kwargs(gen_kwargs), streamer=streamer,
+                                              stopping_criteria=StoppingCriteriaList([_Cancel()]))
+                    counts.extend((inputs["input_ids"].shape[1], seq.shape[1] - inputs["input_ids"].shape[1]))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
                 errors.append(exc)
                 streamer.end()
@@ -105,6 +115,8 @@ class TransformersHost(Host):
         finally:
             stop.set()
             worker.join()
+            if usage is not None and counts:
+                usage.add(*counts)
         if errors:
             raise BackendError(f"host generation failed: {errors[0]}") from errors[0]
 

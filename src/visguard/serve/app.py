@@ -10,7 +10,9 @@ host (an upstream OpenAI-compatible server or a local model):
   as a stream grows). A blocked call gets a well-formed completion whose content is the refusal,
   ``finish_reason: "content_filter"`` (or, with ``on_unsafe="error"``, HTTP 400 with code
   ``content_filter``). Every completion (and a stream's last chunk) carries a ``visguard`` field:
-  the verdicts, whether and why it was blocked, timings and the request id.
+  the verdicts, whether and why it was blocked, timings and the request id. The decision is also
+  in ``x-visguard-*`` response headers (:func:`decision_headers`; a stream's headers carry the
+  pre-check), and ``usage`` holds the host's token counts when the host reports them.
 - ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`` (the upstream answers),
   ``GET /metrics`` (Prometheus, see :mod:`visguard.serve.metrics`).
 
@@ -35,16 +37,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError
 from visguard.guard import Guard
 from visguard.guarded import GuardedModel, GuardedResult
-from visguard.hosts import Host, resolve_host
+from visguard.hosts import Host, TokenUsage, resolve_host
 from visguard.policy import Mode
 from visguard.serve.common import (
     ApiError,
     bearer_ok,
     chunk_builder,
+    host_usage,
     install_error_handlers,
     read_chat,
     sse_data,
     sse_response,
+    streamed_usage,
 )
 from visguard.serve.metrics import ServeMetrics
 from visguard.serve.openai_types import (
@@ -56,6 +60,7 @@ from visguard.serve.openai_types import (
     Delta,
     ModelCard,
     ModelList,
+    Usage,
     generation_options,
 )
 
@@ -219,8 +224,9 @@ def create_app(
         chat = await read_chat(body, app.state.model_name, guard.policy.limits)
         images, text = chat.images, chat.prompt_text()
         gen = generation_options(body, guarded.host)
+        usage = host_usage(guarded.host, gen)  # the host's tokens; None: the host does not say
         if body.stream:
-            return await _stream_response(guarded, images, text, gen, body.model, metrics)
+            return await _stream_response(guarded, images, text, gen, body.model, metrics, streamed_usage(body, usage))
         try:
             result = await guarded.agenerate(images, text, **gen)
         except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
@@ -230,8 +236,11 @@ def create_app(
             model=body.model,
             choices=[Choice(message=AssistantMessage(content=result.text),
                             finish_reason="content_filter" if result.blocked else "stop")],
+            usage=Usage.of(usage),
         )
-        return JSONResponse({**completion.model_dump(mode="json"), "visguard": _summary(result)})
+        summary = result.summary()
+        return JSONResponse({**completion.model_dump(mode="json"), "visguard": summary},
+                            headers=decision_headers(summary))
 
     return app
 
@@ -239,9 +248,38 @@ def create_app(
 # ---------------------------------------------------------------------------------- chat helpers
 
 
-def _summary(result: GuardedResult) -> dict[str, Any]:
-    """The ``visguard`` field of a completion: everything about the decision except the texts."""
-    return result.model_dump(mode="json", exclude={"text", "response"})
+def decision_headers(decision: Mapping[str, Any]) -> dict[str, str]:
+    """The guard's decision as ``x-visguard-*`` response headers, where OpenAI clients surface it.
+
+    Clients that drop unknown body fields still return headers (e.g. LangChain's
+    ``ChatOpenAI(include_response_headers=True)`` puts them in ``response_metadata["headers"]``).
+
+    Args:
+        decision: a :meth:`GuardedResult.summary`, or for a stream what is known when its
+            headers go out: ``request_id``, ``blocked`` and the ``input_verdict``.
+
+    Returns:
+        ``x-visguard-request-id``, ``-blocked`` (``true``/``false``), and when known ``-flagged``,
+        ``-degraded``, ``-reason``, ``-stage``, ``-input-label``, ``-input-score``,
+        ``-input-category`` and the same three for ``output``.
+    """
+    out = {"x-visguard-request-id": str(decision.get("request_id", "")),
+           "x-visguard-blocked": "true" if decision.get("blocked") else "false"}
+    for key in ("flagged", "degraded"):
+        if key in decision:
+            out[f"x-visguard-{key}"] = "true" if decision[key] else "false"
+    for key in ("reason", "stage"):
+        if decision.get(key):
+            out[f"x-visguard-{key}"] = str(decision[key])
+    for stage in ("input", "output"):
+        verdict = decision.get(f"{stage}_verdict")
+        if verdict:
+            out[f"x-visguard-{stage}-label"] = verdict["label"]
+            if verdict.get("score") is not None:
+                out[f"x-visguard-{stage}-score"] = f"{verdict['score']:.6g}"
+            if verdict.get("category"):  # header values are latin-1: keep them ASCII
+                out[f"x-visguard-{stage}-category"] = str(verdict["category"]).encode("ascii", "replace").decode()
+    return out
 
 
 def _outcome(result: GuardedResult) -> str:
@@ -267,7 +305,8 @@ def _chat_error(exc: Exception, metrics: ServeMetrics) -> ApiError:
 
 
 async def _stream_response(
-    guarded: GuardedModel, images: list[Any], text: str, gen: dict[str, Any], model: str, metrics: ServeMetrics
+    guarded: GuardedModel, images: list[Any], text: str, gen: dict[str, Any], model: str, metrics: ServeMetrics,
+    usage: TokenUsage | None = None,
 ) -> StreamingResponse:
     stream = guarded.astream(images, text, **gen)
     # The first released piece comes after the pre-check: a refusal by error, a refused input or a
@@ -279,11 +318,18 @@ async def _stream_response(
     except Exception as exc:  # noqa: BLE001 - mapped to an HTTP status
         await stream.aclose()
         raise _chat_error(exc, metrics) from exc
-    return sse_response(_sse(stream, first, model, metrics))
+    verdict = stream.input_verdict  # the headers go out now: they carry what is known, the pre-check
+    known = {"request_id": stream.request_id, "blocked": stream.blocked,
+             "input_verdict": verdict.model_dump(mode="json") if verdict is not None else None}
+    response = sse_response(_sse(stream, first, model, metrics, usage))
+    response.headers.update(decision_headers(known))
+    return response
 
 
-async def _sse(stream: Any, first: str | None, model: str, metrics: ServeMetrics) -> AsyncIterator[str]:
-    """Role chunk, content chunks as the guard releases them, a last chunk with ``visguard``, ``[DONE]``."""
+async def _sse(stream: Any, first: str | None, model: str, metrics: ServeMetrics,
+               usage: TokenUsage | None = None) -> AsyncIterator[str]:
+    """Role chunk, content chunks as the guard releases them, a last chunk with ``visguard``, then a
+    ``usage`` chunk (when asked and the host reports it) and ``[DONE]``."""
     chunk = chunk_builder(model)
     yield sse_data(chunk(Delta(role="assistant", content="")))
     try:
@@ -295,7 +341,9 @@ async def _sse(stream: Any, first: str | None, model: str, metrics: ServeMetrics
         result: GuardedResult = stream.result
         metrics.guarded.labels(_outcome(result)).inc()
         last = chunk(Delta(), "content_filter" if result.blocked else "stop")
-        yield sse_data({**last, "visguard": _summary(result)})
+        yield sse_data({**last, "visguard": result.summary()})
+        if usage is not None:
+            yield sse_data(chunk(None, usage=usage))
     except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band, then end the stream
         yield sse_data(_chat_error(exc, metrics).body())
     finally:

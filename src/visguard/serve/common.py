@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from visguard.errors import InputError
+from visguard.hosts import Host, TokenUsage, reports_usage
 from visguard.policy import ImageLimits
 from visguard.serve.openai_types import (
     ChatCompletionChunk,
@@ -27,6 +28,7 @@ from visguard.serve.openai_types import (
     ErrorDetail,
     ErrorResponse,
     SplitChat,
+    Usage,
     completion_id,
     split_messages,
     sse_event,
@@ -96,14 +98,38 @@ async def read_chat(body: ChatCompletionRequest, served: str, limits: ImageLimit
 
 
 def chunk_builder(model: str) -> Callable[..., dict[str, Any]]:
-    """``chunk(delta, finish=None) -> dict``: the chunks of one streamed completion (one id, one time)."""
+    """``chunk(delta, finish=None, *, usage=None) -> dict``: the chunks of one streamed completion.
+
+    All share one id and time. ``chunk(None, usage=...)`` is the last chunk OpenAI sends when
+    ``stream_options.include_usage`` asks: no choices, the token counts.
+    """
     cid, created = completion_id(), int(time.time())
 
-    def chunk(delta: Delta, finish: Any = None) -> dict[str, Any]:
-        return ChatCompletionChunk(id=cid, created=created, model=model,
-                                   choices=[ChunkChoice(delta=delta, finish_reason=finish)]).model_dump(mode="json")
+    def chunk(delta: Delta | None, finish: Any = None, *, usage: Any = None) -> dict[str, Any]:
+        choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish)]
+        data = ChatCompletionChunk(id=cid, created=created, model=model, choices=choices,
+                                   usage=Usage.of(usage)).model_dump(mode="json")
+        if data["usage"] is None:
+            del data["usage"]
+        return data
 
     return chunk
+
+
+def host_usage(host: Host, options: dict[str, Any]) -> TokenUsage | None:
+    """A :class:`~visguard.hosts.TokenUsage` for one call, put in ``options`` as ``usage=``.
+
+    ``None`` (and ``options`` unchanged) when the host does not report usage.
+    """
+    if not reports_usage(host):
+        return None
+    usage = options["usage"] = TokenUsage()
+    return usage
+
+
+def streamed_usage(body: ChatCompletionRequest, usage: TokenUsage | None) -> TokenUsage | None:
+    """``usage`` when the client asked a stream for it (``stream_options.include_usage``), else ``None``."""
+    return usage if body.stream_options is not None and body.stream_options.include_usage else None
 
 
 def sse_data(payload: Mapping[str, Any]) -> str:

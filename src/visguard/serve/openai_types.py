@@ -70,6 +70,14 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` asks for a last chunk with ``usage`` (and no choices)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(BaseModel):
     """Body of ``POST /v1/chat/completions`` (fields a server does not use are kept in ``model_extra``)."""
 
@@ -86,6 +94,7 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1)
     seed: int | None = None
     user: str | None = None
+    stream_options: StreamOptions | None = None
 
     @property
     def token_limit(self) -> int | None:
@@ -130,9 +139,19 @@ class Choice(BaseModel):
 
 
 class Usage(BaseModel):
+    """Token counts of a completion (OpenAI ``usage``)."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+
+    @classmethod
+    def of(cls, tokens: Any) -> Usage | None:
+        """From a :class:`visguard.hosts.TokenUsage` (``None`` when the host reports none)."""
+        if tokens is None:
+            return None
+        return cls(prompt_tokens=tokens.prompt_tokens, completion_tokens=tokens.completion_tokens,
+                   total_tokens=tokens.total_tokens)
 
 
 class ChatCompletion(BaseModel):
@@ -165,6 +184,7 @@ class ChatCompletionChunk(BaseModel):
     created: int = Field(default_factory=_now)
     model: str
     choices: list[ChunkChoice]
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):
@@ -246,11 +266,22 @@ def message_text(data: Any) -> str:
     return content_text(completion_choice(data)["message"].get("content")) or ""
 
 
-def stream_event(line: str) -> Any:
+def add_usage(data: Any, usage: Any) -> None:
+    """Add the ``usage`` of a completion or chunk to ``usage`` (a :class:`visguard.hosts.TokenUsage`).
+
+    Nothing happens when ``usage`` is ``None`` or ``data`` reports none.
+    """
+    reported = data.get("usage") if isinstance(data, dict) else None
+    if usage is not None and isinstance(reported, dict):
+        usage.add(reported.get("prompt_tokens") or 0, reported.get("completion_tokens") or 0)
+
+
+def stream_event(line: str, usage: Any = None) -> Any:
     """One line of a streamed completion: its delta text, :data:`DONE`, or ``None``.
 
     ``None`` stands for lines without text: blank separators, ``: keep-alive`` comments,
-    ``event:`` / ``id:`` fields and role-only chunks.
+    ``event:`` / ``id:`` fields and role-only chunks. A chunk's ``usage`` (the last one, when
+    ``stream_options.include_usage`` asked for it) is added to ``usage``.
 
     Raises:
         WireError: the event is not JSON, is an error event, or is not a chunk.
@@ -268,6 +299,7 @@ def stream_event(line: str) -> Any:
         err = chunk["error"]
         raise WireError(f"failed mid-stream: {err.get('message', err) if isinstance(err, dict) else err}")
     try:
+        add_usage(chunk, usage)
         choices = chunk.get("choices") or []
         return content_text(choices[0].get("delta", {}).get("content")) if choices else None
     except (AttributeError, TypeError) as exc:

@@ -5,7 +5,8 @@
 
 - ``POST /v1/chat/completions``: OpenAI chat messages with text and ``image_url`` data-URL parts;
   a JSON completion, or server-sent events with ``"stream": true`` (OpenAI chunk format, ending
-  with ``data: [DONE]``);
+  with ``data: [DONE]``); ``usage`` holds the host's token counts when the host reports them
+  (:func:`visguard.hosts.reports_usage`; in a stream when ``stream_options.include_usage`` asks);
 - ``GET /v1/models``: the one served model;
 - ``GET /healthz``: liveness.
 
@@ -26,16 +27,18 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from visguard.hosts import Host, supports_cancel
+from visguard.hosts import Host, TokenUsage, supports_cancel
 from visguard.policy import ImageLimits
 from visguard.serve.common import (
     ApiError,
     bearer_ok,
     chunk_builder,
+    host_usage,
     install_error_handlers,
     read_chat,
     sse_data,
     sse_response,
+    streamed_usage,
 )
 from visguard.serve.openai_types import (
     SSE_DONE,
@@ -47,6 +50,7 @@ from visguard.serve.openai_types import (
     ErrorDetail,
     ModelCard,
     ModelList,
+    Usage,
     generation_options,
 )
 
@@ -103,19 +107,25 @@ def create_upstream_app(
         chat = await read_chat(body, model_name, limits)
         images, text = chat.images, chat.prompt_text()
         options = generation_options(body, host)
+        usage = host_usage(host, options)
         if body.stream:
-            return sse_response(_sse(host, images, text, options, model_name))
+            return sse_response(_sse(host, images, text, options, model_name, streamed_usage(body, usage)))
         try:
             answer = await host.agenerate(images, text, **options)
         except Exception as exc:  # noqa: BLE001 - reported to the client as a server error
             raise ApiError(500, f"host failed: {type(exc).__name__}: {exc}", type="server_error") from exc
-        return ChatCompletion(model=model_name, choices=[Choice(message=AssistantMessage(content=answer))])
+        return ChatCompletion(model=model_name, choices=[Choice(message=AssistantMessage(content=answer))],
+                              usage=Usage.of(usage))
 
     return app
 
 
-async def _sse(host: Host, images: list[Any], text: str, options: dict[str, Any], model_name: str) -> AsyncIterator[str]:
+async def _sse(host: Host, images: list[Any], text: str, options: dict[str, Any], model_name: str,
+               usage: TokenUsage | None = None) -> AsyncIterator[str]:
     """The SSE body of a streamed completion: a role chunk, content chunks, a stop chunk, ``[DONE]``.
+
+    With ``usage`` (the client asked ``stream_options.include_usage``), a chunk with the token
+    counts and no choices comes after the stop chunk, as OpenAI sends it.
 
     A host error mid-stream is sent as an error event before ``[DONE]``. When the client goes
     away the generator is closed, which stops the host (through ``cancel`` where it takes one).
@@ -135,6 +145,8 @@ async def _sse(host: Host, images: list[Any], text: str, options: dict[str, Any]
             if aclose is not None:
                 await aclose()
         yield sse_data(chunk(Delta(), "stop"))
+        if usage is not None:
+            yield sse_data(chunk(None, usage=usage))
     except Exception as exc:  # noqa: BLE001 - the status line is already sent; report in-band
         yield sse_data({"error": ErrorDetail(message=f"host failed: {type(exc).__name__}: {exc}",
                                              type="server_error").model_dump()})
