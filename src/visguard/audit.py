@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from visguard.images import GuardImage
+from visguard.redact import redact_fields
 from visguard.types import Verdict
 
 #: keys every record has (see :meth:`AuditLog.record_verdict`)
@@ -68,7 +69,7 @@ class AuditLog:
             ValueError: the log is closed.
             OSError: the line could not be written (a lost record is never silent).
         """
-        line = json.dumps(record, ensure_ascii=False, allow_nan=False, default=str) + "\n"
+        line = json.dumps(redact_fields(record), ensure_ascii=False, allow_nan=False, default=str) + "\n"
         with self._lock:
             if self._file is None:
                 raise ValueError(f"audit log {self.path} is closed")

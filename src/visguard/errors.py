@@ -14,7 +14,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class VisguardError(Exception):
-    """Base class of every error raised by visguard."""
+    """Base class of every error raised by visguard.
+
+    Its text never shows a credential: ``str(error)`` is passed through :func:`visguard.redact.redact`
+    (URL userinfo, bearer tokens, API keys), so CLI messages and HTTP error bodies built from it are safe.
+    """
+
+    def __str__(self) -> str:
+        from visguard.redact import redact
+
+        return redact(super().__str__())
 
 
 class InputError(VisguardError, ValueError):

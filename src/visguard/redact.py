@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 #: what a secret is replaced with
 MASK = "***"
@@ -43,6 +44,21 @@ def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
     out = _KEY_PARAM.sub(lambda m: f"{m['prefix']}{MASK}", out)
     out = _KEY_FIELD.sub(lambda m: f"{m['prefix']}{MASK}", out)
     return _SK_KEY.sub(MASK, out)
+
+
+def redact_fields(value: Any) -> Any:
+    """``value`` with :func:`redact` applied to every string in it (records, rows, metadata).
+
+    Dicts, lists and tuples are walked (their keys are kept as they are); other values are returned
+    unchanged. Used where records leave the process: audit lines, evaluation rows, run metadata.
+    """
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: redact_fields(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact_fields(v) for v in value)
+    return value
 
 
 def redact_url(url: str) -> str:

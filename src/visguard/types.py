@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from visguard.errors import InputError
 from visguard.images import GuardImage, ImageInput, load_images
 from visguard.policy import ImageLimits, Mode
+from visguard.redact import redact
 
 Label = Literal["safe", "unsafe", "unavailable"]
 Stage = Literal["input", "output"]
@@ -197,6 +198,12 @@ class Verdict(BaseModel):
     latency_ms: float = 0.0
     error: str | None = None
     safe_answer: str | None = None
+
+    @field_validator("error", "model")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        # error texts quote URLs and server answers: a verdict never carries a credential
+        return None if value is None else redact(value)
 
     @property
     def is_safe(self) -> bool:

@@ -13,6 +13,7 @@ import click
 from visguard.cli import backend_arg_option, backend_kwargs, key_values
 from visguard.hookspecs import hookimpl
 from visguard.policy import DEFAULT_TIMEOUT_S
+from visguard.redact import redact
 
 
 @click.command("serve")
@@ -109,8 +110,8 @@ def serve(model: str, backend: str, format_name: str | None, backend_args: tuple
     app = create_app(guard, host, settings=settings, host_options=host_options)
     if upstream and not served_model_name and not upstream_model:
         app.state.model_name = _discover_model(app)
-    click.echo(f"visguard serve: guard {model!r} ({backend}) on http://{bind_host}:{port}"
-               + (f", guarding {host!r} as {app.state.model_name!r}" if host else ""), err=True)
+    click.echo(redact(f"visguard serve: guard {model!r} ({backend}) on http://{bind_host}:{port}"
+                      + (f", guarding {host!r} as {app.state.model_name!r}" if host else "")), err=True)
     try:
         uvicorn.run(app, host=bind_host, port=port, log_level=log_level)
     finally:

@@ -22,6 +22,7 @@ from visguard.eval.metrics import guard_metrics, latency_stats, model_metrics, p
 from visguard.eval.store import ResultStore, write_atomic
 from visguard.images import GuardImage, load_images
 from visguard.policy import ImageLimits
+from visguard.redact import redact_fields
 
 
 class Summary(Mapping[str, Any]):
@@ -446,7 +447,7 @@ def _write_outputs(out_dir: Path, summary: Summary, rows: Sequence[Mapping[str, 
     data["files"] = files
     if plot_note:
         data["plots_note"] = plot_note
-    summary = Summary(data)
+    summary = Summary(redact_fields(data))  # run metadata may name URLs with credentials
     write_atomic(out_dir / "summary.json", summary.to_json() + "\n")
     write_atomic(out_dir / "report.md", render_markdown(summary, out_dir))
     return summary

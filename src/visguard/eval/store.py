@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from visguard.errors import InputError
+from visguard.redact import redact_fields
 
 try:  # POSIX advisory locks; elsewhere the lock is skipped
     import fcntl
@@ -125,7 +126,7 @@ class ResultStore:
 
     def __init__(self, out_dir: str | Path, *, meta: Mapping[str, Any], restart: bool = False) -> None:
         self.out_dir = Path(out_dir)
-        self.meta = dict(meta)
+        self.meta = redact_fields(dict(meta))  # as written to run.json, so a resume compares like with like
         self.restart = restart
         self.path = self.out_dir / RESULTS_FILE
         self.rows: list[dict[str, Any]] = []
@@ -181,6 +182,7 @@ class ResultStore:
             raise ValueError("a result row needs a string 'id'")
         if rid in self.done:
             return
+        row = redact_fields(dict(row))  # error texts may quote URLs with credentials
         data = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         view = memoryview(data)
         while view:

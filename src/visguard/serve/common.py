@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from visguard.errors import InputError
 from visguard.hosts import Host, TokenUsage, reports_usage
 from visguard.policy import ImageLimits
+from visguard.redact import redact, redact_fields
 from visguard.serve.openai_types import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -44,10 +45,11 @@ class ApiError(Exception):
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
                  param: str | None = None, extra: Mapping[str, Any] | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
+        message = redact(message)  # error texts may quote URLs or server answers with credentials
         super().__init__(message)
         self.status = status
         self.detail = ErrorDetail(message=message, type=type, code=code, param=param)
-        self.extra = dict(extra or {})
+        self.extra = redact_fields(dict(extra or {}))
         self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:

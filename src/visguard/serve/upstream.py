@@ -29,6 +29,7 @@ from fastapi.responses import StreamingResponse
 
 from visguard.hosts import Host, TokenUsage, supports_cancel
 from visguard.policy import ImageLimits
+from visguard.redact import redact
 from visguard.serve.common import (
     ApiError,
     bearer_ok,
@@ -148,7 +149,7 @@ async def _sse(host: Host, images: list[Any], text: str, options: dict[str, Any]
         if usage is not None:
             yield sse_data(chunk(None, usage=usage))
     except Exception as exc:  # noqa: BLE001 - the status line is already sent; report in-band
-        yield sse_data({"error": ErrorDetail(message=f"host failed: {type(exc).__name__}: {exc}",
+        yield sse_data({"error": ErrorDetail(message=redact(f"host failed: {type(exc).__name__}: {exc}"),
                                              type="server_error").model_dump()})
     finally:
         cancel.set()
