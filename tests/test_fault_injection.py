@@ -311,4 +311,4 @@ def test_openai_backend_unreachable_server_is_unavailable():
         verdict = guard.check_input(None, "hello")
     finally:
         guard.close()
-    assert verdict.label == "unavailable" and "cannot reach" in verdict.error
+    assert verdict.label == "unavailable" and "unreachable" in verdict.error

@@ -92,7 +92,7 @@ def test_verdicts_and_errors_carry_no_credentials(which, closed_url, echoing_url
     try:
         verdict = guard.check_input(None, "hello")
         assert verdict.label == "unavailable"
-        assert ("cannot reach" if which == "closed" else "401") in verdict.error
+        assert ("unreachable" if which == "closed" else "401") in verdict.error
         _no_secret(verdict.model_dump_json())
         with pytest.raises(GuardUnavailableError) as err:
             guard.with_policy(on_error="raise").check_input(None, "hello")
@@ -141,5 +141,5 @@ def test_cli_errors_carry_no_credentials(closed_url):
     result = CliRunner().invoke(cli, ["check", "--model", "m", "--backend", "openai", "--text", "hi",
                                       "--backend-arg", f"base_url={closed_url}", "--backend-arg", "max_retries=0"])
     assert result.exit_code == 2
-    assert "cannot reach" in result.output
+    assert "unreachable" in result.output
     _no_secret(result.output)
