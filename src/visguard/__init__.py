@@ -12,6 +12,7 @@ Run a (multi-image) safety guard model before and after any host VLM and get a s
 
 from visguard.audit import AuditLog
 from visguard.backend import Backend, Generation
+from visguard.cascade import Cascade, CascadeStats, Stage
 from visguard.errors import (
     BackendError,
     GuardrailViolation,
@@ -49,6 +50,8 @@ __all__ = [
     "BackendError",
     "CallableHost",
     "Capabilities",
+    "Cascade",
+    "CascadeStats",
     "Category",
     "Generation",
     "Guard",
@@ -70,6 +73,7 @@ __all__ = [
     "ParsedOutput",
     "PluginError",
     "Policy",
+    "Stage",
     "UnsupportedRequestError",
     "Verdict",
     "VisguardError",

@@ -170,6 +170,8 @@ class Verdict(BaseModel):
         category / sub_category: the harm category named by the guard (reason mode), if any.
         categories: every category the guard named, in its order (guards such as Llama Guard name
             several); ``category`` is the first.
+        stages: for a :class:`~visguard.cascade.Cascade`, every stage guard's verdict in the order
+            they ran (empty for a single guard).
         reasoning: the guard's perception and cross-image reasoning text (``None`` in fast mode).
         raw: the text the guard generated (empty in fast mode).
         stage: ``input`` (pre-check) or ``output`` (post-check).
@@ -190,6 +192,7 @@ class Verdict(BaseModel):
     category: str | None = None
     sub_category: str | None = None
     categories: tuple[str, ...] = ()
+    stages: tuple[Verdict, ...] = ()
     reasoning: str | None = None
     raw: str = ""
     stage: Stage = "input"

@@ -79,3 +79,26 @@ def test_policy_must_include_sexual_content_and_no_custom_categories(guard):
 def test_missing_model_is_a_backend_error(tmp_path):
     with pytest.raises(BackendError, match="no ONNX model"):
         Guard.from_pretrained(str(tmp_path / "absent.onnx"), backend="opennsfw", format="opennsfw")
+
+
+def test_cascade_classifier_first_reasoner_only_when_needed(guard, capsys):
+    """The real classifier decides the photographs; only what it cannot judge reaches the reasoning guard."""
+    from visguard import Cascade, Stage
+    from visguard.plugins import get
+
+    checkpoints = pytest.importorskip("visguard_testing.guard_checkpoints")
+    reasoner = Guard.from_pretrained(str(checkpoints.cached_guard_checkpoint("qwen2_5_vl")),
+                                     format=get("formats", "guardreasoner-vl")(), policy=Policy(mode="reason", max_new_tokens=8))
+    nsfw = Guard(guard.backend, type(guard.format)(ignore_unread=True))
+    cascade = Cascade([Stage((nsfw,), escalate="unsure_or_flagged"), reasoner])
+    photos = [cascade.request(_photo(n), "describe this") for n in PHOTOS[:4]]
+    text_only = cascade.request(None, "how do I pick a lock?")
+    verdicts = cascade.check_batch([*photos, text_only])
+    for v in verdicts[:4]:
+        assert v.label == "safe" and [s.model for s in v.stages] == ["opennsfw"]
+    assert [s.model for s in verdicts[4].stages] == [reasoner.backend.model_id]
+    stats = cascade.stats()
+    assert [(s.runs, s.decided) for s in stats.stages] == [(4, 4), (1, 1)]
+    assert stats.escalation_rate == pytest.approx(0.2) and isinstance(stats.saved, float)
+    with capsys.disabled():
+        print(f"\ncascade opennsfw -> guardreasoner-vl (tiny): {stats.as_dict()}")

@@ -1,0 +1,332 @@
+"""Cascades: a guard made of guards, cheap ones first, an expensive one only where needed.
+
+The idea follows SafeRoute (adaptive selection between a small and a large guard model): most
+requests are easy, and a small guard's confident verdict is as good as a large guard's. A
+:class:`Cascade` runs its stages in order; a stage decides a request unless its verdict escalates
+it (the stage is unsure, or flags it, or cannot judge it), and only escalated requests reach the
+next stage. A stage may hold several guards that look at different parts of a request (an image
+classifier and a text guard side by side). Every stage's verdict is kept on the final verdict
+(``Verdict.stages``), and :meth:`Cascade.stats` measures the cost saved against running the last
+stage on everything.
+
+A cascade is used wherever a guard is: ``check_input`` / ``check_output`` / ``check`` /
+``check_batch`` / ``report_batch`` and their async forms, ``wrap(host)``, ``visguard eval``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from visguard.errors import InputError, UnsupportedRequestError
+from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
+from visguard.guard import Guard, _checked_requests
+from visguard.images import ImageInput
+from visguard.policy import Mode, Policy
+from visguard.types import GuardRequest, Verdict
+
+Escalate = Literal["unsure", "flagged", "unsure_or_flagged"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a cascade.
+
+    Args:
+        guards: the guard(s) of this stage; each judges the requests it can (a guard that cannot
+            judge a request, e.g. an image classifier on a text-only request, sits it out).
+        escalate: which verdicts go on to the next stage: ``unsure`` (a score inside ``band``, or
+            no verdict), ``flagged`` (unsafe or no verdict: a later guard confirms flags) or
+            ``unsure_or_flagged``. The last stage always decides.
+        band: closed interval of P(unsafe) that counts as unsure.
+        name: shown in stats (default: the guards' model ids).
+    """
+
+    guards: tuple[Guard, ...]
+    escalate: Escalate = "unsure"
+    band: tuple[float, float] = (0.2, 0.8)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.guards:
+            raise InputError("a cascade stage needs at least one guard")
+        if self.escalate not in ("unsure", "flagged", "unsure_or_flagged"):
+            raise InputError(f"escalate must be unsure, flagged or unsure_or_flagged, got {self.escalate!r}")
+        low, high = self.band
+        if not 0.0 <= low <= high <= 1.0:
+            raise InputError(f"band must satisfy 0 <= low <= high <= 1, got {self.band}")
+        if not self.name:
+            object.__setattr__(self, "name", "+".join(g.backend.model_id or g.format.name for g in self.guards))
+
+    def escalates(self, verdict: Verdict) -> bool:
+        """Whether this stage's (combined) verdict sends the request on."""
+        if verdict.label == "unavailable":
+            return True
+        unsure = verdict.score is not None and self.band[0] <= verdict.score <= self.band[1]
+        flagged = verdict.label == "unsafe"
+        return {"unsure": unsure, "flagged": flagged, "unsure_or_flagged": unsure or flagged}[self.escalate]
+
+
+@dataclass
+class _StageCost:
+    runs: int = 0  # requests this stage judged
+    ms: float = 0.0  # wall time of its calls
+    decided: int = 0  # requests whose final verdict came from it
+
+
+class _CascadeBackend:
+    """What callers read from ``guard.backend``: a name and a model id."""
+
+    name = "cascade"
+
+    def __init__(self, model_id: str) -> None:
+        self.model_id = model_id
+
+    def close(self) -> None:
+        pass
+
+
+class _CascadeFormat(GuardFormat):
+    """What callers read from ``guard.format``: a name, and the union of the stages' capabilities."""
+
+    name = "cascade"
+    capabilities: ClassVar[Capabilities] = Capabilities(modes=("fast", "reason", "adaptive"))
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        super().__init__()
+        self.stages = stages
+
+    def check_request(self, request: GuardRequest, mode: Mode | None = None) -> None:
+        reasons = []
+        for stage in self.stages:
+            for guard in stage.guards:
+                try:
+                    guard.format.check_request(request)
+                    return
+                except UnsupportedRequestError as exc:
+                    reasons.append(str(exc))
+        raise UnsupportedRequestError("no stage of the cascade can judge this request: " + "; ".join(reasons))
+
+    def build(self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()) -> GuardPrompt:
+        raise NotImplementedError("a cascade has no prompt of its own; its stages build theirs")
+
+    def parse(self, text: str, policy: Policy) -> ParsedOutput:
+        raise NotImplementedError("a cascade parses nothing; its stages do")
+
+
+class Cascade(Guard):
+    """A guard made of guards (see the module docstring).
+
+    Args:
+        stages: :class:`Stage` objects, or guards (each becomes a one-guard stage with the default
+            ``escalate="unsure"``), cheapest first.
+        policy: what the cascade's verdicts do (``on_error``, limits); each stage keeps its own
+            policy for its thresholds and categories. Default: the last stage's policy.
+
+    Example:
+        ``Cascade([Stage((nsfw, text_guard), escalate="unsure_or_flagged"), reasoner])``
+    """
+
+    def __init__(self, stages: Sequence[Stage | Guard], *, policy: Policy | None = None) -> None:
+        built = tuple(s if isinstance(s, Stage) else Stage((s,)) for s in stages)
+        if not built:
+            raise InputError("a cascade needs at least one stage")
+        for s in built:
+            for g in s.guards:
+                if not isinstance(g, Guard):
+                    raise InputError(f"cascade stages hold guards, got {type(g).__name__}")
+        self.stages = built
+        self.policy = policy or built[-1].guards[-1].policy
+        self.backend = _CascadeBackend("cascade(" + " -> ".join(s.name for s in built) + ")")  # type: ignore[assignment]
+        self.format = _CascadeFormat(built)
+        self._costs = [_StageCost() for _ in built]
+        self._requests = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ Guard API
+    def with_policy(self, policy: Policy | None = None, **changes: Any) -> Cascade:
+        return Cascade(self.stages, policy=policy or self.policy.updated(**changes))
+
+    def request(
+        self,
+        images: Iterable[ImageInput] | ImageInput | None,
+        text: str,
+        response: str | None = None,
+        *,
+        conversation: Iterable[dict[str, str]] = (),
+    ) -> GuardRequest:
+        request = GuardRequest.build(images, text, response, conversation=conversation, limits=self.policy.limits)
+        self.format.check_request(request)
+        return request
+
+    def report_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
+        """Run the stages; ``mode`` is ignored (each stage runs in its own policy's mode).
+
+        Raises:
+            InputError: an element is not a :class:`GuardRequest`.
+            UnsupportedRequestError: no stage can judge a request.
+        """
+        requests = _checked_requests(requests)
+        for r in requests:
+            self.format.check_request(r)
+        start = time.perf_counter()
+        history: list[list[Verdict]] = [[] for _ in requests]
+        decided: list[tuple[int, Verdict] | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        for k, stage in enumerate(self.stages):
+            if not pending:
+                break
+            combined = self._run_stage(k, stage, [requests[i] for i in pending])
+            last = k == len(self.stages) - 1
+            still = []
+            for i, (verdict, members) in zip(pending, combined, strict=True):
+                history[i] += members
+                if verdict is None:  # no guard of this stage could judge it
+                    still.append(i)
+                elif last or not stage.escalates(verdict):
+                    decided[i] = (k, verdict)
+                else:
+                    decided[i] = (k, verdict)  # provisional: a later stage may replace it
+                    still.append(i)
+            pending = still
+        elapsed = (time.perf_counter() - start) * 1000.0
+        out = []
+        with self._lock:
+            self._requests += len(requests)
+            for i, request in enumerate(requests):
+                if decided[i] is None:
+                    raise UnsupportedRequestError(f"request {i}: no guard of the cascade could judge it in its mode")
+                k, verdict = decided[i]
+                self._costs[k].decided += 1
+                out.append(verdict.model_copy(update={"stages": tuple(history[i]), "latency_ms": elapsed,
+                                                      "stage": request.stage}))
+        return out
+
+    def _run_stage(self, k: int, stage: Stage, requests: list[GuardRequest]) -> list[tuple[Verdict | None, list[Verdict]]]:
+        members: list[list[Verdict]] = [[] for _ in requests]
+        for guard in stage.guards:
+            idx = []
+            for i, r in enumerate(requests):
+                try:
+                    guard.format.check_request(r, guard.policy.mode)
+                    idx.append(i)
+                except UnsupportedRequestError:
+                    continue
+            if not idx:
+                continue
+            t0 = time.perf_counter()
+            verdicts = guard.report_batch([requests[i] for i in idx])
+            with self._lock:
+                self._costs[k].runs += len(idx)
+                self._costs[k].ms += (time.perf_counter() - t0) * 1000.0
+            for i, v in zip(idx, verdicts, strict=True):
+                members[i].append(v)
+        return [(_combine(m), m) for m in members]
+
+    def close(self) -> None:
+        for stage in self.stages:
+            for guard in stage.guards:
+                guard.close()
+
+    def configure_batching(self, *, max_batch: int | None = None, max_wait_ms: float | None = None) -> None:
+        for stage in self.stages:
+            for guard in stage.guards:
+                guard.configure_batching(max_batch=max_batch, max_wait_ms=max_wait_ms)
+
+    @property
+    def batcher(self) -> Any:
+        raise AttributeError("a cascade has no batcher of its own; each stage's guards have theirs")
+
+    def add_batch_observer(self, observer: Any) -> None:
+        raise NotImplementedError("observe the stages' guards: cascade.stages[i].guards[j].add_batch_observer(...)")
+
+    # ------------------------------------------------------------------ cost
+    def stats(self) -> CascadeStats:
+        """What the cascade did so far and what it saved against running the last stage on everything."""
+        with self._lock:
+            rows = [StageStats(name=s.name, runs=c.runs, decided=c.decided, ms=c.ms)
+                    for s, c in zip(self.stages, self._costs, strict=True)]
+            return CascadeStats(requests=self._requests, stages=tuple(rows))
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._costs = [_StageCost() for _ in self.stages]
+            self._requests = 0
+
+
+@dataclass(frozen=True)
+class StageStats:
+    """One stage's share: requests it judged (``runs``), decided, and wall time of its calls."""
+
+    name: str
+    runs: int
+    decided: int
+    ms: float
+
+    @property
+    def ms_per_request(self) -> float | None:
+        return self.ms / self.runs if self.runs else None
+
+
+@dataclass(frozen=True)
+class CascadeStats:
+    """Cost of a cascade's checks so far.
+
+    Attributes:
+        requests: requests checked.
+        stages: per-stage counts and time.
+    """
+
+    requests: int
+    stages: tuple[StageStats, ...] = field(default_factory=tuple)
+
+    @property
+    def cost_ms(self) -> float:
+        """Wall time spent in all stages."""
+        return sum(s.ms for s in self.stages)
+
+    @property
+    def last_stage_only_ms(self) -> float | None:
+        """Estimated time of running the last stage on every request (from its measured time per request)."""
+        per = self.stages[-1].ms_per_request if self.stages else None
+        return None if per is None else per * self.requests
+
+    @property
+    def saved(self) -> float | None:
+        """Fraction of the last-stage-only time the cascade saved (negative: it cost more)."""
+        full = self.last_stage_only_ms
+        return None if not full else 1.0 - self.cost_ms / full
+
+    @property
+    def escalation_rate(self) -> float | None:
+        """Share of requests that reached the last stage."""
+        return self.stages[-1].runs / self.requests if self.requests and self.stages else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "stages": [{"name": s.name, "runs": s.runs, "decided": s.decided, "ms": round(s.ms, 3),
+                        "ms_per_request": None if s.ms_per_request is None else round(s.ms_per_request, 3)}
+                       for s in self.stages],
+            "cost_ms": round(self.cost_ms, 3),
+            "last_stage_only_ms": None if self.last_stage_only_ms is None else round(self.last_stage_only_ms, 3),
+            "saved": self.saved,
+            "escalation_rate": self.escalation_rate,
+        }
+
+
+def _combine(members: list[Verdict]) -> Verdict | None:
+    """One verdict for a stage from its guards' verdicts: any unsafe, else any unavailable, else safe."""
+    if not members:
+        return None
+    unsafe = [v for v in members if v.label == "unsafe"]
+    if unsafe:
+        return max(unsafe, key=lambda v: -1.0 if v.score is None else v.score)
+    broken = [v for v in members if v.label == "unavailable"]
+    if broken:
+        return broken[0]
+    # All safe: the least confident one speaks for the stage (its score decides escalation).
+    return max(members, key=lambda v: -1.0 if v.score is None else v.score)
