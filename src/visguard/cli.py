@@ -95,7 +95,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("images", nargs=-1, type=click.Path(dir_okay=False, path_type=str))
+@click.argument("images", nargs=-1, type=click.Path(path_type=str))  # checked by the image boundary
 @click.option("--model", "-m", required=True, help="Guard model: hub id or local path.")
 @click.option("--text", "-t", default="", help="The user's request that comes with the images.")
 @click.option("--response", "-r", default=None, help="The host model's answer: makes this a post-check.")
