@@ -18,6 +18,8 @@ from visguard_train.encode import IGNORE_INDEX  # noqa: E402
 
 from visguard import Policy, plugins  # noqa: E402
 from visguard.cli import _register_plugin_commands, cli  # noqa: E402
+from visguard.datasets import reasoning_of  # noqa: E402
+from visguard.default_plugins.visguard_format import VisguardFormat  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +64,9 @@ def test_each_layout_is_detected_and_loaded(layouts):
 
     mt = load_records(layouts["mis-train"])
     assert len(mt) == 6 and all(r.turns[-1][0] == "assistant" for r in mt)
-    assert "<image>" not in mt[0].text and mt[0].reasoning.startswith("Reasoning: Image 1 shows")
+    assert "<image>" not in mt[0].text and mt[0].rationale.startswith("Image 1 shows")
+    # the format phrases the MIRage answer in its own grammar (one "Reasoning:" line)
+    assert reasoning_of(VisguardFormat(), mt[0]) == f"Reasoning: {mt[0].rationale}"
 
     ms = load_records(layouts["mis-test"])
     assert len(ms) == 6 and all(len(r.images) == 2 for r in ms)
@@ -98,7 +102,7 @@ def test_image_paths_must_stay_inside_the_root(tmp_path, bad):
     os.symlink(tmp_path / "outside.png", root / "link.png")
     line = {"images": [bad], "text": "t", "label": "safe"}
     (root / "d.jsonl").write_text(json.dumps(line) + "\n")
-    with pytest.raises(DatasetError, match=r"d\.jsonl line 1: image path .*(escapes the dataset root|is absolute)"):
+    with pytest.raises(DatasetError, match=r"d\.jsonl line 1 images\[0\]: image path .*(escapes the dataset root|is absolute)"):
         load_records(root / "d.jsonl")
 
 

@@ -291,6 +291,19 @@ class GuardFormat(ABC):
         """
         raise NotImplementedError(f"format {self.name!r} does not define training targets")
 
+    def reasoning_text(self, rationale: str, perceptions: Iterable[str] = ()) -> str:
+        """The reasoning part of a :meth:`target` in this format's grammar, from free prose.
+
+        Args:
+            rationale: why the request is (un)safe, in plain words (e.g. a MIRage answer).
+            perceptions: what each image shows, in order (formats that describe images first).
+
+        Returns:
+            The text a target puts before its verdict (default: each description, then the
+            rationale, each on one line with its whitespace collapsed).
+        """
+        return "\n".join(" ".join(t.split()) for t in (*perceptions, rationale))
+
 
 _ZWSP = "\u200b"
 

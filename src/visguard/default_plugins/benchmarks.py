@@ -9,16 +9,15 @@ Nothing is downloaded: point ``--data`` at a directory you already have.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from visguard.datasets import optional_text, read_jsonl, read_mis_test
 from visguard.eval.benchmarks import (
     Benchmark,
     BenchmarkLayoutError,
     EvalItem,
     field_of,
-    gold_label,
     read_csv,
     read_json,
     resolve_under,
@@ -41,11 +40,6 @@ def _data_dir(root: Path, marker: str) -> Path:
     if not (root / marker).exists() and (root / "data" / marker).exists():
         return root / "data"
     return root
-
-
-def _opt_str(record: Any, key: str, where: str) -> str | None:
-    value = field_of(record, key, where=where, types=(str, int, float), required=False)
-    return None if value is None or str(value).strip() == "" else str(value)
 
 
 # ---------------------------------------------------------------------------------------------- MIS
@@ -78,30 +72,11 @@ class MISBenchmark(Benchmark):
         return sorted(found, key=lambda s: (order.get(s, len(order)), s))
 
     def load_split(self, root: Path, split: str) -> list[EvalItem]:
-        fname = f"mis_{split}.json"
-        data = read_json(root / fname, benchmark=self.name)
-        if not isinstance(data, list):
-            raise BenchmarkLayoutError(f"mis: {fname} must hold a JSON list of items, got {type(data).__name__}")
-        items, seen = [], set()
-        for i, rec in enumerate(data):
-            where = f"mis: {fname} item {i}"
-            question = field_of(rec, "question", where=where)
-            keys = sorted((k for k in rec if re.fullmatch(r"image_path\d+", k)), key=lambda k: int(k[10:]))
-            if not keys:
-                raise BenchmarkLayoutError(f"{where}: missing field 'image_path1' (has {sorted(rec)})")
-            images = tuple(resolve_under(root, rec[k], what=f"{where} {k}") for k in keys)
-            raw_id = rec.get("id")
-            items.append(EvalItem(
-                id=_unique(seen, f"{split}/{raw_id if raw_id is not None else i}"),
-                images=images,
-                text=question,
-                label=gold_label(rec.get("label"), where=where),
-                category=_opt_str(rec, "category", where),
-                sub_category=_opt_str(rec, "sub_category", where),
-                split=split,
-                extra={"index": i},
-            ))
-        return items
+        file = root / f"mis_{split}.json"
+        read_json(file, what=self.name)  # says "mis: expected file ... does not exist" for a missing split
+        seen: set[str] = set()
+        records = read_mis_test(file, split=split, make_id=lambda raw, i: f"{split}/{raw if raw is not None else i}")
+        return [EvalItem.of(r, id=_unique(seen, r.id), label=r.label or "unsafe") for r in records]
 
 
 # ---------------------------------------------------------------------------------------------- VLGuard
@@ -127,7 +102,7 @@ class VLGuardBenchmark(Benchmark):
     metrics = ("asr", "refusal_rate")
 
     def load_split(self, root: Path, split: str) -> list[EvalItem]:
-        data = read_json(root / "test.json", benchmark=self.name)
+        data = read_json(root / "test.json", what=self.name)
         if not isinstance(data, list):
             raise BenchmarkLayoutError(f"vlguard: test.json must hold a JSON list, got {type(data).__name__}")
         image_root = root / "test" if (root / "test").is_dir() else root
@@ -149,8 +124,8 @@ class VLGuardBenchmark(Benchmark):
                 images=(resolve_under(image_root, field_of(rec, "image", where=where), what=f"{where} image"),),
                 text=text,
                 label="safe" if split == "safe_safes" else "unsafe",
-                category=None if is_safe else _opt_str(rec, "harmful_category", where),
-                sub_category=None if is_safe else _opt_str(rec, "harmful_subcategory", where),
+                category=None if is_safe else optional_text(rec, "harmful_category", where=where),
+                sub_category=None if is_safe else optional_text(rec, "harmful_subcategory", where=where),
                 split=split,
             ))
         return items
@@ -186,7 +161,7 @@ class MMSafetyBenchmark(Benchmark):
         items, seen = [], set()
         for path in files:
             scenario = path.stem
-            data = read_json(path, benchmark=self.name)
+            data = read_json(path, what=self.name)
             if not isinstance(data, dict):
                 raise BenchmarkLayoutError(f"mm-safetybench: {path.name} must map question ids to objects")
             for qid, rec in data.items():
@@ -225,7 +200,7 @@ class SIUOBenchmark(Benchmark):
 
     def load_split(self, root: Path, split: str) -> list[EvalItem]:
         root = _data_dir(root, "siuo_gen.json")
-        data = read_json(root / "siuo_gen.json", benchmark=self.name)
+        data = read_json(root / "siuo_gen.json", what=self.name)
         if not isinstance(data, list):
             raise BenchmarkLayoutError(f"siuo: siuo_gen.json must hold a JSON list, got {type(data).__name__}")
         items, seen = [], set()
@@ -238,7 +213,7 @@ class SIUOBenchmark(Benchmark):
                 images=(resolve_under(root / "images", image, what=f"{where} image"),),
                 text=field_of(rec, "question", where=where),
                 label="unsafe",
-                category=_opt_str(rec, "category", where),
+                category=optional_text(rec, "category", where=where),
                 split=split,
                 extra={"safety_warning": rec.get("safety_warning")},
             ))
@@ -271,7 +246,7 @@ class MSSBenchmark(Benchmark):
     def _index(self, root: Path) -> Any:
         for name in ("combined.json", "combine.json"):
             if (root / name).is_file():
-                return name, read_json(root / name, benchmark=self.name)
+                return name, read_json(root / name, what=self.name)
         raise BenchmarkLayoutError(f"mssbench: expected file {root / 'combined.json'} (or combine.json) does not exist")
 
     def load_split(self, root: Path, split: str) -> list[EvalItem]:
@@ -284,7 +259,7 @@ class MSSBenchmark(Benchmark):
                 safe_img, unsafe_img = field_of(rec, "safe_image_path", where=where), field_of(rec, "unsafe_image_path", where=where)
                 queries = field_of(rec, "queries", where=where, types=list)
                 pairs = [(q, q) for q in queries]
-                category = _opt_str(rec, "Type", where)
+                category = optional_text(rec, "Type", where=where)
             else:
                 safe_img, unsafe_img = field_of(rec, "safe", where=where), field_of(rec, "unsafe", where=where)
                 if "safe_instructions" in rec or "unsafe_instructions" in rec:
@@ -292,7 +267,7 @@ class MSSBenchmark(Benchmark):
                                      field_of(rec, "unsafe_instructions", where=where, types=list), strict=False))
                 else:
                     pairs = [(field_of(rec, "safe_instruction", where=where), field_of(rec, "unsafe_instruction", where=where))]
-                category = _opt_str(rec, "category", where)
+                category = optional_text(rec, "category", where=where)
             safe_path = resolve_under(root / split, safe_img, what=f"{where} safe image")
             unsafe_path = resolve_under(root / split, unsafe_img, what=f"{where} unsafe image")
             for k, (safe_text, unsafe_text) in enumerate(pairs):
@@ -334,7 +309,7 @@ class MOSSBenchmark(Benchmark):
 
     def load_split(self, root: Path, split: str) -> list[EvalItem]:
         root = _data_dir(root, "images_information")
-        data = read_json(root / "images_information" / "information.json", benchmark=self.name)
+        data = read_json(root / "images_information" / "information.json", what=self.name)
         if not isinstance(data, dict):
             raise BenchmarkLayoutError("mossbench: information.json must map problem ids to objects")
         items, seen = [], set()
@@ -435,37 +410,9 @@ class JSONLBenchmark(Benchmark):
         return self.load(root, split)
 
     def _read(self, path: Path) -> list[EvalItem]:
-        import json
-
-        items, seen = [], set()
-        for number, line in enumerate(_lines(path), start=1):
-            if not line.strip():
-                continue
-            where = f"jsonl: {path.name} line {number}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise BenchmarkLayoutError(f"{where}: not JSON ({exc})") from exc
-            images = field_of(rec, "images", where=where, types=list)
-            raw_id = field_of(rec, "id", where=where, types=(str, int))
-            items.append(EvalItem(
-                id=_unique(seen, str(raw_id)),
-                images=tuple(resolve_under(path.parent, p, what=f"{where} images[{k}]") for k, p in enumerate(images)),
-                text=field_of(rec, "text", where=where),
-                label=gold_label(rec.get("label"), where=where),
-                category=_opt_str(rec, "category", where),
-                sub_category=_opt_str(rec, "sub_category", where),
-                split=str(rec.get("split") or "all"),
-            ))
-        return items
-
-
-def _lines(path: Path) -> Iterable[str]:
-    try:
-        with path.open(encoding="utf-8") as fh:
-            yield from fh
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BenchmarkLayoutError(f"jsonl: cannot read {path}: {exc}") from exc
+        seen: set[str] = set()
+        records = read_jsonl(path, make_id=lambda raw, n: str(raw) if raw is not None else f"{path.name}:{n}")
+        return [EvalItem.of(r, id=_unique(seen, r.id), label=r.label or "unsafe", split=r.split or "all") for r in records]
 
 
 BENCHMARKS: tuple[type[Benchmark], ...] = (

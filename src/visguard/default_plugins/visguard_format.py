@@ -161,6 +161,12 @@ class VisguardFormat(GuardFormat):
             return tail
         return f"{reasoning.strip()}\n{tail}" if reasoning else tail
 
+    def reasoning_text(self, rationale: str, perceptions: Iterable[str] = ()) -> str:
+        """``Image N: <perception>`` lines, then ``Reasoning: <rationale>`` on one line (the verdict
+        line then stays the last labelled line)."""
+        lines = [f"Image {i}: {' '.join(p.split())}" for i, p in enumerate(perceptions, 1)]
+        return "\n".join([*lines, f"Reasoning: {' '.join(rationale.split())}"])
+
 
 def _quote(text: str, special_tokens: Iterable[str]) -> str:
     """Untrusted text made inert: specials and tags broken, label lines defanged."""

@@ -9,52 +9,57 @@ Wrong paths or layouts raise :class:`BenchmarkLayoutError` naming the missing fi
 from __future__ import annotations
 
 import csv
-import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from visguard.datasets import (
+    IMAGE_SUFFIXES,
+    DatasetError,
+    Label,
+    Record,
+    field_of,
+    read_json,
+    resolve_under,
+    unique_ids,
+)
+from visguard.datasets import parse_label as _parse_label
 from visguard.errors import InputError
-from visguard.paths import resolve_inside
 
-GoldLabel = Literal["safe", "unsafe"]
+__all__ = [
+    "IMAGE_SUFFIXES", "Benchmark", "BenchmarkLayoutError", "EvalItem", "GoldLabel", "check_unique_ids", "field_of",
+    "gold_label", "read_csv", "read_json", "resolve_under",
+]
 
-#: image suffixes tried when a layout's listed file is missing (some releases re-encoded images)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+#: the gold label of an item (the one label type of :mod:`visguard.datasets`)
+GoldLabel = Label
 
-
-class BenchmarkLayoutError(InputError):
-    """A benchmark directory does not have the expected layout (missing file, field or image)."""
+#: layout errors of benchmark data are dataset errors (one error type for every reader)
+BenchmarkLayoutError = DatasetError
 
 
 @dataclass(frozen=True)
-class EvalItem:
-    """One labelled evaluation item, whatever benchmark it comes from.
+class EvalItem(Record):
+    """One labelled evaluation item: a :class:`~visguard.datasets.Record` whose label is required.
 
     Attributes:
         id: unique id within a benchmark (``"<split>/<the benchmark's own id or index>"``).
-        images: image files, resolved under the dataset root, in prompt order.
-        text: the text sent with the images (to the guard, or to the host VLM).
         label: gold label of the *request*: ``unsafe`` (should be blocked / refused) or ``safe``.
-        category / sub_category: the benchmark's harm category, when it has one.
-        split: the benchmark split the item belongs to.
-        extra: benchmark-specific fields kept for reports (JSON-serialisable).
+        (the other fields as in :class:`~visguard.datasets.Record`)
     """
 
-    id: str
-    images: tuple[Path, ...]
-    text: str
-    label: GoldLabel = "unsafe"
-    category: str | None = None
-    sub_category: str | None = None
-    split: str = ""
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    label: Label = "unsafe"
 
     def __post_init__(self) -> None:
         if self.label not in ("safe", "unsafe"):
             raise InputError(f"item {self.id!r}: label must be 'safe' or 'unsafe', got {self.label!r}")
+
+    @classmethod
+    def of(cls, record: Record, **changes: Any) -> EvalItem:
+        """An item from a record (``changes`` replace fields, e.g. ``id`` or ``split``)."""
+        return cls(**{**{f.name: getattr(record, f.name) for f in fields(Record)}, **changes})
 
     def record(self) -> dict[str, Any]:
         """The item's fields as written into a result row."""
@@ -67,6 +72,18 @@ class EvalItem:
             "images": [str(p) for p in self.images],
             "text": self.text,
         }
+
+
+def gold_label(value: Any, *, where: str, default: GoldLabel = "unsafe") -> GoldLabel:
+    """Parse an optional ``label`` field (``"safe"``/``"unsafe"``, any case)."""
+    label = _parse_label(value, where=where, default=default)
+    assert label is not None
+    return label
+
+
+def check_unique_ids(items: Sequence[EvalItem], where: str) -> None:
+    """Raise :class:`BenchmarkLayoutError` if two items share an id."""
+    unique_ids(items, where)
 
 
 class Benchmark(ABC):
@@ -149,41 +166,6 @@ class Benchmark(ABC):
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def check_unique_ids(items: Sequence[EvalItem], where: str) -> None:
-    """Raise :class:`BenchmarkLayoutError` if two items share an id."""
-    seen: set[str] = set()
-    for it in items:
-        if it.id in seen:
-            raise BenchmarkLayoutError(f"{where}: duplicate item id {it.id!r}")
-        seen.add(it.id)
-
-
-def resolve_under(root: Path, rel: Any, *, what: str, fallback_suffixes: bool = False) -> Path:
-    """Resolve a layout's relative image path inside ``root``.
-
-    Args:
-        root: the (resolved) directory the path is relative to.
-        rel: the path as written in the benchmark file.
-        what: where the path came from, for error messages (``"mis_hard.json item 3 image_path1"``).
-        fallback_suffixes: if the file is missing, try the same stem with other image suffixes.
-
-    Raises:
-        BenchmarkLayoutError: the value is not a relative path, escapes ``root`` or does not exist.
-    """
-    suffixes = IMAGE_SUFFIXES if fallback_suffixes else ()
-    return resolve_inside(root, rel, where=what, error=BenchmarkLayoutError, fallback_suffixes=suffixes)
-
-
-def read_json(path: Path, *, benchmark: str) -> Any:
-    """Parse a JSON file, raising :class:`BenchmarkLayoutError` naming the file on failure."""
-    if not path.is_file():
-        raise BenchmarkLayoutError(f"{benchmark}: expected file {path} does not exist")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BenchmarkLayoutError(f"{benchmark}: cannot parse {path}: {exc}") from exc
-
-
 def read_csv(path: Path, *, benchmark: str, required: Iterable[str]) -> list[dict[str, str]]:
     """Read a CSV with a header row, checking that the ``required`` columns exist."""
     if not path.is_file():
@@ -197,31 +179,3 @@ def read_csv(path: Path, *, benchmark: str, required: Iterable[str]) -> list[dic
             return list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise BenchmarkLayoutError(f"{benchmark}: cannot read {path}: {exc}") from exc
-
-
-def field_of(record: Any, key: str, *, where: str, types: type | tuple[type, ...] = str, required: bool = True) -> Any:
-    """``record[key]`` checked for presence and type; ``None`` when optional and absent.
-
-    Raises:
-        BenchmarkLayoutError: ``record`` is not an object, or the field is missing or of the wrong type.
-    """
-    if not isinstance(record, Mapping):
-        raise BenchmarkLayoutError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if key not in record or record[key] is None:
-        if required:
-            raise BenchmarkLayoutError(f"{where}: missing field {key!r} (has {sorted(record)})")
-        return None
-    value = record[key]
-    if not isinstance(value, types):
-        names = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
-        raise BenchmarkLayoutError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
-    return value
-
-
-def gold_label(value: Any, *, where: str, default: GoldLabel = "unsafe") -> GoldLabel:
-    """Parse an optional ``label`` field (``"safe"``/``"unsafe"``, any case)."""
-    if value is None:
-        return default
-    if isinstance(value, str) and value.strip().lower() in ("safe", "unsafe"):
-        return "safe" if value.strip().lower() == "safe" else "unsafe"
-    raise BenchmarkLayoutError(f"{where}: field 'label' must be 'safe' or 'unsafe', got {value!r}")

@@ -211,7 +211,7 @@ def _guard_batch(guard: Any, batch: Sequence[EvalItem], mode: str) -> list[dict[
     requests, where = [], []
     for i, item in enumerate(batch):
         try:
-            requests.append(guard.request([str(p) for p in item.images], item.text))
+            requests.append(guard.request([str(p) for p in item.images], item.text, item.response))
             where.append(i)
         except InputError as exc:  # refused at the image boundary: no verdict, never "safe"
             rows[i] = _guard_row(item, pred="unavailable", error=f"input refused: {exc}", mode=mode, model=guard.backend.model_id)

@@ -44,7 +44,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,12 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from visguard import plugins
+from visguard.datasets import TARGET_FORMAT, Record, write_mis_test, write_mis_train
+from visguard.datasets import write_jsonl as write_jsonl_records
+from visguard.policy import Policy
+from visguard.types import GuardRequest
 
 __all__ = [
     "MIS_TAXONOMY",
@@ -366,17 +371,28 @@ class SyntheticItem:
         return f"Each image is benign on its own, but combining the {a} with the {b} {pair.reason}."
 
     @property
+    def guard_reasoning(self) -> str:
+        """What the guard should write before its verdict, in the visguard format's grammar."""
+        return _target_format().reasoning_text(self.reasoning, [_describe(o) for o in self.objects])
+
+    @property
     def guard_target(self) -> str:
-        """The visguard guard-format target text for this item."""
-        a, b = self.objects
-        category = "none" if self.label == "safe" else f"{self.category} / {self.sub_category}"
-        return (
-            f"Image 1: {_describe(a)}\n"
-            f"Image 2: {_describe(b)}\n"
-            f"Reasoning: {self.reasoning}\n"
-            f"Verdict: {self.label}\n"
-            f"Category: {category}"
-        )
+        """The visguard guard-format target text for this item (the format's own ``target``)."""
+        return _target_format().target(GuardRequest(), Policy(), label=self.label, mode="reason", category=self.category,
+                                       sub_category=self.sub_category, reasoning=self.guard_reasoning)
+
+    def record(self, images: Sequence[str], *, conversation: bool = False) -> Record:
+        """This item as a :class:`visguard.datasets.Record` with ``images`` (paths relative to the root).
+
+        ``conversation`` adds the MIS-train turns (the question, then :attr:`answer`).
+        """
+        return Record(id=self.id, images=tuple(Path(p) for p in images), text=self.question, label=self.label,
+                      category=self.category, sub_category=self.sub_category, reasoning=self.guard_reasoning,
+                      turns=(("user", self.question), ("assistant", self.answer)) if conversation else ())
+
+
+def _target_format():
+    return plugins.get("formats", TARGET_FORMAT)()
 
 
 def _derive_seed(*parts: object) -> int:
@@ -701,21 +717,8 @@ def write_mis_test_layout(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     for split, n in (splits or {"easy": 40, "hard": 40}).items():
-        records = []
-        for i, item in enumerate(generate_items(n, seed=_derive_seed("mis-test", split, seed))):
-            p1, p2 = _write_pair(root, f"{split}_image/{i}", item, size)
-            records.append(
-                {
-                    "id": item.id,
-                    "question": item.question,
-                    "category": item.category,
-                    "sub_category": item.sub_category,
-                    "image_path1": p1,
-                    "image_path2": p2,
-                    "label": item.label,
-                }
-            )
-        (root / f"mis_{split}.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
+        items = generate_items(n, seed=_derive_seed("mis-test", split, seed))
+        write_mis_test(root, split, [it.record(_write_pair(root, f"{split}_image/{i}", it, size)) for i, it in enumerate(items)])
     return root
 
 
@@ -741,23 +744,9 @@ def write_mis_train_layout(root: str | Path, n: int = 200, *, seed: int = 1, siz
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i, item in enumerate(generate_items(n, seed=_derive_seed("mis-train", seed))):
-        p1, p2 = _write_pair(root, f"train_image/{i}", item, size)
-        records.append(
-            {
-                "id": item.id,
-                "image": [p1, p2],
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n<image>\n{item.question}"},
-                    {"from": "gpt", "value": item.answer},
-                ],
-                "category": item.category,
-                "sub_category": item.sub_category,
-                "label": item.label,
-            }
-        )
-    (root / "mis_train.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
+    items = generate_items(n, seed=_derive_seed("mis-train", seed))
+    write_mis_train(root, [it.record(_write_pair(root, f"train_image/{i}", it, size), conversation=True)
+                           for i, it in enumerate(items)])
     return root
 
 
@@ -790,22 +779,9 @@ def write_jsonl(
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stem = Path(name).stem
-    path = root / name
-    with path.open("w", encoding="utf-8") as fh:
-        for i, item in enumerate(generate_items(n, seed=seed)):
-            p1, p2 = _write_pair(root, f"{stem}_image/{i}", item, size)
-            record = {
-                "id": item.id,
-                "images": [p1, p2],
-                "text": item.question,
-                "label": item.label,
-                "category": item.category,
-                "sub_category": item.sub_category,
-                "response": None,
-                "target": item.guard_target,
-            }
-            fh.write(json.dumps(record) + "\n")
-    return path
+    items = generate_items(n, seed=seed)
+    return write_jsonl_records(root / name, [it.record(_write_pair(root, f"{stem}_image/{i}", it, size))
+                                             for i, it in enumerate(items)])
 
 
 _check_vocabulary()

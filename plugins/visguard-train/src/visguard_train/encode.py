@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from visguard.datasets import reasoning_of
 from visguard.format import GuardFormat, GuardPrompt
 from visguard.policy import Policy
 from visguard.types import GuardRequest
@@ -68,7 +69,7 @@ def example_specs(
                 continue
             if "fast" in guard_modes:
                 specs.append(ExampleSpec(rec, "guard", "fast"))
-            if "reason" in guard_modes and rec.reasoning:
+            if "reason" in guard_modes and (rec.reasoning or rec.rationale):
                 specs.append(ExampleSpec(rec, "guard", "reason"))
         else:
             specs += [ExampleSpec(rec, "response", turn=i) for i, (role, _) in enumerate(rec.turns) if role == "assistant"]
@@ -108,7 +109,7 @@ class ExampleBuilder:
                 mode=spec.mode,
                 category=rec.category,
                 sub_category=rec.sub_category,
-                reasoning=rec.reasoning,
+                reasoning=reasoning_of(self.format, rec),
             )
             if not target.startswith(prompt.assistant_prefix):
                 raise DatasetError(

@@ -321,33 +321,26 @@ def _evaluate_after_training(
 
 
 def evaluate_guard(guard: Any, records: Sequence[TrainRecord], *, batch_size: int = 16, mode: str = "fast") -> dict[str, Any]:
-    """Score labelled records with a guard; accuracy and confusion counts.
+    """Score labelled records with a guard (the core's :func:`visguard.eval.evaluate_guard`).
 
-    ``unavailable`` verdicts count as wrong (they are neither a correct block nor a correct pass).
+    ``unavailable`` verdicts count as wrong here (they are neither a correct block nor a correct pass).
 
     Args:
         guard: a :class:`visguard.Guard`.
-        records: records with labels.
-        batch_size: requests per ``check_batch`` call.
+        records: records with labels (post-checks where a record has a response).
+        batch_size: requests per batch.
         mode: ``fast``, ``reason`` or ``adaptive``.
-    """
-    from tqdm.auto import tqdm
 
-    labelled = [r for r in records if r.label is not None]
-    counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0, "unavailable": 0}
-    with tqdm(total=len(labelled), desc=f"evaluating ({mode})", unit="item") as bar:
-        for s in range(0, len(labelled), batch_size):
-            chunk = labelled[s : s + batch_size]
-            requests = [guard.request(list(r.images), r.text, r.response) for r in chunk]
-            for rec, verdict in zip(chunk, guard.check_batch(requests, mode=mode), strict=True):
-                if verdict.label == "unavailable":
-                    counts["unavailable"] += 1
-                elif verdict.label == "unsafe":
-                    counts["tp" if rec.label == "unsafe" else "fp"] += 1
-                else:
-                    counts["tn" if rec.label == "safe" else "fn"] += 1
-            bar.update(len(chunk))
-    n = len(labelled)
+    Returns:
+        ``{"n", "accuracy", "tp", "fp", "tn", "fn", "unavailable"}``.
+    """
+    from visguard.eval import EvalItem
+    from visguard.eval import evaluate_guard as evaluate
+
+    items = [EvalItem.of(r, id=f"{k}:{r.id}") for k, r in enumerate(records) if r.label is not None]
+    summary = evaluate(guard, items, batch_size=batch_size, mode=mode, benchmark="train-eval", plots=False)
+    counts = {**summary.confusion, "unavailable": summary.unavailable}
+    n = len(items)
     return {"n": n, "accuracy": (counts["tp"] + counts["tn"]) / n if n else 0.0, **counts}
 
 
