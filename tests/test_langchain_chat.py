@@ -17,7 +17,10 @@ import asyncio
 import base64
 import hashlib
 import io
+import re
+import runpy
 import threading
+from pathlib import Path
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
@@ -315,3 +318,20 @@ def test_proxy_decision_in_headers_and_usage(proxies, prompt, image, expected):
     assert streamed_usage == MAX_TOKENS
 
 
+
+
+def test_example_langchain_chain(upstream, qwen_path, monkeypatch, capsys):
+    """examples/langchain_chain.py, against the tiny host on loopback and the tiny guard."""
+    for key, value in {"VISGUARD_EXAMPLE_GUARD": qwen_path, "VISGUARD_EXAMPLE_HOST": upstream.url + "/v1",
+                       "VISGUARD_EXAMPLE_HOST_MODEL": MODEL}.items():
+        monkeypatch.setenv(key, value)
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "langchain_chain.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    vg = re.search(r"^visguard: blocked=(True|False) pre-check=(safe|unsafe) P\(unsafe\)=[\d.]+ post-check=(\w+)$", out, re.M)
+    assert vg, out
+    answer = re.search(r"^answer: (.*)$", out, re.M | re.S).group(1)
+    if vg.group(1) == "True":
+        assert answer.startswith(REFUSAL.split(":")[0])
+    assert re.search(r"^streamed: ", out, re.M) and re.search(r"^gated: ", out, re.M)
+    if vg.group(2) == "unsafe":
+        assert "gated: Sorry, I can't help with that." in out
