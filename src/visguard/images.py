@@ -7,7 +7,8 @@ content block (``{"type": "image", "base64"|"url": ...}`` or the older ``source_
 ``{"type": "image", "source_type": "base64", "data": ...}``), an Anthropic-style block
 (``{"type": "image", "source": {"type": "base64", "data": ...}}``) or a :class:`GuardImage`
 (already checked). Images named only by a provider file id (``file_id``, ``source_type: "id"``)
-are refused: the guard cannot see them. Everything becomes an RGB ``PIL.Image`` with its SHA-256 (of
+are refused: the guard cannot see them. With ``ImageLimits(allow_paths=False)`` (the HTTP servers)
+a path or ``file:`` URL is refused before the file system is touched. Everything becomes an RGB ``PIL.Image`` with its SHA-256 (of
 the decoded pixels' source bytes) for audit logs and caches. Remote ``http(s)`` URLs are refused
 unless the limits allow fetching. Anything else raises :class:`~visguard.errors.ImageInputError`
 naming the image and the problem in one line.
@@ -108,6 +109,14 @@ def load_image(item: ImageInput, limits: ImageLimits | None = None, *, index: in
     if isinstance(item, str) and item.startswith(("http://", "https://")):
         return _fetch(item, limits, index)
     if isinstance(item, str | os.PathLike):
+        if not limits.allow_paths:  # refused before any file-system access: the answer says nothing about files
+            raise ImageInputError(
+                "image source refused: send a data: URL"
+                + (" or an http(s) URL" if limits.allow_remote else "")
+                + " (file paths are not read here)",
+                index=index,
+                reason="path_refused",
+            )
         return _from_path(Path(item), limits, index)
     raise ImageInputError(
         f"unsupported image type {type(item).__name__}; expected a path, bytes, PIL image, data URL "

@@ -88,6 +88,11 @@ class ImageLimits(BaseModel):
         "(vision processors refuse extreme ratios, e.g. Qwen2-VL above 200)",
     )
     allow_remote: bool = Field(default=False, description="fetch http(s) URLs (off: refused)")
+    allow_paths: bool = Field(
+        default=True,
+        description="read local image files (off, as in the HTTP servers: a path or file: URL is refused "
+        "before the file system is touched, with one message whatever the path)",
+    )
     remote_timeout_s: float = Field(default=10.0, gt=0)
 
 

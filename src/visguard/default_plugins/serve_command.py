@@ -52,12 +52,14 @@ from visguard.redact import redact
 @click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True, help="Micro-batch wait.")
 @click.option("--timeout-s", type=click.FloatRange(0.001), default=DEFAULT_TIMEOUT_S, show_default=True,
               help="Per-check time limit, queueing included; past it the check is unavailable.")
+@click.option("--allow-remote-images", is_flag=True,
+              help="Fetch http(s) image URLs that clients send (off: only data URLs; paths are never read).")
 @click.option("--log-level", default="info", show_default=True)
 def serve(model: str, backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
           bind_host: str, port: int, upstream: str | None, upstream_model: str | None, api_key_env: str | None,
           host_model: str | None, host_args: tuple[str, ...], served_model_name: str | None, max_concurrency: int, max_body_mb: float,
           auth_token_env: str | None, mode: str, threshold: float, on_unsafe: str, on_error: str, pre_check: str,
-          max_batch_size: int, max_wait_ms: float, timeout_s: float, log_level: str) -> None:
+          max_batch_size: int, max_wait_ms: float, timeout_s: float, allow_remote_images: bool, log_level: str) -> None:
     """Serve a guard over HTTP, optionally as a guarded OpenAI-compatible proxy.
 
     Endpoints: POST /v1/guard/check, POST /v1/chat/completions (with --upstream or --host-model),
@@ -72,7 +74,7 @@ def serve(model: str, backend: str, format_name: str | None, backend_args: tuple
     except ImportError as exc:
         raise click.ClickException(f"visguard serve needs the serve extra: pip install 'visguard[serve]' ({exc})") from exc
     from visguard.guard import Guard
-    from visguard.policy import Policy
+    from visguard.policy import ImageLimits, Policy
 
     if upstream and host_model:
         raise click.UsageError("give --upstream or --host-model, not both")
@@ -88,7 +90,8 @@ def serve(model: str, backend: str, format_name: str | None, backend_args: tuple
     if guard_url and "base_url" not in plugins.option_names(plugins.get("backends", backend)):
         raise click.UsageError(f"--guard-url: the {backend!r} backend takes no base_url")
     kwargs = backend_kwargs(backend, backend_args, device=device, base_url=guard_url)
-    policy = Policy(mode=mode, threshold=threshold, on_error=on_error, timeout_s=timeout_s)
+    policy = Policy(mode=mode, threshold=threshold, on_error=on_error, timeout_s=timeout_s,
+                    limits=ImageLimits(allow_remote=allow_remote_images))
     guard = Guard.from_pretrained(model, backend=backend, format=format_name, policy=policy, **kwargs)
 
     host: str | None = upstream or host_model

@@ -45,6 +45,7 @@ from visguard.serve.common import (
     chunk_builder,
     host_usage,
     install_error_handlers,
+    over_http,
     read_chat,
     sse_data,
     sse_response,
@@ -135,7 +136,9 @@ def create_app(
     """The ``visguard serve`` app.
 
     Args:
-        guard: the guard (its policy decides; the app does not close it).
+        guard: the guard (its policy decides; the app does not close it). Its image limits are
+            used with ``allow_paths=False``: over HTTP only data URLs (and http(s) URLs where the
+            policy's ``allow_remote`` is on) are accepted, never a path on this server.
         host: the model to guard for ``/v1/chat/completions``: a :class:`~visguard.hosts.Host`, an
             OpenAI-compatible base URL (``http://upstream:8000/v1``), a local model path, or
             ``None`` (then only ``/v1/guard/check`` is served).
@@ -148,6 +151,8 @@ def create_app(
     """
     settings = settings or ServeSettings()
     metrics = ServeMetrics()
+    # images come from clients: never read a file on this server's disk (data URLs; remote URLs if allowed)
+    guard = guard.with_policy(limits=over_http(guard.policy.limits))
     guard.configure_batching(max_batch=settings.max_batch_size, max_wait_ms=settings.max_wait_ms)
     guard.add_batch_observer(metrics.observe_batch)
     owns_host = host is not None and not isinstance(host, Host)

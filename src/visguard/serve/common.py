@@ -82,6 +82,15 @@ def bearer_ok(authorization: str | None, token: str | bytes) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected)
 
 
+def over_http(limits: ImageLimits | None) -> ImageLimits:
+    """The image limits for images a client sent over HTTP: never a file on this server's disk.
+
+    Only data URLs (and http(s) URLs where ``allow_remote`` is on) are accepted; a path is refused
+    with one message, whether or not it exists.
+    """
+    return (limits or ImageLimits()).model_copy(update={"allow_paths": False})
+
+
 async def read_chat(body: ChatCompletionRequest, served: str, limits: ImageLimits | None) -> SplitChat:
     """Check a chat request against the served model and take its messages apart (off the event loop).
 
@@ -94,7 +103,7 @@ async def read_chat(body: ChatCompletionRequest, served: str, limits: ImageLimit
     if body.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     try:
-        return await asyncio.to_thread(split_messages, body.messages, limits=limits)
+        return await asyncio.to_thread(split_messages, body.messages, limits=over_http(limits))
     except InputError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
 
