@@ -82,6 +82,13 @@ def register_commands(cli):
     @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="fast", show_default=True,
                   help="Guard mode: fast (one forward pass), reason, adaptive.")
     @click.option("--backend", "-b", default="transformers", show_default=True, help="Guard backend plugin.")
+    @click.option("--vs", "vs_guards", multiple=True, metavar="MODEL[@FORMAT[@BACKEND]]",
+                  help="Guard evaluation: also evaluate this guard on the same items (repeatable) and print one "
+                       "comparison table and plot; its format defaults to the checkpoint's own, its backend to --backend. "
+                       "--out is then the comparison directory (one sub-directory per guard).")
+    @click.option("--ignore-unread", is_flag=True,
+                  help="With --vs: single-modality guards judge the part they read (a text guard the text, an "
+                       "image classifier its one image) instead of refusing items with more.")
     @click.option("--format", "format_name", default=None,
               help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
     @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
@@ -101,7 +108,8 @@ def register_commands(cli):
     @click.option("--no-plots", is_flag=True, help="Do not write PNG plots.")
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
     @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-    def eval_command(benchmark: str, data: str, split: str | None, model: str, host_adapter: str | None,
+    def eval_command(benchmark: str, data: str, split: str | None, model: str, vs_guards: tuple[str, ...],
+                     ignore_unread: bool, host_adapter: str | None,
                      guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
                      judge_base_url: str | None, judge_prompt: str | None, judge_system: str | None, out_dir: str | None, limit: int | None, mode: str, backend: str,
                      format_name: str | None, threshold: float, batch_size: int, max_new_tokens: int,
@@ -152,6 +160,14 @@ def register_commands(cli):
             return Guard.from_pretrained(name, backend=backend, format=format_name, policy=policy,
                                          **backend_kwargs(backend, backend_args, device=device, base_url=base_url))
 
+        if kind == "guard" and vs_guards:
+            _compare(vs_guards, model=model, items=items, policy=policy, backend=backend, format_name=format_name,
+                     backend_args=backend_args, device=device, base_url=base_url, benchmark=benchmark, split=split,
+                     out_dir=out_dir, batch_size=batch_size, restart=restart, no_plots=no_plots,
+                     no_progress=no_progress, as_json=as_json, ignore_unread=ignore_unread)
+            return
+        if vs_guards:
+            raise click.UsageError("--vs compares guards: it does not apply to model evaluation (--host)")
         if kind == "guard":
             summary = evaluate_guard(load_guard(model), items, out_dir=out, batch_size=batch_size, mode=mode,
                                      benchmark=benchmark, split=split, restart=restart,
@@ -187,3 +203,50 @@ def register_commands(cli):
         if summary.get("resumed"):
             click.echo(f"{'resumed':<14} {summary['resumed']} items from an earlier run")
         click.echo(f"{'report':<14} {summary['files']['report']}")
+
+
+def _compare(vs_guards: tuple[str, ...], *, model: str, items: list, policy: Any, backend: str, format_name: str | None,
+             backend_args: tuple[str, ...], device: str, base_url: str | None, benchmark: str, split: str | None,
+             out_dir: str | None, batch_size: int, restart: bool, no_plots: bool, no_progress: bool,
+             as_json: bool, ignore_unread: bool) -> None:
+    """Evaluate --model and every --vs guard on the same items; print one table, write one plot."""
+    import json
+
+    from visguard.eval import evaluate_guard
+    from visguard.eval.compare import write_comparison
+    from visguard.guard import Guard, resolve_format
+
+    specs = [(model, format_name, backend, backend_args)]
+    for spec in vs_guards:
+        name, fmt, be = (spec.split("@") + [None, None])[:3]
+        if not name:
+            raise click.UsageError(f"--vs {spec!r}: expected MODEL[@FORMAT[@BACKEND]]")
+        specs.append((name, fmt or None, be or backend, ()))
+    root = Path(out_dir) if out_dir else default_out_dir(benchmark, split, "compare", "guard")
+    summaries: dict[str, Any] = {}
+    for name, fmt, be, args in specs:
+        label = name if fmt is None else f"{name}@{fmt}"
+        if label in summaries:
+            raise click.UsageError(f"guard {label!r} is listed twice")
+        guard_format = resolve_format(name, fmt)
+        if ignore_unread:
+            guard_format.ignore_unread = True
+        guard = Guard.from_pretrained(name, backend=be, format=guard_format,
+                                      **backend_kwargs(be, args, device=device, base_url=base_url))
+        # --mode where the guard's format runs in it, else the format's own (e.g. reason-only guards)
+        own = policy.mode if policy.mode in guard.format.capabilities.modes else guard.policy.mode
+        guard = guard.with_policy(policy.updated(mode=own))
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label.rstrip("/").split("/")[-1])[:60]
+        summaries[label] = evaluate_guard(guard, items, out_dir=root / slug, batch_size=batch_size, mode=None,
+                                          benchmark=benchmark, split=split, restart=restart,
+                                          progress=not no_progress, plots=not no_plots)
+    result = write_comparison(root, summaries, plots=not no_plots)
+    if as_json:
+        click.echo(json.dumps({"comparison": result["rows"], "files": result["files"]}, indent=2, default=str))
+        return
+    click.echo(result["table"])
+    click.echo(f"\ncomparison     {result['files']['markdown']}")
+    if "plot" in result["files"]:
+        click.echo(f"plot           {result['files']['plot']}")
+    elif result["plots_note"]:
+        click.echo(f"plot skipped   {result['plots_note']}")
