@@ -16,6 +16,7 @@ from visguard.eval.metrics import (
     latency_stats,
     model_metrics,
     percentile,
+    roc_points,
 )
 
 # gold, pred, score. Ties: 0.7 (one unsafe, one safe) and 0.4 (one unsafe, one safe).
@@ -168,3 +169,23 @@ def test_mis_rates_partition_every_combination():
     m = model_metrics(data)
     assert sum(m["counts"][k] for k in ("asr", "rsr", "rr", "hr", "safe_unleveled")) == len(combos)
     assert m["asr"] + m["rsr"] + m["rr"] + m["hr"] + m["safe_unleveled"] == pytest.approx(100.0)
+
+
+def test_auroc_ap_and_roc_points_equal_scikit_learn_on_random_tied_data():
+    """The hand-written metrics against the reference implementations, ties included."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(2, 60))
+        levels = int(rng.integers(1, 8))  # few distinct scores: many ties
+        scores = (rng.integers(0, levels, n) / max(levels - 1, 1)).tolist()
+        positives = (rng.random(n) < rng.uniform(0.1, 0.9)).tolist()
+        if all(positives) or not any(positives):
+            continue
+        got_auc, _ = auroc(scores, positives)
+        got_ap, _ = average_precision(scores, positives)
+        assert got_auc == pytest.approx(sklearn_metrics.roc_auc_score(positives, scores), abs=1e-12), trial
+        assert got_ap == pytest.approx(sklearn_metrics.average_precision_score(positives, scores), abs=1e-12), trial
+        fpr, tpr, _ = sklearn_metrics.roc_curve(positives, scores, drop_intermediate=False)
+        points = roc_points(scores, positives)
+        assert np.allclose(points, np.column_stack([fpr, tpr]), atol=1e-12, rtol=0), trial

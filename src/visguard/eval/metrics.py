@@ -14,10 +14,11 @@ function here divides by zero.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 NONE_GROUP = "(none)"
 
@@ -34,18 +35,12 @@ def ratio(num: float, den: float, *, name: str, reason: str, undefined: dict[str
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0-100) with linear interpolation between order statistics.
-
-    Matches ``numpy.percentile(values, q)`` (its default "linear" method). ``None`` when empty.
-    """
+    """The ``q``-th percentile (0-100): ``numpy.percentile`` (linear interpolation). ``None`` when empty."""
     if not 0 <= q <= 100:
         raise ValueError(f"percentile q must be in [0, 100], got {q}")
-    xs = sorted(values)
-    if not xs:
+    if not len(values):
         return None
-    pos = (len(xs) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
 def latency_stats(values: Iterable[float | None]) -> dict[str, float | None]:
