@@ -85,3 +85,11 @@ def test_plugins_command_lists_format_capabilities():
     data = json.loads(CliRunner().invoke(cli, ["plugins", "--json"]).output)
     core = next(p for p in data if "visguard" in p["provides"].get("formats", []))
     assert core["capabilities"]["visguard"]["max_images"] is None
+
+
+def test_wrap_refuses_checks_the_format_cannot_make(images):
+    guard = Guard(_MustNotRun(), _OneImageNoText())
+    with pytest.raises(UnsupportedRequestError, match="post_check=False"):
+        guard.wrap(lambda imgs, text: "answer")
+    guarded = guard.wrap(lambda imgs, text: "answer", post_check=False)
+    assert guarded.options.post_check is False

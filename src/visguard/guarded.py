@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from visguard.audit import AuditLog
-from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError
+from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError, UnsupportedRequestError
 from visguard.hosts import Host, resolve_host, supports_cancel
 from visguard.images import ImageInput
 from visguard.types import GuardRequest, Stage, Verdict
@@ -205,6 +205,13 @@ class GuardedModel:
             self.options = GuardedOptions(**options)
         except ValueError as exc:  # pydantic.ValidationError
             raise InputError(f"invalid guard.wrap options: {exc}") from exc
+        caps, name = guard.format.capabilities, guard.format.name
+        if self.options.post_check and not caps.responses:
+            raise UnsupportedRequestError(
+                f"format {name!r} cannot judge a host's answer: wrap with post_check=False (or use a cascade "
+                "with a guard that judges responses)")
+        if self.options.pre_check != "off" and not caps.requests:
+            raise UnsupportedRequestError(f"format {name!r} judges responses only: wrap with pre_check='off'")
         self.guard = guard
         self._owns_host = not isinstance(host, Host)
         self.host = resolve_host(host, **self.options.host_options)
