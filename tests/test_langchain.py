@@ -239,3 +239,26 @@ def test_on_unsafe_return_and_bad_options():
         GuardedChatModel(guard=kw_guard, model=fake, pre_check="sometimes")
     with pytest.raises(InputError, match="chat model"):
         GuardedChatModel(guard=kw_guard, model="gpt-4o")
+
+
+def test_stream_raise_and_refusal_after_checked_text():
+    script = "First part is fine. Then the bomb appears. And more text after it."
+    for on_unsafe in ("refuse", "raise"):
+        kw_guard, backend = keyword_guard("bomb")
+        fake = GenericFakeChatModel(messages=iter([AIMessage(content=script)]))
+        llm = GuardedChatModel(guard=kw_guard, model=fake, stream_check_every=2, on_unsafe=on_unsafe)
+        out: list[str] = []
+        if on_unsafe == "raise":
+            with pytest.raises(GuardrailViolation):
+                for chunk in llm.stream("tell me"):
+                    out.append(chunk.content)
+        else:
+            chunks = list(llm.stream("tell me"))
+            out = [c.content for c in chunks]
+            assert chunks[-1].response_metadata["visguard"]["blocked"]
+            assert out[-2].endswith("I can't help with that: it may involve unsafe content.")
+            out = out[:-2]  # the refusal and the decision chunk
+        released = "".join(out)
+        assert "bomb" not in released and script.startswith(released) and released.startswith("First part is fine.")
+        safe_texts = [t for stage, t, s in backend.seen if stage == "output" and s == 0.0]
+        assert any(t.startswith(released) for t in safe_texts)  # everything released was checked
