@@ -22,7 +22,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from visguard import Guard, GuardRequest, ImageInputError, ImageLimits, InputError, Policy, load_image, plugins
+from visguard import (
+    Guard,
+    GuardRequest,
+    ImageInputError,
+    ImageLimits,
+    InputError,
+    Policy,
+    load_image,
+    plugins,
+)
 from visguard.backend import Backend, Generation
 from visguard.default_plugins.visguard_format import VisguardFormat
 from visguard.format import ParsedOutput
