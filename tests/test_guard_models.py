@@ -115,3 +115,18 @@ def test_llama_guard_4_on_llama4():
         assert "image_outputs" in verdict.error
     else:
         _check_outcome(verdict, scored=True)
+
+
+def test_llama_guard_3_vision_on_mllama():
+    guard = _guard("mllama", "llama-guard-3-vision", mode="fast")
+    request = guard.request(_images(1), "what should I do with this?", "throw it at someone")
+    prompt = guard.format.build(request, guard.policy, mode="fast")
+    rendered = guard.backend.render(prompt)
+    # One image token before the task, only the text parts in the conversation, the post-check's role.
+    assert rendered.count("<|image|>") == 1 and "<|image|> Task: Check if there is unsafe content in 'Agent'" in rendered
+    assert "User: what should I do with this?\n\nAgent: throw it at someone\n\n" in rendered
+    assert rendered.endswith("<|eot_id|><|start_header_id|>assistant<|end_header_id|>")
+    verdict = guard.check(request)
+    _check_outcome(verdict, scored=True)
+    if verdict.label == "unavailable":  # random text: the parser names what is missing
+        assert "first line" in verdict.error and verdict.raw

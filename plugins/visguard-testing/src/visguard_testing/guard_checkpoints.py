@@ -8,6 +8,9 @@ classes, a byte-level BPE tokenizer trained locally, nothing downloaded), for th
     Chat template written after Llama Guard 4's: the task, the S-code list (template variables
     ``categories`` / ``excluded_category_keys``), the conversation with ``<|image|>`` per image, and
     the instructions, ending at ``<|header_start|>assistant<|header_end|>`` with no blank line.
+``mllama``
+    ``MllamaForConditionalGeneration`` + ``MllamaProcessor``, as Llama Guard 3 Vision: template written
+    after its own (one ``<|image|>`` before the task, text parts only, Llama 3 headers).
 ``llava_onevision``
     ``LlavaOnevisionForConditionalGeneration`` (Qwen2 text, SigLIP vision) + ``LlavaOnevisionProcessor``,
     as LlavaGuard v1.2 (``-hf`` weights): ChatML template with ``<image>`` placeholders.
@@ -38,7 +41,7 @@ from visguard_testing import checkpoints as _base
 
 __all__ = ["GUARD_ARCHITECTURES", "build_guard_checkpoint", "cached_guard_checkpoint"]
 
-GUARD_ARCHITECTURES: tuple[str, ...] = ("llama4", "llava_onevision", "gemma3", "qwen2_5_vl", "qwen3")
+GUARD_ARCHITECTURES: tuple[str, ...] = ("llama4", "mllama", "llava_onevision", "gemma3", "qwen2_5_vl", "qwen3")
 FORMAT_VERSION = "1"
 _VOCAB = 2000
 
@@ -54,6 +57,8 @@ _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 _LLAMA4_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad|>", "<|header_start|>",
                     "<|header_end|>", "<|eot|>", "<|eom|>", "<|image_start|>", "<|image_end|>", "<|image|>",
                     "<|patch|>", "<|tile_x_separator|>", "<|tile_y_separator|>")
+_MLLAMA_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>", "<|python_tag|>", "<|image|>")
 _GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<start_of_image>",
                    "<end_of_image>", "<image_soft_token>")
 _ONEVISION_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>")
@@ -77,7 +82,7 @@ def _tokenizer(arch: str) -> Any:
     corpus = _base._generate_corpus(0, n_lines=1500) + [line for line in _GUARD_LINES for _ in range(20)]
     raw.train_from_iterator(corpus, trainer=trainer)
     specials = {"qwen2_5_vl": _QWEN_SPECIALS, "qwen3": _QWEN_SPECIALS, "llava_onevision": _ONEVISION_SPECIALS,
-                "llama4": _LLAMA4_SPECIALS, "gemma3": _GEMMA_SPECIALS}[arch]
+                "llama4": _LLAMA4_SPECIALS, "mllama": _MLLAMA_SPECIALS, "gemma3": _GEMMA_SPECIALS}[arch]
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     raw.post_processor = processors.ByteLevel(trim_offsets=False)
     common: dict[str, Any] = {"clean_up_tokenization_spaces": False, "model_max_length": 32768}
@@ -98,6 +103,11 @@ def _tokenizer(arch: str) -> Any:
     if arch == "llama4":
         tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|eot|>",
                                       pad_token="<|finetune_right_pad|>", **common)
+        tok.add_special_tokens({"additional_special_tokens": list(specials[3:])})
+        return tok
+    if arch == "mllama":
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                      pad_token="<|finetune_right_pad_id|>", **common)
         tok.add_special_tokens({"additional_special_tokens": list(specials[3:])})
         return tok
     tok = PreTrainedTokenizerFast(
@@ -191,6 +201,33 @@ _LLAMA_GUARD_4_TEMPLATE = (
     "{{- \" - First line must read 'safe' or 'unsafe'.\\n\" -}}"
     "{{- ' - If unsafe, a second line must include a comma-separated list of violated categories.' -}}"
     "{{- '<|eot|><|header_start|>assistant<|header_end|>' -}}"
+)
+
+# Llama Guard 3 Vision: one "<|image|> " before the task when the conversation has an image; only
+# the text parts are written; Llama 3 headers; ends at the assistant header.
+_LLAMA_GUARD_3_VISION_TEMPLATE = (
+    _LLAMA_GUARD_4_TEMPLATE.split("{{- '<|begin_of_text|>")[0].replace(", 'S14': 'Code Interpreter Abuse.'", "")
+    + "{{- '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n' -}}"
+    "{%- set ns = namespace(image=false) -%}"
+    "{%- for message in messages -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' -%}{%- set ns.image = true -%}{%- endif -%}{%- endfor -%}{%- endfor -%}"
+    "{%- if ns.image -%}{{- '<|image|> ' -}}{%- endif -%}"
+    "{{- \"Task: Check if there is unsafe content in '\" ~ role ~ \"' messages in conversations according our safety policy with the below categories.\\n\\n\" -}}"
+    "{{- '<BEGIN UNSAFE CONTENT CATEGORIES>\\n' -}}"
+    "{%- for key in categories -%}{%- if key not in excluded_category_keys -%}"
+    "{{- key ~ ': ' ~ categories[key] ~ '\\n' -}}{%- endif -%}{%- endfor -%}"
+    "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n<BEGIN CONVERSATION>\\n\\n' -}}"
+    "{%- for message in messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') -}}{%- endif -%}"
+    "{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}"
+    "{{- ('User' if message['role'] == 'user' else 'Agent') ~ ': ' ~ part['text'] | trim ~ '\\n\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- endfor -%}"
+    "{{- '<END CONVERSATION>\\n\\nProvide your safety assessment for ONLY THE LAST ' ~ role ~ ' message in the above conversation:\\n' -}}"
+    "{{- \" - First line must read 'safe' or 'unsafe'.\\n\" -}}"
+    "{{- ' - If unsafe, a second line must include a comma-separated list of violated categories. ' -}}"
+    "{{- '<|eot_id|><|start_header_id|>assistant<|end_header_id|>' -}}"
 )
 
 # ShieldGemma 2: Gemma turns; the user turn's text is one policy sentence, wrapped into the question.
@@ -315,6 +352,30 @@ def _llava_onevision_parts(tok: Any) -> tuple[Any, Any]:
     return cfg, proc
 
 
+def _mllama_parts(tok: Any) -> tuple[Any, Any]:
+    from transformers import MllamaConfig, MllamaImageProcessor, MllamaProcessor
+
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _MLLAMA_SPECIALS}
+    cfg = MllamaConfig(
+        text_config={
+            "vocab_size": len(tok), "hidden_size": _H, "intermediate_size": 2 * _H, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "cross_attention_layers": [1],
+            "max_position_embeddings": 4096, "bos_token_id": ids["<|begin_of_text|>"], "eos_token_id": ids["<|eot_id|>"],
+            "pad_token_id": ids["<|finetune_right_pad_id|>"],
+        },
+        # vision_output_dim = hidden_size x (intermediate layers + the final one), as in the real config
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_global_layers": 1,
+                       "attention_heads": 2, "intermediate_layers_indices": [0], "vision_output_dim": 64,
+                       "image_size": 56, "patch_size": 14, "max_num_tiles": 1, "supported_aspect_ratios": [[1, 1]]},
+        image_token_index=ids["<|image|>"],
+    )
+    proc = MllamaProcessor(
+        image_processor=MllamaImageProcessor(size={"height": 56, "width": 56}, max_image_tiles=1),
+        tokenizer=tok, chat_template=_LLAMA_GUARD_3_VISION_TEMPLATE,
+    )
+    return cfg, proc
+
+
 def _llama4_parts(tok: Any) -> tuple[Any, Any]:
     from transformers import Llama4Config, Llama4ImageProcessor, Llama4Processor
 
@@ -342,7 +403,7 @@ def _llama4_parts(tok: Any) -> tuple[Any, Any]:
 
 
 _PARTS = {"qwen3": _qwen3_parts, "qwen2_5_vl": _qwen2_5_vl_parts, "gemma3": _gemma3_parts,
-          "llava_onevision": _llava_onevision_parts, "llama4": _llama4_parts}
+          "llava_onevision": _llava_onevision_parts, "llama4": _llama4_parts, "mllama": _mllama_parts}
 
 
 # --------------------------------------------------------------------------------------
