@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import io
+import threading
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
@@ -262,3 +263,37 @@ def test_stream_raise_and_refusal_after_checked_text():
         assert "bomb" not in released and script.startswith(released) and released.startswith("First part is fine.")
         safe_texts = [t for stage, t, s in backend.seen if stage == "output" and s == 0.0]
         assert any(t.startswith(released) for t in safe_texts)  # everything released was checked
+
+
+class PairedFake(GenericFakeChatModel):
+    """Answers only while another call is in flight too (a barrier of two), and records the peak.
+
+    With ``max_concurrency=2`` every call finds its pair and the peak is exactly 2; a batch that ran
+    more calls at once would show a higher peak, one that ran them one by one would break the barrier.
+    """
+
+    state: dict = {}
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        with self.state["lock"]:
+            self.state["active"] += 1
+            self.state["peak"] = max(self.state["peak"], self.state["active"])
+        try:
+            self.state["barrier"].wait(timeout=60)
+            return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+        finally:
+            with self.state["lock"]:
+                self.state["active"] -= 1
+
+
+@pytest.mark.parametrize("method", ["batch", "abatch"])
+def test_batch_and_abatch_honour_max_concurrency(method):
+    kw_guard, _ = keyword_guard("never-said")
+    state = {"lock": threading.Lock(), "active": 0, "peak": 0, "barrier": threading.Barrier(2)}
+    fake = PairedFake(messages=iter([AIMessage(content=f"answer {i}") for i in range(4)]), state=state)
+    llm = GuardedChatModel(guard=kw_guard, model=fake)
+    inputs = [f"question {i}" for i in range(4)]
+    config = {"max_concurrency": 2}
+    out = llm.batch(inputs, config=config) if method == "batch" else asyncio.run(llm.abatch(inputs, config=config))
+    assert sorted(m.content for m in out) == [f"answer {i}" for i in range(4)]
+    assert fake.state["peak"] == 2  # (pydantic copied the dict; its lock and barrier are shared)
