@@ -27,6 +27,7 @@ pre { padding: .6rem; overflow-x: auto; }
 .thumbs figcaption { font-size: 12px; color: #555; }
 .thumbs figure { display: inline-block; width: 6.9rem; vertical-align: top; margin: 0 .2rem .3rem 0; text-align: center; }
 table.verdicts { border-collapse: collapse; width: 100%; font-size: 14px; }
+table.verdicts th { white-space: nowrap; }
 table.verdicts th, table.verdicts td { text-align: left; padding: .25rem .5rem; border-bottom: 1px solid #eee; vertical-align: top; }
 .label { font-weight: 600; padding: .05rem .4rem; border-radius: 4px; }
 .label-safe { background: #dff5e1; color: #17612a; } .label-unsafe { background: #fbe0e0; color: #9b1c1c; }
@@ -157,7 +158,8 @@ def _guard_note(result: DemoResult, size: str) -> str:
         f"<b>The demo guard is a small model trained on synthetic shapes.</b> It is a {size_text} Qwen2-VL "
         f"trained from random weights on CPU{took} ({_e(size)} size) on pairs of drawn objects that are each harmless, "
         "some of which are harmful together. It shows the mechanics (multi-image verdicts, scores, "
-        "reasoning, pre- and post-checks, evaluation), not real-world safety. The host is a random-weight "
+        "reasoning, pre- and post-checks, evaluation), not real-world safety. It was trained on requests "
+        "only, so its post-checks of answers are shown for the mechanics. The host is a random-weight "
         "model too, so its answers are noise."
     )
 
