@@ -54,12 +54,15 @@ from visguard.redact import redact
               help="Per-check time limit, queueing included; past it the check is unavailable.")
 @click.option("--allow-remote-images", is_flag=True,
               help="Fetch http(s) image URLs that clients send (off: only data URLs; paths are never read).")
+@click.option("--audit", type=click.Path(dir_okay=False), default=None,
+              help="Append one JSON line per decision to this file (verdict, action, image hashes; no texts).")
 @click.option("--log-level", default="info", show_default=True)
 def serve(model: str, backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
           bind_host: str, port: int, upstream: str | None, upstream_model: str | None, api_key_env: str | None,
           host_model: str | None, host_args: tuple[str, ...], served_model_name: str | None, max_concurrency: int, max_body_mb: float,
           auth_token_env: str | None, mode: str, threshold: float, on_unsafe: str, on_error: str, pre_check: str,
-          max_batch_size: int, max_wait_ms: float, timeout_s: float, allow_remote_images: bool, log_level: str) -> None:
+          max_batch_size: int, max_wait_ms: float, timeout_s: float, allow_remote_images: bool, audit: str | None,
+          log_level: str) -> None:
     """Serve a guard over HTTP, optionally as a guarded OpenAI-compatible proxy.
 
     Endpoints: POST /v1/guard/check, POST /v1/chat/completions (with --upstream or --host-model),
@@ -109,6 +112,7 @@ def serve(model: str, backend: str, format_name: str | None, backend_args: tuple
         max_wait_ms=max_wait_ms,
         on_unsafe=on_unsafe,
         pre_check=pre_check,
+        audit=audit,
     )
     app = create_app(guard, host, settings=settings, host_options=host_options)
     if upstream and not served_model_name and not upstream_model:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from visguard.audit import AuditLog
 from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError
 from visguard.guard import Guard
 from visguard.guarded import GuardedModel, GuardedResult
@@ -88,6 +90,9 @@ class ServeSettings(BaseModel):
         stream_check_every: re-check a streamed answer every N pieces (and at sentence ends).
         refusal: the refusal template (default: the guarded model's).
         ready_timeout_s: how long ``/readyz`` waits for the upstream's ``/models``.
+        audit: path of a JSONL audit log (:class:`~visguard.audit.AuditLog`): one line per decision,
+            ``/v1/guard/check`` and every check of a chat call (a raise too), with image hashes
+            and no texts; ``None``: no audit log.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -104,6 +109,7 @@ class ServeSettings(BaseModel):
     stream_check_every: int = Field(default=16, ge=1)
     refusal: str | None = None
     ready_timeout_s: float = Field(default=2.0, gt=0)
+    audit: str | None = None
 
 
 class GuardCheckBody(BaseModel):
@@ -157,6 +163,7 @@ def create_app(
     guard.add_batch_observer(metrics.observe_batch)
     owns_host = host is not None and not isinstance(host, Host)
     resolved = resolve_host(host, **dict(host_options or {})) if host is not None else None
+    audit = AuditLog(settings.audit) if settings.audit else None
     guarded: GuardedModel | None = None
     if resolved is not None:
         options: dict[str, Any] = {
@@ -164,6 +171,7 @@ def create_app(
             "pre_check": settings.pre_check,
             "post_check": settings.post_check,
             "stream_check_every": settings.stream_check_every,
+            "audit": audit,
         }
         if settings.refusal is not None:
             options["refusal"] = settings.refusal
@@ -175,6 +183,8 @@ def create_app(
         yield
         if owns_host and resolved is not None:
             resolved.close()
+        if audit is not None:
+            audit.close()
 
     app = FastAPI(title="visguard serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.guard = guard
@@ -182,6 +192,7 @@ def create_app(
     app.state.host = resolved
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.audit = audit
     app.state.model_name = model_name  # read per request: `visguard serve` may learn it from the upstream
     app.add_middleware(_Gate, settings=settings, metrics=metrics)
     probe = _ReadyProbe(resolved, settings.ready_timeout_s)
@@ -213,13 +224,18 @@ def create_app(
         try:
             request = await asyncio.to_thread(guard.request, body.images, body.text, body.response,
                                               conversation=body.conversation)
-            verdict = await guard.acheck(request, mode=body.mode)
+            (verdict,) = await guard.areport_batch([request], mode=body.mode)
         except InputError as exc:  # refused at the input boundary, or a request the format cannot judge
             raise ApiError(400, str(exc), param="images" if "image" in str(exc) else None) from exc
-        except GuardUnavailableError as exc:
-            raise ApiError(503, str(exc), type="server_error", code="guard_unavailable",
-                             extra={"visguard": exc.verdict.model_dump(mode="json")}) from exc
-        return JSONResponse(verdict.model_dump(mode="json"))
+        rid = uuid.uuid4().hex
+        action = guard.policy.action(verdict)
+        if audit is not None:  # every decision, a raise included, before the answer leaves
+            audit.record_verdict(verdict, request_id=rid, images=request.images, action=action)
+        headers = {"x-visguard-request-id": rid}
+        if action == "raise":
+            raise ApiError(503, str(GuardUnavailableError(verdict)), type="server_error", code="guard_unavailable",
+                           extra={"visguard": verdict.model_dump(mode="json")}, headers=headers)
+        return JSONResponse(verdict.model_dump(mode="json"), headers=headers)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
