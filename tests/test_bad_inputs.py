@@ -347,6 +347,8 @@ def test_every_channel_ends_in_a_typed_error_or_a_valid_verdict(case, guard, cli
         "langchain": run_langchain(guard, case, files),
     }
     OUTCOMES[case.id] = outcomes
+    if isinstance(case.images, tuple) and any(img.kind == "path" for img in case.images):
+        assert outcomes["server"] == "error", "an HTTP client must never make the server read its own files"
     if case.expect != "either":
         # The Python channels must agree with the case's expectation. (The CLI receives every
         # value as a string and the server every value as JSON, so a wrong *type* may become a
