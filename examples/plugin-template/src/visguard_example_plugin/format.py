@@ -15,7 +15,8 @@ class OneWordFormat(GuardFormat):
     """Asks the guard to rate (images + text [+ response]) ``safe`` or ``unsafe`` in one word.
 
     Fast mode ends the prompt with ``Rating:`` so the backend scores the next token; reason mode
-    lets the guard write a short reason first and reads the last ``Rating:`` line it generated.
+    lets the guard write a short reason first and reads the first ``Rating:`` line it generated
+    (text after it, such as an echo of the request, never decides).
     The guard calls :meth:`GuardFormat.check_request` before :meth:`build`, so a request outside
     :attr:`capabilities` never gets here. It names no categories, so it cannot be trained by
     ``visguard train`` (no :meth:`GuardFormat.target`).
@@ -46,9 +47,8 @@ class OneWordFormat(GuardFormat):
         )
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
-        found = list(re.finditer(r"Rating:\s*(safe|unsafe)\b", text, re.IGNORECASE))
-        if not found:
+        found = re.search(r"Rating:\s*(safe|unsafe)\b", text, re.IGNORECASE)
+        if found is None:
             return ParsedOutput(label=None, error="no 'Rating: safe|unsafe' line")
-        last = found[-1]
-        reasoning = text[: last.start()].strip() or None
-        return ParsedOutput(label=last.group(1).lower(), reasoning=reasoning, verdict_offset=last.start(1))
+        reasoning = text[: found.start()].strip() or None
+        return ParsedOutput(label=found.group(1).lower(), reasoning=reasoning, verdict_offset=found.start(1))
