@@ -28,6 +28,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
 from PIL import Image
+from pydantic import BaseModel
 from visguard_testing.backends import keyword_guard, pixel_sha256
 
 from visguard import AuditLog, Guard, GuardrailViolation, load_images
@@ -335,3 +336,27 @@ def test_example_langchain_chain(upstream, qwen_path, monkeypatch, capsys):
     assert re.search(r"^streamed: ", out, re.M) and re.search(r"^gated: ", out, re.M)
     if vg.group(2) == "unsafe":
         assert "gated: Sorry, I can't help with that." in out
+
+
+class Answer(BaseModel):
+    """An answer with a topic."""
+
+    topic: str
+
+
+def test_chat_openai_structured_output_and_tools_run_inside_the_guard(upstream, host, guard, prompt, image):
+    inputs = {"image": b64png(image), "question": QUESTION}
+    lenient = GuardedChatModel(guard=guard.with_policy(threshold=1.0), model=chat_openai(upstream.url))
+    # ChatOpenAI's own structured output (function calling, raw kept): the tiny model answers in
+    # text, so nothing parses, but the call went through the guard: the raw message carries its decision.
+    structured = prompt | lenient.with_structured_output(Answer, method="function_calling", include_raw=True)
+    out = structured.invoke(inputs)
+    assert out["parsed"] is None and out["raw"].response_metadata["visguard"]["output_verdict"]["label"] == "safe"
+    strict = GuardedChatModel(guard=guard.with_policy(threshold=0.0), model=chat_openai(upstream.url))
+    before = len(host.requests)
+    out = (prompt | strict.with_structured_output(Answer, method="function_calling", include_raw=True)).invoke(inputs)
+    assert out["raw"].content == REFUSAL and len(host.requests) == before
+    # The default json_schema method and bind_tools are the wrapped model's own, bound to the guarded model.
+    for bound in (strict.with_structured_output(Answer), strict.bind_tools([Answer], tool_choice="Answer")):
+        first = bound.first if hasattr(bound, "first") else bound
+        assert first.bound is strict and ("response_format" in first.kwargs or "tools" in first.kwargs)
