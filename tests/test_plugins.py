@@ -212,3 +212,15 @@ def test_servers_forward_what_the_host_declares():
     assert generation_options(body, plugins.get("hosts", "openai")) == {"max_new_tokens": 7, "temperature": 0.3}
     assert generation_options(body, plugins.get("hosts", "transformers")) == {"max_new_tokens": 7}
     assert generation_options(body, CallableHost(lambda images, text: "")) == {}
+
+
+def test_trace_hooks_covers_the_registry_hooks():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VISGUARD_TRACE_HOOKS": "1", "VISGUARD_LOAD_PLUGINS": ""}
+    code = "from visguard import plugins; plugins.registry('backends'); plugins.registry('formats')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "visguard hook: register_backends -> " in done.stderr and "visguard hook: register_formats -> " in done.stderr

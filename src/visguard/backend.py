@@ -6,7 +6,6 @@ image placeholders) and how to run it. It never interprets the output: parsing b
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -86,13 +85,6 @@ class Backend(ABC):
     def generate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
         """Greedy continuation of each prompt, with per-token verdict probabilities where available."""
 
-    async def ascore(self, prompts: Sequence[GuardPrompt]) -> list[float]:
-        """Async :meth:`score`; the default runs it in a worker thread."""
-        return await asyncio.to_thread(self.score, prompts)
-
-    async def agenerate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
-        """Async :meth:`generate`; the default runs it in a worker thread."""
-        return await asyncio.to_thread(self.generate, prompts, max_new_tokens=max_new_tokens)
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (connections, GPU memory)."""

@@ -103,7 +103,10 @@ def registry(kind: str) -> dict[str, Callable[..., Any]]:
     owners: dict[str, str] = {}
 
     hook = getattr(pm.hook, f"register_{kind}")
-    for impl in hook.get_hookimpls():
+    impls = hook.get_hookimpls()
+    if os.environ.get("VISGUARD_TRACE_HOOKS"):  # registries call the implementations directly: trace them here
+        _trace_before(f"register_{kind}", impls, {})
+    for impl in impls:
 
         def register(name: str, factory: Callable[..., Any], _owner: str = impl.plugin_name) -> None:
             if not isinstance(name, str) or not name:

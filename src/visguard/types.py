@@ -156,9 +156,6 @@ class GuardRequest(BaseModel):
         except ValidationError as exc:
             raise InputError(_one_line_validation(exc)) from exc
 
-    def image_hashes(self) -> list[str]:
-        return [img.sha256 for img in self.images]
-
 
 class Verdict(BaseModel):
     """A guard's structured decision.

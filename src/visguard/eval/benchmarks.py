@@ -96,16 +96,17 @@ class Benchmark(ABC):
         title: human-readable name for reports.
         splits: the splits this loader knows, in their published names.
         layout: one-paragraph description of the expected layout (shown in errors and docs).
-        metrics: which model-evaluation metrics are the benchmark's own (see
-            :func:`visguard.eval.metrics.model_metrics`): any of ``"mis"`` (ASR/RSR/RR/HR),
-            ``"asr"``, ``"refusal"``, ``"safe_rate"``, ``"mss"``.
+        metrics: the names of the model-evaluation metrics that are the benchmark's own, as
+            :func:`visguard.eval.metrics.model_metrics` emits them: ``"asr"``, ``"rsr"``, ``"rr"``,
+            ``"hr"``, ``"refusal_rate"``, ``"safe_rate"``, ``"mss_safe_acc"``, ``"mss_unsafe_acc"``,
+            ``"mss_acc"`` (reports put them first).
     """
 
     name: str = ""
     title: str = ""
     splits: tuple[str, ...] = ()
     layout: str = ""
-    metrics: tuple[str, ...] = ("asr", "refusal")
+    metrics: tuple[str, ...] = ("asr", "refusal_rate")
 
     def available_splits(self, root: Path) -> list[str]:
         """Splits present under ``root`` (default: all known splits)."""
