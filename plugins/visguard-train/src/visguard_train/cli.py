@@ -37,12 +37,14 @@ def _presets_help() -> str:
 @click.option("--output", "-o", type=click.Path(file_okay=False), help="Output directory (model, checkpoints, logs).")
 @click.option("--format", "data_format", help="Data layout: mis-train, mis-test or jsonl (default: detected).")
 @click.option("--trainer", help="Training method: full (default) or lora.")
-@click.option("--objective", type=click.Choice(["guard", "response"]),
+@click.option("--objective", type=click.Choice(["guard", "response", "mirage"]),
               help="guard (default): learn the guard format's verdict, in the exact inference prompt. "
-                   "response: learn the safety chain-of-thought answer (MIRage SFT).")
+                   "response: learn the safety chain-of-thought answer (MIRage SFT). "
+                   "mirage: response plus the mirage format's verdict steps (a MIRage-style guard).")
 @click.option("--guard-modes", help="Guard prompts to train, comma-separated (default fast,reason; "
                                     "reason only for records with reasoning).")
-@click.option("--guard-format", help="Guard format plugin whose prompts/targets are trained (default visguard).")
+@click.option("--guard-format", help="Guard format plugin whose prompts/targets are trained "
+                                     "(default mirage for --objective mirage, else visguard).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help=f"Paper hyper-parameters. {_presets_help()}.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Training epochs (default 1).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (default 2e-5).")

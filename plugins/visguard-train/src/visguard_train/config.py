@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from visguard.errors import InputError
 
-Objective = Literal["guard", "response"]
+Objective = Literal["guard", "response", "mirage"]
 GuardMode = Literal["fast", "reason"]
 
 #: The paper's full-parameter SFT hyper-parameters (arXiv 2501.18533, "Training in the paper").
@@ -35,10 +35,14 @@ class TrainConfig(BaseModel):
         output: where checkpoints (``<output>/checkpoints``) and the final model go.
         data_format: dataset loader name (``mis-train``, ``mis-test``, ``jsonl`` ...); ``None`` detects it.
         trainer: training method (``full`` or ``lora``).
-        objective: ``guard`` (train the guard format's verdict) or ``response`` (MIRage SFT: train the
-            safety chain-of-thought answer).
+        objective: ``guard`` (train the guard format's verdict), ``response`` (MIRage SFT: train the
+            safety chain-of-thought answer) or ``mirage`` (a MIRage-style guard: the ``response``
+            examples plus, for labelled records, the ``mirage`` format's follow-up verdict after the
+            record's own answer and its fast verdict question, so the model runs as a guard through
+            the ``mirage`` format).
         guard_modes: guard prompts to train; ``reason`` is used only for records that carry reasoning.
-        guard_format: the guard format whose prompts and targets are trained (must define ``target``).
+        guard_format: the guard format whose prompts and targets are trained (must define ``target``);
+            default ``mirage`` for the ``mirage`` objective, else ``visguard``.
         preset: name of a hyper-parameter preset (see :data:`PRESETS`).
         epochs / lr / batch_size: optimisation; ``batch_size`` is the *global* batch per optimiser
             step, whatever the number of processes.
@@ -77,7 +81,7 @@ class TrainConfig(BaseModel):
     trainer: str = "full"
     objective: Objective = "guard"
     guard_modes: tuple[GuardMode, ...] = ("fast", "reason")
-    guard_format: str = "visguard"
+    guard_format: str | None = None
     preset: str | None = None
     epochs: float = Field(default=1.0, gt=0)
     lr: float = Field(default=2e-5, gt=0)
@@ -131,6 +135,8 @@ class TrainConfig(BaseModel):
             raise ValueError("guard_modes must name at least one of fast, reason")
         if self.merge and self.trainer != "lora":
             raise ValueError("merge applies to the lora trainer only")
+        if self.guard_format is None:
+            self.guard_format = "mirage" if self.objective == "mirage" else "visguard"
         return self
 
     def require_paths(self) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -31,7 +31,7 @@ class ExampleSpec:
     (response) the assistant turn to learn."""
 
     record: TrainRecord
-    objective: Objective
+    objective: Objective | Literal["followup"]
     mode: GuardMode | None = None
     turn: int = 0
 
@@ -58,6 +58,9 @@ def example_specs(
 
     guard: one ``fast`` example per labelled record, plus one ``reason`` example for records with
     reasoning (when ``reason`` is in ``guard_modes``). response: one example per assistant turn.
+    mirage: the response examples, plus for each labelled record with an answer one ``followup``
+    example (the guard format's verdict question after that answer) and, when ``fast`` is in
+    ``guard_modes``, one ``fast`` guard example.
 
     Raises:
         DatasetError: no record can be used for the objective (the message says what is missing).
@@ -72,7 +75,12 @@ def example_specs(
             if "reason" in guard_modes and (rec.reasoning or rec.rationale):
                 specs.append(ExampleSpec(rec, "guard", "reason"))
         else:
-            specs += [ExampleSpec(rec, "response", turn=i) for i, (role, _) in enumerate(rec.turns) if role == "assistant"]
+            answers = [i for i, (role, _) in enumerate(rec.turns) if role == "assistant"]
+            specs += [ExampleSpec(rec, "response", turn=i) for i in answers]
+            if objective == "mirage" and rec.label is not None and answers:
+                specs.append(ExampleSpec(rec, "followup", turn=answers[0]))
+                if "fast" in guard_modes:
+                    specs.append(ExampleSpec(rec, "guard", "fast"))
     if not specs:
         need = "a label (safe/unsafe)" if objective == "guard" else "an assistant answer (conversations / answer)"
         raise DatasetError(f"no record has {need}: nothing to train for objective {objective!r}")
@@ -117,6 +125,13 @@ class ExampleBuilder:
                     f"{prompt.assistant_prefix!r}"
                 )
             continuation = target[len(prompt.assistant_prefix) :]
+        elif spec.objective == "followup":
+            request = GuardRequest.build(list(rec.images), rec.text, limits=self.policy.limits)
+            answer = rec.turns[spec.turn][1]
+            prompt = self.format.followup(request, self.policy, answer, special_tokens=self.codec.special_tokens)
+            if prompt is None or rec.label is None or not hasattr(self.format, "followup_target"):
+                raise DatasetError(f"format {self.format.name!r} asks no follow-up verdict question to train")
+            continuation = self.format.followup_target(rec.label)
         else:
             request = GuardRequest.build(list(rec.images), "", limits=self.policy.limits)
             prompt = response_prompt(rec, spec.turn, [img.image for img in request.images])

@@ -244,7 +244,7 @@ def _train(
         final_loss=train_out.training_loss,
     )
     if trainer.is_world_process_zero():
-        if eval_records and config.objective == "guard":
+        if eval_records and config.objective in ("guard", "mirage"):
             result.eval = _evaluate_after_training(config, output, trainer.model, processor, fmt, eval_records)
         _write_meta(output, config, result, records, world)
     return result
@@ -370,6 +370,12 @@ def _write_meta(output: Path, config: TrainConfig, result: TrainResult, records:
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    if config.objective in ("guard", "mirage"):
+        # The trained guard names its format, so Guard.from_pretrained(output) runs it the trained way.
+        from visguard.plugins import MODEL_FORMAT_FILE
+
+        for path in paths:
+            (path.parent / MODEL_FORMAT_FILE).write_text(json.dumps({"format": config.guard_format}) + "\n", encoding="utf-8")
 
 
 def load_checkpoint_weights(model: Any, checkpoint: str | Path) -> None:

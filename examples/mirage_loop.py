@@ -1,0 +1,77 @@
+"""The MIS paper's loop, closed end to end: safety-CoT data -> MIRage SFT -> host eval and guard eval.
+
+    python examples/mirage_loop.py
+
+1. Synthetic data in the MIS train layout (two images that are benign alone; only some
+   combinations are unsafe), each with a safety chain-of-thought answer (perception of each image,
+   reasoning across them, a safe reply), and a held-out MIS-test-layout "hard" split.
+2. `visguard train --objective mirage`: the paper's SFT on those answers, plus the `mirage` format's
+   verdict steps, on $VISGUARD_EXAMPLE_BASE (default: a tiny random-weight Qwen2-VL, offline).
+3. (a) The trained model as a *host*: `visguard eval --host auto` with the MIS protocol (ASR / RSR /
+   RR / HR; here the keyword `refusal` judge, since no judge model is available offline; use
+   `--judge-model ...` with a real judge), next to the untrained base model.
+   (b) The trained model as a *guard* through the `mirage` format (found from its `visguard.json`),
+   `visguard eval` guard metrics on the held-out hard split, fast and reason mode.
+
+Sizes: $VISGUARD_LOOP_TRAIN training items (default 1600), $VISGUARD_LOOP_EPOCHS (3),
+$VISGUARD_LOOP_LR (4e-3, for a from-scratch tiny model; use --preset mirage-qwen2vl for a real one),
+$VISGUARD_LOOP_HELDOUT held-out items (200), $VISGUARD_LOOP_HOST_ITEMS host-evaluated items (40).
+Prints one JSON object with every number; the runs stay under $VISGUARD_EXAMPLE_OUT.
+"""
+
+import json
+import os
+from pathlib import Path
+
+from visguard.cli import _register_plugin_commands, cli
+
+out = Path(os.environ.get("VISGUARD_EXAMPLE_OUT", "runs/examples/mirage_loop"))
+n_train = int(os.environ.get("VISGUARD_LOOP_TRAIN", "1600"))
+epochs = os.environ.get("VISGUARD_LOOP_EPOCHS", "3")
+lr = os.environ.get("VISGUARD_LOOP_LR", "4e-3")
+n_heldout = int(os.environ.get("VISGUARD_LOOP_HELDOUT", "200"))
+host_items = os.environ.get("VISGUARD_LOOP_HOST_ITEMS", "40")
+base = os.environ.get("VISGUARD_EXAMPLE_BASE")
+if base is None:
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
+
+    base = str(cached_tiny_checkpoint("qwen2_vl", hidden_size=64, num_layers=2))
+
+from visguard_testing.synthetic import write_mis_test_layout, write_mis_train_layout  # noqa: E402
+
+train_root = write_mis_train_layout(out / "mis_train", n=n_train, seed=0)
+test_root = write_mis_test_layout(out / "mis_test", {"hard": n_heldout}, seed=7)
+model = out / "mirage"
+_register_plugin_commands()
+
+
+def visguard(*args: str) -> None:
+    print("visguard " + " ".join(args), flush=True)
+    cli.main(args=list(args), prog_name="visguard", standalone_mode=False)
+
+
+def summary(path: Path, keys: tuple[str, ...]) -> dict:
+    data = json.loads((path / "summary.json").read_text())
+    return {k: data.get(k) for k in keys}
+
+
+visguard("train", "--data", str(train_root), "--base", base, "--output", str(model), "--objective", "mirage",
+         "--device", "cpu", "--epochs", epochs, "--lr", lr, "--batch-size", "8", "--seed", "0",
+         "--save-steps", "100000", "--overwrite", "--cpu-threads", "1")
+results: dict = {"train": json.loads((model / "visguard_train.json").read_text())["train_seconds"]}
+
+host_keys = ("n", "n_judged", "judge_failed", "asr", "rsr", "rr", "hr", "refusal_rate")
+for name, path in (("host_trained", str(model)), ("host_base", base)):
+    visguard("eval", "-B", "mis", "-d", str(test_root), "-s", "hard", "-m", path, "--host", "auto",
+             "--judge", "refusal", "--limit", host_items, "--host-max-new-tokens", "160", "--device", "cpu",
+             "--out", str(out / name), "--restart", "--no-progress", "--no-plots")
+    results[name] = summary(out / name, host_keys)
+
+guard_keys = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "unavailable")
+for mode in ("fast", "reason"):
+    visguard("eval", "-B", "mis", "-d", str(test_root), "-s", "hard", "-m", str(model), "--mode", mode,
+             "--max-new-tokens", "160", "--device", "cpu", "--out", str(out / f"guard_{mode}"), "--restart",
+             "--no-progress", "--no-plots")
+    results[f"guard_{mode}"] = summary(out / f"guard_{mode}", guard_keys)
+
+print(json.dumps(results))
