@@ -24,7 +24,6 @@ from typing import Any, ClassVar, Literal
 from visguard.errors import InputError, UnsupportedRequestError
 from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
 from visguard.guard import Guard, _checked_requests
-from visguard.images import ImageInput
 from visguard.policy import Mode, Policy
 from visguard.types import GuardRequest, Verdict
 
@@ -149,18 +148,6 @@ class Cascade(Guard):
     # ------------------------------------------------------------------ Guard API
     def with_policy(self, policy: Policy | None = None, **changes: Any) -> Cascade:
         return Cascade(self.stages, policy=policy or self.policy.updated(**changes))
-
-    def request(
-        self,
-        images: Iterable[ImageInput] | ImageInput | None,
-        text: str,
-        response: str | None = None,
-        *,
-        conversation: Iterable[dict[str, str]] = (),
-    ) -> GuardRequest:
-        request = GuardRequest.build(images, text, response, conversation=conversation, limits=self.policy.limits)
-        self.format.check_request(request)
-        return request
 
     def report_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
         """Run the stages; ``mode`` is ignored (each stage runs in its own policy's mode).

@@ -189,6 +189,14 @@ class GuardFormat(ABC):
                 f"format {name!r} judges images alone and cannot read the request's text "
                 "(build it with ignore_unread=True to drop the text knowingly)")
 
+    def image_text_prompt(self, request: GuardRequest, text: str, *, mode: PromptMode, **fields: Any) -> GuardPrompt:
+        """The common guard prompt shape: one user turn, an image part per request image, then ``text``."""
+        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": text}]
+        fields.setdefault("verdict_prefix", self.verdict_prefix)
+        fields.setdefault("verdict_words", dict(self.verdict_words))
+        return GuardPrompt(messages=[{"role": "user", "content": content}], images=[img.image for img in request.images],
+                           mode=mode, **fields)
+
     def check_policy(self, policy: Policy) -> None:  # noqa: B027 - optional hook
         """Refuse a policy this format cannot express (e.g. custom categories for a fixed taxonomy).
 

@@ -52,14 +52,7 @@ class GuardReasonerFormat(GuardFormat):
         response = "None" if request.response is None else neutralize(request.response, special_tokens, _TAGS)
         text = (f"{INSTRUCTION}\n\nHuman user:\n{neutralize(request.text, special_tokens, _TAGS)}\n\n"
                 f"AI assistant:\n{response}\n")
-        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": text}]
-        return GuardPrompt(
-            messages=[{"role": "user", "content": content}],
-            images=[img.image for img in request.images],
-            verdict_prefix=self.verdict_prefix,
-            verdict_words=dict(self.verdict_words),
-            mode=mode,
-        )
+        return self.image_text_prompt(request, text, mode=mode)
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
         """The request label (a pre-check); the guard calls :meth:`parse_for` with the stage."""

@@ -164,14 +164,7 @@ class LlavaGuardFormat(GuardFormat):
     def build(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
     ) -> GuardPrompt:
-        content = [{"type": "image"} for _ in request.images] + [{"type": "text", "text": policy_text(policy)}]
-        return GuardPrompt(
-            messages=[{"role": "user", "content": content}],
-            images=[img.image for img in request.images],
-            verdict_prefix=self.verdict_prefix,
-            verdict_words=dict(self.verdict_words),
-            mode=mode,
-        )
+        return self.image_text_prompt(request, policy_text(policy), mode=mode)
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
         fields, offset = _read_json(text)

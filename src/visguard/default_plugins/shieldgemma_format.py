@@ -43,17 +43,7 @@ class ShieldGemmaFormat(GuardFormat):
     def build_all(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
     ) -> list[GuardPrompt]:
-        images = [img.image for img in request.images]
-        return [
-            GuardPrompt(
-                messages=[{"role": "user", "content": [{"type": "image"} for _ in images] + [{"type": "text", "text": sentence}]}],
-                images=images,
-                verdict_prefix=self.verdict_prefix,
-                verdict_words=dict(self.verdict_words),
-                mode=mode,
-            )
-            for _, _, sentence in policies(policy)
-        ]
+        return [self.image_text_prompt(request, sentence, mode=mode) for _, _, sentence in policies(policy)]
 
     def build(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()

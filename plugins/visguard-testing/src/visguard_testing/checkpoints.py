@@ -777,6 +777,17 @@ def build_tiny_checkpoint(
         pad_token_id=text_cfg.pad_token_id,
         do_sample=False,
     )
+    save_quietly(model, out)
+    if arch == "llava":
+        _use_hub_llava_vision_keys(out)
+    processor.save_pretrained(out)
+    _portable_tokenizer_class(out)
+    _write_manifest(out, arch=arch, seed=seed, hidden_size=hidden_size, num_layers=num_layers, model=model)
+    return out
+
+
+def save_quietly(model: Any, out: pathlib.Path) -> None:
+    """``model.save_pretrained(out)`` without transformers' progress bar."""
     from transformers.utils import logging as hf_logging
 
     bar_was_enabled = hf_logging.is_progress_bar_enabled()
@@ -786,12 +797,6 @@ def build_tiny_checkpoint(
     finally:
         if bar_was_enabled:
             hf_logging.enable_progress_bar()
-    if arch == "llava":
-        _use_hub_llava_vision_keys(out)
-    processor.save_pretrained(out)
-    _portable_tokenizer_class(out)
-    _write_manifest(out, arch=arch, seed=seed, hidden_size=hidden_size, num_layers=num_layers, model=model)
-    return out
 
 
 def _use_hub_llava_vision_keys(out: pathlib.Path) -> None:
@@ -884,16 +889,27 @@ def cached_tiny_checkpoint(
         raise TypeError(f"unsupported keyword argument(s) for cached_tiny_checkpoint: {sorted(bad)}")
     defaults = {"seed": 0, "hidden_size": 64, "num_layers": 2}
     params = {**defaults, **kw}
+    return cached_build(_cache_key(arch, params), lambda tmp: build_tiny_checkpoint(arch, tmp, overwrite=True, **params),
+                        cache_dir)
+
+
+def cached_build(key: str, build: Any, cache_dir: str | os.PathLike[str] | None = None) -> pathlib.Path:
+    """``root/key`` built once by ``build(tmp_dir)`` (which writes ``visguard_tiny.json`` last) and reused.
+
+    The root is ``cache_dir or $VISGUARD_CACHE or ~/.cache/visguard/tiny``. ``build`` runs in a
+    temporary sibling directory that is moved into place with :func:`os.replace`, so concurrent
+    builders are safe: the first one to finish wins and the others reuse its result.
+    """
     root = pathlib.Path(
         cache_dir or os.environ.get("VISGUARD_CACHE") or pathlib.Path.home() / ".cache" / "visguard" / "tiny"
     ).expanduser()
-    final = root / _cache_key(arch, params)
+    final = root / key
     if (final / "visguard_tiny.json").is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        build_tiny_checkpoint(arch, tmp, overwrite=True, **params)
+        build(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it 0700; let other users (e.g. a server) read it
         try:
             os.replace(tmp, final)

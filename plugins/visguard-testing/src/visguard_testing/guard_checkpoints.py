@@ -33,8 +33,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
-import tempfile
 from typing import Any
 
 from visguard_testing import checkpoints as _base
@@ -439,15 +437,7 @@ def build_guard_checkpoint(arch: str, out_dir: str | os.PathLike[str], *, seed: 
         bos_token_id=text_cfg.bos_token_id, eos_token_id=text_cfg.eos_token_id, pad_token_id=text_cfg.pad_token_id,
         do_sample=False,
     )
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model.save_pretrained(out)
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
+    _base.save_quietly(model, out)
     processor.save_pretrained(out)
     _base._portable_tokenizer_class(out)
     n_params = sum(p.numel() for p in model.parameters())
@@ -462,23 +452,4 @@ def cached_guard_checkpoint(arch: str, cache_dir: str | os.PathLike[str] | None 
     if arch not in GUARD_ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(GUARD_ARCHITECTURES)}")
     key = _base._cache_key(f"guard-{arch}", {"seed": seed, "guard_version": FORMAT_VERSION})
-    root = pathlib.Path(
-        cache_dir or os.environ.get("VISGUARD_CACHE") or pathlib.Path.home() / ".cache" / "visguard" / "tiny"
-    ).expanduser()
-    final = root / key
-    if (final / "visguard_tiny.json").is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        build_guard_checkpoint(arch, tmp, seed=seed)
-        tmp.chmod(0o755)
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "visguard_tiny.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return _base.cached_build(key, lambda tmp: build_guard_checkpoint(arch, tmp, seed=seed), cache_dir)
