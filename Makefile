@@ -31,7 +31,7 @@ $(VLLM_VENV)/.installed: pyproject.toml plugins/visguard-vllm/pyproject.toml plu
 	$(VLLM_ENV) $(VLLM_PY) -c "import vllm, visguard_vllm; print('vllm', vllm.__version__, 'ok')"
 	touch $@
 
-.PHONY: install install-vllm demo test test-core test-vllm bench lint chromium docs
+.PHONY: install install-vllm demo test test-core test-load test-vllm bench lint chromium docs
 install: $(VENV)/.installed
 install-vllm: $(VLLM_VENV)/.installed
 
@@ -39,10 +39,14 @@ install-vllm: $(VLLM_VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/visguard demo
 
-test: test-core test-vllm
+test: test-core test-load test-vllm
 
 test-core: $(VENV)/.installed chromium
 	$(PY) -m pytest -q
+
+# The loopback load test (32 clients, 30 s; marker `load`, deselected from test-core): about 1.5 minutes.
+test-load: $(VENV)/.installed
+	$(PY) -m pytest -q -m load tests/test_load.py
 
 # One vLLM engine per test module; about 2-3 minutes on 2 CPU cores.
 test-vllm: $(VLLM_VENV)/.installed
