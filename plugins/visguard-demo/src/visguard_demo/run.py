@@ -90,10 +90,13 @@ def _code_fingerprint() -> str:
     files = sorted(Path(visguard_train.__file__).parent.glob("*.py"))
     files += sorted(Path(visguard_testing.__file__).parent.glob("*.py"))
     core = Path(visguard.__file__).parent
-    files += sorted(core.glob("*.py")) + sorted((core / "default_plugins").glob("*format*.py"))
+    # What shapes the training examples: prompts, targets, the chat codec, images, data layouts.
+    files += [core / name for name in ("format.py", "hf.py", "policy.py", "images.py", "datasets.py", "types.py")]
+    files += [core / "default_plugins" / "visguard_format.py"]
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f.name.encode() + f.read_bytes())
+        if f.is_file():  # a module that moved away changes the digest by its absence
+            digest.update(f.name.encode() + f.read_bytes())
     digest.update(f"{torch.__version__}|{transformers.__version__}".encode())
     return digest.hexdigest()[:16]
 
