@@ -147,7 +147,7 @@ def test_sse_wire_format_ends_with_done(server, images):
         ({"n": 2}, 400, "n=1"),
         ({"messages": []}, 400, "invalid request"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
-         400, "image 0: cannot decode"),
+         400, "image 0: not a recognised image"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]},
          400, "remote image URL refused"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}, 400, "last message"),
