@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from visguard.errors import InputError, UnsupportedRequestError
 from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
-from visguard.guard import Guard, _checked_requests
+from visguard.guard import Guard, _checked_requests, worst_verdict
 from visguard.policy import Mode, Policy
 from visguard.types import GuardRequest, Verdict
 
@@ -211,7 +211,8 @@ class Cascade(Guard):
                 self._costs[k].ms += (time.perf_counter() - t0) * 1000.0
             for i, v in zip(idx, verdicts, strict=True):
                 members[i].append(v)
-        return [(_combine(m), m) for m in members]
+        # any unsafe, else any unavailable, else the least confident safe (its score decides escalation)
+        return [(worst_verdict(m) if m else None, m) for m in members]
 
     def close(self) -> None:
         for stage in self.stages:
@@ -303,17 +304,3 @@ class CascadeStats:
             "saved": self.saved,
             "escalation_rate": self.escalation_rate,
         }
-
-
-def _combine(members: list[Verdict]) -> Verdict | None:
-    """One verdict for a stage from its guards' verdicts: any unsafe, else any unavailable, else safe."""
-    if not members:
-        return None
-    unsafe = [v for v in members if v.label == "unsafe"]
-    if unsafe:
-        return max(unsafe, key=lambda v: -1.0 if v.score is None else v.score)
-    broken = [v for v in members if v.label == "unavailable"]
-    if broken:
-        return broken[0]
-    # All safe: the least confident one speaks for the stage (its score decides escalation).
-    return max(members, key=lambda v: -1.0 if v.score is None else v.score)
