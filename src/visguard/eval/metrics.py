@@ -101,23 +101,22 @@ def average_precision(scores: Sequence[float], positives: Sequence[bool]) -> tup
     n_pos = sum(1 for p in positives if p)
     if n_pos == 0:
         return None, "no unsafe items with a score (AUPRC needs positives)"
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    tp = fp = 0
     ap = prev_recall = 0.0
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        group = order[i : j + 1]
-        hits = sum(1 for k in group if positives[k])
-        tp += hits
-        fp += len(group) - hits
+    for tp, fp in _counts_by_threshold(scores, positives):
         recall = tp / n_pos
         ap += (recall - prev_recall) * (tp / (tp + fp))
         prev_recall = recall
-        i = j + 1
     return ap, None
+
+
+def _counts_by_threshold(scores: Sequence[float], positives: Sequence[bool]) -> Iterable[tuple[int, int]]:
+    """Cumulative (true, false) positives at each distinct score, highest first; tied scores enter together."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    tp = fp = 0
+    for i, k in enumerate(order):
+        tp, fp = (tp + 1, fp) if positives[k] else (tp, fp + 1)
+        if i + 1 == len(order) or scores[order[i + 1]] != scores[k]:
+            yield tp, fp
 
 
 def roc_points(scores: Sequence[float], positives: Sequence[bool]) -> list[tuple[float, float]]:
@@ -126,18 +125,8 @@ def roc_points(scores: Sequence[float], positives: Sequence[bool]) -> list[tuple
     n_neg = len(positives) - n_pos
     if n_pos == 0 or n_neg == 0:
         return []
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
     pts = [(0.0, 0.0)]
-    tp = fp = 0
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        for k in order[i : j + 1]:
-            tp, fp = (tp + 1, fp) if positives[k] else (tp, fp + 1)
-        pts.append((fp / n_neg, tp / n_pos))
-        i = j + 1
+    pts += [(fp / n_neg, tp / n_pos) for tp, fp in _counts_by_threshold(scores, positives)]
     return pts
 
 
