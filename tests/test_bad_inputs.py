@@ -183,7 +183,10 @@ CASES: list[Case] = [
     # ---- text
     Case("empty-text", (), text="", expect="verdict"),
     Case("text-over-limit", (), text="x" * 40_000, expect="error"),
-    Case("text-at-limit", (), text="word " * 6_400, expect="verdict"),
+    Case("text-at-char-limit", (), text="word " * 6_400, expect="either"),  # 6,401 tokens: over the tiny model's 4,096
+    Case("text-within-context", (), text="word " * 600, expect="verdict"),
+    Case("emoji-text-128k-tokens", (), text="\U0001F600" * 32_000, expect="error"),
+    Case("cjk-conversation-96k-tokens", (), conversation=[{"role": "user", "content": "\u4e2d" * 31_000}], expect="error"),
     Case("control-characters", (), text="\x00\x01\x07\x1b[31mred\x7f\x9b", expect="verdict"),
     Case("lone-surrogate", (), text="abc\ud800def", expect="error"),
     Case("bidi-and-zero-width", (), text="\u202eevil\u202c \u200b\ufeff", expect="verdict"),

@@ -287,3 +287,23 @@ def test_cli_validates_inputs_before_loading_the_model(tmp_path):
     res = CliRunner().invoke(cli, ["check", "--model", "/no/such/model", "--text", "x", str(bad)])
     assert res.exit_code == 2
     assert res.output.strip() == "Error: image 0: not a recognised image (9 bytes; accepted formats: BMP, GIF, JPEG, PNG, TIFF, WEBP)"
+
+
+def test_text_longer_than_the_model_context_is_an_input_error_not_unavailable(tiny):
+    # 32,000 emoji are within the character limit but 128,000 tokens: far beyond the model's
+    # context. Run, they would exhaust memory or time and become "unavailable" (passed under allow).
+    from visguard import InputTooLongError
+
+    with pytest.raises(InputTooLongError, match="more than the guard model's limit of 4096"):
+        tiny.check_input(None, "\U0001F600" * 32_000)
+    with pytest.raises(InputTooLongError):
+        tiny.check_input(None, "hi", conversation=[{"role": "user", "content": "\u4e2d" * 5_000}])
+    assert tiny.check_input(None, "word " * 600).label in ("safe", "unsafe")
+
+
+def test_long_host_answer_windows_shrink_to_the_model_context(tiny):
+    # A 20,000-token answer is checked in windows small enough for the 4,096-token tiny model.
+    answer = "\u4e2d" * 7_000
+    result = tiny.wrap(lambda images, text: answer, pre_check="off").generate(None, "hi")
+    assert not result.degraded and result.output_verdict.label in ("safe", "unsafe")
+    assert result.output_checks == 1

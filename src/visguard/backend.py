@@ -68,6 +68,16 @@ class Backend(ABC):
             BackendError: no usable safe/unsafe pair of spellings.
         """
 
+    def prompt_too_long(self, prompt: GuardPrompt) -> str | None:
+        """Why ``prompt`` is longer than this backend's model can take, or ``None`` when it fits.
+
+        Called for every request before it is batched, so an over-long request is refused as an
+        input error (:class:`~visguard.errors.InputTooLongError`) instead of failing the model
+        (which would be an ``unavailable`` verdict that ``on_error="allow"`` lets through). The
+        default knows no limit.
+        """
+        return None
+
     @property
     def supports_scores(self) -> bool:
         """Whether :meth:`score` is available (fast mode)."""

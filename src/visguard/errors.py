@@ -35,6 +35,10 @@ class UnsupportedRequestError(InputError):
     response, a mode or custom categories it does not support): raised, never answered wrongly."""
 
 
+class InputTooLongError(InputError):
+    """A request is longer, in the guard model's tokens, than the model can take (refused before it runs)."""
+
+
 class ImageInputError(InputError):
     """An image could not be accepted at the image boundary.
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from visguard import plugins
 from visguard.backend import Backend
 from visguard.batching import MicroBatcher, shared_batcher
-from visguard.errors import BackendError, GuardUnavailableError, InputError
+from visguard.errors import BackendError, GuardUnavailableError, InputError, InputTooLongError
 from visguard.format import GuardFormat
 from visguard.images import ImageInput
 from visguard.policy import Mode, Policy
@@ -194,9 +194,24 @@ class Guard:
         return verdict
 
     def report_answer(self, request: GuardRequest, answer: str, *, mode: Mode | None = None) -> Verdict:
-        """:meth:`check_answer` acting on nothing (``unavailable`` is returned whatever ``on_error`` says)."""
-        requests = [request.model_copy(update={"response": w}) for w in answer_windows(answer)]
-        return worst_verdict(self.report_batch(requests, mode=mode))
+        """:meth:`check_answer` acting on nothing (``unavailable`` is returned whatever ``on_error`` says).
+
+        When a window is too long for the guard model (in tokens), the windows are halved until
+        they fit (down to :data:`MIN_ANSWER_WINDOW` characters).
+
+        Raises:
+            InputTooLongError: the request is too long even with the smallest window.
+        """
+        size = MAX_TEXT_CHARS
+        while True:
+            overlap = min(ANSWER_WINDOW_OVERLAP, size // 4)
+            requests = [request.model_copy(update={"response": w}) for w in answer_windows(answer, size, overlap)]
+            try:
+                return worst_verdict(self.report_batch(requests, mode=mode))
+            except InputTooLongError:
+                if size <= MIN_ANSWER_WINDOW:
+                    raise
+                size = max(size // 2, MIN_ANSWER_WINDOW)
 
     async def areport_answer(self, request: GuardRequest, answer: str, *, mode: Mode | None = None) -> Verdict:
         """Async :meth:`report_answer` (runs in a worker thread)."""
@@ -240,6 +255,7 @@ class Guard:
             raise InputError(f"unknown mode {mode!r}; expected fast, reason or adaptive")
         for r in requests:
             self.format.check_request(r, mode)
+        self._check_lengths(requests, mode)
         start = time.perf_counter()
         timeout = self.policy.timeout_s
         futures = self._batcher.submit(requests, (self._run, mode))
@@ -338,6 +354,25 @@ class Guard:
     # ------------------------------------------------------------------ internals
     def _unavailable(self, request: GuardRequest, mode: Mode, error: str, **fields: Any) -> Verdict:
         return Verdict.unavailable(error, stage=request.stage, mode=mode, model=self.backend.model_id, **fields)
+
+    def _check_lengths(self, requests: list[GuardRequest], mode: Mode) -> None:
+        """Refuse, before batching, a request whose prompt the backend's model cannot take."""
+        if type(self.backend).prompt_too_long is Backend.prompt_too_long:
+            return  # the backend knows no limit
+        prompt_modes = {"fast": ("fast",), "reason": ("reason",), "adaptive": ("fast", "reason")}[mode]
+        specials = self.backend.special_tokens
+        for request in requests:
+            for prompt_mode in prompt_modes:
+                try:
+                    prompts = self.format.build_all(request, self.policy, mode=prompt_mode, special_tokens=specials)
+                except InputError:
+                    raise
+                except Exception:  # noqa: BLE001 - a format failure is reported by the check itself
+                    continue
+                for prompt in prompts:
+                    why = self.backend.prompt_too_long(prompt)
+                    if why:
+                        raise InputTooLongError(f"request refused: {why}; shorten the text, response or conversation")
 
     def _run(self, requests: list[GuardRequest], mode: Mode) -> list[Verdict]:
         try:
@@ -498,6 +533,8 @@ def resolve_format(model: str, format: str | GuardFormat | None = None) -> Guard
 
 #: characters two consecutive windows of a long answer share (see :meth:`Guard.check_answer`)
 ANSWER_WINDOW_OVERLAP = 2_000
+#: smallest window :meth:`Guard.report_answer` shrinks to for a model with a short context
+MIN_ANSWER_WINDOW = 256
 
 
 def answer_windows(answer: str, size: int = MAX_TEXT_CHARS, overlap: int = ANSWER_WINDOW_OVERLAP) -> list[str]:

@@ -93,6 +93,25 @@ class TransformersBackend(Backend):
     def check_verdict_words(self, prefix: str, words: Any) -> None:
         self.codec.verdict_token_ids(prefix, words)
 
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The text model's context length (``max_position_embeddings``), or ``None`` when unknown."""
+        config = self.model.config
+        for cfg in (getattr(config, "text_config", None), config):
+            n = getattr(cfg, "max_position_embeddings", None)
+            if isinstance(n, int) and n > 0:
+                return n
+        return None
+
+    def prompt_too_long(self, prompt: GuardPrompt) -> str | None:
+        limit = self.max_prompt_tokens
+        if limit is None:
+            return None
+        n = len(self.tokenizer(self.render(prompt), add_special_tokens=False, verbose=False)["input_ids"])
+        if n > limit:  # images add their patches on top: the text alone must already fit
+            return f"the guard prompt is {n} tokens long, more than the guard model's limit of {limit}"
+        return None
+
     # ------------------------------------------------------------------ rendering
     def render(self, prompt: GuardPrompt) -> str:
         """The exact prompt string the model sees (chat template + assistant prefix)."""
