@@ -115,6 +115,7 @@ def test_model_eval_cli_with_a_tiny_host_and_the_refusal_judge(mis_root, qwen_pa
     assert guarded["guard_blocked"] == sum(bool(r["guard_blocked"]) for r in rows)
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_exactly_n_rows(mis_root, qwen_path, tmp_path):
     out = tmp_path / "killed"
     args = ["eval", "-B", "mis", "-d", str(mis_root), "-s", "easy", "-m", qwen_path, "--device", "cpu",
@@ -149,6 +150,16 @@ def test_sigkilled_run_resumes_to_exactly_n_rows(mis_root, qwen_path, tmp_path):
     gold = [f"easy/{g['id']}" for g in json.loads((mis_root / "mis_easy.json").read_text())]
     assert len(ids) == 12 and Counter(ids) == Counter(gold)  # every item exactly once, no torn row
     assert summary["n"] == 12 and summary["resumed"] == done_before
+
+    # the same run never interrupted: the same verdict and score for every item
+    reference = tmp_path / "uninterrupted"
+    invoke([*args[:-3], str(reference), "--no-progress", "--no-plots"])
+    want = {r["id"]: r for r in read_rows(reference / "results.jsonl")}
+    got = {r["id"]: r for r in read_rows(results)}
+    assert got.keys() == want.keys()
+    for rid, row in got.items():
+        assert row["pred"] == want[rid]["pred"], rid
+        assert row["score"] == pytest.approx(want[rid]["score"], abs=1e-5), rid
 
 
 def test_model_eval_cli_host_and_judge_behind_openai_compatible_endpoints(mis_root, tmp_path):

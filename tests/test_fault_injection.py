@@ -312,3 +312,51 @@ def test_openai_backend_unreachable_server_is_unavailable():
     finally:
         guard.close()
     assert verdict.label == "unavailable" and "unreachable" in verdict.error
+
+
+# ------------------------------------------------------------------ over HTTP (visguard serve)
+
+
+@pytest.fixture(scope="module")
+def faulty_server():
+    from visguard.hosts import resolve_host
+    from visguard.serve.app import ServeSettings, create_app
+    from visguard.serve.upstream import ServerThread
+
+    calls = []
+
+    def host(images, text):
+        calls.append(text)
+        return "a harmless answer"
+
+    guard = faulty_guard(timeout_s=0.5)
+    app = create_app(guard, resolve_host(host), settings=ServeSettings(model_name="host"))
+    with ServerThread(app) as server:
+        yield server.url, calls, app.state.guard
+    guard.backend.release.set()
+
+
+@pytest.mark.parametrize("fault", [*QUICK_FAULTS, "hang"])
+def test_faults_over_http_are_unavailable_and_block_the_chat(faulty_server, fault):
+    import httpx
+
+    url, calls, served_guard = faulty_server
+    backend: FaultyBackend = served_guard.backend
+    text = f"hello [[fault:{fault}]]"
+    check = httpx.post(url + "/v1/guard/check", json={"text": text}, timeout=60)
+    assert check.status_code == 200 and check.json()["label"] == "unavailable", check.text
+    before = len(calls)
+    chat = httpx.post(url + "/v1/chat/completions", timeout=60,
+                      json={"model": "host", "messages": [{"role": "user", "content": text}]})
+    assert chat.status_code == 200, chat.text
+    body = chat.json()
+    assert body["choices"][0]["finish_reason"] == "content_filter" and body["visguard"]["blocked"]
+    assert body["visguard"]["reason"] == "unavailable" and len(calls) == before  # the host never saw it
+    if fault == "hang":  # two calls are stuck in the backend: the next check fails fast, with the reason
+        stalled = httpx.post(url + "/v1/guard/check", json={"text": "hello"}, timeout=60).json()
+        assert stalled["label"] == "unavailable" and "guard backend stalled" in stalled["error"]
+        backend.release.set()
+        _join_stalled(served_guard)
+        backend.release.clear()
+    ok = httpx.post(url + "/v1/guard/check", json={"text": "hello"}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["label"] == "safe"  # and the next request is served
