@@ -102,3 +102,11 @@ def test_cascade_classifier_first_reasoner_only_when_needed(guard, capsys):
     assert stats.escalation_rate == pytest.approx(0.2) and isinstance(stats.saved, float)
     with capsys.disabled():
         print(f"\ncascade opennsfw -> guardreasoner-vl (tiny): {stats.as_dict()}")
+
+
+def test_the_model_id_picks_its_format_and_other_formats_are_refused(guard):
+    auto = Guard.from_pretrained("opennsfw", backend="opennsfw")
+    assert auto.format.name == "opennsfw"
+    chat = Guard.from_pretrained("opennsfw", backend="opennsfw", format="visguard")
+    verdict = chat.check_input(_photo("chelsea"), "is this safe?")
+    assert verdict.label == "unavailable" and "cannot read a chat prompt" in verdict.error

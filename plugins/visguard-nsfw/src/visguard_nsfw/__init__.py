@@ -17,3 +17,10 @@ def register_formats(register):
     from visguard_nsfw.classifier import OpenNSFWFormat
 
     register("opennsfw", OpenNSFWFormat)
+
+
+@hookimpl
+def register_model_formats(register):
+    from visguard_nsfw.classifier import OpenNSFWFormat
+
+    register("opennsfw", OpenNSFWFormat)

@@ -89,6 +89,9 @@ class OpenNSFWBackend(Backend):
     def score(self, prompts: Sequence[GuardPrompt]) -> list[float]:
         """P(nsfw) of each prompt's single image."""
         for i, p in enumerate(prompts):
+            if p.messages:  # a chat prompt from another format: its text would be silently ignored
+                raise BackendError("the opennsfw backend scores images only and cannot read a chat prompt; "
+                                   "use format='opennsfw'")
             if len(p.images) != 1:
                 raise BackendError(f"prompt {i} has {len(p.images)} images; open_nsfw scores exactly one")
         out: list[float] = []
