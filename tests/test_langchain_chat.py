@@ -22,6 +22,7 @@ import runpy
 import threading
 from pathlib import Path
 
+import openai
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.output_parsers import StrOutputParser
@@ -360,3 +361,15 @@ def test_chat_openai_structured_output_and_tools_run_inside_the_guard(upstream, 
     for bound in (strict.with_structured_output(Answer), strict.bind_tools([Answer], tool_choice="Answer")):
         first = bound.first if hasattr(bound, "first") else bound
         assert first.bound is strict and ("response_format" in first.kwargs or "tools" in first.kwargs)
+
+
+def test_proxy_error_mode_sends_the_decision_headers_too(upstream, guard, prompt, image):
+    app = create_app(guard.with_policy(threshold=0.0), upstream.url + "/v1",
+                     settings=ServeSettings(model_name=MODEL, on_unsafe="error", max_wait_ms=0), host_options={"model": MODEL})
+    with ServerThread(app) as proxy:
+        with pytest.raises(openai.BadRequestError) as info:
+            (prompt | chat_openai(proxy.url)).invoke({"image": b64png(image), "question": QUESTION})
+    headers = info.value.response.headers
+    assert info.value.code == "content_filter"
+    assert (headers["x-visguard-blocked"], headers["x-visguard-reason"], headers["x-visguard-input-label"]) == (
+        "true", "unsafe", "unsafe")

@@ -66,6 +66,7 @@ from visguard.serve.openai_types import (
     Usage,
     generation_options,
 )
+from visguard.types import Verdict
 
 #: paths behind the gate (auth, size, concurrency)
 GATED_PREFIX = "/v1/"
@@ -280,12 +281,13 @@ def decision_headers(decision: Mapping[str, Any]) -> dict[str, str]:
             headers go out: ``request_id``, ``blocked`` and the ``input_verdict``.
 
     Returns:
-        ``x-visguard-request-id``, ``-blocked`` (``true``/``false``), and when known ``-flagged``,
+        ``x-visguard-blocked`` (``true``/``false``), and when known ``-request-id``, ``-flagged``,
         ``-degraded``, ``-reason``, ``-stage``, ``-input-label``, ``-input-score``,
         ``-input-category`` and the same three for ``output``.
     """
-    out = {"x-visguard-request-id": str(decision.get("request_id", "")),
-           "x-visguard-blocked": "true" if decision.get("blocked") else "false"}
+    out = {"x-visguard-blocked": "true" if decision.get("blocked") else "false"}
+    if decision.get("request_id"):
+        out["x-visguard-request-id"] = str(decision["request_id"])
     for key in ("flagged", "degraded"):
         if key in decision:
             out[f"x-visguard-{key}"] = "true" if decision[key] else "false"
@@ -303,6 +305,13 @@ def decision_headers(decision: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _verdict_headers(verdict: Verdict) -> dict[str, str]:
+    """The headers of an error answer for a blocking verdict (``on_unsafe="error"``, guard unavailable)."""
+    reason = "unsafe" if verdict.label == "unsafe" else "unavailable"
+    return decision_headers({"blocked": True, "reason": reason, "stage": verdict.stage,
+                             f"{verdict.stage}_verdict": verdict.model_dump(mode="json")})
+
+
 def _outcome(result: GuardedResult) -> str:
     if result.blocked:
         return "blocked"
@@ -315,11 +324,13 @@ def _chat_error(exc: Exception, metrics: ServeMetrics) -> ApiError:
     if isinstance(exc, GuardrailViolation):
         metrics.guarded.labels("blocked").inc()
         return ApiError(400, str(exc), type="content_filter", code="content_filter",
-                          extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}})
+                          extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}},
+                          headers=_verdict_headers(exc.verdict))
     metrics.guarded.labels("error").inc()
     if isinstance(exc, GuardUnavailableError):
         return ApiError(503, str(exc), type="server_error", code="guard_unavailable",
-                          extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}})
+                          extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}},
+                          headers=_verdict_headers(exc.verdict))
     if isinstance(exc, InputError):
         return ApiError(400, str(exc), param="messages")
     return ApiError(502, f"host failed: {type(exc).__name__}: {exc}", type="server_error", code="host_error")
