@@ -6,7 +6,9 @@ in a real backend (the aspect-ratio failure came from Qwen2-VL's own image proce
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import pickle
 
 import pytest
@@ -307,3 +309,25 @@ def test_long_host_answer_windows_shrink_to_the_model_context(tiny):
     result = tiny.wrap(lambda images, text: answer, pre_check="off").generate(None, "hi")
     assert not result.degraded and result.output_verdict.label in ("safe", "unsafe")
     assert result.output_checks == 1
+
+
+def test_chat_proxy_refuses_inputs_the_model_cannot_take_with_one_line_400s(tiny):
+    from visguard.hosts import resolve_host
+
+    host = resolve_host(lambda images, text: "a plain answer")
+    client = TestClient(create_app(tiny, host))
+    model = client.get("/v1/models").json()["data"][0]["id"]
+
+    def ask(content):
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": content}]})  # \ud800 escaped
+        return client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+
+    for content, needle in (("\U0001F600" * 32_000, "more than the guard model's limit"),
+                            ("hi \ud800", "lone surrogate"), ("x" * 40_000, "more than the limit of 32000")):
+        resp = ask(content)
+        assert resp.status_code == 400, resp.text
+        message = resp.json()["error"]["message"]
+        assert needle in message and "\n" not in message
+    strip = base64.b64encode(_png(Image.new("RGB", (30000, 10)))).decode()
+    ok = ask([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + strip}}, {"type": "text", "text": "?"}])
+    assert ok.status_code == 200 and not ok.json()["visguard"]["degraded"], ok.text
