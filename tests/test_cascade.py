@@ -87,3 +87,18 @@ def test_a_cascade_is_used_where_a_guard_is(guards):
         Cascade([])
     with pytest.raises(InputError, match="escalate"):
         Stage((guards["text"],), escalate="sometimes")  # type: ignore[arg-type]
+
+
+def test_visguard_eval_runs_a_cascade(guards, tmp_path):
+    from visguard_testing.synthetic import write_mis_test_layout
+
+    from visguard.eval import evaluate_guard, load_benchmark
+
+    items = load_benchmark("mis", write_mis_test_layout(tmp_path / "syn", {"hard": 4}, seed=2), split="hard")
+    cascade = Cascade([Stage((guards["image"], guards["text"]), band=(0.0, 0.0)), guards["reasoner"]])
+    summary = evaluate_guard(cascade, items, out_dir=tmp_path / "out", progress=False, plots=False)
+    assert summary.n == 4 and summary.model.startswith("cascade(") and summary.backend == "cascade"
+    rows = [r for r in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
+    # two images: the single-image classifier sits out, the text guard (reading the text) decides
+    assert cascade.stats().stages[0].runs == 4 and cascade.stats().stages[1].runs == 0

@@ -240,3 +240,15 @@ def test_policy_translation_doc_matches_the_table():
     for name, t in TABLE.items():
         cells = [", ".join(codes) or "—" for codes in (t.mlcommons, t.llavaguard, t.shieldgemma, t.qwen3guard)]
         assert f"| {name} | " + " | ".join(cells) + " |" in doc, name
+
+
+def test_template_variables_reach_an_openai_compatible_server():
+    from visguard.default_plugins.openai_backend import OpenAIBackend
+
+    backend = OpenAIBackend("meta-llama/Llama-Guard-4-12B", base_url="http://127.0.0.1:9/v1",
+                            extra_body={"chat_template_kwargs": {"other": 1}})
+    prompt = LlamaGuardFormat().build(_request(1, "hi"), MIS.without_categories("Privacy"), mode="fast")
+    body = backend.score_request(prompt)
+    kwargs = body["chat_template_kwargs"]
+    assert kwargs["other"] == 1 and "S7" in kwargs["excluded_category_keys"]
+    backend.close()
