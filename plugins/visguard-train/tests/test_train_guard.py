@@ -28,6 +28,8 @@ TRAIN_FLAGS = ["--lr", "4e-3", "--epochs", "2", "--batch-size", "8", "--warmup-r
 
 
 @pytest.mark.slow
+# ~3.5 min alone on 2 cores; the generous limit only stops a hang, it is not a speed target.
+@pytest.mark.timeout(2400)
 def test_trained_guard_flags_unsafe_combinations_of_benign_images(tmp_path, tiny_cache):
     from visguard_testing.checkpoints import cached_tiny_checkpoint
     from visguard_train.data import load_records
