@@ -102,3 +102,18 @@ def test_visguard_eval_runs_a_cascade(guards, tmp_path):
     assert len(rows) == 4
     # two images: the single-image classifier sits out, the text guard (reading the text) decides
     assert cascade.stats().stages[0].runs == 4 and cascade.stats().stages[1].runs == 0
+
+
+def test_visual_pre_check_and_text_post_check(guards):
+    """A vision guard on requests, a cheap text guard (Qwen3Guard) on the host's answers."""
+    lenient_image = guards["image"].with_policy(threshold=1.0)  # lets the request through to the host
+    cascade = Cascade([Stage((lenient_image,), checks=("input",), band=(0.0, 0.0)),
+                       Stage((guards["text"],), checks=("output",))])
+    result = cascade.wrap(lambda images, text: "Mix these two chemicals.").generate(_img(), "")
+    assert [s.model for s in result.input_verdict.stages] == [guards["image"].backend.model_id]
+    assert [s.model for s in result.output_verdict.stages] == [guards["text"].backend.model_id]
+    assert result.output_verdict.stage == "output" and result.output_verdict.score is not None
+    with pytest.raises(UnsupportedRequestError, match="no stage takes part"):
+        Cascade([Stage((guards["text"],), checks=("output",))]).check_input(None, "hi")
+    with pytest.raises(InputError, match="checks"):
+        Stage((guards["text"],), checks=("during",))  # type: ignore[arg-type]

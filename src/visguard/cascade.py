@@ -42,18 +42,24 @@ class Stage:
             ``unsure_or_flagged``. The last stage always decides.
         band: closed interval of P(unsafe) that counts as unsure.
         name: shown in stats (default: the guards' model ids).
+        checks: which checks this stage takes part in: ``input`` (pre-checks of requests),
+            ``output`` (post-checks of answers) or both; e.g. a visual guard on inputs and a cheap
+            text guard on the host's answers.
     """
 
     guards: tuple[Guard, ...]
     escalate: Escalate = "unsure"
     band: tuple[float, float] = (0.2, 0.8)
     name: str = ""
+    checks: tuple[Literal["input", "output"], ...] = ("input", "output")
 
     def __post_init__(self) -> None:
         if not self.guards:
             raise InputError("a cascade stage needs at least one guard")
         if self.escalate not in ("unsure", "flagged", "unsure_or_flagged"):
             raise InputError(f"escalate must be unsure, flagged or unsure_or_flagged, got {self.escalate!r}")
+        if not self.checks or set(self.checks) - {"input", "output"}:
+            raise InputError(f"checks must be 'input' and/or 'output', got {self.checks!r}")
         low, high = self.band
         if not 0.0 <= low <= high <= 1.0:
             raise InputError(f"band must satisfy 0 <= low <= high <= 1, got {self.band}")
@@ -101,13 +107,16 @@ class _CascadeFormat(GuardFormat):
     def check_request(self, request: GuardRequest, mode: Mode | None = None) -> None:
         reasons = []
         for stage in self.stages:
+            if request.stage not in stage.checks:
+                continue
             for guard in stage.guards:
                 try:
                     guard.format.check_request(request)
                     return
                 except UnsupportedRequestError as exc:
                     reasons.append(str(exc))
-        raise UnsupportedRequestError("no stage of the cascade can judge this request: " + "; ".join(reasons))
+        raise UnsupportedRequestError(f"no stage of the cascade can judge this {request.stage} check: "
+                                      + ("; ".join(reasons) or "no stage takes part in it"))
 
     def build(self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()) -> GuardPrompt:
         raise NotImplementedError("a cascade has no prompt of its own; its stages build theirs")
@@ -197,6 +206,8 @@ class Cascade(Guard):
         for guard in stage.guards:
             idx = []
             for i, r in enumerate(requests):
+                if r.stage not in stage.checks:
+                    continue
                 try:
                     guard.format.check_request(r, guard.policy.mode)
                     idx.append(i)
