@@ -176,6 +176,19 @@ def test_resume_restores_the_weights_and_continues_the_same_curve(tmp_path, smal
     assert not (_weights(out)["lm_head.weight"] == _weights(Path(small_base))["lm_head.weight"]).all()
 
 
+def test_lora_resume_restores_the_adapter(tmp_path, small_base, data):
+    """LoRA checkpoints hold the adapter only: the resumed run equals the uninterrupted one too."""
+    lora = [*_RESUME_ARGS, "--trainer", "lora", "--lora-r", "4", "--merge"]
+    ref = tmp_path / "lora-ref"
+    _train(["--data", str(data), "--base", small_base, "--output", str(ref), *lora])
+    out = _interrupted_copy(ref, tmp_path / "lora-resumed", 3)
+    assert (out / "checkpoints" / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    _train(["--data", str(data), "--base", small_base, "--output", str(out), *lora, "--resume"])
+    want, got = _losses(ref), _losses(out)
+    assert [got[s] for s in (4, 5, 6)] == pytest.approx([want[s] for s in (4, 5, 6)], rel=1e-5, abs=1e-6)
+    _assert_same_weights(ref, out)  # the merged checkpoints
+
+
 def test_resume_refuses_a_malicious_optimizer_file(tmp_path, small_base, data, uninterrupted):
     """A pickled optimizer.pt that would run code is refused by weights_only loading: one line, exit 2."""
     import torch
