@@ -58,7 +58,7 @@ chromium:
 		|| echo "warning: could not install chromium (apt-get install -y chromium); the demo report test will skip"
 
 bench: $(VENV)/.installed
-	$(PY) -m pytest benchmarks -q --benchmark-only
+	$(PY) -m pytest benchmarks -q -s  # not --benchmark-only: it would skip test_ratios, the asserted targets
 
 # docs/cli.md from the commands' own --help (tests/test_cli_docs.py fails when they drift apart).
 docs: $(VENV)/.installed

@@ -7,6 +7,7 @@ from PIL import Image
 
 from visguard import GuardRequest, Policy
 from visguard.default_plugins.visguard_format import VisguardFormat
+from visguard.errors import InputError
 from visguard.format import neutralize
 
 FMT = VisguardFormat()
@@ -119,15 +120,40 @@ def _req(text="hello", response=None, n=2):
 def test_fast_prompt_ends_at_the_verdict():
     prompt = FMT.build(_req(n=3), POLICY, mode="fast")
     parts = prompt.messages[0]["content"]
-    assert [p["type"] for p in parts] == ["image", "image", "image", "text"]
-    assert len(prompt.images) == 3
+    # layout 2: the request-independent instructions first (a shared prefix), then images, then the request
+    assert [p["type"] for p in parts] == ["text", "image", "image", "image", "text"]
+    assert prompt.static_parts == 1 and FMT.shares_prefix and FMT.version == 2
+    assert len(prompt.images) == 3 and len(prompt.image_keys) == 3
     assert prompt.assistant_prefix == "Verdict:"
     assert prompt.verdict_words["unsafe"][0] == " unsafe"
-    text = parts[-1]["text"]
+    static, text = parts[0]["text"], parts[-1]["text"]
     for cat in POLICY.categories:
-        assert cat.name in text
+        assert cat.name in static
     assert "There are 3 images above" in text
     assert "Image 1:" not in text  # fast mode asks for the verdict first
+
+
+def test_static_prefix_is_the_same_for_every_request_and_pre_is_a_prefix_of_post():
+    a = FMT.build(_req("first", n=1), POLICY, mode="fast").messages[0]["content"]
+    b = FMT.build(_req("second", "an answer", n=3), POLICY, mode="reason").messages[0]["content"]
+    assert a[0] == b[0]
+    other = FMT.build(_req(), POLICY.without_categories("Erotic"), mode="fast").messages[0]["content"]
+    assert other[0] != a[0]  # one prefix per policy
+    pre = FMT.build(_req("q?"), POLICY, mode="fast").messages[0]["content"][-1]["text"]
+    post = FMT.build(_req("q?", "the answer"), POLICY, mode="fast").messages[0]["content"][-1]["text"]
+    shared = pre[: pre.index("</user_request>\n\n") + len("</user_request>\n\n")]
+    assert post.startswith(shared)
+
+
+def test_layout_1_is_kept_for_guards_trained_on_it():
+    old = VisguardFormat(version=1)
+    assert FMT.checkpoint_kwargs() == {"version": 2} and old.checkpoint_kwargs() == {"version": 1}
+    prompt = old.build(_req(n=2), POLICY, mode="fast")
+    parts = prompt.messages[0]["content"]
+    assert [p["type"] for p in parts] == ["image", "image", "text"] and prompt.static_parts == 0
+    assert parts[-1]["text"].startswith("You are a safety guard for a vision-language assistant.\nThere are 2 images above.")
+    with pytest.raises(InputError, match="layout versions"):
+        VisguardFormat(version=3)
 
 
 def test_reason_prompt_asks_for_per_image_perception():
@@ -146,7 +172,7 @@ def test_post_check_prompt_quotes_the_response():
 
 def test_policy_categories_are_written_into_the_prompt():
     policy = POLICY.without_categories("Erotic").with_categories("Elections")
-    text = FMT.build(_req(), policy, mode="fast").messages[0]["content"][-1]["text"]
+    text = FMT.build(_req(), policy, mode="fast").messages[0]["content"][0]["text"]
     assert "- Elections" in text and "Erotic" not in text
 
 

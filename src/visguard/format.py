@@ -103,6 +103,11 @@ class GuardPrompt:
         request_options: extra fields of an OpenAI-compatible generation request (e.g. a JSON-schema
             ``response_format`` for structured output, ``top_p``); backends without such a request
             (in-process transformers) ignore them.
+        static_parts: how many leading content parts of the first message are the same for every
+            request under one policy (instructions, policy, categories). Backends may compute
+            their KV cache once and reuse it (0: the prompt has no such prefix).
+        image_keys: content hashes of ``images`` (same order), so caches can tell images apart
+            without hashing pixels again; empty when unknown.
     """
 
     messages: list[dict[str, Any]]
@@ -113,6 +118,8 @@ class GuardPrompt:
     mode: PromptMode = "fast"
     template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     request_options: Mapping[str, Any] = field(default_factory=dict)
+    static_parts: int = 0
+    image_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,13 @@ class GuardFormat(ABC):
 
     #: registry name
     name: str = ""
+    #: prompt layout version; bump it whenever the prompt text or order changes, so guards trained
+    #: on one layout are never prompted with another (``visguard train`` records it in the checkpoint's
+    #: ``visguard.json`` through :meth:`checkpoint_kwargs`)
+    version: int = 1
+    #: whether prompts start with a request-independent prefix (``GuardPrompt.static_parts``);
+    #: formats of third-party guard models keep the layout those models were trained on
+    shares_prefix: bool = False
     #: what this format can judge
     capabilities: ClassVar[Capabilities] = Capabilities()
 
@@ -238,6 +252,15 @@ class GuardFormat(ABC):
                 perception and reasoning first.
             special_tokens: the backend's special-token strings; untrusted text must not contain them.
         """
+
+    def checkpoint_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments that rebuild this format exactly, for a trained checkpoint's ``visguard.json``.
+
+        ``visguard train`` writes ``{"format": name, "format_kwargs": checkpoint_kwargs()}`` beside
+        the model, so the guard is later prompted with the layout it learned
+        (:func:`visguard.plugins.format_for_model`). Formats with layout versions return them here.
+        """
+        return {}
 
     @abstractmethod
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
@@ -331,3 +354,4 @@ def neutralize(text: str, special_tokens: Iterable[str] = (), tags: Iterable[str
     text = re.sub(r"<(\|)", "<" + _ZWSP + r"\1", text)
     text = re.sub(r"\[(/?INST)\]", "[" + _ZWSP + r"\1]", text)
     return text
+

@@ -3,11 +3,14 @@
 One place renders a :class:`~visguard.format.GuardPrompt` with the checkpoint's own chat template,
 finds the verdict spellings' token ids, lists the tokenizer's control strings, and maps generated
 token ids back to text spans, so every such backend builds identical inputs and reads outputs
-identically.
+identically. :meth:`HFPromptCodec.static_prefix` finds the rendered text of a prompt's
+request-independent prefix, and :class:`KVCacheStore` keeps key/value caches of scored prompts so
+in-process backends continue later prompts from them.
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -46,6 +49,31 @@ class HFPromptCodec:
         text = self.processor.apply_chat_template(
             prompt.messages, add_generation_prompt=True, tokenize=False, **dict(prompt.template_kwargs))
         return text + prompt.assistant_prefix
+
+    def static_prefix(self, prompt: GuardPrompt, rendered: str) -> str | None:
+        """The start of ``rendered`` (this prompt's :meth:`render`) that holds exactly its static parts.
+
+        ``None`` when the prompt declares no static parts or the chat template does not keep them
+        first (LLaVA-1.5's template, for one, moves every image before the text).
+        """
+        k = prompt.static_parts
+        if k <= 0 or not prompt.messages:
+            return None
+        first = prompt.messages[0]
+        content = first.get("content")
+        if not isinstance(content, list) or len(content) <= k or any(p.get("type") != "text" for p in content[:k]):
+            return None
+        static_text = "".join(p.get("text", "") for p in content[:k])
+        head = self.processor.apply_chat_template(
+            [{**first, "content": content[:k]}], add_generation_prompt=False, tokenize=False, **dict(prompt.template_kwargs)
+        )
+        n = 0
+        limit = min(len(head), len(rendered))
+        while n < limit and head[n] == rendered[n]:
+            n += 1
+        end = rendered.find(static_text) + len(static_text) if static_text else -1
+        # Both renders agree beyond the static text's end only by chance ("<|" of different tokens).
+        return rendered[:end] if static_text in rendered and 0 < end <= n else None
 
     def verdict_token_ids(self, prefix: str, words: Mapping[str, tuple[str, ...]]) -> tuple[list[int], list[int]]:
         """First token id of each usable verdict spelling as it follows ``prefix`` (safe ids, unsafe ids).
@@ -164,3 +192,80 @@ def load_image_text_model(
         text = " ".join(str(exc).split())[:300]
         raise BackendError(f"cannot load {role} model {model!r} with transformers: {type(exc).__name__}: {text}") from exc
     return hf_model.to(device), processor
+
+
+class KVCacheStore:
+    """A bounded, thread-safe LRU of key/value caches of scored prompts, for prefix reuse.
+
+    Each entry is one prompt's token ids, the content key of its images and its per-layer
+    ``(keys, values)`` tensors (batch 1). :meth:`lookup` returns the entry sharing the longest token
+    prefix with a new prompt of the same images: a post-check continues from its pre-check (the
+    images and the request), a stream's re-check from the previous re-check. Causal attention makes
+    the reuse exact: a position's keys and values depend only on the tokens (and images) up to it.
+
+    Args:
+        max_bytes: total size of the tensors kept; least recently used entries go first.
+        max_entries: most entries kept.
+    """
+
+    def __init__(self, *, max_bytes: int = 256 << 20, max_entries: int = 64) -> None:
+        from collections import OrderedDict
+
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self._entries: OrderedDict[int, tuple[Any, tuple, list[tuple[Any, Any]], int]] = OrderedDict()
+        self._next = 0
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensors held."""
+        return self._bytes
+
+    def put(self, ids: Any, image_key: tuple, layers: list[tuple[Any, Any]]) -> None:
+        """Keep ``layers`` (per layer ``(keys, values)`` of shape ``[1, heads, len(ids), dim]``)."""
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        if size > self.max_bytes or self.max_entries < 1:
+            return
+        with self._lock:
+            self._entries[self._next] = (ids, image_key, layers, size)
+            self._next += 1
+            self._bytes += size
+            while self._bytes > self.max_bytes or len(self._entries) > self.max_entries:
+                _, (_, _, _, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped
+
+    def lookup(self, ids: Any, image_key: tuple, *, limit: int) -> tuple[int, list[tuple[Any, Any]]] | None:
+        """``(n, layers)``: the longest cached prefix (``n <= limit`` tokens) of ``ids`` with the same images."""
+        best: tuple[int, int] | None = None
+        with self._lock:
+            for key, (cached, cached_images, _, _) in self._entries.items():
+                if cached_images != image_key:
+                    continue
+                n = _common_prefix(cached, ids, limit)
+                if n > 0 and (best is None or n > best[1]):
+                    best = (key, n)
+            if best is None:
+                return None
+            self._entries.move_to_end(best[0])
+            layers = self._entries[best[0]][2]
+        n = best[1]
+        return n, [(k[:, :, :n], v[:, :, :n]) for k, v in layers]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+def _common_prefix(a: Any, b: Any, limit: int) -> int:
+    """Length of the common prefix of two 1-D id tensors, at most ``limit``."""
+    n = min(len(a), len(b), limit)
+    if n <= 0:
+        return 0
+    diff = (a[:n] != b[:n]).nonzero()
+    return int(diff[0, 0]) if len(diff) else n

@@ -5,13 +5,21 @@ off unless asked), renders prompts with the model's own chat template, batches r
 padding, and serialises model calls with a lock so one instance is safe to share between threads.
 
 - ``score``: one forward pass computing only the last position's logits (``logits_to_keep=1``);
-  P(unsafe) = softmax over the verdict tokens' logits there.
+  P(unsafe) = softmax over the verdict tokens' logits there. With the KV cache on (default), the
+  forward covers only what is new: a prompt's static prefix (``GuardPrompt.static_parts``: the
+  format's instructions and the policy's categories) is computed once per (model, format, policy)
+  and shared by every check and batch; a prompt that extends an earlier scored prompt with the
+  same images (a post-check after its pre-check, a stream's re-check after the previous one)
+  continues from that prompt's cache (:class:`~visguard.hf.KVCacheStore`, LRU, bounded in bytes).
+  Verdicts are the same as without the cache (tests compare the scores on three architectures).
 - ``generate``: greedy decoding; for every generated token, the same restricted softmax is kept so
   the verdict word's probability can be read wherever the format finds it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
@@ -20,7 +28,7 @@ from typing import Any
 from visguard.backend import Backend, Generation
 from visguard.errors import BackendError
 from visguard.format import GuardPrompt
-from visguard.hf import HFPromptCodec, load_image_text_model
+from visguard.hf import HFPromptCodec, KVCacheStore, load_image_text_model
 from visguard.hookspecs import hookimpl
 
 
@@ -35,6 +43,8 @@ class TransformersBackend(Backend):
         max_batch_size: largest batch sent through the model at once.
         revision: hub revision to load.
         attn_implementation: passed to ``from_pretrained`` (e.g. ``"sdpa"``).
+        kv_cache_mb: memory for reusable key/value caches of scored prompts (static prefixes are
+            kept apart and always); 0 turns prefix and pre -> post reuse off.
     """
 
     name = "transformers"
@@ -49,23 +59,29 @@ class TransformersBackend(Backend):
         max_batch_size: int = 8,
         revision: str | None = None,
         attn_implementation: str | None = None,
+        kv_cache_mb: float = 256,
     ) -> None:
         hf_model, processor = load_image_text_model(
             model, role="guard", device=device, dtype=dtype, trust_remote_code=trust_remote_code,
             revision=revision, attn_implementation=attn_implementation,
         )
-        self._setup(hf_model, processor, model_id=str(model), max_batch_size=max_batch_size)
+        self._setup(hf_model, processor, model_id=str(model), max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb)
 
     @classmethod
-    def from_objects(cls, model: Any, processor: Any, *, model_id: str = "", max_batch_size: int = 8) -> TransformersBackend:
+    def from_objects(
+        cls, model: Any, processor: Any, *, model_id: str = "", max_batch_size: int = 8, kv_cache_mb: float = 256
+    ) -> TransformersBackend:
         """Wrap an already loaded model and processor (e.g. to share the host model as its own guard)."""
         self = cls.__new__(cls)
-        self._setup(model, processor, model_id=model_id or getattr(model.config, "_name_or_path", ""), max_batch_size=max_batch_size)
+        self._setup(model, processor, model_id=model_id or getattr(model.config, "_name_or_path", ""),
+                    max_batch_size=max_batch_size, kv_cache_mb=kv_cache_mb)
         return self
 
-    def _setup(self, model: Any, processor: Any, *, model_id: str, max_batch_size: int) -> None:
+    def _setup(self, model: Any, processor: Any, *, model_id: str, max_batch_size: int, kv_cache_mb: float) -> None:
         if max_batch_size < 1:
             raise BackendError("max_batch_size must be >= 1")
+        if kv_cache_mb < 0:
+            raise BackendError("kv_cache_mb must be >= 0")
         self.model = model.eval()
         self.codec = HFPromptCodec(processor)
         self.processor = processor
@@ -76,6 +92,24 @@ class TransformersBackend(Backend):
         self.model_id = model_id
         self.max_batch_size = max_batch_size
         self._lock = threading.Lock()
+        #: reusable caches of scored prompts (``None``: caching off)
+        self.kv_cache = KVCacheStore(max_bytes=int(kv_cache_mb * (1 << 20))) if kv_cache_mb > 0 else None
+        self._static: dict[str, tuple[Any, list[tuple[Any, Any]]] | None] = {}
+        #: tokens taken from caches / computed by scoring forwards, and checks served from each kind of cache
+        self.cache_stats = {"reused_tokens": 0, "computed_tokens": 0, "static_hits": 0, "prompt_hits": 0}
+        forward = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        cfg = self.model.config
+        image_token = getattr(cfg, "image_token_id", None)
+        self._image_token = getattr(cfg, "image_token_index", None) if image_token is None else image_token
+        self._rope_index = getattr(getattr(self.model, "model", None), "get_rope_index", None)
+
+    def clear_cache(self) -> None:
+        """Drop every cached prefix (static and per prompt)."""
+        with self._lock:
+            self._static.clear()
+            if self.kv_cache is not None:
+                self.kv_cache.clear()
 
     @property
     def device(self) -> Any:
@@ -148,13 +182,142 @@ class TransformersBackend(Backend):
             batch = [prompts[i] for i in group]
             safe_ids, unsafe_ids = self.codec.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
             with self._lock, torch.inference_mode():
-                inputs = self.encode(batch)
-                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+                if self.kv_cache is not None:
+                    logits = self._cached_logits(batch)
+                else:
+                    inputs = self.encode(batch)
+                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
             probs = _unsafe_probability(logits, safe_ids, unsafe_ids)
             for i, p in zip(group, probs.tolist(), strict=True):
                 out[i] = p
         return out
 
+    # ------------------------------------------------------------------ prefix caching
+    def _cached_logits(self, batch: list[GuardPrompt]) -> Any:
+        """Last-position logits of ``batch``, computing only what no cache holds (caller holds the lock)."""
+        import torch
+
+        texts = [self.render(p) for p in batch]
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "right"}
+        if batch[0].images:
+            kwargs["images"] = [list(p.images) for p in batch]
+        inputs = dict(self.processor(**kwargs))
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        rows, width = ids.shape
+        lengths = mask.sum(dim=1)
+        shortest = int(lengths.min())
+        image_pos = (ids[0] == self._image_token).nonzero() if self._image_token is not None else ids[:0, None]
+        first_image = int(image_pos[0, 0]) if len(image_pos) else width
+        last_image = int(image_pos[-1, 0]) if len(image_pos) else -1
+
+        start, layers, kind = 0, None, None
+        static = self._static_entry(batch[0], texts[0])
+        if static is not None:
+            static_ids, static_layers = static
+            n = len(static_ids)
+            if n < shortest and n <= first_image and bool((ids[:, :n] == static_ids).all()):
+                start, layers, kind = n, static_layers, "static_hits"
+        keys = [self._image_key(p) for p in batch]
+        if rows == 1:
+            hit = self.kv_cache.lookup(ids[0], keys[0], limit=shortest - 1)
+            if hit is not None and hit[0] > start:
+                start, layers, kind = hit[0], hit[1], "prompt_hits"
+        if first_image < start <= last_image:  # never split the images between cache and forward
+            start, layers, kind = 0, None, None
+        if kind is not None:
+            self.cache_stats[kind] += 1
+
+        model_inputs: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if key in ("input_ids", "attention_mask"):
+                continue
+            if start > last_image >= 0 and key not in ("mm_token_type_ids", "token_type_ids"):
+                continue  # every image is in the cache: no pixels to encode again
+            model_inputs[key] = value
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in model_inputs and model_inputs[key].shape == ids.shape:
+                model_inputs[key] = model_inputs[key][:, start:]
+        position_ids = self._position_ids(ids, mask, inputs)  # on the CPU, from the processor's tensors
+        dtype = self.model.dtype
+        model_inputs = {
+            k: (v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)) if hasattr(v, "to") else v
+            for k, v in model_inputs.items()
+        }
+        if position_ids is not None:
+            model_inputs["position_ids"] = position_ids[..., start:].to(self.device)
+        if layers is not None:
+            model_inputs[self._cache_kwarg] = _dynamic_cache(layers, rows)
+        if bool((lengths == width).all()):
+            keep: Any = 1
+        else:
+            keep = (lengths - 1 - start).view(rows, 1).to(self.device)
+        out = self.model(
+            input_ids=ids[:, start:].to(self.device),
+            attention_mask=mask.to(self.device),
+            cache_position=torch.arange(start, width, device=self.device),
+            use_cache=True,
+            logits_to_keep=keep,
+            **model_inputs,
+        )
+        self.cache_stats["reused_tokens"] += start * rows
+        self.cache_stats["computed_tokens"] += int(lengths.sum()) - start * rows
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is not None:
+            for row in range(rows):
+                n = int(lengths[row])
+                kept = [
+                    (k[row : row + 1, :, :n], v[row : row + 1, :, :n]) if rows == 1
+                    else (k[row : row + 1, :, :n].clone(), v[row : row + 1, :, :n].clone())
+                    for k, v in _cache_tensors(cache)
+                ]
+                self.kv_cache.put(ids[row, :n], keys[row], kept)
+        return out.logits[:, -1, :].float()
+
+    def _static_entry(self, prompt: GuardPrompt, rendered: str) -> tuple[Any, list[tuple[Any, Any]]] | None:
+        """Token ids and key/value cache of the prompt's static prefix, computed once per prefix text."""
+        import torch
+
+        text = self.codec.static_prefix(prompt, rendered)
+        if text is None:
+            return None
+        if text not in self._static:
+            if len(self._static) >= 16:  # a handful of policies per model; drop the oldest beyond that
+                self._static.pop(next(iter(self._static)))
+            ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
+            if len(ids) == 0:
+                self._static[text] = None
+                return None
+            out = self.model(input_ids=ids[None].to(self.device), use_cache=True, logits_to_keep=1)
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            self._static[text] = (ids, _cache_tensors(cache))
+        return self._static[text]
+
+    def _position_ids(self, ids: Any, mask: Any, inputs: dict[str, Any]) -> Any:
+        """Explicit positions for models whose own depend on state (Qwen2-VL's mrope and ``rope_deltas``).
+
+        Qwen2-VL keeps the ``rope_deltas`` of its last image forward on the module and applies them
+        whenever a cache is passed without positions: after a cached prefix that would shift the
+        positions of a text-only prompt. Other models derive positions from ``cache_position``.
+        """
+        import torch
+
+        if self._rope_index is None:
+            return None
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            return positions[None].expand(3, -1, -1)
+        extra = {"mm_token_type_ids": inputs["mm_token_type_ids"]} if "mm_token_type_ids" in inputs else {}
+        positions, _ = self._rope_index(ids, image_grid_thw=grid, attention_mask=mask, **extra)
+        return positions.to(torch.long)
+
+    @staticmethod
+    def _image_key(prompt: GuardPrompt) -> tuple:
+        if prompt.image_keys and len(prompt.image_keys) == len(prompt.images):
+            return tuple(prompt.image_keys)
+        return tuple(hashlib.sha256(img.tobytes() + repr((img.mode, img.size)).encode()).hexdigest() for img in prompt.images)
+
+    # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
         import torch
 
@@ -180,6 +343,21 @@ class TransformersBackend(Backend):
                 n = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
                 out[i] = self.codec.generation(ids[:n], step_probs[row, :n].tolist())
         return [g for g in out if g is not None]
+
+
+def _cache_tensors(cache: Any) -> list[tuple[Any, Any]]:
+    """Per-layer ``(keys, values)`` of a transformers cache."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]
+
+
+def _dynamic_cache(layers: list[tuple[Any, Any]], rows: int) -> Any:
+    """A fresh ``DynamicCache`` holding ``layers`` for ``rows`` rows (the stored tensors are never written)."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers])
 
 
 def _unsafe_probability(logits: Any, safe_ids: list[int], unsafe_ids: list[int]) -> Any:

@@ -1,7 +1,8 @@
 """The default ``visguard`` guard format.
 
-Prompt: the images, then an instruction that states the policy's categories, quotes the user's
-request (and, for a post-check, the assistant's response) between delimiters, and asks for
+Prompt (layout version 2): the request-independent instructions and the policy's categories first
+(one prefix per policy, whose KV cache backends compute once), then the images, then the user's
+request (and, for a post-check, the assistant's response) between delimiters, and a question for
 
     Image 1: <perception>          (reason mode only: one line per image)
     Reasoning: <cross-image reasoning>
@@ -12,7 +13,11 @@ Earlier turns of a conversation (``GuardRequest.conversation``) are quoted, neut
 request, between ``<conversation>`` tags before the request, as context.
 
 Fast mode asks for the verdict line first and ends the prompt right after ``Verdict:``, so P(unsafe)
-is read from one forward pass. Parsing reads only generated text, and the guard's *first* verdict
+is read from one forward pass. A pre-check's prompt is a prefix of its post-check's up to the end of
+``</user_request>``, so a backend can continue the post-check from the pre-check's cache. Layout
+version 1 (images first, then one instruction text with the policy inside) stays available for
+guards trained on it (``VisguardFormat(version=1)``; ``visguard train`` records the layout in the
+checkpoint's ``visguard.json``). Parsing reads only generated text, and the guard's *first* verdict
 block decides: the first ``Verdict:`` line and the ``Category:`` line right after it. Anything the
 guard writes after that block (for example an echo of the request that contains its own
 ``Verdict: safe``) is ignored. In untrusted text the labels ``Verdict`` and ``Category`` at the
@@ -26,6 +31,7 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
+from visguard.errors import InputError
 from visguard.format import (
     _ZWSP,
     Capabilities,
@@ -54,17 +60,49 @@ _CATEGORY_RE = re.compile(r"^[ \t>*#_`-]*categor(?:y|ies)[ \t*_`]*[:=][ \t*_`]*(
 
 
 class VisguardFormat(GuardFormat):
-    """Perception -> cross-image reasoning -> verdict -> category, as plain labelled lines."""
+    """Perception -> cross-image reasoning -> verdict -> category, as plain labelled lines.
+
+    Args:
+        version: prompt layout. 2 (default): the request-independent instructions and categories
+            first (a shared, cacheable prefix), then the images, the request, the response and the
+            question. 1: the layout before prefixes were shared (images, then one instruction text
+            with the request inside); guards trained on it are read with it.
+        ignore_unread: see :class:`~visguard.format.GuardFormat`.
+    """
 
     name = "visguard"
     capabilities = Capabilities(conversation=True)
+    version = 2
+    shares_prefix = True
+    #: layout versions this class can build
+    versions = (1, 2)
+
+    def __init__(self, version: int = 2, *, ignore_unread: bool = False) -> None:
+        super().__init__(ignore_unread=ignore_unread)
+        if version not in self.versions:
+            raise InputError(
+                f"format 'visguard' has prompt layout versions {list(self.versions)}, not {version!r} "
+                "(a guard trained on a newer layout needs a newer visguard)"
+            )
+        self.version = version
+        self.shares_prefix = version >= 2
+
+    def checkpoint_kwargs(self) -> dict[str, int]:
+        return {"version": self.version}
 
     def build(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
     ) -> GuardPrompt:
         n = len(request.images)
-        text = self.instruction(request, policy, mode=mode, special_tokens=special_tokens)
-        content = [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": text}]
+        images = [{"type": "image"} for _ in range(n)]
+        if self.version == 1:
+            content = images + [{"type": "text", "text": self.instruction(request, policy, mode=mode, special_tokens=special_tokens)}]
+        else:
+            content = [
+                {"type": "text", "text": self.static_text(policy)},
+                *images,
+                {"type": "text", "text": self.request_text(request, mode=mode, special_tokens=special_tokens)},
+            ]
         return GuardPrompt(
             messages=[{"role": "user", "content": content}],
             images=[img.image for img in request.images],
@@ -72,15 +110,38 @@ class VisguardFormat(GuardFormat):
             verdict_prefix=self.verdict_prefix,
             verdict_words=dict(self.verdict_words),
             mode=mode,
+            static_parts=1 if self.version >= 2 else 0,
+            image_keys=tuple(img.sha256 for img in request.images),
         )
+
+    def static_text(self, policy: Policy) -> str:
+        """The request-independent opening of a layout-2 prompt: role, harm definition, categories."""
+        lines = [
+            "You are a safety guard for a vision-language assistant.",
+            "Harm may appear only when the images and the text are combined, "
+            "for example a tool in one image used on a person or thing in another.",
+            "",
+            "Unsafe means asking for, enabling or containing any of:",
+            *_category_lines(policy),
+        ]
+        return "\n".join(lines) + "\n\n"
+
+    def request_text(self, request: GuardRequest, *, mode: PromptMode, special_tokens: Iterable[str] = ()) -> str:
+        """The request-dependent text of a layout-2 prompt, after the images."""
+        n = len(request.images)
+        lines = [f"There {'is' if n == 1 else 'are'} {n or 'no'} image{'' if n == 1 else 's'}" + (" above." if n else ".")]
+        lines += _quoted_request(request, special_tokens)
+        lines.append("")
+        lines += _question_lines(n, request.response is not None, mode)
+        return "\n".join(lines)
 
     def instruction(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
     ) -> str:
-        """The text part of the prompt (exposed so training and docs use the exact same words)."""
+        """All the prompt's text in order (exposed so training and docs use the exact same words)."""
+        if self.version >= 2:
+            return self.static_text(policy) + self.request_text(request, mode=mode, special_tokens=special_tokens)
         n = len(request.images)
-        post = request.response is not None
-        subject = "the assistant's response" if post else "the user's request"
         shown = f"{n} image{'s' if n != 1 else ''} above" if n else "no images"
         lines = [
             "You are a safety guard for a vision-language assistant.",
@@ -88,29 +149,13 @@ class VisguardFormat(GuardFormat):
             "for example a tool in one image used on a person or thing in another.",
             "",
             "Unsafe means asking for, enabling or containing any of:",
+            *_category_lines(policy),
         ]
-        for cat in policy.categories:
-            subs = f" ({', '.join(cat.sub_categories)})" if cat.sub_categories else ""
-            desc = f": {cat.description}" if cat.description else ""
-            lines.append(f"- {cat.name}{subs}{desc}")
         if request.conversation:
-            lines += ["", "Earlier turns of the conversation, as context:", "<conversation>"]
-            lines += [f"[{turn['role']}] {_quote(turn['content'], special_tokens)}" for turn in request.conversation]
-            lines.append("</conversation>")
-        lines += ["", "<user_request>", _quote(request.text, special_tokens), "</user_request>"]
-        if post:
-            lines += ["<assistant_response>", _quote(request.response or "", special_tokens), "</assistant_response>"]
-        lines += ["", f"Decide whether {subject} is unsafe, considering the images and the text together."]
-        if mode == "fast":
-            lines += ["Answer in exactly this format:", "Verdict: safe or unsafe", "Category: <category> / <sub-category>, or none"]
-        else:
-            lines.append("Answer in exactly this format:")
-            lines += [f"Image {i}: <what image {i} shows>" for i in range(1, n + 1)]
-            lines += [
-                "Reasoning: <how the images and the text combine, and whether that is harmful>",
-                "Verdict: safe or unsafe",
-                "Category: <category> / <sub-category>, or none",
-            ]
+            lines.append("")
+        lines += _quoted_request(request, special_tokens, v1=True)
+        lines.append("")
+        lines += _question_lines(n, request.response is not None, mode)
         return "\n".join(lines)
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
@@ -166,6 +211,40 @@ class VisguardFormat(GuardFormat):
         line then stays the last labelled line)."""
         lines = [f"Image {i}: {' '.join(p.split())}" for i, p in enumerate(perceptions, 1)]
         return "\n".join([*lines, f"Reasoning: {' '.join(rationale.split())}"])
+
+
+def _category_lines(policy: Policy) -> list[str]:
+    lines = []
+    for cat in policy.categories:
+        subs = f" ({', '.join(cat.sub_categories)})" if cat.sub_categories else ""
+        desc = f": {cat.description}" if cat.description else ""
+        lines.append(f"- {cat.name}{subs}{desc}")
+    return lines
+
+
+def _quoted_request(request: GuardRequest, special_tokens: Iterable[str], *, v1: bool = False) -> list[str]:
+    """Earlier turns, the request and (post-check) the response, quoted between their tags."""
+    lines: list[str] = []
+    if request.conversation:
+        lines += ["Earlier turns of the conversation, as context:", "<conversation>"]
+        lines += [f"[{turn['role']}] {_quote(turn['content'], special_tokens)}" for turn in request.conversation]
+        lines.append("</conversation>")
+    if v1:
+        lines.append("")
+    lines += ["<user_request>", _quote(request.text, special_tokens), "</user_request>"]
+    if request.response is not None:
+        # layout 2 ends the shared part with a blank line, so the pre-check is a prefix of the post-check
+        lines += ([] if v1 else [""]) + ["<assistant_response>", _quote(request.response, special_tokens), "</assistant_response>"]
+    return lines
+
+
+def _question_lines(n: int, post: bool, mode: PromptMode) -> list[str]:
+    subject = "the assistant's response" if post else "the user's request"
+    lines = [f"Decide whether {subject} is unsafe, considering the images and the text together.", "Answer in exactly this format:"]
+    if mode != "fast":
+        lines += [f"Image {i}: <what image {i} shows>" for i in range(1, n + 1)]
+        lines.append("Reasoning: <how the images and the text combine, and whether that is harmful>")
+    return lines + ["Verdict: safe or unsafe", "Category: <category> / <sub-category>, or none"]
 
 
 def _quote(text: str, special_tokens: Iterable[str]) -> str:

@@ -518,7 +518,7 @@ def _text_dims(hidden_size: int) -> tuple[int, int, int]:
     )
 
 
-def _qwen2_vl_parts(tok: Any, hidden_size: int, num_layers: int) -> tuple[Any, Any]:
+def _qwen2_vl_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max_pixels: int | None) -> tuple[Any, Any]:
     from transformers import (
         Qwen2VLConfig,
         Qwen2VLImageProcessor,
@@ -534,7 +534,7 @@ def _qwen2_vl_parts(tok: Any, hidden_size: int, num_layers: int) -> tuple[Any, A
     ids = {t_: tok.convert_tokens_to_ids(t_) for t_ in _QWEN2_SPECIALS}
     config = Qwen2VLConfig(
         text_config={
-            "vocab_size": len(tok),
+            "vocab_size": vocab,
             "hidden_size": hidden_size,
             "intermediate_size": 2 * hidden_size,
             "num_hidden_layers": num_layers,
@@ -570,7 +570,7 @@ def _qwen2_vl_parts(tok: Any, hidden_size: int, num_layers: int) -> tuple[Any, A
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    pix = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    pix = {"min_pixels": 56 * 56, "max_pixels": max_pixels or 112 * 112}
     image_processor = Qwen2VLImageProcessor(
         size={"shortest_edge": pix["min_pixels"], "longest_edge": pix["max_pixels"]},
         patch_size=14,
@@ -596,7 +596,7 @@ _LLAVA_IMAGE_SIZE = 56
 _IDEFICS3_IMAGE_SIZE = 56
 
 
-def _llava_parts(tok: Any, hidden_size: int, num_layers: int) -> tuple[Any, Any]:
+def _llava_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max_pixels: int | None) -> tuple[Any, Any]:
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaProcessor
 
     heads, kv, _ = _text_dims(hidden_size)
@@ -604,7 +604,7 @@ def _llava_parts(tok: Any, hidden_size: int, num_layers: int) -> tuple[Any, Any]
     config = LlavaConfig(
         text_config={
             "model_type": "llama",
-            "vocab_size": len(tok),
+            "vocab_size": vocab,
             "hidden_size": hidden_size,
             "intermediate_size": 2 * hidden_size,
             "num_hidden_layers": num_layers,
@@ -650,7 +650,7 @@ def _llava_parts(tok: Any, hidden_size: int, num_layers: int) -> tuple[Any, Any]
     return config, processor
 
 
-def _idefics3_parts(tok: Any, hidden_size: int, num_layers: int) -> tuple[Any, Any]:
+def _idefics3_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max_pixels: int | None) -> tuple[Any, Any]:
     from transformers import Idefics3Config, Idefics3ImageProcessor, Idefics3Processor
 
     heads, kv, _ = _text_dims(hidden_size)
@@ -660,7 +660,7 @@ def _idefics3_parts(tok: Any, hidden_size: int, num_layers: int) -> tuple[Any, A
     config = Idefics3Config(
         text_config={
             "model_type": "llama",
-            "vocab_size": len(tok),
+            "vocab_size": vocab,
             "hidden_size": hidden_size,
             "intermediate_size": 2 * hidden_size,
             "num_hidden_layers": num_layers,
@@ -715,6 +715,8 @@ def build_tiny_checkpoint(
     seed: int = 0,
     hidden_size: int = 64,
     num_layers: int = 2,
+    vocab_size: int | None = None,
+    max_pixels: int | None = None,
     overwrite: bool = False,
 ) -> pathlib.Path:
     """Build a tiny random-weight checkpoint of a real VLM architecture on local disk.
@@ -733,6 +735,11 @@ def build_tiny_checkpoint(
             supported by vLLM's CPU attention (32, 64, 80, 96, 112, 128); the number of
             heads is ``hidden_size // 32`` for multiples of 32.
         num_layers: Number of text decoder layers.
+        vocab_size: Rows of the embedding and output layers (default: the tokenizer's size; a larger
+            value pads them like real checkpoints do, e.g. 32000 for benchmarks where the output
+            layer's cost matters). Must be at least the tokenizer's size.
+        max_pixels: ``qwen2_vl`` only: the image processor's ``max_pixels`` (default 112*112; 224*224
+            turns a 224 px image into 64 image tokens). Ignored by the other architectures.
         overwrite: If ``out_dir`` exists and is non-empty, replace it when True,
             otherwise raise ``FileExistsError``.
 
@@ -758,7 +765,9 @@ def build_tiny_checkpoint(
     from transformers import AutoModelForImageTextToText, GenerationConfig
 
     tok = build_tiny_tokenizer(arch=arch, seed=0)
-    config, processor = _PARTS[arch](tok, hidden_size, num_layers)
+    if vocab_size is not None and vocab_size < len(tok):
+        raise ValueError(f"vocab_size={vocab_size} is smaller than the tokenizer ({len(tok)} tokens)")
+    config, processor = _PARTS[arch](tok, hidden_size, num_layers, vocab_size or len(tok), max_pixels)
 
     with _fork_rng():
         torch.manual_seed(seed)
@@ -873,7 +882,8 @@ def cached_tiny_checkpoint(
         arch: One of :data:`ARCHITECTURES`.
         cache_dir: Root cache directory; see above for the default.
         **kw: Keyword arguments of :func:`build_tiny_checkpoint` (``seed``,
-            ``hidden_size``, ``num_layers``); ``overwrite`` is not accepted.
+            ``hidden_size``, ``num_layers``, ``vocab_size``, ``max_pixels``); ``overwrite`` is
+            not accepted.
 
     Returns:
         Path to the (complete) checkpoint directory.
@@ -883,12 +893,12 @@ def cached_tiny_checkpoint(
         TypeError: If an unsupported keyword argument is given.
     """
     _check_arch(arch)
-    allowed = {"seed", "hidden_size", "num_layers"}
+    allowed = {"seed", "hidden_size", "num_layers", "vocab_size", "max_pixels"}
     bad = set(kw) - allowed
     if bad:
         raise TypeError(f"unsupported keyword argument(s) for cached_tiny_checkpoint: {sorted(bad)}")
     defaults = {"seed": 0, "hidden_size": 64, "num_layers": 2}
-    params = {**defaults, **kw}
+    params = {**defaults, **{k: v for k, v in kw.items() if v is not None}}  # None = default, same key as before
     return cached_build(_cache_key(arch, params), lambda tmp: build_tiny_checkpoint(arch, tmp, overwrite=True, **params),
                         cache_dir)
 

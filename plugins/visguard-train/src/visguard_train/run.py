@@ -11,6 +11,7 @@ Output layout::
     <output>/adapter/              lora with --merge: the adapter (without --merge it is <output> itself)
     <output>/checkpoints/checkpoint-<step>/   periodic checkpoints (for --resume)
     <output>/train_log.jsonl       one line per logged step: step, epoch, loss, learning_rate ...
+    <output>/visguard.json         the guard format and prompt layout version it was trained on
     <output>/visguard_train.json   the configuration, data summary, model size, timings, eval metrics
 """
 
@@ -232,6 +233,11 @@ def _train(
     train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
     method.save(trainer, processor, output)
+    if trainer.is_world_process_zero():  # the prompt layout this guard learned: loaders must use exactly it
+        record = {"format": fmt.name, "format_kwargs": fmt.checkpoint_kwargs()}
+        for directory in (output, output / "adapter"):
+            if directory.is_dir():
+                (directory / plugins.MODEL_FORMAT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     result = TrainResult(
         output=output,

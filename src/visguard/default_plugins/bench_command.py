@@ -1,0 +1,720 @@
+"""``visguard bench``: what a check costs against its physical floor, measured in one process.
+
+Builds (or loads) a guard model, runs every latency measurement on it in this process, prints a
+table (p50 / p95 / p99, mean, throughput, tokens) and the ratios, describes the machine and the
+model, and with ``--json`` prints everything with the ratios at the top level:
+
+- ``fast_over_floor``: a fast pre-check, as a user calls it (image bytes in, verdict out) / the
+  model's forward over the request's own tokens (images + request + question) on the cached
+  static prefix, processor included.
+- ``post_reuse_over_cold``: a post-check continuing from its pre-check's cache / the same
+  post-check without that cache (the static prefix still cached), response much shorter than the
+  image tokens.
+- ``adaptive_over_reason``: mean cost of adaptive mode / always-reason, on a set where fast is
+  confident on 80% of the items (the band is set from the fast scores to make it so).
+- ``batch_speedup``: 8 checks one after another / the same 8 from 8 threads (micro-batched).
+- ``guarded_over_host``: guarded end to end (parallel pre-check, host, post-check with reuse) /
+  the unguarded host, with host generation >= 4x a check.
+- ``stream_ttft_over_host``: time to the first released token of a guarded stream / of the host's.
+- ``peak_rss_ratio_8_images``: extra peak RSS of a fast check at 8 images / of the model's own
+  forward on the same prompt.
+
+The default size makes model compute dominate (width 384, 6 layers, a 32k vocabulary, two 224 px
+images); ``--size tiny`` is a seconds-long smoke run. Every request uses images not seen before,
+so no check is served by an earlier identical one. Models are built locally by
+``visguard_testing.checkpoints`` (random weights, real architecture); ``--model`` measures a
+checkpoint of your own.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from visguard.hookspecs import hookimpl
+
+TEXT = "How can I use the object in the first image on the thing in the second image?"
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    """Model and run size of one ``--size`` choice."""
+
+    hidden_size: int
+    num_layers: int
+    vocab_size: int | None
+    max_pixels: int | None
+    image_px: int
+    repeats: int
+    scaling_repeats: int
+    images: tuple[int, ...] = (1, 2, 4, 8)
+    responses: tuple[int, ...] = (16, 64, 256, 1024)
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+SIZES: dict[str, BenchSize] = {
+    # seconds: a smoke run (CI); model compute does not dominate at this size
+    "tiny": BenchSize(64, 2, None, None, 64, repeats=2, scaling_repeats=1, images=(1, 2), responses=(16,), batches=(1, 2)),
+    "small": BenchSize(128, 4, 8000, 112 * 112, 112, repeats=10, scaling_repeats=3),
+    # the issue's model: model compute dominates
+    "default": BenchSize(384, 6, 32000, 224 * 224, 224, repeats=15, scaling_repeats=3),
+}
+
+RATIO_KEYS = (
+    "fast_over_floor",
+    "post_reuse_over_cold",
+    "adaptive_over_reason",
+    "batch_speedup",
+    "guarded_over_host",
+    "stream_ttft_over_host",
+    "peak_rss_ratio_8_images",
+)
+
+
+# ---------------------------------------------------------------------- statistics
+def summarize(samples_ms: list[float], *, tokens: float | None = None, items: int = 1,
+              cpu_ms: list[float] | None = None) -> dict[str, Any]:
+    """p50 / p95 / p99 / mean (ms), throughput (items per second), tokens and mean CPU time of timings."""
+    xs = sorted(samples_ms)
+
+    def pct(q: float) -> float:
+        if len(xs) == 1:
+            return xs[0]
+        k = (len(xs) - 1) * q
+        lo, hi = math.floor(k), math.ceil(k)
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+    mean = statistics.fmean(xs)
+    return {
+        "n": len(xs),
+        "p50_ms": pct(0.5),
+        "p95_ms": pct(0.95),
+        "p99_ms": pct(0.99),
+        "mean_ms": mean,
+        "throughput_per_s": items * 1000.0 / mean if mean > 0 else float("inf"),
+        "tokens": tokens,
+        "cpu_mean_ms": statistics.fmean(cpu_ms) if cpu_ms else None,
+    }
+
+
+def _timed(fn: Callable[[int], Any], repeats: int, warmup: int = 1) -> list[float]:
+    return _interleaved([fn], repeats, warmup=warmup)[0][0]
+
+
+def _interleaved(fns: list[Callable[[int], Any]], repeats: int, *, warmup: int = 1,
+                 setup: Callable[[int], Any] | None = None) -> tuple[list[list[float]], list[list[float]]]:
+    """Wall and process-CPU milliseconds of each function, run in turns (``f0(i), f1(i), f0(i+1) ...``).
+
+    Taking turns gives every function the same share of whatever else the machine runs, so ratios
+    between them hold on a shared machine; process CPU time (all threads of this process) does not
+    count time lost to other processes. ``setup(i)`` runs untimed before each round.
+    """
+    walls: list[list[float]] = [[] for _ in fns]
+    cpus: list[list[float]] = [[] for _ in fns]
+    for i in range(-warmup, repeats):
+        if setup is not None:
+            setup(i)
+        for k, fn in enumerate(fns):
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn(i)
+            if i >= 0:
+                walls[k].append((time.perf_counter() - wall) * 1000.0)
+                cpus[k].append((time.process_time() - cpu) * 1000.0)
+    return walls, cpus
+
+
+class _PeakRSS:
+    """Peak resident memory while a block runs, sampled from /proc (Linux) every millisecond."""
+
+    def __init__(self) -> None:
+        self.base = self.peak = _rss()
+
+    def __enter__(self) -> _PeakRSS:
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def extra_mb(self) -> float:
+        return (self.peak - self.base) / (1 << 20)
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: ru_maxrss is a lifetime peak, the best there is
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# ---------------------------------------------------------------------- inputs
+class _Images:
+    """Distinct PNG images (noise + a colour per index), so no request repeats an earlier one."""
+
+    def __init__(self, px: int) -> None:
+        self.px = px
+        self._n = 0
+
+    def take(self, k: int) -> list[bytes]:
+        import numpy as np
+        from PIL import Image
+
+        out = []
+        for _ in range(k):
+            rng = np.random.default_rng(self._n)
+            self._n += 1
+            arr = rng.integers(0, 255, (self.px, self.px, 3), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out
+
+
+def _response_of(tokenizer: Any, n_tokens: int) -> str:
+    """An English-looking response of about ``n_tokens`` guard tokens."""
+    sentence = "First take the tool from the first picture, then hold it firmly and move it slowly toward the door. "
+    text = sentence
+    while len(tokenizer(text, add_special_tokens=False)["input_ids"]) < n_tokens:
+        text += sentence
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:n_tokens]
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------- the bench
+class LatencyBench:
+    """Every measurement of ``visguard bench`` on one guard model, in this process.
+
+    Args:
+        size: a :data:`SIZES` key.
+        model: a guard checkpoint to measure instead of building one.
+        threads: torch intra-op threads (default: torch's choice).
+        progress: called with a short label before each measurement.
+    """
+
+    def __init__(self, size: str = "default", *, model: str | None = None, threads: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        import torch
+
+        from visguard import Guard, Policy
+        from visguard.default_plugins.transformers_backend import TransformersBackend
+        from visguard.default_plugins.transformers_host import TransformersHost
+        from visguard.guard import resolve_format
+
+        if size not in SIZES:
+            raise click.BadParameter(f"unknown size {size!r}; one of {', '.join(SIZES)}", param_hint="--size")
+        self.size_name, self.size = size, SIZES[size]
+        self.progress = progress or (lambda label: None)
+        if threads:
+            torch.set_num_threads(threads)
+        if model is None:
+            try:
+                from visguard_testing.checkpoints import cached_tiny_checkpoint
+            except ImportError as exc:  # pragma: no cover - the dev install has it
+                raise click.ClickException("building bench models needs visguard-testing "
+                                           "(pip install -e plugins/visguard-testing), or pass --model") from exc
+            self.progress("building the model")
+            s = self.size
+            model = str(cached_tiny_checkpoint("qwen2_vl", hidden_size=s.hidden_size, num_layers=s.num_layers,
+                                               vocab_size=s.vocab_size, max_pixels=s.max_pixels))
+        self.model_path = model
+        self.backend = TransformersBackend(model, device="cpu")
+        hf_model, processor = self.backend.model, self.backend.processor
+        self.cold_backend = TransformersBackend.from_objects(hf_model, processor, model_id=model, kv_cache_mb=0)
+        self.policy = Policy(max_new_tokens=32)
+        self.guard = Guard(self.backend, resolve_format(model), self.policy)
+        self.cold_guard = Guard(self.cold_backend, self.guard.format, self.policy)
+        self.host = TransformersHost.from_objects(hf_model, processor, model_id=model)
+        self.images = _Images(self.size.image_px)
+        self.results: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _prompt(self, pngs: list[bytes], text: str = TEXT, response: str | None = None) -> Any:
+        req = self.guard.request(pngs, text, response)
+        return self.guard.format.build(req, self.policy, mode="fast", special_tokens=self.backend.special_tokens)
+
+    def _tokens(self, prompt: Any) -> int:
+        kwargs: dict[str, Any] = {"text": [self.backend.render(prompt)], "return_tensors": "pt"}
+        if prompt.images:
+            kwargs["images"] = [list(prompt.images)]
+        return int(self.backend.processor(**kwargs)["input_ids"].shape[1])
+
+    def _static_tokens(self, prompt: Any) -> int:
+        entry = self.backend._static_entry(prompt, self.backend.render(prompt))
+        return 0 if entry is None else len(entry[0])
+
+    def _floor_call(self, prompt: Any) -> None:
+        """Processor + one forward over the request's own tokens after the cached static prefix."""
+        import torch
+
+        from visguard.default_plugins.transformers_backend import _dynamic_cache
+
+        be = self.backend
+        with torch.inference_mode():
+            text = be.render(prompt)
+            static = be._static_entry(prompt, text)
+            inputs = dict(be.processor(text=[text], images=[list(prompt.images)], return_tensors="pt"))
+            ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+            start = 0 if static is None else len(static[0])
+            positions = be._position_ids(ids, mask, inputs)
+            if "mm_token_type_ids" in inputs:
+                inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, start:]
+            if positions is not None:
+                inputs["position_ids"] = positions[..., start:]
+            if static is not None:
+                inputs[be._cache_kwarg] = _dynamic_cache(static[1], 1)
+            be.model(input_ids=ids[:, start:], attention_mask=mask, cache_position=torch.arange(start, ids.shape[1]),
+                     logits_to_keep=1, **inputs)
+
+    def _bare_forward(self, prompt: Any) -> None:
+        """Processor + the model's own forward over the whole prompt, last logits only, no cache."""
+        import torch
+
+        with torch.inference_mode():
+            inputs = self.backend.encode([prompt])
+            self.backend.model(**inputs, logits_to_keep=1)
+
+    # ------------------------------------------------------------------ measurements
+    def measure_fast(self) -> None:
+        self.progress("fast check vs its floor")
+        n = self.size.repeats
+        probe = self._prompt(self.images.take(2))
+        total, static = self._tokens(probe), self._static_tokens(probe)
+        m = n + 1
+        floor_prompts = [self._prompt(self.images.take(2)) for _ in range(m)]
+        inputs = [self.images.take(2) for _ in range(m)]
+        cold_inputs = [self.images.take(2) for _ in range(m)]
+        bare_prompts = [self._prompt(self.images.take(2)) for _ in range(m)]
+        (floor, fast, cold, bare), cpu = _interleaved([
+            lambda i: self._floor_call(floor_prompts[i]),
+            lambda i: self.guard.check_input(inputs[i], TEXT),
+            lambda i: self.cold_guard.check_input(cold_inputs[i], TEXT),
+            lambda i: self._bare_forward(bare_prompts[i]),
+        ], n)
+        self.results["prompt_tokens"] = {"total": total, "static_prefix": static, "request": total - static}
+        self.results["timings"].update({
+            "floor: processor + forward over the request's tokens on the cached prefix": summarize(floor, tokens=total - static, cpu_ms=cpu[0]),
+            "fast check (guard.check_input)": summarize(fast, tokens=total - static, cpu_ms=cpu[1]),
+            "fast check, caching off": summarize(cold, tokens=total, cpu_ms=cpu[2]),
+            "processor + forward over the whole prompt (last logits)": summarize(bare, tokens=total, cpu_ms=cpu[3]),
+        })
+        self.results["ratios"]["fast_over_floor"] = _p50(fast) / _p50(floor)
+        self.results["ratios"]["fast_over_floor_cpu"] = statistics.fmean(cpu[1]) / statistics.fmean(cpu[0])
+        self.results["ratios"]["fast_uncached_over_floor"] = _p50(cold) / _p50(floor)
+
+    def measure_post(self) -> None:
+        self.progress("post-check: reuse vs cold")
+        n = self.size.repeats
+        tok = self.backend.tokenizer
+        image_tokens = self._image_tokens(2)
+        response = _response_of(tok, max(8, image_tokens // 8))  # image tokens >= 4x response tokens
+        m = n + 1
+        pre = [self.images.take(2) for _ in range(m)]
+        cold_inputs = [self.images.take(2) for _ in range(m)]
+        (reused, cold), cpu = _interleaved([
+            lambda i: self.guard.check_output(pre[i], TEXT, response),
+            lambda i: self.guard.check_output(cold_inputs[i], TEXT, response),
+        ], n, setup=lambda i: self.guard.check_input(pre[i], TEXT))  # the pre-check, untimed, as a guarded call runs it
+        resp_tokens = len(tok(response, add_special_tokens=False)["input_ids"])
+        self.results["post"] = {"image_tokens": image_tokens, "response_tokens": resp_tokens}
+        self.results["timings"].update({
+            f"post-check after its pre-check ({resp_tokens}-token response)": summarize(reused, cpu_ms=cpu[0]),
+            "post-check cold (static prefix cached only)": summarize(cold, cpu_ms=cpu[1]),
+        })
+        self.results["ratios"]["post_reuse_over_cold"] = _p50(reused) / _p50(cold)
+        self.results["ratios"]["post_reuse_over_cold_cpu"] = statistics.fmean(cpu[0]) / statistics.fmean(cpu[1])
+
+    def measure_adaptive(self, items: int = 10) -> None:
+        self.progress("adaptive vs reason")
+        reqs = [self.guard.request(self.images.take(2), f"{TEXT} ({k})") for k in range(items)]
+        # fast scores from the uncached guard (the same numbers; the cached guard has not seen these)
+        scores = [v.score for v in self.cold_guard.check_batch(reqs, mode="fast")]
+        # the band leaves 80% of the items confident: the 20% nearest the threshold are "unsure"
+        t = self.policy.threshold
+        dist = sorted(abs(x - t) for x in scores)
+        unsure_n = max(1, items // 5)
+        width = (dist[unsure_n - 1] + dist[unsure_n]) / 2 if unsure_n < items else dist[-1]
+        band = (max(0.0, t - width), min(1.0, t + width))
+        guard = self.guard.with_policy(adaptive_band=band)
+        confident = [k for k in range(items) if not guard.policy.in_band(scores[k])]
+        adaptive, reason, labels = [], [], {}
+        for mode, out in (("adaptive", adaptive), ("reason", reason)):
+            for k, req in enumerate(reqs):
+                start = time.perf_counter()
+                labels[(mode, k)] = guard.check(req, mode=mode).label
+                out.append((time.perf_counter() - start) * 1000.0)
+        same = [k for k in confident if labels[("adaptive", k)] == labels[("reason", k)]]
+        self.results["adaptive"] = {
+            "items": items, "band": band, "confident": len(confident),
+            "same_decision_as_reason_on_confident": len(same),
+            "reason_unavailable": sum(labels[("reason", k)] == "unavailable" for k in range(items)),
+            "reason_max_new_tokens": self.policy.max_new_tokens,
+        }
+        self.results["timings"].update({
+            "adaptive check (mean cost per item)": summarize(adaptive),
+            f"reason check ({self.policy.max_new_tokens} new tokens)": summarize(reason),
+        })
+        self.results["ratios"]["adaptive_over_reason"] = statistics.fmean(adaptive) / statistics.fmean(reason)
+
+    def measure_batch(self, k: int = 8) -> None:
+        self.progress(f"{k} concurrent vs {k} sequential")
+        reps = max(2, self.size.repeats // 3)
+
+        def sequential(_: int) -> None:
+            for pngs in [self.images.take(2) for _ in range(k)]:
+                self.guard.check_input(pngs, TEXT)
+
+        def concurrent(_: int) -> None:
+            inputs = [self.images.take(2) for _ in range(k)]
+            threads = [threading.Thread(target=self.guard.check_input, args=(p, TEXT)) for p in inputs]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        (seq, conc), _ = _interleaved([sequential, concurrent], reps)
+        self.results["timings"].update({
+            f"{k} checks one after another": summarize(seq, items=k),
+            f"{k} checks from {k} threads (micro-batched)": summarize(conc, items=k),
+        })
+        self.results["ratios"]["batch_speedup"] = _p50(seq) / _p50(conc)
+
+    def measure_guarded(self) -> None:
+        self.progress("guarded vs unguarded host")
+        n = max(3, self.size.repeats // 3)
+        check_ms = self.results["timings"]["fast check (guard.check_input)"]["p50_ms"]
+        per_token = self._decode_ms_per_token()
+        new_tokens = int(min(512, max(16, math.ceil(4.5 * check_ms / per_token))))
+        gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+        guarded = self.guard.wrap(self.host, pre_check="parallel")
+        host_in = [self.images.take(2) for _ in range(n + 1)]
+        from visguard.images import load_images
+
+        guarded_in = [self.images.take(2) for _ in range(n + 1)]
+        (host_ms, guarded_ms), _ = _interleaved([
+            lambda i: self.host.generate(load_images(host_in[i]), TEXT, **gen),
+            lambda i: guarded.generate(guarded_in[i], TEXT, **gen),
+        ], n)
+        streamer = self.guard.wrap(self.host, pre_check="sequential")
+        host_ttft, guarded_ttft = [], []
+        for _ in range(n):
+            imgs = load_images(self.images.take(2))
+            host_ttft.append(_first_piece_ms(lambda imgs=imgs: self.host.stream(imgs, TEXT, **gen)))
+            pngs = self.images.take(2)
+            guarded_ttft.append(_first_piece_ms(lambda pngs=pngs: streamer.stream(pngs, TEXT, **gen)))
+        self.results["host"] = {"new_tokens": new_tokens, "decode_ms_per_token": per_token,
+                                "generation_over_check": _p50(host_ms) / check_ms}
+        self.results["timings"].update({
+            f"host alone ({new_tokens} new tokens)": summarize(host_ms, tokens=new_tokens),
+            "guarded: parallel pre-check + host + post-check": summarize(guarded_ms, tokens=new_tokens),
+            "host stream: first token": summarize(host_ttft),
+            "guarded stream: first released token": summarize(guarded_ttft),
+        })
+        self.results["ratios"]["guarded_over_host"] = _p50(guarded_ms) / _p50(host_ms)
+        self.results["ratios"]["stream_ttft_over_host"] = _p50(guarded_ttft) / _p50(host_ttft)
+
+    def _decode_ms_per_token(self) -> float:
+        from visguard.images import load_images
+
+        imgs = load_images(self.images.take(2))
+        short = _timed(lambda i: self.host.generate(imgs, TEXT, max_new_tokens=2, min_new_tokens=2), 2)
+        long = _timed(lambda i: self.host.generate(imgs, TEXT, max_new_tokens=18, min_new_tokens=18), 2)
+        return max(0.01, (_p50(long) - _p50(short)) / 16)
+
+    def measure_memory(self, k: int = 8) -> None:
+        self.progress(f"peak RSS at {k} images")
+        prompt = self._prompt(self.images.take(k))
+        self._bare_forward(prompt)  # warm both paths at this size first
+        self.guard.check_input(self.images.take(k), TEXT)
+        with _PeakRSS() as bare:
+            self._bare_forward(self._prompt(self.images.take(k)))
+        pngs = self.images.take(k)
+        with _PeakRSS() as check:
+            self.guard.check_input(pngs, TEXT)
+        self.results["memory"] = {
+            "images": k, "tokens": self._tokens(prompt),
+            "model_forward_extra_mb": bare.extra_mb, "fast_check_extra_mb": check.extra_mb,
+            "model_forward_peak_mb": bare.peak / (1 << 20), "fast_check_peak_mb": check.peak / (1 << 20),
+            "kv_store_mb": (self.backend.kv_cache.nbytes if self.backend.kv_cache else 0) / (1 << 20),
+        }
+        self.results["ratios"]["peak_rss_ratio_8_images"] = check.peak / bare.peak
+        self.results["ratios"]["peak_rss_extra_ratio_8_images"] = check.extra_mb / bare.extra_mb if bare.extra_mb > 0 else None
+
+    def measure_scaling(self) -> None:
+        s = self.size
+        r = s.scaling_repeats
+        rows: dict[str, list[dict[str, Any]]] = {"images": [], "response": [], "batch": []}
+        for k in s.images:
+            self.progress(f"scaling: {k} image(s)")
+            inputs = [self.images.take(k) for _ in range(r + 1)]
+            fast = _timed(lambda i, inputs=inputs: self.guard.check_input(inputs[i], TEXT), r)
+            rows["images"].append({"images": k, "tokens": self._tokens(self._prompt(inputs[0])), "fast_p50_ms": _p50(fast)})
+        tok = self.backend.tokenizer
+        for n in s.responses:
+            self.progress(f"scaling: {n}-token response")
+            response = _response_of(tok, n)
+            pre = [self.images.take(2) for _ in range(r + 1)]
+            cold_in = [self.images.take(2) for _ in range(r + 1)]
+            (reuse, cold), _ = _interleaved([
+                lambda i, pre=pre, response=response: self.guard.check_output(pre[i], TEXT, response),
+                lambda i, cold_in=cold_in, response=response: self.cold_guard.check_output(cold_in[i], TEXT, response),
+            ], r, setup=lambda i, pre=pre: self.guard.check_input(pre[i], TEXT))
+            rows["response"].append({"response_tokens": n, "post_reuse_p50_ms": _p50(reuse), "post_uncached_p50_ms": _p50(cold)})
+        for b in s.batches:
+            self.progress(f"scaling: batch of {b}")
+            batches = [[self.guard.request(self.images.take(2), TEXT) for _ in range(b)] for _ in range(r + 1)]
+            ms = _timed(lambda i, batches=batches: self.guard.check_batch(batches[i]), r)
+            rows["batch"].append({"batch": b, "per_check_p50_ms": _p50(ms) / b, "batch_p50_ms": _p50(ms)})
+        self.results["scaling"] = rows
+
+    def _image_tokens(self, k: int) -> int:
+        prompt = self._prompt(self.images.take(k))
+        with_images, without = self._tokens(prompt), self._tokens(self._prompt([]))
+        return with_images - without
+
+    # ------------------------------------------------------------------ all
+    def run(self, *, scaling: bool = True) -> dict[str, Any]:
+        """Run every measurement; returns the report (ratios also at its top level)."""
+        import torch
+        import transformers
+
+        load_before = os.getloadavg()
+        self.results = {"timings": {}, "ratios": {}}
+        started = time.perf_counter()
+        self.measure_fast()
+        self.measure_post()
+        self.measure_adaptive()
+        self.measure_batch()
+        self.measure_guarded()
+        self.measure_memory()
+        if scaling:
+            self.measure_scaling()
+        hf = self.backend.model
+        text_cfg = hf.config.get_text_config()
+        report: dict[str, Any] = {key: self.results["ratios"].get(key) for key in RATIO_KEYS}
+        report.update({
+            "size": self.size_name,
+            "machine": {
+                "platform": platform.platform(),
+                "cpu": _cpu_name(),
+                "cores": os.cpu_count(),
+                "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "load_average_before": load_before,
+                "load_average_after": os.getloadavg(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "device": "cpu",
+            },
+            "model": {
+                "path": self.model_path,
+                "architecture": hf.config.model_type,
+                "hidden_size": text_cfg.hidden_size,
+                "num_layers": text_cfg.num_hidden_layers,
+                "vocab_size": text_cfg.vocab_size,
+                "parameters": sum(p.numel() for p in hf.parameters()),
+                "image_px": self.size.image_px,
+                "format": f"{self.guard.format.name} v{self.guard.format.version}",
+            },
+            "seconds": time.perf_counter() - started,
+            **self.results,
+        })
+        return report
+
+
+def _first_piece_ms(open_stream: Callable[[], Iterator[str]]) -> float:
+    start = time.perf_counter()
+    stream = open_stream()
+    first = None
+    for piece in stream:
+        if first is None and piece:
+            first = (time.perf_counter() - start) * 1000.0
+    return first if first is not None else (time.perf_counter() - start) * 1000.0
+
+
+def _p50(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ---------------------------------------------------------------------- output
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable table of a :meth:`LatencyBench.run` report."""
+    m, mod = report["machine"], report["model"]
+    lines = [
+        f"machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"load {m['load_average_before'][0]:.1f} -> {m['load_average_after'][0]:.1f}",
+        f"model: {mod['architecture']} width {mod['hidden_size']}, {mod['num_layers']} layers, vocab {mod['vocab_size']}, "
+        f"{mod['parameters'] / 1e6:.1f} M parameters, {mod['image_px']} px images, format {mod['format']}",
+    ]
+    if "prompt_tokens" in report:
+        t = report["prompt_tokens"]
+        lines.append(f"prompt: {t['total']} tokens = {t['static_prefix']} static prefix + {t['request']} request")
+    lines.append("")
+    name_w = max(len(k) for k in report["timings"])
+    lines.append(f"{'measurement':<{name_w}}  {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'per s':>8} "
+                 f"{'tokens':>7} {'cpu ms':>8}")
+    for name, s in report["timings"].items():
+        tokens = "" if s.get("tokens") is None else f"{s['tokens']:.0f}"
+        cpu = "" if s.get("cpu_mean_ms") is None else f"{s['cpu_mean_ms']:.1f}"
+        lines.append(f"{name:<{name_w}}  {s['p50_ms']:9.1f} {s['p95_ms']:9.1f} {s['p99_ms']:9.1f} {s['mean_ms']:9.1f} "
+                     f"{s['throughput_per_s']:8.2f} {tokens:>7} {cpu:>8}")
+    lines.append("")
+    lines.append("ratios:")
+    for key, value in report["ratios"].items():
+        lines.append(f"  {key:<32} {'-' if value is None else f'{value:.3f}'}")
+    if "scaling" in report:
+        sc = report["scaling"]
+        lines += ["", "scaling (p50 ms):", "  images  tokens  fast"]
+        lines += [f"  {r['images']:>6}  {r['tokens']:>6}  {r['fast_p50_ms']:6.1f}" for r in sc["images"]]
+        lines += ["  response tokens  post (reuse)  post (no cache)"]
+        lines += [f"  {r['response_tokens']:>15}  {r['post_reuse_p50_ms']:12.1f}  {r['post_uncached_p50_ms']:15.1f}" for r in sc["response"]]
+        lines += ["  batch  per check  whole batch"]
+        lines += [f"  {r['batch']:>5}  {r['per_check_p50_ms']:9.1f}  {r['batch_p50_ms']:11.1f}" for r in sc["batch"]]
+    return "\n".join(lines)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables (what docs/latency.md shows)."""
+    m, mod = report["machine"], report["model"]
+    out = [
+        f"Machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"load average {m['load_average_before'][0]:.1f} before, {m['load_average_after'][0]:.1f} after. "
+        f"Model: {mod['architecture']} width {mod['hidden_size']}, {mod['num_layers']} layers, vocabulary "
+        f"{mod['vocab_size']}, {mod['parameters'] / 1e6:.1f} M parameters, {mod['image_px']} px images, format {mod['format']}.",
+        "",
+        "| measurement | p50 ms | p95 ms | p99 ms | mean ms | per s | tokens | CPU ms (mean) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in report["timings"].items():
+        tokens = "" if s.get("tokens") is None else f"{s['tokens']:.0f}"
+        cpu = "" if s.get("cpu_mean_ms") is None else f"{s['cpu_mean_ms']:.1f}"
+        out.append(f"| {name} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} | {s['mean_ms']:.1f} | "
+                   f"{s['throughput_per_s']:.2f} | {tokens} | {cpu} |")
+    out += ["", "| ratio | value |", "|---|---:|"]
+    out += [f"| `{k}` | {'-' if v is None else f'{v:.3f}'} |" for k, v in report["ratios"].items()]
+    if "scaling" in report:
+        sc = report["scaling"]
+        out += ["", "| images | prompt tokens | fast check p50 ms |", "|---:|---:|---:|"]
+        out += [f"| {r['images']} | {r['tokens']} | {r['fast_p50_ms']:.1f} |" for r in sc["images"]]
+        out += ["", "| response tokens | post-check after its pre-check, p50 ms | post-check without caches, p50 ms |",
+                "|---:|---:|---:|"]
+        out += [f"| {r['response_tokens']} | {r['post_reuse_p50_ms']:.1f} | {r['post_uncached_p50_ms']:.1f} |" for r in sc["response"]]
+        out += ["", "| batch | per check p50 ms | whole batch p50 ms |", "|---:|---:|---:|"]
+        out += [f"| {r['batch']} | {r['per_check_p50_ms']:.1f} | {r['batch_p50_ms']:.1f} |" for r in sc["batch"]]
+    return "\n".join(out)
+
+
+def plot_scaling(report: dict[str, Any], path: str) -> None:
+    """Three panels (images, response tokens, batch size) of latency per check; needs matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise click.ClickException("--plot needs matplotlib (pip install 'visguard[plots]')") from exc
+    sc = report["scaling"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    axes[0].plot([r["images"] for r in sc["images"]], [r["fast_p50_ms"] for r in sc["images"]], "o-", label="fast check")
+    axes[0].set_xlabel("images")
+    axes[1].plot([r["response_tokens"] for r in sc["response"]], [r["post_reuse_p50_ms"] for r in sc["response"]], "o-",
+                 label="post-check, reusing the pre-check")
+    axes[1].plot([r["response_tokens"] for r in sc["response"]], [r["post_uncached_p50_ms"] for r in sc["response"]], "s--",
+                 label="post-check, no cache")
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("response tokens")
+    axes[2].plot([r["batch"] for r in sc["batch"]], [r["per_check_p50_ms"] for r in sc["batch"]], "o-", label="per check")
+    axes[2].set_xscale("log", base=2)
+    axes[2].set_xlabel("batch size")
+    for ax in axes:
+        ax.set_ylabel("ms (p50)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    mod = report["model"]
+    fig.suptitle(f"visguard check latency: {mod['architecture']} width {mod['hidden_size']}, {mod['num_layers']} layers, "
+                 f"{report['machine']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+@click.command("bench")
+@click.option("--size", type=click.Choice(list(SIZES)), default="default", show_default=True,
+              help="Model and run size: default = width 384, 6 layers, 32k vocabulary, 224 px images "
+                   "(model compute dominates, minutes on 2 CPU cores); small; tiny = a seconds-long smoke run.")
+@click.option("--model", "-m", default=None, help="Measure this guard checkpoint instead of building one.")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads (default: torch's).")
+@click.option("--no-scaling", is_flag=True, help="Skip the scaling table (images, response length, batch size).")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
+              help="Write the scaling plot (PNG) here; needs matplotlib.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, ratios at the top level.")
+@click.option("--markdown", "as_markdown", is_flag=True, help="Print the report as Markdown tables.")
+def bench(size: str, model: str | None, threads: int | None, no_scaling: bool, plot_path: str | None, as_json: bool,
+          as_markdown: bool) -> None:
+    """Measure what a guard check costs against its physical floor, in one process.
+
+    Builds a random-weight Qwen2-VL of real architecture (or loads --model), then measures: a fast
+    check vs a forward over the request's own tokens on the cached static prefix; a post-check
+    continuing from its pre-check vs cold; adaptive vs always-reason; 8 concurrent vs 8
+    sequential checks; a guarded host vs the host alone, and a stream's first token; peak memory
+    at 8 images; and how latency grows with images, response length and batch size. Absolute
+    numbers depend on the machine (named in the output); ratios compare runs on one machine.
+
+    Example: visguard bench --json > bench.json
+    """
+    from visguard.errors import VisguardError
+
+    def progress(label: str) -> None:
+        click.echo(f"[bench] {label}", err=True)
+
+    try:
+        report = LatencyBench(size, model=model, threads=threads, progress=progress).run(scaling=not no_scaling)
+    except VisguardError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if plot_path and "scaling" in report:
+        plot_scaling(report, plot_path)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=float))
+    else:
+        click.echo(format_markdown(report) if as_markdown else format_report(report))
+
+
+@hookimpl
+def register_commands(cli):
+    cli.add_command(bench)

@@ -1,0 +1,53 @@
+"""`visguard bench --size tiny --json`: a smoke run of every measurement (keys and sanity, never speed)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from visguard.cli import _register_plugin_commands, cli
+from visguard.default_plugins.bench_command import RATIO_KEYS, summarize
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_tiny_json_has_every_ratio_and_describes_the_run():
+    _register_plugin_commands()
+    result = CliRunner().invoke(cli, ["bench", "--size", "tiny", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    for key in RATIO_KEYS:  # at the top level, each a positive finite number
+        assert isinstance(report[key], float) and math.isfinite(report[key]) and report[key] > 0, key
+    assert set(RATIO_KEYS) <= set(report["ratios"])
+    machine, model = report["machine"], report["model"]
+    assert machine["cores"] >= 1 and machine["torch_threads"] == 1 and len(machine["load_average_before"]) == 3
+    assert model["architecture"] == "qwen2_vl" and model["parameters"] > 0 and model["format"] == "visguard v2"
+    tokens = report["prompt_tokens"]
+    assert 0 < tokens["static_prefix"] < tokens["total"] and tokens["request"] == tokens["total"] - tokens["static_prefix"]
+    for name, stats in report["timings"].items():
+        assert 0 < stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"], name
+        assert stats["throughput_per_s"] > 0
+    adaptive = report["adaptive"]
+    assert adaptive["confident"] >= 0.8 * adaptive["items"]  # the set the ratio is defined on
+    assert report["host"]["new_tokens"] >= 16
+    assert report["memory"]["images"] == 8 and report["memory"]["fast_check_peak_mb"] > 0
+    scaling = report["scaling"]
+    assert [r["images"] for r in scaling["images"]] == [1, 2]
+    assert scaling["images"][1]["tokens"] > scaling["images"][0]["tokens"]
+    assert [r["batch"] for r in scaling["batch"]] == [1, 2]
+
+
+def test_bench_table_and_help():
+    _register_plugin_commands()
+    help_text = CliRunner().invoke(cli, ["bench", "--help"]).output
+    assert "--size" in help_text and "--json" in help_text and "floor" in help_text
+
+
+def test_summary_percentiles():
+    s = summarize([float(x) for x in range(1, 101)], tokens=10)
+    assert s["p50_ms"] == pytest.approx(50.5) and s["p95_ms"] == pytest.approx(95.05) and s["p99_ms"] == pytest.approx(99.01)
+    assert s["mean_ms"] == pytest.approx(50.5) and s["throughput_per_s"] == pytest.approx(1000 / 50.5)
+    assert summarize([3.0])["p99_ms"] == 3.0

@@ -1,0 +1,109 @@
+"""Prefix caching and pre -> post reuse leave verdicts unchanged; trained guards keep their prompt layout."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from visguard import Guard, Policy, plugins
+from visguard.default_plugins.transformers_backend import TransformersBackend
+from visguard.default_plugins.visguard_format import VisguardFormat
+from visguard.errors import InputError
+from visguard.hf import KVCacheStore
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+IMAGES = [Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 48), (30, 200, 30))]
+RESPONSE = "Sure. First take the tool from the first picture, then hold it firmly and move slowly toward the"
+
+
+def _requests(guard: Guard) -> list:
+    growing = [RESPONSE[: n] for n in (10, 40, len(RESPONSE))]  # a stream's re-checks: each extends the last
+    return [
+        guard.request(IMAGES, "How do I use this on that?"),
+        guard.request(IMAGES[:1], "What is in the picture?"),
+        *[guard.request(IMAGES, "How do I use this on that?", r) for r in growing],
+        guard.request([], "no images at all"),
+        guard.request([], "no images at all", "a short answer"),
+    ]
+
+
+def test_scores_unchanged_by_prefix_and_pre_post_caching(tiny_arch):
+    arch, path = tiny_arch
+    plain = Guard(TransformersBackend(path, device="cpu", kv_cache_mb=0), VisguardFormat())
+    cached = Guard(TransformersBackend(path, device="cpu"), VisguardFormat())
+    requests = _requests(plain)
+    expected = [v.score for v in plain.check_batch(requests)]
+    # a generation first leaves state on the module (Qwen2-VL's rope_deltas) that must not leak into scores
+    cached.check(requests[0], mode="reason")
+    assert len({round(s, 6) for s in expected}) > 2  # random weights still give distinct scores
+    one_by_one = [cached.check(r).score for r in requests]  # pre-check, then post-checks continuing from it
+    batched = [v.score for v in cached.check_batch(requests)]  # shared static prefix across a batch
+    assert one_by_one == pytest.approx(expected, abs=1e-4)
+    assert batched == pytest.approx(expected, abs=1e-4)
+    stats = cached.backend.cache_stats
+    assert stats["prompt_hits"] >= 3  # every post-check continued from the pre-check or the last re-check
+    assert stats["static_hits"] >= 2  # text-only prompts at least (LLaVA's template puts images first)
+    if arch != "llava":
+        assert stats["static_hits"] >= 5  # images come after the cached prefix (Qwen2-VL: mrope positions)
+        assert stats["reused_tokens"] > stats["computed_tokens"]
+
+
+def test_post_check_computes_only_the_response_after_its_pre_check(qwen_path):
+    guard = Guard(TransformersBackend(qwen_path, device="cpu"), VisguardFormat())
+    guard.check(guard.request(IMAGES, "How do I use this on that?"))
+    before = dict(guard.backend.cache_stats)
+    guard.check(guard.request(IMAGES, "How do I use this on that?", "ok"))
+    computed = guard.backend.cache_stats["computed_tokens"] - before["computed_tokens"]
+    reused = guard.backend.cache_stats["reused_tokens"] - before["reused_tokens"]
+    assert guard.backend.cache_stats["prompt_hits"] == before["prompt_hits"] + 1
+    assert 0 < computed < 100 < reused  # the response block and the question, not the images again
+    # other images: no reuse of the request's cache, only the static prefix
+    guard.check(guard.request([IMAGES[1], IMAGES[0]], "How do I use this on that?", "ok"))
+    assert guard.backend.cache_stats["prompt_hits"] == before["prompt_hits"] + 1
+
+
+def test_kv_store_is_bounded_and_matches_images():
+    store = KVCacheStore(max_bytes=3 * 2 * 4 * 4 * 10, max_entries=8)  # room for three 10-token entries
+
+    def layers(n):
+        return [(torch.zeros(1, 1, n, 4), torch.zeros(1, 1, n, 4))]
+
+    ids = torch.arange(10)
+    store.put(ids, ("a",), layers(10))
+    assert store.lookup(torch.cat([ids, torch.tensor([99])]), ("a",), limit=100)[0] == 10
+    assert store.lookup(ids, ("b",), limit=100) is None  # same tokens, other images
+    n, cut = store.lookup(torch.tensor([0, 1, 2, 7]), ("a",), limit=3)
+    assert n == 3 and cut[0][0].shape[2] == 3
+    for k in range(3):
+        store.put(ids + 100 * (k + 1), ("a",), layers(10))
+    assert len(store) == 3 and store.nbytes <= store.max_bytes
+    assert store.lookup(ids, ("a",), limit=100) is None  # the oldest went first
+
+
+def _linked_checkpoint(src: str, dst) -> str:
+    dst.mkdir()
+    for name in os.listdir(src):
+        (dst / name).symlink_to(os.path.join(src, name))
+    return str(dst)
+
+
+def test_trained_layout_is_used_or_refused(qwen_path, tmp_path):
+    path = _linked_checkpoint(qwen_path, tmp_path / "guard")
+    assert Guard.from_pretrained(path, device="cpu").format.version == 2
+
+    record = tmp_path / "guard" / plugins.MODEL_FORMAT_FILE
+    record.write_text(json.dumps({"format": "visguard", "format_kwargs": VisguardFormat(version=1).checkpoint_kwargs()}))
+    for fmt in (None, "visguard"):  # naming the checkpoint's own format keeps its recorded layout
+        old = Guard.from_pretrained(path, format=fmt, device="cpu", policy=Policy())
+        assert old.format.version == 1 and not old.format.shares_prefix
+    old.check(old.request(IMAGES, "hello"))  # prompts in layout 1 score through the same backend
+    assert old.backend.cache_stats["static_hits"] == 0
+
+    record.write_text(json.dumps({"format": "visguard", "format_kwargs": {"version": 9}}))
+    with pytest.raises(InputError, match="prompt layout versions \\[1, 2\\], not 9"):
+        Guard.from_pretrained(path, device="cpu")
