@@ -331,3 +331,18 @@ def test_chat_proxy_refuses_inputs_the_model_cannot_take_with_one_line_400s(tiny
     strip = base64.b64encode(_png(Image.new("RGB", (30000, 10)))).decode()
     ok = ask([{"type": "image_url", "image_url": {"url": "data:image/png;base64," + strip}}, {"type": "text", "text": "?"}])
     assert ok.status_code == 200 and not ok.json()["visguard"]["degraded"], ok.text
+
+
+def test_image_tokens_count_towards_the_model_context(qwen_path):
+    # Large images cost thousands of tokens each in Qwen2-VL; the tiny checkpoint caps images at
+    # 112x112, so raise that cap as a real checkpoint has it (12.8 MP) for this test.
+    from visguard import InputTooLongError
+
+    guard = Guard.from_pretrained(qwen_path, device="cpu")
+    ip = guard.backend.processor.image_processor
+    ip.max_pixels = ip.size["longest_edge"] = 4096 * 4096
+    big = Image.new("RGB", (2000, 2000), (9, 9, 9))
+    with pytest.raises(InputTooLongError, match="more than the guard model's limit of 4096"):
+        guard.check_input([big], "what is this?")
+    assert guard.check_input([Image.new("RGB", (200, 200))], "what is this?").label in ("safe", "unsafe")
+    guard.close()
