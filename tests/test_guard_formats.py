@@ -113,12 +113,14 @@ def test_llavaguard_without_a_rating_is_unparseable(text):
 
 def test_llavaguard_policy_declares_left_out_categories_non_violating():
     text = policy_text(MIS.without_categories("Erotic"))
-    o3 = text.split("O3: Sexual Content:")[1].split("O4:")[0]
-    assert "Declared non-violating" in o3 and "Should not" not in o3
-    assert "Declared non-violating" in text.split("O9: Disasters or Emergencies:")[1]  # no MIS counterpart
-    assert "Should not" in text.split("O1: Hate, Humiliation, Harassment:")[1].split("O2:")[0]
+    o3 = text.split("O3: Sexual Content: \n")[1].split("O4:")[0]
+    assert o3.startswith("Category O3 is declared as non-violating. Therefore, we do not provide any restrictions")
+    assert " - Contain sexually explicit (i.e., erotic) content.\n" in o3 and "Should not" not in o3
+    assert "O9 is declared as non-violating" in text  # no MIS counterpart
+    o1 = text.split("O1: Hate, Humiliation, Harassment: \n")[1].split("O2:")[0]
+    assert o1.startswith("Should not:\n- Contain content that expresses hateful") and "\nCan:\n- " in o1
     custom = policy_text(CUSTOM)  # Privacy has no O-code: O10; Gambling: O11
-    assert "O10: Privacy:" in custom and "O11: Gambling:" in custom and "betting money" in custom
+    assert "O10: Privacy: \n" in custom and "O11: Gambling: \n" in custom and "betting money" in custom
     assert LlavaGuardFormat().parse('{"rating": "Unsafe", "category": "O11: Gambling"}', CUSTOM).category == "Gambling"
 
 
