@@ -10,6 +10,7 @@ import click
 
 from visguard.cli import backend_arg_option, backend_kwargs, key_values
 from visguard.hookspecs import hookimpl
+from visguard.policy import DEFAULT_TIMEOUT_S
 
 HEADLINE_GUARD = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "auprc", "unavailable")
 HEADLINE_MODEL = ("n", "n_judged", "judge_failed", "host_failed", "guard_blocked", "asr", "rsr", "rr", "hr",
@@ -95,6 +96,9 @@ def register_commands(cli):
     @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
                   help="Guard requests per batch (model evaluation: responses per judge batch).")
     @click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True, help="Guard reasoning budget.")
+    @click.option("--timeout-s", type=click.FloatRange(0.001), default=DEFAULT_TIMEOUT_S, show_default=True,
+                  help="Time limit of one guard batch (--batch-size items), queueing included; past it those items "
+                       "are unavailable. Raise it for reason mode on a CPU.")
     @click.option("--host-max-new-tokens", type=click.IntRange(1), default=1024, show_default=True,
                   help="Host answer budget (the paper: greedy, up to 1024).")
     @backend_arg_option
@@ -112,7 +116,7 @@ def register_commands(cli):
                      ignore_unread: bool, host_adapter: str | None,
                      guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
                      judge_base_url: str | None, judge_prompt: str | None, judge_system: str | None, out_dir: str | None, limit: int | None, mode: str, backend: str,
-                     format_name: str | None, threshold: float, batch_size: int, max_new_tokens: int,
+                     format_name: str | None, threshold: float, batch_size: int, max_new_tokens: int, timeout_s: float,
                      host_max_new_tokens: int, backend_args: tuple[str, ...], host_args: tuple[str, ...],
                      device: str, base_url: str | None, restart: bool, no_plots: bool,
                      no_progress: bool, as_json: bool) -> None:
@@ -154,7 +158,7 @@ def register_commands(cli):
         splits = {it.split for it in items}
         split = split or (splits.pop() if len(splits) == 1 else None)  # e.g. --data .../mis_hard.json
         out = Path(out_dir) if out_dir else default_out_dir(benchmark, split, model, kind)
-        policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens)
+        policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
 
         def load_guard(name: str) -> Guard:
             return Guard.from_pretrained(name, backend=backend, format=format_name, policy=policy,
