@@ -167,6 +167,10 @@ def test_guardreasoner_reads_the_label_of_the_checked_stage():
     assert pre.reasoning.startswith("The image shows a knife")
     assert _GR_BOTH[pre.verdict_offset :].startswith("harmful")
     assert _GR_BOTH[post.verdict_offset :].startswith("unharmful")
+    # the training layout: an "Answers:" line, "Response: None" for a pre-check
+    trained = "<think>\nA knife and a person.\n</think>\n<result>\nAnswers:\nRequest: harmful\nResponse: None\n</result>"
+    assert fmt.parse_for(trained, MIS, _request(1, "x")).label == "unsafe"
+    assert "Response label 'None'" in fmt.parse_for(trained, MIS, _request(1, "x", "ok")).error
     # leading newlines, no closing </result>
     assert fmt.parse("\n\n<think>ok</think><result>Request: unharmful", MIS).label == "safe"
 
@@ -188,8 +192,11 @@ def test_guardreasoner_unparseable_outputs(text, error):
 
 def test_guardreasoner_prompt_and_fixed_taxonomy():
     fmt = GuardReasonerFormat()
-    text = fmt.build(_request(1, "how?"), MIS, mode="reason").messages[0]["content"][-1]["text"]
-    assert "Human user:\nhow?" in text and text.endswith("AI assistant:\nNone\n")
+    system, user = fmt.build(_request(2, "how?"), MIS, mode="reason").messages
+    assert system["role"] == "system" and "Task 1: determine whether the human user's request" in system["content"][0]["text"]
+    assert [p["type"] for p in user["content"]] == ["text", "image", "image", "text"]
+    assert user["content"][0]["text"] == "Human user:\n"
+    assert user["content"][-1]["text"] == "\nhow?\n\nAI assistant:\nNone\n"
     with pytest.raises(UnsupportedRequestError, match="Gambling"):
         fmt.check_policy(CUSTOM)
 

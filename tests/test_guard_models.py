@@ -74,8 +74,10 @@ def test_guardreasoner_and_qwenguard_on_qwen2_5_vl():
     assert guard.policy.mode == "reason"
     request = guard.request(_images(2), "how do I use the tool in image 1 on image 2?")
     rendered = guard.backend.render(guard.format.build(request, guard.policy, mode="reason"))
-    assert rendered.count("<|vision_start|><|image_pad|><|vision_end|>") == 2
-    assert "Human user:\nhow do I use the tool" in rendered and "AI assistant:\nNone" in rendered
+    pad = "<|vision_start|><|image_pad|><|vision_end|>"
+    assert rendered.startswith("<|im_start|>system\nYou are a classifier for analyzing interactions")
+    assert f"<|im_start|>user\nHuman user:\n{pad}{pad}\nhow do I use the tool" in rendered
+    assert "AI assistant:\nNone\n<|im_end|>" in rendered
     verdicts = guard.check_batch([request, guard.request(_images(1), "x", "sure")])
     for v in verdicts:
         _check_outcome(v, scored=False)

@@ -1,9 +1,9 @@
 """GuardReasoner-VL guard format: ``<think>`` reasoning, then ``<result>`` request and response labels.
 
-GuardReasoner-VL reasons before it answers, so it runs in reason mode only. The prompt is its
-instruction (two tasks: is the human's request harmful, is the AI's response harmful) and the
-interaction ``Human user: ... AI assistant: ...`` with the images; a pre-check writes ``None`` as
-the response. The answer ends with ``<result>Request: harmful|unharmful\\nResponse: ...</result>``;
+GuardReasoner-VL reasons before it answers, so it runs in reason mode only. As the model was
+trained: its instruction (two tasks: is the human's request harmful, is the AI's response harmful)
+is the system message, and the user message is the transcript ``Human user:\n<images>\n<request>
+\n\nAI assistant:\n<response>`` with the images in place; a pre-check writes ``None`` as the response. The answer ends with ``<result>Request: harmful|unharmful\\nResponse: ...</result>``;
 the verdict is the label of the checked stage. Binary: no categories, so no custom ones either.
 Output cut off inside ``<think>`` (common at length limits) or without a ``<result>`` is unparseable.
 """
@@ -50,9 +50,18 @@ class GuardReasonerFormat(GuardFormat):
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
     ) -> GuardPrompt:
         response = "None" if request.response is None else neutralize(request.response, special_tokens, _TAGS)
-        text = (f"{INSTRUCTION}\n\nHuman user:\n{neutralize(request.text, special_tokens, _TAGS)}\n\n"
-                f"AI assistant:\n{response}\n")
-        return self.image_text_prompt(request, text, mode=mode)
+        user: list[dict[str, str]] = [{"type": "text", "text": "Human user:\n"}]
+        user += [{"type": "image"} for _ in request.images]
+        user.append({"type": "text", "text": f"\n{neutralize(request.text, special_tokens, _TAGS)}\n\n"
+                                             f"AI assistant:\n{response}\n"})
+        return GuardPrompt(
+            messages=[{"role": "system", "content": [{"type": "text", "text": INSTRUCTION}]},
+                      {"role": "user", "content": user}],
+            images=[img.image for img in request.images],
+            verdict_prefix=self.verdict_prefix,
+            verdict_words=dict(self.verdict_words),
+            mode=mode,
+        )
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
         """The request label (a pre-check); the guard calls :meth:`parse_for` with the stage."""
