@@ -33,9 +33,9 @@ def test_relative_links_point_to_files():
     assert not missing, f"README links to missing files: {missing}"
 
 
-def test_cli_table_names_every_command():
+def test_every_command_is_shown():
     from visguard import cli as cli_module
 
     cli_module._register_plugin_commands()
     for name in cli_module.cli.commands:
-        assert f"`visguard {name}" in README, f"the README's CLI table misses `visguard {name}`"
+        assert re.search(rf"visguard {name}\b", README), f"the README does not show `visguard {name}`"
