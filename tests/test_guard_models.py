@@ -132,3 +132,27 @@ def test_llama_guard_3_vision_on_mllama():
     _check_outcome(verdict, scored=True)
     if verdict.label == "unavailable":  # random text: the parser names what is missing
         assert "first line" in verdict.error and verdict.raw
+
+
+def test_a_checkpoint_saved_by_another_class_is_refused_not_run_with_random_weights(tmp_path):
+    """ShieldGemma 2's hub layout: ShieldGemma2ForImageClassification wraps Gemma 3 (keys under ``model.``).
+
+    transformers maps the ``shieldgemma2`` config to Gemma3ForConditionalGeneration, whose weights are
+    then all missing; the backend refuses instead of guarding with random weights.
+    """
+    import torch
+    from transformers import AutoConfig, AutoProcessor, ShieldGemma2Config, ShieldGemma2ForImageClassification
+    from visguard_testing.guard_checkpoints import cached_guard_checkpoint
+
+    from visguard import BackendError
+
+    gemma3 = cached_guard_checkpoint("gemma3")
+    g3 = AutoConfig.from_pretrained(gemma3)
+    config = ShieldGemma2Config(text_config=g3.text_config.to_dict(), vision_config=g3.vision_config.to_dict(),
+                                mm_tokens_per_image=4, boi_token_index=g3.boi_token_index,
+                                eoi_token_index=g3.eoi_token_index, image_token_index=g3.image_token_index)
+    torch.manual_seed(0)
+    ShieldGemma2ForImageClassification(config).save_pretrained(tmp_path)
+    AutoProcessor.from_pretrained(gemma3).save_pretrained(tmp_path)
+    with pytest.raises(BackendError, match="missing from the checkpoint.*ShieldGemma2ForImageClassification"):
+        Guard.from_pretrained(str(tmp_path), format="shieldgemma2")

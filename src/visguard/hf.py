@@ -152,7 +152,8 @@ def load_image_text_model(
     """Load ``(model, processor)`` of an image-text-to-text checkpoint, safetensors only.
 
     A text-only checkpoint (a text guard such as Qwen3Guard) loads as its causal LM, with its
-    tokenizer as the processor.
+    tokenizer as the processor. A checkpoint that lacks some of the loaded class's weights (saved by
+    another class, e.g. a classifier wrapping the VLM) is refused: those weights would be random.
 
     Args:
         model: hub id or local path.
@@ -164,7 +165,7 @@ def load_image_text_model(
         attn_implementation: e.g. ``"sdpa"``.
 
     Raises:
-        BackendError: unknown dtype, or the checkpoint cannot be loaded.
+        BackendError: unknown dtype, the checkpoint cannot be loaded, or weights are missing from it.
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -180,17 +181,25 @@ def load_image_text_model(
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         processor = AutoProcessor.from_pretrained(model, **kwargs)
+        load = {"dtype": torch_dtype, "use_safetensors": True, "output_loading_info": True, **kwargs, **extra}
         try:
-            hf_model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, use_safetensors=True, **kwargs, **extra)
+            hf_model, info = AutoModelForImageTextToText.from_pretrained(model, **load)
         except ValueError as exc:  # a text-only checkpoint (e.g. a text guard): its causal LM, same prompts
             if "Unrecognized configuration class" not in str(exc):
                 raise
             from transformers import AutoModelForCausalLM
 
-            hf_model = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, use_safetensors=True, **kwargs, **extra)
+            hf_model, info = AutoModelForCausalLM.from_pretrained(model, **load)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated weights) ...
         text = " ".join(str(exc).split())[:300]
         raise BackendError(f"cannot load {role} model {model!r} with transformers: {type(exc).__name__}: {text}") from exc
+    missing = list(info.get("missing_keys") or ())
+    if missing:  # transformers would fill them with random values: random verdicts, never acceptable
+        saved_as = ", ".join(getattr(hf_model.config, "architectures", None) or ["?"])
+        raise BackendError(
+            f"cannot load {role} model {model!r} with transformers: {len(missing)} weights of "
+            f"{type(hf_model).__name__} are missing from the checkpoint (e.g. {sorted(missing)[0]!r}; it was saved "
+            f"as {saved_as}); they would be random")
     return hf_model.to(device), processor
 
 
