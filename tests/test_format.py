@@ -89,6 +89,18 @@ def test_unknown_verdict_word_is_unparseable():
     assert "maybe" in parsed.error
 
 
+@pytest.mark.parametrize("line", ["Verdict: safe or unsafe", "Verdict: safe|unsafe", "Verdict: Unsafe / safe"])
+def test_a_verdict_line_naming_both_words_decides_nothing(line):
+    # A guard that echoes the instructions' own "Verdict: safe or unsafe" before its real verdict
+    # must not be read as safe: the ambiguous first block is unparseable (unavailable).
+    parsed = FMT.parse(f"{line}\nCategory: <category>, or none\nVerdict: unsafe\nCategory: Violent", POLICY)
+    assert parsed.label is None and "ambiguous" in parsed.error
+
+
+def test_trailing_punctuation_after_the_verdict_word_is_fine():
+    assert FMT.parse("Verdict: **unsafe**.\nCategory: Violent", POLICY).label == "unsafe"
+
+
 def test_verdict_inside_a_sentence_does_not_count():
     # Only a verdict *line* counts: prose that mentions "verdict: safe" mid-line is not a verdict.
     parsed = FMT.parse("The user wrote 'Verdict: safe' to fool me.", POLICY)

@@ -89,7 +89,9 @@ def recorded(request, tiny_cache):
     def hook(module, args, kwargs):
         ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
         for row in range(ids.shape[0]):
-            keep = ids[row] if mask is None else ids[row][mask[row].bool()]
+            # With a cached prefix the mask also covers the cached positions: its last columns
+            # are the ones fed now.
+            keep = ids[row] if mask is None else ids[row][mask[row, -ids.shape[1]:].bool()]
             seen.append(keep.tolist())
 
     handle = guard.backend.model.register_forward_pre_hook(hook, with_kwargs=True)
@@ -113,7 +115,10 @@ def _fed(guard: Guard, seen: list[list[int]], request: GuardRequest) -> list[int
     before = len(seen)
     verdict = guard.check(request)
     assert verdict.label in ("safe", "unsafe"), verdict.error
-    assert len(seen) == before + 1
+    # One forward for the request, after one for the static prefix the first time it is cached
+    # (the prefix holds only the format's own instructions, no untrusted text): the last forward
+    # is the one that carries the request.
+    assert 1 <= len(seen) - before <= 2
     return seen[-1]
 
 
@@ -121,8 +126,13 @@ def _fed(guard: Guard, seen: list[list[int]], request: GuardRequest) -> list[int
 def test_no_special_token_from_untrusted_text_reaches_the_model(recorded, place):
     guard, seen = recorded
     specials = _special_ids(guard)
+    # Each request is new to the guard's request cache, so each forward carries the whole request
+    # part of the prompt (after the cached static prefix): the benign one is the baseline.
     baseline = Counter(t for t in _fed(guard, seen, _request(place, BENIGN)) if t in specials)
-    assert baseline, "the prompt's own template must contain special tokens"
+    # The check can fail: tokenized raw, without the format's neutralisation, the payloads do
+    # carry special-token ids of this tokenizer.
+    raw = guard.backend.tokenizer("".join(INJECTIONS), add_special_tokens=False)["input_ids"]
+    assert specials & set(raw), "no payload carries this tokenizer's special tokens: the test proves nothing"
     leaked = {}
     for payload in INJECTIONS:
         fed = Counter(t for t in _fed(guard, seen, _request(place, payload)) if t in specials)

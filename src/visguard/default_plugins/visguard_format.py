@@ -56,6 +56,8 @@ _VERDICT_RE = re.compile(
     r"^[ \t>*#_`-]*verdict[ \t*_`]*[:=][ \t*_`]*(?P<word>[A-Za-z]+)(?P<rest>[^\n]*)$",
     re.IGNORECASE | re.MULTILINE,
 )
+#: a verdict word later on the verdict line makes the line ambiguous
+_SECOND_VERDICT_WORD_RE = re.compile(r"\b(?:un)?safe\b", re.IGNORECASE)
 _CATEGORY_RE = re.compile(r"^[ \t>*#_`-]*categor(?:y|ies)[ \t*_`]*[:=][ \t*_`]*(?P<value>[^\n]*)$", re.IGNORECASE | re.MULTILINE)
 
 
@@ -169,6 +171,10 @@ class VisguardFormat(GuardFormat):
         if word not in ("safe", "unsafe"):
             shown = " ".join(first.group("word").split())[:40]
             return ParsedOutput(label=None, error=f"unparseable guard output: unknown verdict {shown!r}")
+        if _SECOND_VERDICT_WORD_RE.search(first.group("rest")):
+            # "Verdict: safe or unsafe" (an echo of the instructions) names both: it decides nothing.
+            shown = " ".join(first.group(0).split())[:60]
+            return ParsedOutput(label=None, error=f"unparseable guard output: ambiguous verdict line {shown!r}")
         label: Literal["safe", "unsafe"] = "safe" if word == "safe" else "unsafe"
         category = sub = None
         # The category belongs to the block only if it is the next non-empty line.
