@@ -12,7 +12,7 @@ def test_default_is_the_mis_taxonomy():
     p = Policy()
     assert [c.name for c in p.categories] == ["Illegal Activity", "Violent", "Hate", "Self-Harm", "Privacy", "Erotic"]
     assert sum(len(c.sub_categories) for c in MIS_CATEGORIES) == 14
-    assert (p.threshold, p.mode, p.on_error) == (0.5, "fast", "block")
+    assert (p.threshold, p.mode, p.on_error) == (0.5, None, "block")  # None: the format's own mode
 
 
 def test_validation_errors():
@@ -50,3 +50,16 @@ def test_action_is_the_one_decision():
     assert [Policy().action(v) for v in (safe, unsafe, broken)] == ["pass", "block", "block"]
     assert [Policy(on_error="allow").action(v) for v in (safe, unsafe, broken)] == ["pass", "block", "degraded"]
     assert [Policy(on_error="raise").action(v) for v in (safe, unsafe, broken)] == ["pass", "block", "raise"]
+
+
+def test_a_policy_without_a_mode_runs_the_formats_own():
+    from visguard import Guard
+    from visguard.default_plugins.mirage_format import MirageFormat
+    from visguard.default_plugins.visguard_format import VisguardFormat
+    from visguard_testing.backends import KeywordBackend
+
+    # MIRage was trained to write its answer first: its default is reason, the visguard format's fast.
+    assert Guard(KeywordBackend("x"), MirageFormat()).policy.mode == "reason"
+    assert Guard(KeywordBackend("x"), VisguardFormat()).policy.mode == "fast"
+    assert Guard(KeywordBackend("x"), MirageFormat(), Policy(mode="fast")).policy.mode == "fast"  # explicit wins
+    assert Guard(KeywordBackend("x"), MirageFormat(), Policy(threshold=0.3)).policy.mode == "reason"

@@ -99,8 +99,9 @@ def cli() -> None:
 @click.option("--model", "-m", required=True, help="Guard model: hub id or local path.")
 @click.option("--text", "-t", default="", help="The user's request that comes with the images.")
 @click.option("--response", "-r", default=None, help="The host model's answer: makes this a post-check.")
-@click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="fast", show_default=True,
-              help="fast: one forward pass; reason: generate perception + reasoning; adaptive: reason only when unsure.")
+@click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default=None,
+              help="Default: the format's own (fast for visguard, reason for mirage). fast: one forward pass; "
+                   "reason: generate perception + reasoning first; adaptive: reason only when unsure.")
 @click.option("--backend", "-b", default="transformers", show_default=True, help="Backend plugin name.")
 @click.option("--format", "format_name", default=None,
               help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
@@ -110,7 +111,7 @@ def cli() -> None:
 @click.option("--device", default="auto", show_default=True,
               help="Where a local backend runs (cpu, cuda, cuda:1 ...): passed to backends that take `device`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-def check(images: tuple[str, ...], model: str, text: str, response: str | None, mode: str, backend: str,
+def check(images: tuple[str, ...], model: str, text: str, response: str | None, mode: str | None, backend: str,
           format_name: str | None, threshold: float, max_new_tokens: int, backend_args: tuple[str, ...], device: str,
           as_json: bool) -> None:
     """Check IMAGES (zero or more files) plus --text with a guard model.

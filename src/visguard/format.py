@@ -46,6 +46,8 @@ class Capabilities:
             are combined), not each on its own.
         conversation: whether earlier turns (``GuardRequest.conversation``) reach the prompt; a
             format that does not use them refuses a request that has them (never ignores them).
+        default_mode: the mode a policy that names none runs in: the one the model was trained
+            to be read in (``None``: ``fast`` where the format can, else its first mode).
     """
 
     min_images: int = 0
@@ -62,6 +64,7 @@ class Capabilities:
     shares_prefix: bool = True
     cross_image: bool = True
     conversation: bool = False
+    default_mode: Mode | None = None
 
     def summary(self) -> str:
         """One line for ``visguard plugins`` and docs."""

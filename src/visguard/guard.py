@@ -56,7 +56,10 @@ class Guard:
     ) -> None:
         self.backend = backend
         self.format = format
-        self.policy = policy or Policy(mode=_default_mode(format))
+        policy = policy or Policy()
+        if policy.mode is None:  # the format's own mode (e.g. reason for MIRage)
+            policy = policy.updated(mode=default_mode(format))
+        self.policy = policy
         format.check_policy(self.policy)
         if format.capabilities.score and "fast" in format.capabilities.modes and not format.capabilities.fast_tokens:
             # a tokenizer that cannot tell the verdict words apart fails here, once, not every check
@@ -501,10 +504,16 @@ class Guard:
         return fast
 
 
-def _default_mode(format: GuardFormat) -> Mode:
-    """The default policy's mode, or the format's first mode when it cannot run fast."""
-    modes = format.capabilities.modes
-    return "fast" if "fast" in modes else modes[0]
+def default_mode(format: GuardFormat) -> Mode:
+    """The mode a policy that names none runs ``format`` in.
+
+    The format's ``Capabilities.default_mode`` (the mode its model was trained to be read in), else
+    ``fast`` where the format can run it, else its first mode.
+    """
+    caps = format.capabilities
+    if caps.default_mode is not None:
+        return caps.default_mode
+    return "fast" if "fast" in caps.modes else caps.modes[0]
 
 
 def resolve_format(model: str, format: str | GuardFormat | None = None) -> GuardFormat:

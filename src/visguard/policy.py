@@ -109,7 +109,10 @@ class Policy(BaseModel):
         threshold: P(unsafe) at or above which a scored verdict is ``unsafe``.
         mode: ``fast`` (one forward pass, score from the verdict-token logits), ``reason``
             (generate perception and reasoning, then the verdict) or ``adaptive`` (fast, then
-            reason only when the score lies inside ``adaptive_band``).
+            reason only when the score lies inside ``adaptive_band``). ``None`` (default): the
+            guard format's own mode (``Capabilities.default_mode``: ``fast`` for ``visguard``,
+            ``reason`` for ``mirage``, which was trained to reason before it answers); a
+            :class:`~visguard.Guard` fills it in when it is built.
         adaptive_band: closed interval ``(low, high)`` of fast scores that trigger reasoning.
         on_error: what an ``unavailable`` verdict does where a decision is acted upon: ``block``
             (default, fail closed), ``allow`` (pass, flagged as degraded) or ``raise``.
@@ -124,7 +127,7 @@ class Policy(BaseModel):
 
     categories: tuple[Category, ...] = MIS_CATEGORIES
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
-    mode: Mode = "fast"
+    mode: Mode | None = None
     adaptive_band: tuple[float, float] = (0.2, 0.8)
     on_error: OnError = "block"
     max_new_tokens: int = Field(default=512, ge=1)

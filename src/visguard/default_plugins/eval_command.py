@@ -80,8 +80,9 @@ def register_commands(cli):
                   help="Output directory (results.jsonl, summary.json, report.md, plots/). "
                        "Default: runs/eval/<benchmark>-<split>-<kind>-<model>. Rerunning resumes.")
     @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate only the first N items.")
-    @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="fast", show_default=True,
-                  help="Guard mode: fast (one forward pass), reason, adaptive.")
+    @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default=None,
+                  help="Guard mode (default: the format's own: fast for visguard, reason for mirage). "
+                       "fast: one forward pass; reason: reasoning first; adaptive: reason only when unsure.")
     @click.option("--backend", "-b", default="transformers", show_default=True, help="Guard backend plugin.")
     @click.option("--vs", "vs_guards", multiple=True, metavar="MODEL[@FORMAT[@BACKEND]]",
                   help="Guard evaluation: also evaluate this guard on the same items (repeatable) and print one "
@@ -115,7 +116,7 @@ def register_commands(cli):
     def eval_command(benchmark: str, data: str, split: str | None, model: str, vs_guards: tuple[str, ...],
                      ignore_unread: bool, host_adapter: str | None,
                      guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
-                     judge_base_url: str | None, judge_prompt: str | None, judge_system: str | None, out_dir: str | None, limit: int | None, mode: str, backend: str,
+                     judge_base_url: str | None, judge_prompt: str | None, judge_system: str | None, out_dir: str | None, limit: int | None, mode: str | None, backend: str,
                      format_name: str | None, threshold: float, batch_size: int, max_new_tokens: int, timeout_s: float,
                      host_max_new_tokens: int, backend_args: tuple[str, ...], host_args: tuple[str, ...],
                      device: str, base_url: str | None, restart: bool, no_plots: bool,

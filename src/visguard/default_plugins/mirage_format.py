@@ -88,7 +88,7 @@ class MirageFormat(GuardFormat):
     name = "mirage"
     #: MIRage judges against the MIS taxonomy it was trained on; categories come from its reasoning
     #: (reason mode), not from the fast score.
-    capabilities = Capabilities(custom_categories=False)
+    capabilities = Capabilities(custom_categories=False, default_mode="reason")
     verdict_prefix = ""
     verdict_words: Mapping[str, tuple[str, ...]] = {"safe": ("Safe", "safe"), "unsafe": ("Unsafe", "unsafe")}
 

@@ -40,7 +40,9 @@ from visguard.redact import redact
 @click.option("--max-body-mb", type=click.FloatRange(0.001), default=32.0, show_default=True,
               help="Largest request body; larger gets HTTP 413.")
 @click.option("--auth-token-env", default=None, help="Environment variable with the bearer token clients must send (401 otherwise).")
-@click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="fast", show_default=True)
+@click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default=None,
+              help="Default: the format's own (fast for visguard, reason for mirage). fast: one forward pass; "
+                   "reason: generate perception + reasoning first; adaptive: reason only when unsure.")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
 @click.option("--on-unsafe", type=click.Choice(["refuse", "safe_answer", "error"]), default="refuse", show_default=True,
               help="refuse: a completion with the refusal; safe_answer: with the guard's own safe reply "
@@ -60,7 +62,7 @@ from visguard.redact import redact
 def serve(model: str, backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
           bind_host: str, port: int, upstream: str | None, upstream_model: str | None, api_key_env: str | None,
           host_model: str | None, host_args: tuple[str, ...], served_model_name: str | None, max_concurrency: int, max_body_mb: float,
-          auth_token_env: str | None, mode: str, threshold: float, on_unsafe: str, on_error: str, pre_check: str,
+          auth_token_env: str | None, mode: str | None, threshold: float, on_unsafe: str, on_error: str, pre_check: str,
           max_batch_size: int, max_wait_ms: float, timeout_s: float, allow_remote_images: bool, audit: str | None,
           log_level: str) -> None:
     """Serve a guard over HTTP, optionally as a guarded OpenAI-compatible proxy.
