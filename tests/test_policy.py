@@ -53,10 +53,11 @@ def test_action_is_the_one_decision():
 
 
 def test_a_policy_without_a_mode_runs_the_formats_own():
+    from visguard_testing.backends import KeywordBackend
+
     from visguard import Guard
     from visguard.default_plugins.mirage_format import MirageFormat
     from visguard.default_plugins.visguard_format import VisguardFormat
-    from visguard_testing.backends import KeywordBackend
 
     # MIRage was trained to write its answer first: its default is reason, the visguard format's fast.
     assert Guard(KeywordBackend("x"), MirageFormat()).policy.mode == "reason"
