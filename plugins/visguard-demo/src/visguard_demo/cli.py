@@ -23,7 +23,7 @@ from visguard_demo.run import REAL_CHECKPOINT_LINE, SIZES
               help="Host VLM to guard (hub id or local path of a transformers model). "
                    "Default: a tiny random-weight Qwen2-VL whose answers are noise.")
 @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default="reason", show_default=True,
-              help="Guard mode of the guarded requests (reason shows the guard's reasoning; the evaluation is fast).")
+              help="Guard mode of the evaluation and the guarded requests (reason shows the guard's reasoning).")
 @click.option("--device", default="cpu", show_default=True, help="Device of the guard and the host: cpu, cuda ...")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_format: str | None, host: str | None,
@@ -34,7 +34,8 @@ def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_
     1. writes synthetic two-image data (each image harmless alone, some pairs harmful together);
     2. trains the demo guard (a 0.66 M-parameter Qwen2-VL, cached under $VISGUARD_CACHE/demo),
        or reuses the cached one;
-    3. evaluates it on held-out items in the MIS test layout (visguard eval's runner and plots);
+    3. evaluates it on held-out items in the MIS test layout (visguard eval's runner and plots,
+       in --mode);
     4. sends example requests through guard.wrap(host): pre-check, host answer, post-check;
     5. writes OUT/report.html: each request's images, text, both verdicts (score, category,
        reasoning, latency), what the user finally saw, and the evaluation plots.
@@ -59,7 +60,7 @@ def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_
     acc = s.get("accuracy")
     auroc = s.get("auroc")
     click.echo(f"\nheld-out: accuracy {acc if acc is None else f'{acc:.3f}'}, AUROC "
-               f"{auroc if auroc is None else f'{auroc:.3f}'} on {s.get('n')} items (fast mode)")
+               f"{auroc if auroc is None else f'{auroc:.3f}'} on {s.get('n')} items ({s.get('mode')} mode)")
     click.echo(f"done in {result.seconds:.0f} s. Report: {result.report.resolve()}")
     click.echo(f"Try the guard yourself: visguard check --model {result.guard} IMAGE1 IMAGE2 --text '...'")
 

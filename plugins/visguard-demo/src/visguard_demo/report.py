@@ -190,7 +190,7 @@ harmful and in a harmless pair: no single image decides the verdict.</p>
 
 <h2>Evaluation on held-out data</h2>
 <p>{_e(s.get('n'))} held-out synthetic items in the MIS test layout, evaluated with <code>visguard eval</code>'s
-runner in fast mode (one forward pass per item; P(unsafe) from the verdict tokens). Full tables:
+runner in {_e(s.get('mode'))} mode{_MODE_NOTE.get(s.get('mode') or '', '')}. Full tables:
 <code>{_e(eval_md)}</code>.</p>
 {_metrics_html(s)}
 <div class="plots">{_plots_html(s)}</div>

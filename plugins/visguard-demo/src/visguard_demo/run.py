@@ -209,8 +209,8 @@ def run_demo(
         guard_format: the guard format of ``guard_model`` (``None``: the checkpoint's own).
         host: the host VLM to guard (default: a tiny random-weight Qwen2-VL, whose answers are noise).
         device: ``cpu``, ``cuda`` ... for the guard and the host.
-        mode: the guard mode of the guarded requests' checks (``reason`` shows the guard's
-            perception and reasoning; the held-out evaluation always runs in ``fast`` mode).
+        mode: the guard mode of the held-out evaluation and of the guarded requests' checks
+            (``reason`` shows the guard's perception and reasoning; ``fast`` is one forward pass).
         progress: show progress bars.
         echo: where progress lines go.
 
@@ -256,11 +256,13 @@ def _run(out_dir: str | Path, *, size: str, retrain: bool, guard_model: str | No
         guard_name, trained = guard_model, False
         guard = Guard.from_pretrained(guard_model, format=guard_format, device=device)
 
+    # The demo guard learned reason mode too: reason mode shows its perception and reasoning.
+    mode_guard = guard.with_policy(mode=mode, max_new_tokens=192 if guard_model is None else 512)
     n_heldout = SIZES[size]["n_heldout"]
     heldout = write_mis_test_layout(out / "data", {"heldout": n_heldout}, seed=7, size=MODEL["image_size"])
-    _say(2, total, f"evaluating on {n_heldout} held-out items in the MIS test layout ({heldout}), fast mode", echo)
+    _say(2, total, f"evaluating on {n_heldout} held-out items in the MIS test layout ({heldout}), {mode} mode", echo)
     items = load_benchmark("mis", heldout, "heldout")
-    summary = evaluate_guard(guard, items, out_dir=out / "eval", benchmark="mis", split="heldout", mode="fast",
+    summary = evaluate_guard(mode_guard, items, out_dir=out / "eval", benchmark="mis", split="heldout", mode=mode,
                              restart=True, progress=progress, plots=True)
     summary = json.loads(Path(summary["files"]["summary"]).read_text())
 
@@ -270,9 +272,7 @@ def _run(out_dir: str | Path, *, size: str, retrain: bool, guard_model: str | No
     else:
         host_note = host
     _say(3, total, f"guarding a host VLM: {host_note}; pre-check ({mode} mode), host, post-check", echo)
-    # The demo guard learned reason mode too: reason mode shows its perception and reasoning.
-    request_guard = guard.with_policy(mode=mode, max_new_tokens=192 if guard_model is None else 512)
-    rows = guard_requests(request_guard, host, host_options={"device": device, "max_new_tokens": 24},
+    rows = guard_requests(mode_guard, host, host_options={"device": device, "max_new_tokens": 24},
                           progress=progress)
 
     _say(4, total, "writing the report", echo)
