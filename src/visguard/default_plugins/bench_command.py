@@ -14,7 +14,8 @@ model, and with ``--json`` prints everything with the ratios at the top level:
   confident on 80% of the items (the band is set from the fast scores to make it so).
 - ``batch_speedup``: 8 checks one after another / the same 8 from 8 threads (micro-batched).
 - ``guarded_over_host``: guarded end to end (parallel pre-check, host, post-check with reuse) /
-  the unguarded host, with host generation >= 4x a check.
+  the unguarded host, with host generation >= 4x a check (the guard passes everything here, so
+  no call is cut short by a block).
 - ``stream_ttft_over_host``: time to the first released token of a guarded stream / of the host's.
 - ``peak_rss_ratio_8_images``: extra peak RSS of a fast check at 8 images / of the model's own
   forward on the same prompt.
@@ -410,16 +411,20 @@ class LatencyBench:
         per_token = self._decode_ms_per_token()
         new_tokens = int(min(512, max(16, math.ceil(4.5 * check_ms / per_token))))
         gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-        guarded = self.guard.wrap(self.host, pre_check="parallel")
+        # A guard that passes everything (threshold 1): random weights would block some requests,
+        # and a blocked request cancels the host early, which is not the cost of guarding.
+        passing = self.guard.with_policy(threshold=1.0)
+        guarded = passing.wrap(self.host, pre_check="parallel")
+        blocked: list[bool] = []
         host_in = [self.images.take(2) for _ in range(n + 1)]
         from visguard.images import load_images
 
         guarded_in = [self.images.take(2) for _ in range(n + 1)]
         (host_ms, guarded_ms), _ = _interleaved([
             lambda i: self.host.generate(load_images(host_in[i]), TEXT, **gen),
-            lambda i: guarded.generate(guarded_in[i], TEXT, **gen),
+            lambda i: blocked.append(guarded.generate(guarded_in[i], TEXT, **gen).blocked),
         ], n)
-        streamer = self.guard.wrap(self.host, pre_check="sequential")
+        streamer = passing.wrap(self.host, pre_check="sequential")
         host_ttft, guarded_ttft = [], []
         for _ in range(n):
             imgs = load_images(self.images.take(2))
@@ -427,7 +432,7 @@ class LatencyBench:
             pngs = self.images.take(2)
             guarded_ttft.append(_first_piece_ms(lambda pngs=pngs: streamer.stream(pngs, TEXT, **gen)))
         self.results["host"] = {"new_tokens": new_tokens, "decode_ms_per_token": per_token,
-                                "generation_over_check": _p50(host_ms) / check_ms}
+                                "generation_over_check": _p50(host_ms) / check_ms, "guarded_calls_blocked": sum(blocked)}
         self.results["timings"].update({
             f"host alone ({new_tokens} new tokens)": summarize(host_ms, tokens=new_tokens),
             "guarded: parallel pre-check + host + post-check": summarize(guarded_ms, tokens=new_tokens),
