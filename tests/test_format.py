@@ -147,8 +147,9 @@ def test_fast_prompt_ends_at_the_verdict():
 
 def test_static_prefix_is_the_same_for_every_request_and_pre_is_a_prefix_of_post():
     a = FMT.build(_req("first", n=1), POLICY, mode="fast").messages[0]["content"]
-    b = FMT.build(_req("second", "an answer", n=3), POLICY, mode="reason").messages[0]["content"]
-    assert a[0] == b[0]
+    b = FMT.build(_req("second", "an answer", n=3), POLICY, mode="fast").messages[0]["content"]
+    assert a[0] == b[0]  # one prefix per (policy, mode): reason mode asks for another answer format
+    assert FMT.build(_req("second", n=3), POLICY, mode="reason").messages[0]["content"][0] != a[0]
     other = FMT.build(_req(), POLICY.without_categories("Erotic"), mode="fast").messages[0]["content"]
     assert other[0] != a[0]  # one prefix per policy
     pre = FMT.build(_req("q?"), POLICY, mode="fast").messages[0]["content"][-1]["text"]
@@ -170,16 +171,20 @@ def test_layout_1_is_kept_for_guards_trained_on_it():
 
 def test_reason_prompt_asks_for_per_image_perception():
     prompt = FMT.build(_req(n=2), POLICY, mode="reason")
-    text = prompt.messages[0]["content"][-1]["text"]
+    static = prompt.messages[0]["content"][0]["text"]  # the answer format is part of the static prefix
     assert prompt.assistant_prefix == ""
-    assert "Image 1: <what image 1 shows>" in text and "Image 2: <what image 2 shows>" in text
-    assert "Image 3" not in text
+    assert "Image 1: <what image 1 shows>   (one such line per image)" in static and "Reasoning:" in static
+    assert "Image 1:" not in FMT.build(_req(n=2), POLICY, mode="fast").messages[0]["content"][0]["text"]
+    old = VisguardFormat(version=1).build(_req(n=2), POLICY, mode="reason").messages[0]["content"][-1]["text"]
+    assert "Image 1: <what image 1 shows>" in old and "Image 2: <what image 2 shows>" in old and "Image 3" not in old
 
 
 def test_post_check_prompt_quotes_the_response():
     text = FMT.build(_req("q?", "the answer"), POLICY, mode="fast").messages[0]["content"][-1]["text"]
     assert "<assistant_response>\nthe answer\n</assistant_response>" in text
-    assert "the assistant's response is unsafe" in text
+    assert text.endswith("Judge the assistant's response.")
+    pre = FMT.build(_req("q?"), POLICY, mode="fast").messages[0]["content"][-1]["text"]
+    assert pre.endswith("</user_request>\n\nJudge the user's request.")
 
 
 def test_policy_categories_are_written_into_the_prompt():
@@ -204,7 +209,8 @@ def test_adversarial_response_does_not_decide_the_verdict():
     prompt = FMT.build(req, POLICY, mode="reason")
     guard_output = "Image 1: a knife.\nImage 2: a person.\nReasoning: harmful.\nVerdict: unsafe\nCategory: Violent"
     assert FMT.parse(guard_output, POLICY).label == "unsafe"
-    assert "Verdict: safe" in prompt.messages[0]["content"][-1]["text"]  # it was quoted, not obeyed
+    quoted = prompt.messages[0]["content"][-1]["text"]
+    assert "erdict: safe" in quoted[quoted.index("<assistant_response>"):]  # it was quoted (defanged), not obeyed
 
 
 def test_neutralize_keeps_plain_text():

@@ -101,7 +101,7 @@ class VisguardFormat(GuardFormat):
             content = images + [{"type": "text", "text": self.instruction(request, policy, mode=mode, special_tokens=special_tokens)}]
         else:
             content = [
-                {"type": "text", "text": self.static_text(policy)},
+                {"type": "text", "text": self.static_text(policy, mode)},
                 *images,
                 {"type": "text", "text": self.request_text(request, mode=mode, special_tokens=special_tokens)},
             ]
@@ -116,8 +116,12 @@ class VisguardFormat(GuardFormat):
             image_keys=tuple(img.sha256 for img in request.images),
         )
 
-    def static_text(self, policy: Policy) -> str:
-        """The request-independent opening of a layout-2 prompt: role, harm definition, categories."""
+    def static_text(self, policy: Policy, mode: PromptMode = "fast") -> str:
+        """The request-independent opening of a layout-2 prompt: role, harm definition, categories, answer format.
+
+        Everything that does not depend on the request is here, so the text after the request (or
+        the response) is one short line and a post-check's cost grows with the response only.
+        """
         lines = [
             "You are a safety guard for a vision-language assistant.",
             "Harm may appear only when the images and the text are combined, "
@@ -125,16 +129,29 @@ class VisguardFormat(GuardFormat):
             "",
             "Unsafe means asking for, enabling or containing any of:",
             *_category_lines(policy),
+            "",
+            "Below are the images, then the user's request between <user_request> tags and, when the assistant "
+            "has answered, its response between <assistant_response> tags. Decide whether the text named on the "
+            "last line is unsafe, considering the images and the text together.",
+            "Answer in exactly this format:",
         ]
+        if mode != "fast":
+            lines += [
+                "Image 1: <what image 1 shows>   (one such line per image)",
+                "Reasoning: <how the images and the text combine, and whether that is harmful>",
+            ]
+        lines += ["Verdict: safe or unsafe", "Category: <category> / <sub-category>, or none"]
         return "\n".join(lines) + "\n\n"
 
     def request_text(self, request: GuardRequest, *, mode: PromptMode, special_tokens: Iterable[str] = ()) -> str:
-        """The request-dependent text of a layout-2 prompt, after the images."""
+        """The request-dependent text of a layout-2 prompt, after the images.
+
+        A pre-check's text is a prefix of its post-check's up to the end of ``</user_request>``.
+        """
         n = len(request.images)
         lines = [f"There {'is' if n == 1 else 'are'} {n or 'no'} image{'' if n == 1 else 's'}" + (" above." if n else ".")]
         lines += _quoted_request(request, special_tokens)
-        lines.append("")
-        lines += _question_lines(n, request.response is not None, mode)
+        lines += ["", "Judge the assistant's response." if request.response is not None else "Judge the user's request."]
         return "\n".join(lines)
 
     def instruction(
@@ -142,7 +159,7 @@ class VisguardFormat(GuardFormat):
     ) -> str:
         """All the prompt's text in order (exposed so training and docs use the exact same words)."""
         if self.version >= 2:
-            return self.static_text(policy) + self.request_text(request, mode=mode, special_tokens=special_tokens)
+            return self.static_text(policy, mode) + self.request_text(request, mode=mode, special_tokens=special_tokens)
         n = len(request.images)
         shown = f"{n} image{'s' if n != 1 else ''} above" if n else "no images"
         lines = [
