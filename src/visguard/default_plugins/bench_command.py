@@ -7,9 +7,10 @@ model, and with ``--json`` prints everything with the ratios at the top level:
 - ``fast_over_floor``: a fast pre-check, as a user calls it (image bytes in, verdict out) / the
   model's forward over the request's own tokens (images + request + question) on the cached
   static prefix, processor included.
-- ``post_reuse_over_cold``: a post-check continuing from its pre-check's cache / the same
-  post-check without that cache (the static prefix still cached), response much shorter than the
-  image tokens.
+- ``post_reuse_over_cold``: a post-check continuing from its pre-check's cache / a cold
+  post-check (no cache: the whole prompt computed, as before caching), response much shorter than
+  the image tokens; ``post_reuse_over_prefix_only`` (in ``ratios``) compares with a post-check
+  that has the static prefix but not its pre-check.
 - ``adaptive_over_reason``: mean cost of adaptive mode / always-reason, on a set where fast is
   confident on 80% of the items (the band is set from the fast scores to make it so).
 - ``batch_speedup``: 8 checks one after another / the same 8 from 8 threads (micro-batched).
@@ -336,18 +337,22 @@ class LatencyBench:
         m = n + 1
         pre = [self.images.take(2) for _ in range(m)]
         cold_inputs = [self.images.take(2) for _ in range(m)]
-        (reused, cold), cpu = _interleaved([
+        prefix_inputs = [self.images.take(2) for _ in range(m)]
+        (reused, cold, prefix_only), cpu = _interleaved([
             lambda i: self.guard.check_output(pre[i], TEXT, response),
-            lambda i: self.guard.check_output(cold_inputs[i], TEXT, response),
+            lambda i: self.cold_guard.check_output(cold_inputs[i], TEXT, response),
+            lambda i: self.guard.check_output(prefix_inputs[i], TEXT, response),
         ], n, setup=lambda i: self.guard.check_input(pre[i], TEXT))  # the pre-check, untimed, as a guarded call runs it
         resp_tokens = len(tok(response, add_special_tokens=False)["input_ids"])
         self.results["post"] = {"image_tokens": image_tokens, "response_tokens": resp_tokens}
         self.results["timings"].update({
             f"post-check after its pre-check ({resp_tokens}-token response)": summarize(reused, cpu_ms=cpu[0]),
-            "post-check cold (static prefix cached only)": summarize(cold, cpu_ms=cpu[1]),
+            "post-check cold (no cache: the prompt computed from scratch)": summarize(cold, cpu_ms=cpu[1]),
+            "post-check without its pre-check (static prefix cached)": summarize(prefix_only, cpu_ms=cpu[2]),
         })
         self.results["ratios"]["post_reuse_over_cold"] = _p50(reused) / _p50(cold)
         self.results["ratios"]["post_reuse_over_cold_cpu"] = statistics.fmean(cpu[0]) / statistics.fmean(cpu[1])
+        self.results["ratios"]["post_reuse_over_prefix_only"] = _p50(reused) / _p50(prefix_only)
 
     def measure_adaptive(self, items: int = 10) -> None:
         self.progress("adaptive vs reason")
