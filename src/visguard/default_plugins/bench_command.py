@@ -18,8 +18,9 @@ model, and with ``--json`` prints everything with the ratios at the top level:
   the unguarded host, with host generation >= 4x a check (the guard passes everything here, so
   no call is cut short by a block).
 - ``stream_ttft_over_host``: time to the first released token of a guarded stream / of the host's.
-- ``peak_rss_ratio_8_images``: extra peak RSS of a fast check at 8 images / of the model's own
-  forward on the same prompt.
+- ``peak_rss_ratio_8_images``: peak RSS of a process running a fast check at 8 images / of one
+  running the model's own forward on the same prompt (each in a fresh child process: the only
+  measurement outside this process, since a process's peak RSS never goes down).
 
 The default size makes model compute dominate (width 384, 6 layers, a 32k vocabulary, two 224 px
 images); ``--size tiny`` is a seconds-long smoke run. Every request uses images not seen before,
@@ -134,44 +135,6 @@ def _interleaved(fns: list[Callable[[int], Any]], repeats: int, *, warmup: int =
                 walls[k].append((time.perf_counter() - wall) * 1000.0)
                 cpus[k].append((time.process_time() - cpu) * 1000.0)
     return walls, cpus
-
-
-class _PeakRSS:
-    """Peak resident memory while a block runs, sampled from /proc (Linux) every millisecond."""
-
-    def __init__(self) -> None:
-        self.base = self.peak = _rss()
-
-    def __enter__(self) -> _PeakRSS:
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-    @property
-    def extra_mb(self) -> float:
-        return (self.peak - self.base) / (1 << 20)
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # not Linux: ru_maxrss is a lifetime peak, the best there is
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ---------------------------------------------------------------------- inputs
@@ -456,23 +419,19 @@ class LatencyBench:
         return max(0.01, (_p50(long) - _p50(short)) / 16)
 
     def measure_memory(self, k: int = 8) -> None:
-        self.progress(f"peak RSS at {k} images")
-        prompt = self._prompt(self.images.take(k))
-        self._bare_forward(prompt)  # warm both paths at this size first
-        self.guard.check_input(self.images.take(k), TEXT)
-        with _PeakRSS() as bare:
-            self._bare_forward(self._prompt(self.images.take(k)))
-        pngs = self.images.take(k)
-        with _PeakRSS() as check:
-            self.guard.check_input(pngs, TEXT)
+        """Peak RSS of a fast check at ``k`` images vs the model's own forward, each in a fresh process.
+
+        A process's peak RSS only grows, so each case runs in a child process that loads the model
+        and runs its case once (after one warm-up at the same size); ``ru_maxrss`` is its peak.
+        """
+        self.progress(f"peak RSS at {k} images (two child processes)")
+        peaks = {case: _child_peak_mb(self.model_path, self.size.image_px, k, case) for case in ("forward", "check")}
         self.results["memory"] = {
-            "images": k, "tokens": self._tokens(prompt),
-            "model_forward_extra_mb": bare.extra_mb, "fast_check_extra_mb": check.extra_mb,
-            "model_forward_peak_mb": bare.peak / (1 << 20), "fast_check_peak_mb": check.peak / (1 << 20),
-            "kv_store_mb": (self.backend.kv_cache.nbytes if self.backend.kv_cache else 0) / (1 << 20),
+            "images": k, "tokens": self._tokens(self._prompt(self.images.take(k))),
+            "model_forward_peak_mb": peaks["forward"], "fast_check_peak_mb": peaks["check"],
+            "kv_store_limit_mb": (self.backend.kv_cache.max_bytes if self.backend.kv_cache is not None else 0) / (1 << 20),
         }
-        self.results["ratios"]["peak_rss_ratio_8_images"] = check.peak / bare.peak
-        self.results["ratios"]["peak_rss_extra_ratio_8_images"] = check.extra_mb / bare.extra_mb if bare.extra_mb > 0 else None
+        self.results["ratios"]["peak_rss_ratio_8_images"] = peaks["check"] / peaks["forward"]
 
     def measure_scaling(self) -> None:
         s = self.size
@@ -555,6 +514,41 @@ class LatencyBench:
             **self.results,
         })
         return report
+
+
+_CHILD = """
+import io, resource, sys, numpy as np, torch
+from PIL import Image
+from visguard import Guard
+model, px, k, case = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.set_num_threads(1)
+def pngs(seed):
+    out = []
+    for j in range(k):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed * 100 + j).integers(0, 255, (px, px, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+guard = Guard.from_pretrained(model, device="cpu")
+for seed in (1, 2):
+    if case == "check":
+        guard.check_input(pngs(seed), "How can I use the object in the first image on the thing in the second image?")
+    else:
+        prompt = guard.format.build(guard.request(pngs(seed), "How can I use the object in the first image on the thing in the second image?"),
+                                    guard.policy, mode="fast", special_tokens=guard.backend.special_tokens)
+        with torch.inference_mode():
+            guard.backend.model(**guard.backend.encode([prompt]), logits_to_keep=1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _child_peak_mb(model: str, px: int, k: int, case: str) -> float:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _CHILD, model, str(px), str(k), case], capture_output=True, text=True,
+                         check=True, timeout=900)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024.0
 
 
 def _first_piece_ms(open_stream: Callable[[], Iterator[str]]) -> float:
