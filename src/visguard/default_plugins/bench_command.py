@@ -377,7 +377,7 @@ class LatencyBench:
         n = max(3, self.size.repeats // 3)
         check_ms = self.results["timings"]["fast check (guard.check_input)"]["p50_ms"]
         per_token = self._decode_ms_per_token()
-        new_tokens = int(min(512, max(16, math.ceil(4.5 * check_ms / per_token))))
+        new_tokens = int(min(512, max(16, math.ceil(6.0 * check_ms / per_token))))  # margin: generation >= 4x a check
         gen = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
         # A guard that passes everything (threshold 1): random weights would block some requests,
         # and a blocked request cancels the host early, which is not the cost of guarding.
