@@ -380,8 +380,9 @@ def _write_meta(output: Path, config: TrainConfig, result: TrainResult, records:
         # The trained guard names its format, so Guard.from_pretrained(output) runs it the trained way.
         from visguard.plugins import MODEL_FORMAT_FILE
 
-        for path in paths:
-            (path.parent / MODEL_FORMAT_FILE).write_text(json.dumps({"format": config.guard_format}) + "\n", encoding="utf-8")
+        for path in paths:  # kept when already written with the format's layout kwargs (after saving the model)
+            if not (path.parent / MODEL_FORMAT_FILE).is_file():
+                (path.parent / MODEL_FORMAT_FILE).write_text(json.dumps({"format": config.guard_format}) + "\n", encoding="utf-8")
 
 
 def load_checkpoint_weights(model: Any, checkpoint: str | Path) -> None:
