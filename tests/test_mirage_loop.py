@@ -36,7 +36,7 @@ def test_mirage_loop_closed_end_to_end(tmp_path, monkeypatch, capsys, one_torch_
     loop = tmp_path / "loop"
 
     # The trained model names its format; visguard eval ran it through `mirage`.
-    assert json.loads((loop / "mirage" / "visguard.json").read_text()) == {"format": "mirage"}
+    assert json.loads((loop / "mirage" / "visguard.json").read_text()) == {"format": "mirage", "format_kwargs": {}}
     for mode in ("fast", "reason"):
         meta = json.loads((loop / f"guard_{mode}" / "summary.json").read_text())
         assert meta["format"] == "mirage" and meta["mode"] == mode

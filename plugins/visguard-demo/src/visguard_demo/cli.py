@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import click
 
 from visguard_demo.run import REAL_CHECKPOINT_LINE, SIZES
@@ -63,6 +66,14 @@ def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_
                f"{auroc if auroc is None else f'{auroc:.3f}'} on {s.get('n')} items ({s.get('mode')} mode)")
     click.echo(f"done in {result.seconds:.0f} s. Report: {result.report.resolve()}")
     click.echo(f"Try the guard yourself: visguard check --model {result.guard} IMAGE1 IMAGE2 --text '...'")
+    if result.trained:
+        # Everything is written. After an in-process training run, a native thread left by the
+        # training stack (seen with transformers 5.24 / torch 2.14 on CPU) can abort interpreter
+        # teardown ("terminate called without an active exception", exit 134) although the demo
+        # succeeded; end the process here instead, with the streams flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 demo.help = (demo.help or "").replace("{real}", REAL_CHECKPOINT_LINE)
