@@ -20,6 +20,7 @@ from PIL import Image
 
 from visguard import Guard, Policy, plugins
 from visguard.default_plugins.openai_backend import OpenAIBackend
+from visguard.default_plugins.visguard_format import VisguardFormat
 from visguard.serve.app import ServeSettings, create_app
 from visguard.serve.upstream import ServerThread, create_upstream_app
 
@@ -55,14 +56,21 @@ def remote(base_url: str, **kw) -> Guard:
     return Guard.from_pretrained(MODEL, backend="openai", base_url=base_url, **kw)
 
 
-def test_reason_mode_over_http_generates_what_the_local_guard_generates(upstream, reference, two_images):
-    guard = remote(upstream, scores=False).with_policy(Policy(mode="reason", max_new_tokens=16))
+def test_reason_mode_over_http_generates_what_the_local_guard_generates(upstream, qwen_path, two_images):
+    # visguard's own upstream app serves a host, which takes (images, text): it puts the images
+    # first, so it can only reproduce a prompt laid out that way. Layout 1 of the visguard format is
+    # (layout 2 puts the static instructions before the images; a vLLM server keeps that order).
+    layout1 = VisguardFormat(version=1)
+    policy = Policy(mode="reason", max_new_tokens=16)
+    guard = Guard.from_pretrained(MODEL, backend="openai", base_url=upstream, scores=False, format=layout1, policy=policy)
+    local = Guard.from_pretrained(qwen_path, device="cpu", dtype="float32", format=layout1, policy=policy)
     try:
         request = guard.request(two_images, "Is it safe to use image 1 on image 2?")
         got = guard.check(request)
-        want = reference.with_policy(Policy(mode="reason", max_new_tokens=16)).check(request)
+        want = local.check(request)
     finally:
         guard.close()
+        local.close()
     # The upstream renders (images, text) with the same chat template, so greedy text is identical.
     assert got.raw == want.raw and got.raw
     assert got.label == want.label and got.label != "safe"  # random weights write no verdict line
