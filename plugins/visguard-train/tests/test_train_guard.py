@@ -28,6 +28,7 @@ TRAIN_FLAGS = ["--lr", "4e-3", "--epochs", "2", "--batch-size", "8", "--warmup-r
 
 
 @pytest.mark.slow
+@pytest.mark.isolated  # own process: see the Makefile target test-isolated
 # ~3.5 min alone on 2 cores; the generous limit only stops a hang, it is not a speed target.
 @pytest.mark.timeout(2400)
 def test_trained_guard_flags_unsafe_combinations_of_benign_images(tmp_path, tiny_cache):
