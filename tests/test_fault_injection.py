@@ -303,14 +303,16 @@ def test_openai_backend_hang_times_out_and_recovers(scripted):
 def test_openai_backend_unreachable_server_is_unavailable():
     import socket
 
-    with socket.socket() as s:  # a port nobody listens on
+    # A port bound but never listened on, held for the whole check: connecting is refused, and no
+    # other test's server can take the port in between (a freed ephemeral port can be reused).
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    guard = _openai_guard(f"http://127.0.0.1:{port}/v1")
-    try:
-        verdict = guard.check_input(None, "hello")
-    finally:
-        guard.close()
+        guard = _openai_guard(f"http://127.0.0.1:{port}/v1")
+        try:
+            verdict = guard.check_input(None, "hello")
+        finally:
+            guard.close()
     assert verdict.label == "unavailable" and "unreachable" in verdict.error
 
 
