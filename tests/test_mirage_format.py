@@ -33,15 +33,6 @@ from visguard.types import GuardRequest
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def mis_item(tmp_path_factory) -> tuple[dict[str, Any], Path]:
-    from visguard_testing.synthetic import write_mis_test_layout
-
-    root = write_mis_test_layout(tmp_path_factory.mktemp("mis"), {"hard": 4}, size=64)
-    items = json.loads((root / "mis_hard.json").read_text())
-    return next(it for it in items if it["label"] == "unsafe"), root
-
-
 def _request(item: dict[str, Any], root: Path, response: str | None = None) -> GuardRequest:
     return GuardRequest.build([root / item["image_path1"], root / item["image_path2"]], item["question"], response)
 

@@ -33,7 +33,15 @@ def _requests(guard: Guard) -> list:
 
 
 def test_scores_unchanged_by_prefix_and_pre_post_caching(tiny_arch):
-    arch, path = tiny_arch
+    _assert_caching_leaves_scores_unchanged(*tiny_arch)
+
+
+def test_scores_unchanged_by_caching_on_hf_internvl(internvl_path):
+    """InternVL (HF format): ``<img>`` + ``<IMG_CONTEXT>`` tokens, plain 1-D positions from ``cache_position``."""
+    _assert_caching_leaves_scores_unchanged("internvl", internvl_path)
+
+
+def _assert_caching_leaves_scores_unchanged(arch: str, path: str) -> None:
     plain = Guard(TransformersBackend(path, device="cpu", kv_cache_mb=0), VisguardFormat())
     cached = Guard(TransformersBackend(path, device="cpu"), VisguardFormat())
     requests = _requests(plain)

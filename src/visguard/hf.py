@@ -16,10 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from visguard.backend import Generation
-from visguard.errors import BackendError
+from visguard.errors import BackendError, UnsupportedRequestError
 from visguard.format import GuardPrompt
 
 _PROCESSOR_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "video_token", "fake_image_token")
+#: processor attributes naming a string its chat-template output must contain for an image to be read
+_IMAGE_PLACEHOLDER_ATTRS = ("image_token", "boi_token", "start_image_token", "fake_image_token")
 
 
 class HFPromptCodec:
@@ -43,11 +45,27 @@ class HFPromptCodec:
                 specials.add(token)
         #: strings the tokenizer reads as control tokens (neutralised in untrusted text)
         self.special_tokens = frozenset(specials)
+        #: strings marking where an image goes, one of which the processor must find in the text
+        self.image_placeholders = frozenset(
+            t for t in (getattr(processor, a, None) for a in _IMAGE_PLACEHOLDER_ATTRS) if isinstance(t, str) and t)
 
     def render(self, prompt: GuardPrompt) -> str:
-        """The exact prompt string the model sees (chat template + assistant prefix)."""
+        """The exact prompt string the model sees (chat template + assistant prefix).
+
+        Raises:
+            UnsupportedRequestError: the prompt has images but the rendered text holds none of the
+                processor's image placeholders (a format that writes its own placeholder text, such
+                as ``<image>``, for a checkpoint whose processor reads another): the images could
+                not reach the model, so the check is refused instead of failing as ``unavailable``.
+        """
         text = self.processor.apply_chat_template(
             prompt.messages, add_generation_prompt=True, tokenize=False, **dict(prompt.template_kwargs))
+        if prompt.images and self.image_placeholders and not any(t in text for t in self.image_placeholders):
+            raise UnsupportedRequestError(
+                f"the guard prompt has {len(prompt.images)} image(s) but none of this checkpoint's image "
+                f"placeholders ({', '.join(sorted(self.image_placeholders))}): the guard format writes image "
+                "placeholders this model's processor does not read; pick the format settings made for this "
+                "checkpoint (docs/formats.md)")
         return text + prompt.assistant_prefix
 
     def static_prefix(self, prompt: GuardPrompt, rendered: str) -> str | None:
@@ -187,10 +205,16 @@ def load_image_text_model(
         except ValueError as exc:  # a text-only checkpoint (e.g. a text guard): its causal LM, same prompts
             if "Unrecognized configuration class" not in str(exc):
                 raise
+            custom = _custom_code_model(model, revision, with_vision=True)
+            if custom:  # its own code may load as a causal LM, with no way for images to reach it
+                raise BackendError(f"cannot load {role} model {model!r} with transformers: {custom}") from exc
             from transformers import AutoModelForCausalLM
 
             hf_model, info = AutoModelForCausalLM.from_pretrained(model, **load)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated weights) ...
+        custom = _custom_code_model(model, revision)
+        if custom:
+            raise BackendError(f"cannot load {role} model {model!r} with transformers: {custom}") from exc
         text = " ".join(str(exc).split())[:300]
         raise BackendError(f"cannot load {role} model {model!r} with transformers: {type(exc).__name__}: {text}") from exc
     missing = list(info.get("missing_keys") or ())
@@ -201,6 +225,31 @@ def load_image_text_model(
             f"{type(hf_model).__name__} are missing from the checkpoint (e.g. {sorted(missing)[0]!r}; it was saved "
             f"as {saved_as}); they would be random")
     return hf_model.to(device), processor
+
+
+def _custom_code_model(model: str, revision: str | None, *, with_vision: bool = False) -> str | None:
+    """Why ``model`` is a checkpoint of its own code that transformers' classes cannot run, or ``None``.
+
+    Such a checkpoint (``auto_map`` in its config, a ``model_type`` transformers does not know, e.g.
+    an original-format InternVL ``InternVLChatModel``) cannot be loaded as an image-text-to-text
+    model; with ``trust_remote_code`` its class may load as a causal LM that never sees the images.
+    ``with_vision``: only a checkpoint whose config has a ``vision_config`` (a text-only one may run
+    as the causal LM it is).
+    """
+    try:
+        from transformers import PretrainedConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        config, _ = PretrainedConfig.get_config_dict(model, revision=revision)
+    except Exception:  # noqa: BLE001 - no readable config: the loader's own error stands
+        return None
+    model_type = config.get("model_type")
+    if not config.get("auto_map") or model_type in CONFIG_MAPPING or (with_vision and "vision_config" not in config):
+        return None
+    archs = ", ".join(config.get("architectures") or ["?"])
+    return (f"it is a custom-code checkpoint (model_type {model_type!r}, {archs}) that transformers' own "
+            "image-text-to-text classes do not run; convert it to a transformers-native checkpoint first, or "
+            "serve it with a backend that runs its own format (docs/formats.md)")
 
 
 class KVCacheStore:

@@ -6,7 +6,8 @@ the risk, then reply safely and helpfully. It never learnt a verdict line. This 
 
 - reason mode (MIRage's native use): sends the request exactly as the MIS inference script does (no
   system prompt, greedy; Qwen2-VL user content ``[image, image, text]``; InternVL
-  ``"Image-1: <image>\\n\\nImage-2: <image>\\n\\n{question}"``), lets MIRage write its answer, then asks
+  ``"Image-1: <image>\\n\\nImage-2: <image>\\n\\n{question}"``, with ``<IMG_CONTEXT>`` for ``<image>`` on an
+  InternVL checkpoint in transformers' HF format), lets MIRage write its answer, then asks
   one short verdict question as a follow-up user turn after that answer and reads P(unsafe) from the
   first answer token (``Safe`` / ``Unsafe``) in one forward pass whose prefix is the generation
   prompt plus the answer (a prefix cache makes it cost the question's tokens). The answer is parsed
@@ -38,7 +39,7 @@ from visguard.hookspecs import hookimpl
 from visguard.policy import MIS_CATEGORIES, Policy
 from visguard.types import GuardRequest
 
-Variant = Literal["qwen2_vl", "internvl"]
+Variant = Literal["qwen2_vl", "internvl", "internvl_hf"]
 VerdictSource = Literal["followup", "text"]
 
 #: The public MIRage checkpoints.
@@ -47,6 +48,12 @@ MIRAGE_INTERNVL = "Tuwhy/InternVL2.5-8B-MIRage"
 #: Qwen2-VL pixel range of the MIS inference script's processor (``AutoProcessor(min_pixels=..., max_pixels=...)``).
 QWEN2VL_MIN_PIXELS = 256 * 28 * 28
 QWEN2VL_MAX_PIXELS = 1280 * 28 * 28
+#: Image placeholder of each InternVL variant in the MIS text ``"Image-1: <image>\n\n..."``: the original
+#: (remote-code) InternVL format reads ``<image>`` (InternVL's own ``chat()`` and vLLM's InternVL
+#: processor replace it with ``<img>`` + ``<IMG_CONTEXT>`` x 256 per tile + ``</img>``); transformers'
+#: HF-format ``InternVLProcessor`` reads its tokenizer's ``context_image_token`` ``<IMG_CONTEXT>`` and
+#: expands it into the same ``<img>`` + ``<IMG_CONTEXT>`` x 256 per tile + ``</img>``.
+INTERNVL_IMAGE_PLACEHOLDERS: Mapping[str, str] = {"internvl": "<image>", "internvl_hf": "<IMG_CONTEXT>"}
 _QWEN2VL_FACTOR = 28  # patch 14 x spatial merge 2
 
 _TAGS = ("<request>", "</request>", "<response>", "</response>")
@@ -74,8 +81,12 @@ class MirageFormat(GuardFormat):
     Args:
         variant: ``qwen2_vl`` (user content ``[image, ..., text]``, the layout of Qwen2-VL and of any
             Hugging Face chat template that takes typed parts; also what ``visguard train
-            --objective response`` trains) or ``internvl`` (one text message with
-            ``Image-N: <image>`` placeholders, the InternVL chat format that vLLM serves natively).
+            --objective response`` trains), ``internvl`` (one text message with
+            ``Image-N: <image>`` placeholders, the original InternVL chat format that vLLM serves
+            natively, e.g. ``Tuwhy/InternVL2.5-8B-MIRage``) or ``internvl_hf`` (the same text with
+            ``<IMG_CONTEXT>`` placeholders, for an InternVL checkpoint in transformers' HF format,
+            ``InternVLForConditionalGeneration``, e.g. one converted with transformers'
+            ``convert_internvl_weights_to_hf.py``).
         min_pixels / max_pixels: resize each image into this pixel range, keeping its aspect ratio,
             to sides that are multiples of 28 (what the Qwen2-VL processor does with these
             arguments), so every backend, remote ones included, sees what the MIS script's
@@ -100,8 +111,8 @@ class MirageFormat(GuardFormat):
         max_pixels: int | None = None,
         verdict: VerdictSource = "followup",
     ) -> None:
-        if variant not in ("qwen2_vl", "internvl"):
-            raise InputError(f"unknown mirage variant {variant!r}; expected qwen2_vl or internvl")
+        if variant not in ("qwen2_vl", "internvl", "internvl_hf"):
+            raise InputError(f"unknown mirage variant {variant!r}; expected qwen2_vl, internvl or internvl_hf")
         if verdict not in ("followup", "text"):
             raise InputError(f"mirage verdict must be 'followup' or 'text', got {verdict!r}")
         if (min_pixels is None) != (max_pixels is None) or (min_pixels is not None and not 0 < min_pixels <= max_pixels):
@@ -121,13 +132,23 @@ class MirageFormat(GuardFormat):
             )
 
     # ------------------------------------------------------------------ prompts
+    def _specials(self, special_tokens: Iterable[str]) -> tuple[str, ...]:
+        """The backend's special tokens plus this variant's image placeholder (never taken from user text)."""
+        placeholder = INTERNVL_IMAGE_PLACEHOLDERS.get(self.variant)
+        return (*special_tokens, placeholder) if placeholder else tuple(special_tokens)
+
+    def _internvl_content(self, n_images: int, text: str) -> str:
+        """``"Image-1: <image>\\n\\nImage-2: <image>\\n\\n{text}"`` with this variant's placeholder."""
+        placeholder = INTERNVL_IMAGE_PLACEHOLDERS[self.variant]
+        placeholders = "\n".join(f"Image-{i}: {placeholder}\n" for i in range(1, n_images + 1))
+        return f"{placeholders}\n{text}" if n_images else text
+
     def question_message(self, request: GuardRequest, special_tokens: Iterable[str] = ()) -> dict[str, Any]:
         """The user turn exactly as the MIS inference script builds it (the user text neutralised)."""
-        text = neutralize(request.text, special_tokens)
+        text = neutralize(request.text, self._specials(special_tokens))
         n = len(request.images)
-        if self.variant == "internvl":
-            placeholders = "\n".join(f"Image-{i}: <image>\n" for i in range(1, n + 1))
-            return {"role": "user", "content": f"{placeholders}\n{text}" if n else text}
+        if self.variant in INTERNVL_IMAGE_PLACEHOLDERS:
+            return {"role": "user", "content": self._internvl_content(n, text)}
         return {"role": "user", "content": [{"type": "image"} for _ in range(n)] + [{"type": "text", "text": text}]}
 
     def images(self, request: GuardRequest) -> list[Image.Image]:
@@ -138,7 +159,7 @@ class MirageFormat(GuardFormat):
         return [_resize_into(img, self.min_pixels, self.max_pixels) for img in imgs]
 
     def _text_message(self, role: str, text: str) -> dict[str, Any]:
-        if self.variant == "internvl":
+        if self.variant in INTERNVL_IMAGE_PLACEHOLDERS:
             return {"role": role, "content": text}
         return {"role": role, "content": [{"type": "text", "text": text}]}
 
@@ -160,14 +181,12 @@ class MirageFormat(GuardFormat):
             # MIRage writes its own answer to the request, exactly as in the MIS evaluation.
             return self._prompt(request, [question], mode)
         if request.response is not None:
-            answer = neutralize(request.response, special_tokens)
+            answer = neutralize(request.response, self._specials(special_tokens))
             messages = [question, self._text_message("assistant", answer), self._text_message("user", OUTPUT_FOLLOWUP_OWN)]
             return self._prompt(request, messages, mode)
-        quoted = INPUT_FAST.format(request=neutralize(request.text, special_tokens, _TAGS))
-        if self.variant == "internvl":
-            n = len(request.images)
-            placeholders = "\n".join(f"Image-{i}: <image>\n" for i in range(1, n + 1))
-            message: dict[str, Any] = {"role": "user", "content": f"{placeholders}\n{quoted}" if n else quoted}
+        quoted = INPUT_FAST.format(request=neutralize(request.text, self._specials(special_tokens), _TAGS))
+        if self.variant in INTERNVL_IMAGE_PLACEHOLDERS:
+            message: dict[str, Any] = {"role": "user", "content": self._internvl_content(len(request.images), quoted)}
         else:
             message = {"role": "user", "content": [{"type": "image"} for _ in request.images] + [{"type": "text", "text": quoted}]}
         return self._prompt(request, [message], mode)
@@ -178,11 +197,11 @@ class MirageFormat(GuardFormat):
         if request.response is None and self.verdict == "text":
             return None
         question = self.question_message(request, special_tokens)
-        own = self._text_message("assistant", neutralize(generated.strip(), special_tokens))
+        own = self._text_message("assistant", neutralize(generated.strip(), self._specials(special_tokens)))
         if request.response is None:
             ask = INPUT_FOLLOWUP
         else:
-            ask = OUTPUT_FOLLOWUP_OTHER.format(response=neutralize(request.response, special_tokens, _TAGS))
+            ask = OUTPUT_FOLLOWUP_OTHER.format(response=neutralize(request.response, self._specials(special_tokens), _TAGS))
         return self._prompt(request, [question, own, self._text_message("user", ask)], "reason")
 
     # ------------------------------------------------------------------ reading answers

@@ -42,6 +42,19 @@ attention backend accepts them):
     ``<fake_token_around_image>``. The BOS comes from the chat template (the tokenizer
     does *not* add one), eos ``<end_of_utterance>``, pad ``<|reserved_special_token_0|>``.
 
+``internvl`` (in :data:`EXTRA_ARCHITECTURES`, not in :data:`ARCHITECTURES`)
+    ``InternVLForConditionalGeneration`` in transformers' HF format (InternViT-style vision tower,
+    56 px tiles, patch 14, pixel-shuffle ratio 0.5, + a Qwen2 text model, as InternVL2.5-1B/4B and
+    InternVL3) + ``InternVLProcessor`` (``Qwen2Tokenizer`` with the tokens transformers' conversion
+    script adds: ``<img>``, ``</img>``, ``<IMG_CONTEXT>``, ``<quad>`` ... and ``<video>``, named as
+    ``start_image_token`` / ``end_image_token`` / ``context_image_token`` / ``video_token``;
+    ``GotOcr2ImageProcessor`` with dynamic tiling, at most 4 tiles per image as in the MIS run, plus a
+    thumbnail when an image takes more than one tile). Chat template: :data:`INTERNVL_CHAT_TEMPLATE`,
+    verbatim from ``convert_internvl_weights_to_hf.py`` (no system turn, an image part is
+    ``<IMG_CONTEXT>\\n``, no ``{% generation %}`` markers). A tile is 4 ``<IMG_CONTEXT>`` tokens
+    inside ``<img>`` ... ``</img>``: a 64x64 image is one tile, a 128x64 image two tiles and a thumbnail.
+    eos ``<|im_end|>``, pad ``<|endoftext|>``, no BOS.
+
 Image-list nesting accepted by ``processor(text=[...], images=..., padding=True)``
 for a batch of prompts with different numbers of images (verified by
 ``tests/test_tiny_checkpoints.py``):
@@ -90,6 +103,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ARCHITECTURES",
     "CHECKPOINT_FORMAT_VERSION",
+    "EXTRA_ARCHITECTURES",
+    "INTERNVL_CHAT_TEMPLATE",
     "build_tiny_checkpoint",
     "build_tiny_tokenizer",
     "cached_tiny_checkpoint",
@@ -97,6 +112,10 @@ __all__ = [
 ]
 
 ARCHITECTURES: tuple[str, ...] = ("qwen2_vl", "llava", "idefics3")
+#: Architectures built by the same functions but left out of :data:`ARCHITECTURES` (the set every
+#: generic fixture test runs on): ``internvl`` carries InternVL's real HF-format chat template,
+#: which has no ``{% generation %}`` markers for assistant masks.
+EXTRA_ARCHITECTURES: tuple[str, ...] = ("internvl",)
 
 #: Bump whenever the produced checkpoints change; it is part of the cache key used by
 #: :func:`cached_tiny_checkpoint`.
@@ -246,6 +265,13 @@ _QWEN2_SPECIALS = (
 # Llama-2 style: <unk>, <s>, </s> get ids 0, 1, 2 (trained in as the first tokens).
 _LLAVA_LEADING_SPECIALS = ("<unk>", "<s>", "</s>")
 _LLAVA_SPECIALS = ("<image>", "<pad>")
+# InternVL (HF format): the Qwen2-VL specials plus the ones transformers' conversion script adds
+# (``write_tokenizer`` in convert_internvl_weights_to_hf.py), and ``<video>``, the video token it
+# names in ``extra_special_tokens``.
+_INTERNVL_SPECIALS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>",
+                      "<video>")
+_INTERNVL_TOKEN_ROLES = (("start_image_token", "<img>"), ("end_image_token", "</img>"),
+                         ("context_image_token", "<IMG_CONTEXT>"), ("video_token", "<video>"))
 _IDEFICS3_SPECIALS = (
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -260,8 +286,9 @@ _IDEFICS3_SPECIALS = (
 
 
 def _check_arch(arch: str) -> None:
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHITECTURES)}")
+    known = ARCHITECTURES + EXTRA_ARCHITECTURES
+    if arch not in known:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(known)}")
 
 
 def _train_raw_tokenizer(arch: str, seed: int, vocab_size: int) -> Any:
@@ -271,7 +298,7 @@ def _train_raw_tokenizer(arch: str, seed: int, vocab_size: int) -> Any:
     from tokenizers.trainers import BpeTrainer
 
     raw = Tokenizer(BPE(dropout=None, unk_token=None, fuse_unk=False, byte_fallback=False))
-    if arch == "qwen2_vl":
+    if arch in ("qwen2_vl", "internvl"):
         raw.normalizer = normalizers.NFC()
         regex = _QWEN2_PRETOKENIZE_REGEX
     else:
@@ -293,7 +320,8 @@ def _train_raw_tokenizer(arch: str, seed: int, vocab_size: int) -> Any:
     )
     raw.train_from_iterator(_generate_corpus(seed), trainer=trainer)
 
-    trailing = {"qwen2_vl": _QWEN2_SPECIALS, "llava": _LLAVA_SPECIALS, "idefics3": _IDEFICS3_SPECIALS}[arch]
+    trailing = {"qwen2_vl": _QWEN2_SPECIALS, "llava": _LLAVA_SPECIALS, "idefics3": _IDEFICS3_SPECIALS,
+                "internvl": _QWEN2_SPECIALS + _INTERNVL_SPECIALS}[arch]
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in trailing])
     if arch == "llava":
         # Llama-2 behaviour: prepend <s> to every sequence.
@@ -310,7 +338,10 @@ def _wrap_tokenizer(arch: str, raw: Any) -> PreTrainedTokenizerBase:
     from transformers import PreTrainedTokenizerFast
 
     common: dict[str, Any] = {"clean_up_tokenization_spaces": False, "model_max_length": 32768}
-    if arch == "qwen2_vl":
+    if arch == "internvl":
+        common["extra_special_tokens"] = dict(_INTERNVL_TOKEN_ROLES)
+        common["model_max_length"] = 8192  # the conversion script's CONTEXT_LENGTH
+    if arch in ("qwen2_vl", "internvl"):
         from transformers import Qwen2Tokenizer
 
         model = json.loads(raw.to_str())["model"]
@@ -326,8 +357,9 @@ def _wrap_tokenizer(arch: str, raw: Any) -> PreTrainedTokenizerBase:
             split_special_tokens=False,
             **common,
         )
+        extra = _INTERNVL_SPECIALS if arch == "internvl" else ()
         tok.add_special_tokens(
-            {"additional_special_tokens": [t for t in _QWEN2_SPECIALS if t != "<|endoftext|>"]}
+            {"additional_special_tokens": [t for t in _QWEN2_SPECIALS + extra if t != "<|endoftext|>"]}
         )
     elif arch == "llava":
         tok = PreTrainedTokenizerFast(
@@ -369,7 +401,8 @@ def build_tiny_tokenizer(
 
     Args:
         out_dir: If given, the tokenizer files are saved there with ``save_pretrained``.
-        arch: One of :data:`ARCHITECTURES`; selects special tokens and tokenizer class.
+        arch: One of :data:`ARCHITECTURES` or :data:`EXTRA_ARCHITECTURES`; selects special tokens and
+            tokenizer class.
         seed: Seed of the corpus generator (training itself is deterministic).
         vocab_size: Target size of the learned BPE vocabulary; the architecture's special
             tokens are appended on top (LLaVA's ``<unk>``/``<s>``/``</s>`` count towards it,
@@ -377,7 +410,7 @@ def build_tiny_tokenizer(
             runs out of mergeable pairs (Qwen2's digit splitting gives ~2840 tokens).
 
     Returns:
-        The transformers tokenizer (``Qwen2Tokenizer`` for ``qwen2_vl``,
+        The transformers tokenizer (``Qwen2Tokenizer`` for ``qwen2_vl`` and ``internvl``,
         ``PreTrainedTokenizerFast`` otherwise). No chat template is attached.
 
     Raises:
@@ -498,7 +531,38 @@ _IDEFICS3_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
 )
 
-_CHAT_TEMPLATES = {"qwen2_vl": _QWEN2_VL_TEMPLATE, "llava": _LLAVA_TEMPLATE, "idefics3": _IDEFICS3_TEMPLATE}
+#: InternVL's HF-format chat template, verbatim: the ``chat_template`` constant of transformers'
+#: ``src/transformers/models/internvl/convert_internvl_weights_to_hf.py`` (huggingface/transformers;
+#: the version that writes ``model.``-prefixed keys and an ``InternVLVideoProcessor``), which the script
+#: saves with every converted checkpoint (``InternVLProcessor(..., chat_template=chat_template)`` and
+#: ``tokenizer.chat_template``). No system turn; a string content is written as is; an image part is
+#: written as ``<IMG_CONTEXT>\n``, the token ``InternVLProcessor`` expands to
+#: ``<img>`` + ``<IMG_CONTEXT>`` x (image_seq_length x tiles) + ``</img>``.
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+        "{{'<|im_start|>' + message['role'] + '\n'}}"
+        "{% if message['content'] is string %}"
+            "{{ message['content'] }}"
+        "{% else %}"
+            "{% for content in message['content'] %}"
+                "{% if content['type'] == 'image' %}"
+                    "{{ '<IMG_CONTEXT>\n' }}"
+                "{% elif content['type'] == 'video' %}"
+                    "{{ '<video>\n' }}"
+                "{% elif content['type'] == 'text' %}"
+                    "{{ content['text'] }}"
+                "{% endif %}"
+            "{% endfor %}"
+        "{% endif %}"
+        "{{'<|im_end|>\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+        "{{'<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+_CHAT_TEMPLATES = {"qwen2_vl": _QWEN2_VL_TEMPLATE, "llava": _LLAVA_TEMPLATE, "idefics3": _IDEFICS3_TEMPLATE,
+                   "internvl": INTERNVL_CHAT_TEMPLATE}
 
 # --------------------------------------------------------------------------------------
 # Model configs and processors
@@ -518,6 +582,19 @@ def _text_dims(hidden_size: int) -> tuple[int, int, int]:
     )
 
 
+def _decoder(vocab: int, hidden_size: int, num_layers: int, heads: int, kv_heads: int) -> dict[str, Any]:
+    """The text decoder's size, common to every architecture here (MLP 2x wide, untied output layer)."""
+    return {
+        "vocab_size": vocab,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "tie_word_embeddings": False,
+    }
+
+
 def _qwen2_vl_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max_pixels: int | None) -> tuple[Any, Any]:
     from transformers import (
         Qwen2VLConfig,
@@ -534,12 +611,7 @@ def _qwen2_vl_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max
     ids = {t_: tok.convert_tokens_to_ids(t_) for t_ in _QWEN2_SPECIALS}
     config = Qwen2VLConfig(
         text_config={
-            "vocab_size": vocab,
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv,
+            **_decoder(vocab, hidden_size, num_layers, heads, kv),
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-6,
             "rope_parameters": {
@@ -551,7 +623,6 @@ def _qwen2_vl_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
             "use_sliding_window": False,
-            "tie_word_embeddings": False,
         },
         vision_config={
             "depth": 2,
@@ -603,19 +674,13 @@ def _llava_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max_pi
     image_tokens = (_LLAVA_IMAGE_SIZE // 14) ** 2  # CLS dropped ("default" strategy)
     config = LlavaConfig(
         text_config={
+            **_decoder(vocab, hidden_size, num_layers, heads, heads),
             "model_type": "llama",
-            "vocab_size": vocab,
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": heads,
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-5,
             "bos_token_id": tok.convert_tokens_to_ids("<s>"),
             "eos_token_id": tok.convert_tokens_to_ids("</s>"),
             "pad_token_id": tok.convert_tokens_to_ids("<pad>"),
-            "tie_word_embeddings": False,
         },
         vision_config={
             "model_type": "clip_vision_model",
@@ -659,20 +724,14 @@ def _idefics3_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max
     pad_id = tok.convert_tokens_to_ids("<|reserved_special_token_0|>")
     config = Idefics3Config(
         text_config={
+            **_decoder(vocab, hidden_size, num_layers, heads, kv),
             "model_type": "llama",
-            "vocab_size": vocab,
-            "hidden_size": hidden_size,
-            "intermediate_size": 2 * hidden_size,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv,
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0,
             "bos_token_id": tok.convert_tokens_to_ids("<|begin_of_text|>"),
             "eos_token_id": tok.convert_tokens_to_ids("<end_of_utterance>"),
             "pad_token_id": pad_id,
-            "tie_word_embeddings": False,
         },
         vision_config={
             "hidden_size": 64,
@@ -701,7 +760,79 @@ def _idefics3_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max
     return config, processor
 
 
-_PARTS = {"qwen2_vl": _qwen2_vl_parts, "llava": _llava_parts, "idefics3": _idefics3_parts}
+_INTERNVL_IMAGE_SIZE = 56
+#: Tiles per image: the MIS inference script runs InternVL2.5 with ``max_dynamic_patch=4``.
+INTERNVL_MAX_PATCHES = 4
+
+
+def _internvl_parts(tok: Any, hidden_size: int, num_layers: int, vocab: int, max_pixels: int | None) -> tuple[Any, Any]:
+    """``InternVLForConditionalGeneration`` (InternViT-style tower + Qwen2 text, as InternVL2.5-1B/4B and
+    InternVL3) with the processor settings of transformers' conversion script, scaled down: a
+    ``GotOcr2ImageProcessor`` with 56 px tiles instead of 448 (ImageNet mean/std, RGB, rescale 1/255,
+    dynamic tiling with a thumbnail), pixel-shuffle ratio 0.5, so a tile gives (56/14)^2 x 0.25 = 4
+    ``<IMG_CONTEXT>`` tokens (256 for the real 448 px tiles)."""
+    from transformers import GotOcr2ImageProcessor, InternVLConfig, InternVLProcessor, InternVLVideoProcessor
+
+    heads, kv, _ = _text_dims(hidden_size)
+    downsample = 0.5
+    image_seq_length = int((_INTERNVL_IMAGE_SIZE // 14) ** 2 * downsample**2)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_end|>", "<IMG_CONTEXT>")}
+    config = InternVLConfig(
+        text_config={
+            **_decoder(vocab, hidden_size, num_layers, heads, kv),
+            "model_type": "qwen2",
+            "max_position_embeddings": 8192,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+            "use_sliding_window": False,
+        },
+        vision_config={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": [_INTERNVL_IMAGE_SIZE, _INTERNVL_IMAGE_SIZE],
+            "patch_size": [14, 14],
+            "use_absolute_position_embeddings": True,  # set by the conversion script
+            "norm_type": "layer_norm",
+        },
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=image_seq_length,
+        downsample_ratio=downsample,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    tile = {"height": _INTERNVL_IMAGE_SIZE, "width": _INTERNVL_IMAGE_SIZE}
+    image_processor = GotOcr2ImageProcessor(
+        do_resize=True,
+        size=tile,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_convert_rgb=True,
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=INTERNVL_MAX_PATCHES,
+    )
+    video_processor = InternVLVideoProcessor(size=tile, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    processor = InternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=video_processor,
+        image_seq_length=image_seq_length,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    return config, processor
+
+
+_PARTS = {"qwen2_vl": _qwen2_vl_parts, "llava": _llava_parts, "idefics3": _idefics3_parts, "internvl": _internvl_parts}
 
 # --------------------------------------------------------------------------------------
 # Public builders
@@ -727,7 +858,8 @@ def build_tiny_checkpoint(
     and ``AutoModelForImageTextToText.from_pretrained(out_dir)`` offline.
 
     Args:
-        arch: One of :data:`ARCHITECTURES` (``"qwen2_vl"``, ``"llava"``, ``"idefics3"``).
+        arch: One of :data:`ARCHITECTURES` (``"qwen2_vl"``, ``"llava"``, ``"idefics3"``) or
+            :data:`EXTRA_ARCHITECTURES` (``"internvl"``).
         out_dir: Destination directory (created if needed).
         seed: Seed for the random weights; the same seed gives byte-identical weights.
             The tokenizer does not depend on it.
@@ -776,7 +908,7 @@ def build_tiny_checkpoint(
 
     text_cfg = config.get_text_config()
     eos_ids = [text_cfg.eos_token_id]
-    if arch == "qwen2_vl":
+    if arch in ("qwen2_vl", "internvl"):
         eos_ids.append(tok.convert_tokens_to_ids("<|endoftext|>"))
     elif arch == "idefics3":
         eos_ids.append(tok.convert_tokens_to_ids("<|end_of_text|>"))
@@ -879,7 +1011,7 @@ def cached_tiny_checkpoint(
     workers) are safe: the first one to finish wins and the others reuse its result.
 
     Args:
-        arch: One of :data:`ARCHITECTURES`.
+        arch: One of :data:`ARCHITECTURES` or :data:`EXTRA_ARCHITECTURES`.
         cache_dir: Root cache directory; see above for the default.
         **kw: Keyword arguments of :func:`build_tiny_checkpoint` (``seed``,
             ``hidden_size``, ``num_layers``, ``vocab_size``, ``max_pixels``); ``overwrite`` is

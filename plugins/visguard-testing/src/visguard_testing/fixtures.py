@@ -9,7 +9,10 @@ installed; a test that needs another plugin registers it itself with ``plugins.p
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -19,7 +22,7 @@ os.environ["VISGUARD_LOAD_PLUGINS"] = "visguard-testing,visguard-train,visguard-
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-__all__ = ["images", "one_torch_thread", "qwen_path", "tiny_arch", "tiny_cache"]
+__all__ = ["images", "internvl_path", "mis_item", "one_torch_thread", "qwen_path", "tiny_arch", "tiny_cache"]
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +49,14 @@ def qwen_path(tiny_cache) -> str:
     return str(cached_tiny_checkpoint("qwen2_vl", cache_dir=tiny_cache))
 
 
+@pytest.fixture(scope="session")
+def internvl_path(tiny_cache) -> str:
+    """A tiny HF-format InternVL checkpoint (``InternVLForConditionalGeneration``, real conversion-script template)."""
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
+
+    return str(cached_tiny_checkpoint("internvl", cache_dir=tiny_cache))
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one intra-op thread, above all on a shared, busy CPU.
@@ -58,6 +69,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def mis_item(tmp_path_factory) -> tuple[dict[str, Any], Path]:
+    """``(item, root)``: an unsafe item of a synthetic MIS-hard split (64 px images) and its test root."""
+    from visguard_testing.synthetic import write_mis_test_layout
+
+    root = write_mis_test_layout(tmp_path_factory.mktemp("mis"), {"hard": 4}, size=64)
+    items = json.loads((root / "mis_hard.json").read_text())
+    return next(it for it in items if it["label"] == "unsafe"), root
 
 
 @pytest.fixture
