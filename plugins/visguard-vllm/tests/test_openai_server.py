@@ -87,7 +87,6 @@ def _requests(guard, images):
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="regression from prompt layout 2 / the static-prefix change, open: see the closing note of this landing")
 def test_fast_scores_match_transformers_when_all_spellings_are_listed(server, reference, images, vocab_size):
     guard = Guard.from_pretrained(MODEL_NAME, backend="openai", base_url=server, top_logprobs=vocab_size)
     try:

@@ -42,7 +42,6 @@ def test_plugin_is_installed_through_its_entry_point():
     assert dists["vllm"] == "visguard-vllm"
 
 
-@pytest.mark.xfail(strict=True, reason="regression from prompt layout 2 / the static-prefix change, open: see the closing note of this landing")
 def test_fast_scores_match_transformers(vguard, reference, images):
     requests = [
         vguard.request(images, "Use the item in image 1 on the person in image 2."),

@@ -266,10 +266,14 @@ class TransformersBackend(Backend):
             model_inputs["position_ids"] = position_ids[..., start:].to(self.device)
         if layers is not None:
             model_inputs[self._cache_kwarg] = _dynamic_cache(layers, rows)
-        if bool((lengths == width).all()):
-            keep: Any = 1
-        else:
-            keep = (lengths - 1 - start).view(rows, 1).to(self.device)
+        # Right padding: each row's verdict position is its own last token. A 1-D logits_to_keep (the
+        # distinct last positions, kept for every row) means the same in every transformers 5.x; a
+        # 2-D per-row tensor is a gather in 5.24 but an index in 5.19 (vLLM 0.32's pin): wrong shape.
+        keep: Any = 1
+        pick = None
+        if not bool((lengths == width).all()):
+            positions, pick = torch.unique(lengths - 1 - start, return_inverse=True)
+            keep = positions.to(self.device)
         out = self.model(
             input_ids=ids[:, start:].to(self.device),
             attention_mask=mask.to(self.device),
@@ -290,7 +294,9 @@ class TransformersBackend(Backend):
                     for k, v in _cache_tensors(cache)
                 ]
                 self.kv_cache.put(ids[row, :n], keys[row], kept)
-        return out.logits[:, -1, :].float()
+        if pick is None:
+            return out.logits[:, -1, :].float()
+        return out.logits[torch.arange(rows, device=out.logits.device), pick.to(out.logits.device)].float()
 
     def _static_entry(self, prompt: GuardPrompt, rendered: str) -> tuple[Any, list[tuple[Any, Any]]] | None:
         """Token ids and key/value cache of the prompt's static prefix, computed once per prefix text."""
