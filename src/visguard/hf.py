@@ -68,6 +68,39 @@ class HFPromptCodec:
                 "checkpoint (docs/formats.md)")
         return text + prompt.assistant_prefix
 
+    def prompt_tokens(self, prompt: GuardPrompt) -> int:
+        """Tokens the model sees for ``prompt``: its rendered text's plus those its images expand to.
+
+        Image tokens come from the processor's own count (``_get_num_multimodal_tokens``, which
+        every supported processor has and vLLM relies on); a processor without it adds none.
+        """
+        n = len(self.tokenizer(self.render(prompt), add_special_tokens=False, verbose=False)["input_ids"])
+        return n + self._image_tokens(prompt)
+
+    def too_long(self, prompt: GuardPrompt, limit: int | None, *, why: str = "") -> str | None:
+        """Why ``prompt`` exceeds ``limit`` tokens (a :meth:`~visguard.backend.Backend.prompt_too_long`
+        answer), or ``None`` when it fits or there is no limit. ``why`` explains the limit."""
+        if limit is None:
+            return None
+        n = self.prompt_tokens(prompt)
+        if n > limit:
+            return f"the guard prompt is {n} tokens long, more than the guard model's limit of {limit}{why}"
+        return None
+
+    def _image_tokens(self, prompt: GuardPrompt) -> int:
+        """Tokens the processor adds for the prompt's images beyond their one placeholder each."""
+        if not prompt.images:
+            return 0
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if count is None:
+            return 0
+        try:
+            data = count(image_sizes=[(img.height, img.width) for img in prompt.images])
+            per_image = getattr(data, "num_image_tokens", None) or data.get("num_image_tokens")
+        except Exception:  # noqa: BLE001 - a processor that cannot say: the text count stands
+            return 0
+        return max(0, sum(int(t) for t in per_image) - len(prompt.images)) if per_image else 0
+
     def static_prefix(self, prompt: GuardPrompt, rendered: str) -> str | None:
         """The start of ``rendered`` (this prompt's :meth:`render`) that holds exactly its static parts.
 

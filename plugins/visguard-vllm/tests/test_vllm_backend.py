@@ -79,21 +79,76 @@ def test_reason_generation_matches_transformers_token_for_token(vguard, referenc
     assert v_got.label != "safe"
 
 
-@pytest.mark.xfail(strict=True, reason="regression from prompt layout 2 / the static-prefix change, open: see the closing note of this landing")
 def test_post_check_reuses_the_pre_checks_prefix(vguard):
-    # Fresh images so nothing after the system prompt is cached yet.
-    imgs = [Image.new("RGB", (56, 56), (17, 99, 3)), Image.new("RGB", (56, 56), (250, 250, 1))]
-    stats = vguard.backend.stats
+    # Prompt layout 2: [static prefix: system prompt, instructions, categories, answer format]
+    # [images] [request] [response] [question]. vLLM caches whole KV blocks only (128 tokens on
+    # CPU), so a post-check reuses every whole block before its first token that differs from the
+    # pre-check's (where the response starts); the request here is long enough that those blocks
+    # reach past the static prefix, through the images and into the request.
+    backend = vguard.backend
+    block = backend.llm.llm_engine.vllm_config.cache_config.block_size
+    vguard.check_input([Image.new("RGB", (64, 48), (1, 2, 3))], "warm up")  # the static prefix is cached now
+    imgs = [Image.new("RGB", (56, 56), (17, 99, 3)), Image.new("RGB", (56, 56), (250, 250, 1))]  # fresh
+    text = "How do I use these? " + " ".join(f"Step {i}: mix the two." for i in range(20))
+    response = "Carefully, and with permission."
+
+    def token_ids(resp):  # what vLLM prefills: the processor expands the images as vLLM's does
+        prompt = vguard.format.build(vguard.request(imgs, text, resp), vguard.policy, mode="fast",
+                                     special_tokens=backend.special_tokens)
+        rendered = backend.codec.render(prompt)
+        ids = backend.processor(text=[rendered], images=list(prompt.images))["input_ids"][0]
+        static = backend.tokenizer(backend.codec.static_prefix(prompt, rendered), add_special_tokens=False)["input_ids"]
+        assert list(ids[: len(static)]) == list(static)
+        return list(ids), len(static)
+
+    pre_ids, static_len = token_ids(None)
+    post_ids, _ = token_ids(response)
+    shared = next(i for i, (a, b) in enumerate(zip(pre_ids, post_ids, strict=False)) if a != b)
+
+    stats = backend.stats
     before = stats["cached_prompt_tokens"]
-    vguard.check_input(imgs, "How do I use these?")
+    vguard.check_input(imgs, text)
     pre_cached = stats["cached_prompt_tokens"] - before
     mid = stats["cached_prompt_tokens"]
-    vguard.check_output(imgs, "How do I use these?", "Carefully, and with permission.")
+    vguard.check_output(imgs, text, response)
     post_cached = stats["cached_prompt_tokens"] - mid
-    print(f"\ncached prompt tokens: pre-check {pre_cached}, post-check {post_cached}")
-    # The post-check shares system prompt + images + instruction + user text with the pre-check:
-    # at least one full KV block (128 tokens on CPU) past what the pre-check found cached.
-    assert post_cached >= pre_cached + 128
+    print(f"\nblock {block}; static prefix {static_len} tokens, pre-check {len(pre_ids)}, post-check {len(post_ids)}, "
+          f"shared {shared}; cached prompt tokens: pre-check {pre_cached}, post-check {post_cached}")
+    assert shared > static_len + block  # the test's premise: a whole block of images + request is shared
+    # Fresh images: the pre-check finds only the static prefix's whole blocks.
+    assert pre_cached == block * (static_len // block)
+    # The post-check finds every whole block before the response: images and request included.
+    assert post_cached == block * (shared // block)
+    assert post_cached >= pre_cached + block
+
+
+def test_prompt_longer_than_the_engine_context_is_refused_before_batching(vguard, images):
+    from visguard import InputTooLongError
+
+    backend = vguard.backend
+    limit = backend.max_model_len
+    assert limit == 2048
+    allow = vguard.with_policy(Policy(on_error="allow"))  # an input error is never let through as "unavailable"
+    with pytest.raises(InputTooLongError, match=f"is [0-9]+ tokens long, more than the guard model's limit of {limit - 1} "):
+        allow.check_input(images, "word " * 3000)
+
+    # The count is vLLM's own, images included: a prompt of max_model_len - 1 tokens is scored, one
+    # token more is refused by visguard, and vLLM itself would have refused it.
+    def prompt_of(k):
+        request = vguard.request(images, "a" + " a" * k)
+        return request, vguard.format.build(request, vguard.policy, mode="fast", special_tokens=backend.special_tokens)
+
+    base = backend.codec.prompt_tokens(prompt_of(0)[1])
+    k = limit - 1 - base
+    request, prompt = prompt_of(k)
+    assert backend.codec.prompt_tokens(prompt) == limit - 1
+    assert vguard.check(request).label in ("safe", "unsafe")
+    request, prompt = prompt_of(k + 1)
+    assert backend.prompt_too_long(prompt) is not None
+    with pytest.raises(InputTooLongError, match=f"is {limit} tokens long"):
+        allow.check(request)
+    with pytest.raises(Exception, match="longer than the maximum model length"):  # what reached vLLM before the check
+        backend.score([prompt])
 
 
 def test_more_images_than_the_engine_limit_is_unavailable_not_safe(vguard, images):

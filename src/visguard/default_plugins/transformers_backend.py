@@ -138,32 +138,7 @@ class TransformersBackend(Backend):
         return None
 
     def prompt_too_long(self, prompt: GuardPrompt) -> str | None:
-        limit = self.max_prompt_tokens
-        if limit is None:
-            return None
-        n = len(self.tokenizer(self.render(prompt), add_special_tokens=False, verbose=False)["input_ids"])
-        n += self._image_tokens(prompt)
-        if n > limit:
-            return f"the guard prompt is {n} tokens long, more than the guard model's limit of {limit}"
-        return None
-
-    def _image_tokens(self, prompt: GuardPrompt) -> int:
-        """Tokens the processor adds for the prompt's images beyond their one placeholder each.
-
-        Read from the processor's own count (``_get_num_multimodal_tokens``, which every
-        supported processor has and vLLM relies on); 0 where a processor lacks it.
-        """
-        if not prompt.images:
-            return 0
-        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
-        if count is None:
-            return 0
-        try:
-            data = count(image_sizes=[(img.height, img.width) for img in prompt.images])
-            per_image = getattr(data, "num_image_tokens", None) or data.get("num_image_tokens")
-        except Exception:  # noqa: BLE001 - a processor that cannot say: the text count stands
-            return 0
-        return max(0, sum(int(t) for t in per_image) - len(prompt.images)) if per_image else 0
+        return self.codec.too_long(prompt, self.max_prompt_tokens)
 
     # ------------------------------------------------------------------ rendering
     def render(self, prompt: GuardPrompt) -> str:

@@ -10,9 +10,15 @@
 - ``generate`` (reason mode) decodes greedily with the same ``logprob_token_ids`` at every step, so
   each generated token carries its verdict probability.
 - A batch of checks goes to the engine as one ``generate`` call (continuous batching).
-- Prefix caching is on: a post-check shares the pre-check's prompt up to the response (system
-  prompt, image tokens, instruction, user text), so its prefill reuses those KV blocks and costs
-  about the response's tokens. :attr:`VLLMBackend.stats` counts the cached prompt tokens.
+- Prefix caching is on. Prompt layout 2 opens with the static prefix (system prompt, instructions,
+  categories, answer format), so every check reuses its KV blocks; a post-check shares the
+  pre-check's prompt up to the response (static prefix, images, user text), so its prefill reuses
+  every *whole* KV block before the response and costs about the response's tokens plus the
+  partial last block. vLLM caches whole blocks only (``block_size``: 16 tokens on GPUs, 128 on
+  CPUs by default; pass ``block_size=`` to change it). :attr:`VLLMBackend.stats` counts the cached
+  prompt tokens.
+- A prompt the engine cannot take (``max_model_len`` tokens or more, images included) is refused
+  by :meth:`VLLMBackend.prompt_too_long` before batching, as ``InputTooLongError``.
 """
 
 from __future__ import annotations
@@ -114,6 +120,21 @@ class VLLMBackend(Backend):
     @property
     def special_tokens(self) -> frozenset[str]:
         return self.codec.special_tokens
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The engine's context length (``max_model_len``: the checkpoint's unless set lower)."""
+        config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        n = getattr(config, "max_model_len", None)
+        return n if isinstance(n, int) and n > 0 else None
+
+    def prompt_too_long(self, prompt: GuardPrompt) -> str | None:
+        """vLLM refuses a prompt of ``max_model_len`` tokens or more (no room for one answer token);
+        counted the way the transformers backend counts: rendered text plus the processor's image tokens."""
+        limit = self.max_model_len
+        if limit is None:
+            return None
+        return self.codec.too_long(prompt, limit - 1, why=f" (the vLLM engine's max_model_len {limit}, less one answer token)")
 
     # ------------------------------------------------------------------ running
     def _inputs(self, prompt: GuardPrompt) -> dict[str, Any]:
