@@ -61,6 +61,21 @@ def _assert_caching_leaves_scores_unchanged(arch: str, path: str) -> None:
         assert stats["reused_tokens"] > stats["computed_tokens"]
 
 
+def test_sliding_window_models_run_without_reuse():
+    """Gemma 3's sliding-window layers keep only their window: a post-check continuing from its pre-check's
+    cache failed (unavailable); such models score every prompt whole, with the uncached scores."""
+    from visguard_testing.guard_checkpoints import cached_guard_checkpoint
+
+    path = cached_guard_checkpoint("gemma3")
+    guard = Guard(TransformersBackend(str(path), device="cpu"), VisguardFormat())
+    plain = Guard(TransformersBackend(str(path), device="cpu", kv_cache_mb=0), VisguardFormat())
+    assert guard.backend.kv_cache is None
+    requests = [guard.request(IMAGES, "How do I use this on that?"), guard.request(IMAGES, "How do I use this on that?", RESPONSE)]
+    got = [guard.check(r) for r in requests]
+    assert [v.score for v in got] == pytest.approx([v.score for v in plain.check_batch(requests)], abs=1e-4)
+    assert all(v.label in ("safe", "unsafe") for v in got)
+
+
 def test_post_check_computes_only_the_response_after_its_pre_check(qwen_path):
     guard = Guard(TransformersBackend(qwen_path, device="cpu"), VisguardFormat())
     guard.check(guard.request(IMAGES, "How do I use this on that?"))

@@ -44,7 +44,8 @@ class TransformersBackend(Backend):
         revision: hub revision to load.
         attn_implementation: passed to ``from_pretrained`` (e.g. ``"sdpa"``).
         kv_cache_mb: memory for reusable key/value caches of scored prompts (static prefixes are
-            kept apart and always); 0 turns prefix and pre -> post reuse off.
+            kept apart and always); 0 turns prefix and pre -> post reuse off. Always off for models
+            with sliding-window attention layers (Gemma 3), whose caches keep only the window.
     """
 
     name = "transformers"
@@ -94,6 +95,11 @@ class TransformersBackend(Backend):
         self._lock = threading.Lock()
         #: reusable caches of scored prompts (``None``: caching off)
         self.kv_cache = KVCacheStore(max_bytes=int(kv_cache_mb * (1 << 20))) if kv_cache_mb > 0 else None
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        if "sliding_attention" in (getattr(text_config, "layer_types", None) or ()):
+            # A sliding-window layer's cache keeps only its last window of keys (Gemma 3): a stored prefix
+            # longer than the window cannot be continued, so these models run without prefix reuse.
+            self.kv_cache = None
         self._static: dict[str, tuple[Any, list[tuple[Any, Any]]] | None] = {}
         #: tokens taken from caches / computed by scoring forwards, and checks served from each kind of cache
         self.cache_stats = {"reused_tokens": 0, "computed_tokens": 0, "static_hits": 0, "prompt_hits": 0}
