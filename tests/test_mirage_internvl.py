@@ -196,9 +196,10 @@ def test_original_format_placeholder_on_the_hf_checkpoint_is_refused(backend, mi
     assert "<image>" not in MirageFormat("internvl").question_message(GuardRequest.build([], "a <image>"))["content"]
 
 
-def _original_format_checkpoint(path: Path) -> Path:
-    """A config laid out like InternVL2.5-8B's own (what Tuwhy/InternVL2.5-8B-MIRage builds on; no weights,
-    no code files: transformers must refuse it before loading either)."""
+def _original_format_checkpoint(path: Path, tokenizer_from: str) -> Path:
+    """A checkpoint laid out like InternVL2.5-8B's own (what Tuwhy/InternVL2.5-8B-MIRage builds on): its config
+    (``InternVLChatModel``, ``auto_map``), stand-ins for its code files and a tokenizer without a processor;
+    no weights: transformers must refuse it before loading them."""
     path.mkdir()
     (path / "config.json").write_text(json.dumps({
         "architectures": ["InternVLChatModel"],
@@ -210,19 +211,37 @@ def _original_format_checkpoint(path: Path) -> Path:
         "llm_config": {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2"},
         "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b"},
     }))
+    (path / "configuration_internvl_chat.py").write_text(
+        "from transformers import PretrainedConfig\n\n\nclass InternVLChatConfig(PretrainedConfig):\n"
+        "    model_type = 'internvl_chat'\n")
+    (path / "modeling_internvl_chat.py").write_text(
+        "import torch\nfrom transformers import PreTrainedModel\n\nfrom .configuration_internvl_chat import "
+        "InternVLChatConfig\n\n\nclass InternVLChatModel(PreTrainedModel):\n    config_class = InternVLChatConfig\n\n"
+        "    def __init__(self, config):\n        super().__init__(config)\n        self.proj = torch.nn.Linear(2, 2)\n"
+        "        self.post_init()\n")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_from) / name, path / name)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config.pop("processor_class", None)  # InternVL2.5's own tokenizer names no processor
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
 
 
-@pytest.mark.parametrize("trust_remote_code", [False, True])
-def test_custom_code_internvl_checkpoint_is_a_clear_load_error(tmp_path, trust_remote_code):
-    path = _original_format_checkpoint(tmp_path / "InternVL2.5-8B-MIRage")
+def test_custom_code_internvl_checkpoint_is_a_clear_load_error(tmp_path, internvl_path):
+    path = _original_format_checkpoint(tmp_path / "InternVL2.5-8B-MIRage", internvl_path)
     assert resolve_format(str(path)).variant == "internvl"  # the table knows it (vLLM serves this format)
-    with pytest.raises(BackendError, match=r"custom-code checkpoint \(model_type 'internvl_chat', InternVLChatModel\)"):
-        Guard.from_pretrained(str(path), device="cpu", trust_remote_code=trust_remote_code)
+    expected = r"custom-code checkpoint \(model_type 'internvl_chat', InternVLChatModel\)"
+    with pytest.raises(BackendError, match=expected):
+        Guard.from_pretrained(str(path), device="cpu")
+    # With its code allowed, transformers finds no image-text-to-text class for it and would fall back to
+    # loading it as a causal LM (its auto_map has one), which would never see the images: refused there.
+    with pytest.raises(BackendError, match=expected) as info:
+        Guard.from_pretrained(str(path), device="cpu", trust_remote_code=True)
+    assert "Unrecognized configuration class" in str(info.value.__cause__)
 
 
-def test_cli_reports_the_custom_code_checkpoint(tmp_path):
-    path = _original_format_checkpoint(tmp_path / "InternVL2.5-8B-MIRage")
+def test_cli_reports_the_custom_code_checkpoint(tmp_path, internvl_path):
+    path = _original_format_checkpoint(tmp_path / "InternVL2.5-8B-MIRage", internvl_path)
     img = tmp_path / "a.png"
     Image.new("RGB", (32, 32)).save(img)
     result = CliRunner().invoke(cli, ["check", "--model", str(path), "--device", "cpu", "--text", "q", str(img)])

@@ -216,7 +216,8 @@ def load_image_text_model(
         attn_implementation: e.g. ``"sdpa"``.
 
     Raises:
-        BackendError: unknown dtype, the checkpoint cannot be loaded, or weights are missing from it.
+        BackendError: unknown dtype, the checkpoint cannot be loaded, weights are missing from it, or it
+            is a custom-code vision-language checkpoint transformers' own classes do not run (named as such).
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -244,6 +245,8 @@ def load_image_text_model(
             from transformers import AutoModelForCausalLM
 
             hf_model, info = AutoModelForCausalLM.from_pretrained(model, **load)
+    except BackendError:
+        raise
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated weights) ...
         custom = _custom_code_model(model, revision)
         if custom:
