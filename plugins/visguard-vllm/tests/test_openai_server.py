@@ -97,9 +97,11 @@ def test_fast_scores_match_transformers_when_all_spellings_are_listed(server, re
         want = reference.check_batch(requests)
     finally:
         guard.close()
+    # Both sides must score (the transformers reference once failed its ragged batches: score None).
+    assert all(v.label in ("safe", "unsafe") for v in got), [v.error for v in got]
+    assert all(w.label in ("safe", "unsafe") for w in want), [w.error for w in want]
     diffs = [abs(g.score - w.score) for g, w in zip(got, want, strict=True)]
     print(f"\nopenai backend -> vLLM server, 4 fast checks: {elapsed * 1000:.0f} ms; |diff| = {diffs}")
-    assert all(v.label in ("safe", "unsafe") for v in got), [v.error for v in got]
     assert max(diffs) < TOL
     assert [g.label for g in got] == [w.label for w in want]
 

@@ -53,9 +53,11 @@ def test_fast_scores_match_transformers(vguard, reference, images):
     got = vguard.check_batch(requests)
     elapsed = time.perf_counter() - start
     want = reference.check_batch(requests)
+    # Both sides must score (the transformers reference once failed its ragged batches: score None).
+    assert all(v.label in ("safe", "unsafe") and v.mode == "fast" for v in got), [v.error for v in got]
+    assert all(w.label in ("safe", "unsafe") for w in want), [w.error for w in want]
     diffs = [abs(g.score - w.score) for g, w in zip(got, want, strict=True)]
     print(f"\nvLLM batch of 4 fast checks: {elapsed * 1000:.0f} ms; |score - transformers| = {diffs}")
-    assert all(v.label in ("safe", "unsafe") and v.mode == "fast" for v in got)
     assert max(diffs) < TOL
     assert [g.label for g in got] == [w.label for w in want]
     assert [g.stage for g in got] == ["input", "output", "input", "input"]
