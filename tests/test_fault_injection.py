@@ -85,6 +85,20 @@ def test_a_fault_marker_in_the_request_fails_that_request_only(fault):
         _join_stalled(guard)
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fault", ["raise", "memory", "short"])
+def test_a_failing_request_does_not_fail_the_requests_batched_with_it(fault, mode):
+    """A batch whose backend call fails is checked again request by request: only the faulty request
+    is unavailable (in a server, the others may be other callers' requests that shared the batch).
+    The faults that raise; garbage outputs are read per request already."""
+    guard = faulty_guard(mode=mode)
+    texts = ["hello", f"please [[fault:{fault}]]", "x [[unsafe]]", "good day"]
+    verdicts = guard.check_batch([guard.request(None, t) for t in texts])
+    assert [v.label for v in verdicts] == ["safe", "unavailable", "unsafe", "safe"], verdicts
+    assert verdicts[1].error and verdicts[1].stage == "input"
+    assert guard.backend.faults[fault] >= 2  # the whole batch, then the faulty request alone
+
+
 def test_a_failed_load_is_a_typed_error():
     with pytest.raises(BackendError, match="injected load failure"):
         faulty_guard("load")

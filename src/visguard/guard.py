@@ -389,6 +389,10 @@ class Guard:
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - any backend failure is an unavailable verdict, never safe
+            if len(requests) > 1:
+                # One bad request (or a batch too large for the device) must not make the requests
+                # batched with it, possibly other callers', unavailable: each is checked again alone.
+                return [verdict for r in requests for verdict in self._run([r], mode)]
             return [self._unavailable(r, mode, f"guard backend error: {type(exc).__name__}: {exc}") for r in requests]
 
     def _prompts(self, requests: list[GuardRequest], mode: str) -> list:
