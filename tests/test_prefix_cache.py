@@ -50,9 +50,15 @@ def _assert_caching_leaves_scores_unchanged(arch: str, path: str) -> None:
     cached.check(requests[0], mode="reason")
     assert len({round(s, 6) for s in expected}) > 2  # random weights still give distinct scores
     one_by_one = [cached.check(r).score for r in requests]  # pre-check, then post-checks continuing from it
+    cached.backend.kv_cache.clear()  # (static prefixes are kept apart)
     batched = [v.score for v in cached.check_batch(requests)]  # shared static prefix across a batch
+    before = dict(cached.backend.cache_stats)
+    again = [v.score for v in cached.check_batch(requests)]  # each row continues from its own cached prompt
     assert one_by_one == pytest.approx(expected, abs=1e-4)
     assert batched == pytest.approx(expected, abs=1e-4)
+    assert again == pytest.approx(expected, abs=1e-4)
+    assert cached.backend.cache_stats["prompt_hits"] - before["prompt_hits"] == len(requests)
+    assert cached.backend.cache_stats["computed_tokens"] - before["computed_tokens"] == len(requests)  # the last token each
     stats = cached.backend.cache_stats
     assert stats["prompt_hits"] >= 3  # every post-check continued from the pre-check or the last re-check
     assert stats["static_hits"] >= 2  # text-only prompts at least (LLaVA's template puts images first)

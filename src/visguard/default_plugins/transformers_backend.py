@@ -11,9 +11,15 @@ padding, and serialises model calls with a lock so one instance is safe to share
   and shared by every check and batch; a prompt that extends an earlier scored prompt with the
   same images (a post-check after its pre-check, a stream's re-check after the previous one)
   continues from that prompt's cache (:class:`~visguard.hf.KVCacheStore`, LRU, bounded in bytes).
-  Verdicts are the same as without the cache (tests compare the scores on three architectures).
+  In a batch whose every row has its own cached prefix holding its images (follow-ups after a batched
+  generation, post-checks after their pre-checks), each row continues from its own.
+  Verdicts are the same as without the cache (tests compare the scores on four architectures).
 - ``generate``: greedy decoding; for every generated token, the same restricted softmax is kept so
-  the verdict word's probability can be read wherever the format finds it.
+  the verdict word's probability can be read wherever the format finds it. With the KV cache on,
+  each row's final cache (its prompt and the generated tokens fed back, left padding removed) goes
+  into the same store, so a reason-mode follow-up verdict prompt (generation prompt + answer +
+  question, e.g. ``mirage``) computes only what follows the answer. Reuse is token-exact: where the
+  follow-up's own tokenisation of the answer parts from the generated ids, it continues from there.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ class TransformersBackend(Backend):
         max_batch_size: largest batch sent through the model at once.
         revision: hub revision to load.
         attn_implementation: passed to ``from_pretrained`` (e.g. ``"sdpa"``).
-        kv_cache_mb: memory for reusable key/value caches of scored prompts (static prefixes are
-            kept apart and always); 0 turns prefix and pre -> post reuse off. Always off for models
+        kv_cache_mb: memory for reusable key/value caches of scored prompts and of generations
+            (static prefixes are kept apart and always); 0 turns prefix, pre -> post and
+            generation -> follow-up reuse off. Always off for models
             with sliding-window attention layers (Gemma 3), whose caches keep only the window.
     """
 
@@ -101,8 +108,10 @@ class TransformersBackend(Backend):
             # longer than the window cannot be continued, so these models run without prefix reuse.
             self.kv_cache = None
         self._static: dict[str, tuple[Any, list[tuple[Any, Any]]] | None] = {}
-        #: tokens taken from caches / computed by scoring forwards, and checks served from each kind of cache
-        self.cache_stats = {"reused_tokens": 0, "computed_tokens": 0, "static_hits": 0, "prompt_hits": 0}
+        #: tokens taken from caches / computed by scoring forwards, prompts served from each kind of cache, and
+        #: generated rows whose caches were kept for their follow-ups
+        self.cache_stats = {"reused_tokens": 0, "computed_tokens": 0, "static_hits": 0, "prompt_hits": 0,
+                            "generations_kept": 0}
         forward = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         cfg = self.model.config
@@ -206,6 +215,7 @@ class TransformersBackend(Backend):
         rows, width = ids.shape
         lengths = mask.sum(dim=1)
         shortest = int(lengths.min())
+        keys = [self._image_key(p) for p in batch]
         image_pos = (ids[0] == self._image_token).nonzero() if self._image_token is not None else ids[:0, None]
         first_image = int(image_pos[0, 0]) if len(image_pos) else width
         last_image = int(image_pos[-1, 0]) if len(image_pos) else -1
@@ -217,11 +227,21 @@ class TransformersBackend(Backend):
             n = len(static_ids)
             if n < shortest and n <= first_image and bool((ids[:, :n] == static_ids).all()):
                 start, layers, kind = n, static_layers, "static_hits"
-        keys = [self._image_key(p) for p in batch]
         if rows == 1:
             hit = self.kv_cache.lookup(ids[0], keys[0], limit=shortest - 1)
             if hit is not None and hit[0] > start:
                 start, layers, kind = hit[0], hit[1], "prompt_hits"
+        else:
+            # Each row's own cached prefix (a batch of follow-ups after a batch of generations, of
+            # post-checks after their pre-checks): used when every row has one longer than the shared
+            # prefix and holding all of its images, so no pixels are encoded and the rows may differ.
+            hits = [self.kv_cache.lookup(ids[row, : int(lengths[row])], keys[row], limit=int(lengths[row]) - 1)
+                    for row in range(rows)]
+            lasts = [self._last_image(ids[row], bool(batch[row].images)) for row in range(rows)]
+            if all(hit is not None and last is not None and hit[0] > max(last, start)
+                   for hit, last in zip(hits, lasts, strict=True)):
+                self.cache_stats["prompt_hits"] += rows
+                return self._row_cached_logits(ids, lengths, inputs, keys, hits)  # type: ignore[arg-type]
         if first_image < start <= last_image:  # never split the images between cache and forward
             start, layers, kind = 0, None, None
         if kind is not None:
@@ -238,11 +258,7 @@ class TransformersBackend(Backend):
             if key in model_inputs and model_inputs[key].shape == ids.shape:
                 model_inputs[key] = model_inputs[key][:, start:]
         position_ids = self._position_ids(ids, mask, inputs)  # on the CPU, from the processor's tensors
-        dtype = self.model.dtype
-        model_inputs = {
-            k: (v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)) if hasattr(v, "to") else v
-            for k, v in model_inputs.items()
-        }
+        model_inputs = self._to_device(model_inputs)
         if position_ids is not None:
             model_inputs["position_ids"] = position_ids[..., start:].to(self.device)
         if layers is not None:
@@ -250,11 +266,7 @@ class TransformersBackend(Backend):
         # Right padding: each row's verdict position is its own last token. A 1-D logits_to_keep (the
         # distinct last positions, kept for every row) means the same in every transformers 5.x; a
         # 2-D per-row tensor is a gather in 5.24 but an index in 5.19 (vLLM 0.32's pin): wrong shape.
-        keep: Any = 1
-        pick = None
-        if not bool((lengths == width).all()):
-            positions, pick = torch.unique(lengths - 1 - start, return_inverse=True)
-            keep = positions.to(self.device)
+        keep, pick = _keep_last(lengths - start, self.device)
         out = self.model(
             input_ids=ids[:, start:].to(self.device),
             attention_mask=mask.to(self.device),
@@ -267,17 +279,97 @@ class TransformersBackend(Backend):
         self.cache_stats["computed_tokens"] += int(lengths.sum()) - start * rows
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is not None:
+            tensors = _cache_tensors(cache)
             for row in range(rows):
-                n = int(lengths[row])
-                kept = [
-                    (k[row : row + 1, :, :n], v[row : row + 1, :, :n]) if rows == 1
-                    else (k[row : row + 1, :, :n].clone(), v[row : row + 1, :, :n].clone())
-                    for k, v in _cache_tensors(cache)
-                ]
-                self.kv_cache.put(ids[row, :n], keys[row], kept)
-        if pick is None:
-            return out.logits[:, -1, :].float()
-        return out.logits[torch.arange(rows, device=out.logits.device), pick.to(out.logits.device)].float()
+                self._keep(ids[row, : int(lengths[row])], keys[row], tensors, row, 0, int(lengths[row]), copy=rows > 1)
+        return _picked_logits(out.logits, pick)
+
+    def _row_cached_logits(self, ids: Any, lengths: Any, inputs: dict[str, Any], keys: list[tuple],
+                           hits: list[tuple[int, list[tuple[Any, Any]]]]) -> Any:
+        """Last-position logits of a batch whose every row continues its own cached prefix (images included).
+
+        The rows' caches are left-padded to the longest and their new tokens right-padded after them;
+        the attention mask hides both paddings and positions are given per row (a row's first new token
+        sits at its own cached length), so each row is computed as if alone.
+        """
+        import torch
+
+        rows, width = ids.shape
+        starts = [hit[0] for hit in hits]
+        cached = max(starts)
+        new = [int(lengths[row]) - starts[row] for row in range(rows)]
+        span = max(new)
+        # per row, the prompt positions its new tokens take (padding slots repeat the row's last token)
+        index = torch.stack([(starts[row] + torch.arange(span)).clamp(max=int(lengths[row]) - 1) for row in range(rows)])
+        new_mask = (torch.arange(span)[None] < torch.tensor(new)[:, None]).long()
+        cache_mask = (torch.arange(cached)[None] >= torch.tensor([cached - s for s in starts])[:, None]).long()
+        layers = []
+        for layer in range(len(hits[0][1])):
+            k0, v0 = hits[0][1][layer]
+            k = k0.new_zeros((rows, k0.shape[1], cached, k0.shape[3]))
+            v = v0.new_zeros((rows, v0.shape[1], cached, v0.shape[3]))
+            for row, (n, row_layers) in enumerate(hits):
+                k[row, :, cached - n :] = row_layers[layer][0][0]
+                v[row, :, cached - n :] = row_layers[layer][1][0]
+            layers.append((k, v))
+        model_inputs: dict[str, Any] = {}
+        for key in ("mm_token_type_ids", "token_type_ids"):
+            if key in inputs and inputs[key].shape == ids.shape:
+                model_inputs[key] = inputs[key].gather(1, index)
+        positions = self._position_ids(ids, inputs["attention_mask"], inputs)
+        if positions is None:
+            positions = index  # text positions: a token's index in its own row
+        else:
+            positions = positions.gather(-1, index[None].expand(positions.shape[0], -1, -1))
+        model_inputs = self._to_device(model_inputs)
+        keep, pick = _keep_last(torch.tensor(new), self.device)
+        out = self.model(
+            input_ids=ids.gather(1, index).to(self.device),
+            attention_mask=torch.cat([cache_mask, new_mask], dim=1).to(self.device),
+            position_ids=positions.to(self.device),
+            cache_position=torch.arange(cached, cached + span, device=self.device),
+            use_cache=True,
+            logits_to_keep=keep,
+            **{self._cache_kwarg: _dynamic_cache(layers, rows)},
+            **model_inputs,
+        )
+        self.cache_stats["reused_tokens"] += sum(starts)
+        self.cache_stats["computed_tokens"] += sum(new)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        if cache is not None:
+            tensors = _cache_tensors(cache)
+            for row in range(rows):
+                pad = cached - starts[row]
+                self._keep(ids[row, : int(lengths[row])], keys[row], tensors, row, pad, pad + int(lengths[row]), copy=True)
+        return _picked_logits(out.logits, pick)
+
+    def _keep(self, ids: Any, key: tuple, tensors: list[tuple[Any, Any]], row: int, begin: int, end: int,
+              *, copy: bool) -> None:
+        """Store ``row``'s cache slots ``begin:end`` (the tokens ``ids``) in the prefix store.
+
+        ``copy``: clone the slices, so the store never keeps a whole batch's tensors alive through a
+        view (its byte bound counts what it holds).
+        """
+        kept = [(k[row : row + 1, :, begin:end], v[row : row + 1, :, begin:end]) for k, v in tensors]
+        if copy:
+            kept = [(k.clone(), v.clone()) for k, v in kept]
+        self.kv_cache.put(ids, key, kept)
+
+    def _last_image(self, row_ids: Any, has_images: bool) -> int | None:
+        """Index of the row's last image token (-1 without images; ``None`` when unknown)."""
+        if not has_images:
+            return -1
+        if self._image_token is None:
+            return None
+        pos = (row_ids == self._image_token).nonzero()
+        return int(pos[-1, 0]) if len(pos) else None
+
+    def _to_device(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        dtype = self.model.dtype
+        return {
+            k: (v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)) if hasattr(v, "to") else v
+            for k, v in tensors.items()
+        }
 
     def _static_entry(self, prompt: GuardPrompt, rendered: str) -> tuple[Any, list[tuple[Any, Any]]] | None:
         """Token ids and key/value cache of the prompt's static prefix, computed once per prefix text."""
@@ -342,13 +434,47 @@ class TransformersBackend(Backend):
                     output_logits=True,
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
-            new_tokens = result.sequences[:, inputs["input_ids"].shape[1] :]
+                new_tokens = result.sequences[:, inputs["input_ids"].shape[1] :]
+                stops = [next((k for k, t in enumerate(row) if t in stop_ids), len(row)) for row in new_tokens.tolist()]
+                if self.kv_cache is not None:
+                    self._keep_generation(batch, inputs, new_tokens, stops, result)
             step_probs = torch.stack([_unsafe_probability(step.float(), safe_ids, unsafe_ids) for step in result.logits], dim=1)
             for row, i in enumerate(group):
-                ids = new_tokens[row].tolist()
-                n = next((k for k, t in enumerate(ids) if t in stop_ids), len(ids))
-                out[i] = self.codec.generation(ids[:n], step_probs[row, :n].tolist())
+                n = stops[row]
+                out[i] = self.codec.generation(new_tokens[row, :n].tolist(), step_probs[row, :n].tolist())
         return [g for g in out if g is not None]
+
+    def _keep_generation(self, batch: list[GuardPrompt], inputs: dict[str, Any], new_tokens: Any, stops: list[int],
+                         result: Any) -> None:
+        """Store each row's generation cache (its prompt and the tokens fed back), unpadded, in the prefix store.
+
+        A format's follow-up prompt (the generation prompt, the answer, a verdict question) then
+        continues from it: :meth:`score` finds the longest cached prefix of the follow-up's own
+        tokens, so where re-tokenising the answer gives other ids than the generated ones, reuse
+        stops there and the rest is computed (exact either way). The last generated token is never
+        fed back, so it is not in the cache; a row's end-of-turn token is when the batch went on.
+        """
+        import torch
+
+        cache = getattr(result, "cache", None) or getattr(result, "past_key_values", None)
+        if cache is None:
+            return
+        tensors = _cache_tensors(cache)
+        if not tensors:
+            return
+        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
+        width = ids.shape[1]
+        fed = tensors[0][0].shape[2] - width  # generated tokens whose keys and values were computed
+        if fed < 0:
+            return
+        for row, prompt in enumerate(batch):
+            pad = width - int(mask[row].sum())  # left padding
+            if not bool(mask[row, pad:].all()):
+                continue  # not plain left padding: nothing exact to keep
+            n = min(stops[row] + 1, fed)
+            row_ids = torch.cat([ids[row, pad:], new_tokens[row, :n].cpu()])
+            self._keep(row_ids, self._image_key(prompt), tensors, row, pad, width + n, copy=True)
+        self.cache_stats["generations_kept"] += len(batch)
 
 
 def _cache_tensors(cache: Any) -> list[tuple[Any, Any]]:
@@ -364,6 +490,30 @@ def _dynamic_cache(layers: list[tuple[Any, Any]], rows: int) -> Any:
     from transformers import DynamicCache
 
     return DynamicCache([(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in layers])
+
+
+def _keep_last(new_lengths: Any, device: Any) -> tuple[Any, Any]:
+    """``(logits_to_keep, pick)`` for right-padded rows with ``new_lengths`` tokens in the forward.
+
+    ``pick`` is ``None`` when every row ends at the last position (keep 1), else each row's index into
+    the kept positions (the distinct last positions, as a 1-D ``logits_to_keep``).
+    """
+    import torch
+
+    width = int(new_lengths.max())
+    if bool((new_lengths == width).all()):
+        return 1, None
+    positions, pick = torch.unique(new_lengths - 1, return_inverse=True)
+    return positions.to(device), pick
+
+
+def _picked_logits(logits: Any, pick: Any) -> Any:
+    """Each row's verdict-position logits (float) from a forward's kept logits."""
+    import torch
+
+    if pick is None:
+        return logits[:, -1, :].float()
+    return logits[torch.arange(logits.shape[0], device=logits.device), pick.to(logits.device)].float()
 
 
 def _unsafe_probability(logits: Any, safe_ids: list[int], unsafe_ids: list[int]) -> Any:
