@@ -39,12 +39,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
 
     from visguard import Guard, Policy
     from visguard.default_plugins.bench_command import SIZES, TEXT, _Images
     from visguard.default_plugins.mirage_format import MirageFormat
     from visguard.default_plugins.transformers_backend import TransformersBackend
-    from visguard_testing.checkpoints import cached_tiny_checkpoint
 
     torch.set_num_threads(args.threads)
     s = SIZES[args.size]

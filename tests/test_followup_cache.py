@@ -156,10 +156,13 @@ def test_unconstrained_random_answers_are_scored_exactly(qwen_path):
 
 
 def test_generation_caches_respect_the_store_bound(qwen_path):
-    """A store too small for a whole generation cache keeps what fits and never exceeds its bound."""
+    """A store with room for two of the three generation caches of a batch evicts the oldest; the batch
+    of follow-ups, one row without a cached prefix, shares no row cache and is still scored exactly."""
     plain = _guard("qwen2_vl", qwen_path, kv_cache_mb=0)
-    small = _guard("qwen2_vl", qwen_path, kv_cache_mb=0.02)
-    requests = [plain.request(IMAGES, t) for t in TEXTS]
+    small = _guard("qwen2_vl", qwen_path, kv_cache_mb=0.06)  # 120 tokens of this model's keys and values (512 bytes each)
+    pairs = [IMAGES, IMAGES[::-1], [IMAGES[0], Image.new("RGB", (64, 64), (30, 30, 200))]]  # no shared prefix with images
+    requests = [plain.request(images, t) for images, t in zip(pairs, TEXTS, strict=True)]
     assert [v.score for v in small.check_batch(requests)] == pytest.approx([v.score for v in plain.check_batch(requests)], abs=1e-4)
-    store = small.backend.kv_cache
-    assert store.nbytes <= store.max_bytes
+    store, stats = small.backend.kv_cache, small.backend.cache_stats
+    assert stats["generations_kept"] == 3 and stats["prompt_hits"] == 0  # the first row's cache was evicted
+    assert 0 < store.nbytes <= store.max_bytes

@@ -320,11 +320,14 @@ class KVCacheStore:
         """Bytes of tensors held."""
         return self._bytes
 
-    def put(self, ids: Any, image_key: tuple, layers: list[tuple[Any, Any]]) -> None:
-        """Keep ``layers`` (per layer ``(keys, values)`` of shape ``[1, heads, len(ids), dim]``)."""
+    def put(self, ids: Any, image_key: tuple, layers: list[tuple[Any, Any]]) -> bool:
+        """Keep ``layers`` (per layer ``(keys, values)`` of shape ``[1, heads, len(ids), dim]``).
+
+        Returns whether they were kept (an entry larger than the whole store is not).
+        """
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         if size > self.max_bytes or self.max_entries < 1:
-            return
+            return False
         with self._lock:
             self._entries[self._next] = (ids, image_key, layers, size)
             self._next += 1
@@ -332,6 +335,7 @@ class KVCacheStore:
             while self._bytes > self.max_bytes or len(self._entries) > self.max_entries:
                 _, (_, _, _, dropped) = self._entries.popitem(last=False)
                 self._bytes -= dropped
+        return True
 
     def lookup(self, ids: Any, image_key: tuple, *, limit: int) -> tuple[int, list[tuple[Any, Any]]] | None:
         """``(n, layers)``: the longest cached prefix (``n <= limit`` tokens) of ``ids`` with the same images."""

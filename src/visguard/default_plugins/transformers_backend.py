@@ -109,7 +109,7 @@ class TransformersBackend(Backend):
             self.kv_cache = None
         self._static: dict[str, tuple[Any, list[tuple[Any, Any]]] | None] = {}
         #: tokens taken from caches / computed by scoring forwards, prompts served from each kind of cache, and
-        #: generated rows whose caches were kept for their follow-ups
+        #: generated rows whose caches the store kept for their follow-ups
         self.cache_stats = {"reused_tokens": 0, "computed_tokens": 0, "static_hits": 0, "prompt_hits": 0,
                             "generations_kept": 0}
         forward = inspect.signature(self.model.forward).parameters
@@ -344,7 +344,7 @@ class TransformersBackend(Backend):
         return _picked_logits(out.logits, pick)
 
     def _keep(self, ids: Any, key: tuple, tensors: list[tuple[Any, Any]], row: int, begin: int, end: int,
-              *, copy: bool) -> None:
+              *, copy: bool) -> bool:
         """Store ``row``'s cache slots ``begin:end`` (the tokens ``ids``) in the prefix store.
 
         ``copy``: clone the slices, so the store never keeps a whole batch's tensors alive through a
@@ -353,7 +353,7 @@ class TransformersBackend(Backend):
         kept = [(k[row : row + 1, :, begin:end], v[row : row + 1, :, begin:end]) for k, v in tensors]
         if copy:
             kept = [(k.clone(), v.clone()) for k, v in kept]
-        self.kv_cache.put(ids, key, kept)
+        return self.kv_cache.put(ids, key, kept)
 
     def _last_image(self, row_ids: Any, has_images: bool) -> int | None:
         """Index of the row's last image token (-1 without images; ``None`` when unknown)."""
@@ -464,17 +464,17 @@ class TransformersBackend(Backend):
             return
         ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
         width = ids.shape[1]
-        fed = tensors[0][0].shape[2] - width  # generated tokens whose keys and values were computed
-        if fed < 0:
-            return
+        fed = new_tokens.shape[1] - 1  # generated tokens whose keys and values were computed
+        if fed < 0 or any(k.shape[2] != width + fed for k, _ in tensors):
+            return  # not a cache of every token fed (a static or windowed cache): nothing exact to keep
         for row, prompt in enumerate(batch):
             pad = width - int(mask[row].sum())  # left padding
             if not bool(mask[row, pad:].all()):
                 continue  # not plain left padding: nothing exact to keep
             n = min(stops[row] + 1, fed)
             row_ids = torch.cat([ids[row, pad:], new_tokens[row, :n].cpu()])
-            self._keep(row_ids, self._image_key(prompt), tensors, row, pad, width + n, copy=True)
-        self.cache_stats["generations_kept"] += len(batch)
+            self.cache_stats["generations_kept"] += self._keep(row_ids, self._image_key(prompt), tensors, row, pad,
+                                                               width + n, copy=True)
 
 
 def _cache_tensors(cache: Any) -> list[tuple[Any, Any]]:
