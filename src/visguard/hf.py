@@ -4,8 +4,8 @@ One place renders a :class:`~visguard.format.GuardPrompt` with the checkpoint's 
 finds the verdict spellings' token ids, lists the tokenizer's control strings, and maps generated
 token ids back to text spans, so every such backend builds identical inputs and reads outputs
 identically. :meth:`HFPromptCodec.static_prefix` finds the rendered text of a prompt's
-request-independent prefix, and :class:`KVCacheStore` keeps key/value caches of scored prompts so
-in-process backends continue later prompts from them.
+request-independent prefix, and :class:`KVCacheStore` keeps key/value caches of scored prompts and
+of generations so in-process backends continue later prompts from them.
 """
 
 from __future__ import annotations
@@ -289,12 +289,14 @@ def _custom_code_model(model: str, revision: str | None, *, with_vision: bool = 
 
 
 class KVCacheStore:
-    """A bounded, thread-safe LRU of key/value caches of scored prompts, for prefix reuse.
+    """A bounded, thread-safe LRU of key/value caches of scored prompts and generations, for prefix reuse.
 
-    Each entry is one prompt's token ids, the content key of its images and its per-layer
-    ``(keys, values)`` tensors (batch 1). :meth:`lookup` returns the entry sharing the longest token
-    prefix with a new prompt of the same images: a post-check continues from its pre-check (the
-    images and the request), a stream's re-check from the previous re-check. Causal attention makes
+    Each entry is one token sequence (a prompt, or a prompt and the tokens generated after it), the
+    content key of its images and its per-layer ``(keys, values)`` tensors (batch 1). :meth:`lookup`
+    returns the entry sharing the longest token prefix with a new prompt of the same images: a
+    post-check continues from its pre-check (the images and the request), a stream's re-check from
+    the previous re-check, a follow-up verdict question from the generation it follows (as far as
+    its tokens agree with the generated ones). Causal attention makes
     the reuse exact: a position's keys and values depend only on the tokens (and images) up to it.
 
     Args:
