@@ -177,7 +177,8 @@ class LatencyBench:
     Args:
         size: a :data:`SIZES` key.
         model: a guard checkpoint to measure instead of building one.
-        threads: torch intra-op threads (default: torch's choice).
+        threads: torch intra-op threads (default: torch's choice); process-wide and left set (the
+            ``visguard bench`` command restores the caller's count when it ends).
         progress: called with a short label before each measurement.
     """
 
@@ -707,10 +708,15 @@ def bench(size: str, model: str | None, threads: int | None, no_scaling: bool, p
     def progress(label: str) -> None:
         click.echo(f"[bench] {label}", err=True)
 
+    import torch
+
+    before = torch.get_num_threads()  # --threads is this run's: the process keeps its own afterwards
     try:
         report = LatencyBench(size, model=model, threads=threads, progress=progress).run(scaling=not no_scaling)
     except VisguardError as exc:
         raise click.ClickException(str(exc)) from exc
+    finally:
+        torch.set_num_threads(before)
     if plot_path and "scaling" in report:
         plot_scaling(report, plot_path)
     if as_json:
