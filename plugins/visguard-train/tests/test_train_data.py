@@ -203,3 +203,31 @@ def backend_request(record):
     from visguard.types import GuardRequest
 
     return GuardRequest.build(list(record.images), record.text, record.response)
+
+
+def test_loss_averages_over_tokens_or_over_examples_exactly_across_micro_batches():
+    """token: every target token weighs the same; example: every example's mean weighs the same, and a
+    global batch split into micro-batches (gradient accumulation) sums to the same loss."""
+    import torch
+    from visguard_train.encode import continuation_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 11)
+    labels = torch.full((3, 6), IGNORE_INDEX)
+    labels[0, 5:] = torch.tensor([1])  # a one-token target (a fast verdict)
+    labels[1, 2:] = torch.tensor([2, 3, 4, 5])  # a long one (a reason target)
+    labels[2, 4:] = torch.tensor([6, 7])
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    per_row = [ce[0, 4:].mean(), ce[1, 1:].mean(), ce[2, 3:].mean()]
+    out = {"logits": logits}
+    assert continuation_loss(out, labels).item() == pytest.approx(ce[labels[:, 1:] != IGNORE_INDEX].mean().item())
+    assert continuation_loss(out, labels, torch.tensor(6)).item() == pytest.approx(ce.sum().item() / 6)
+    example = continuation_loss(out, labels, average="example")
+    assert example.item() == pytest.approx(sum(per_row).item() / 3)
+    # logits of the last positions only (logits_to_keep): the same loss
+    assert continuation_loss({"logits": logits[:, 1:]}, labels, average="example").item() == pytest.approx(example.item())
+    split = sum(continuation_loss({"logits": logits[i:j]}, labels[i:j], average="example", examples_per_step=3)
+                for i, j in ((0, 1), (1, 3)))
+    assert split.item() == pytest.approx(example.item())
+    with pytest.raises(ValueError, match="average"):
+        continuation_loss(out, labels, average="sequence")

@@ -54,6 +54,11 @@ def _presets_help() -> str:
 @click.option("--max-steps", type=click.IntRange(1), help="Stop after N optimiser steps (overrides --epochs).")
 @click.option("--warmup-ratio", type=click.FloatRange(0, 1, max_open=True), help="Warm-up share of the steps (default 0.03).")
 @click.option("--weight-decay", type=click.FloatRange(0), help="AdamW weight decay (default 0).")
+@click.option("--max-grad-norm", type=click.FloatRange(0),
+              help="Clip the gradient's global norm to this before each step; 0: no clipping (default 1.0).")
+@click.option("--loss-average", type=click.Choice(["token", "example"]),
+              help="token (default): every target token weighs the same, so a long reason target outweighs "
+                   "many fast verdicts; example: every example weighs the same.")
 @click.option("--lr-scheduler", help="Learning-rate schedule: cosine (default), linear, constant ...")
 @click.option("--save-steps", type=click.IntRange(1), help="Write a checkpoint every N steps (default 500).")
 @click.option("--save-total-limit", type=click.IntRange(1), help="Keep at most N checkpoints (default 2).")

@@ -50,6 +50,10 @@ class TrainConfig(BaseModel):
             gradient accumulation makes up the rest.
         max_steps: stop after this many optimiser steps (overrides ``epochs`` when set).
         warmup_ratio / weight_decay / lr_scheduler: optimiser schedule.
+        max_grad_norm: clip the gradient's global norm to this before each step (0: no clipping).
+        loss_average: ``token``: every target token of the batch weighs the same (an example with a
+            long reason target weighs as much as many fast verdicts); ``example``: every example
+            weighs the same (its mean token loss), whatever its target's length.
         save_steps / save_total_limit: periodic checkpoints (under ``<output>/checkpoints``).
         logging_steps: how often the loss is logged (to the progress bar and ``train_log.jsonl``).
         seed: seed of initialisation-independent randomness (data order, dropout).
@@ -90,6 +94,8 @@ class TrainConfig(BaseModel):
     max_steps: int | None = Field(default=None, ge=1)
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    loss_average: Literal["token", "example"] = "token"
     lr_scheduler: str = "cosine"
     save_steps: int = Field(default=500, ge=1)
     save_total_limit: int | None = Field(default=2, ge=1)

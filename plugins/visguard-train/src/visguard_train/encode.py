@@ -273,13 +273,24 @@ class MultiImageCollator:
         return batch
 
 
-def continuation_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None) -> Any:
+def continuation_loss(
+    outputs: Any, labels: Any, num_items_in_batch: Any = None, *, average: str = "token", examples_per_step: int | None = None
+) -> Any:
     """Causal-LM cross-entropy over labelled (continuation) tokens, for ``Trainer(compute_loss_func=...)``.
 
     Works with full logits and with logits of the last positions only (``logits_to_keep``): labels
-    are aligned to the logits from the right, as :class:`MultiImageCollator` left-pads. The sum is
-    divided by ``num_items_in_batch`` when the ``Trainer`` gives it (exact averaging over gradient
-    accumulation and processes), else by this batch's label count.
+    are aligned to the logits from the right, as :class:`MultiImageCollator` left-pads.
+
+    Args:
+        outputs / labels / num_items_in_batch: what the ``Trainer`` passes.
+        average: ``token``: the sum over target tokens divided by ``num_items_in_batch`` when the
+            ``Trainer`` gives it (exact averaging over gradient accumulation and processes), else by
+            this batch's token count: every target token weighs the same, so an example with a long
+            target (a reason example) weighs as much as many short ones (fast verdicts).
+            ``example``: each example's mean token loss, summed over the batch and divided by
+            ``examples_per_step`` (the global batch; default: this batch's rows): every example
+            weighs the same, whatever its target's length.
+        examples_per_step: see ``average``.
     """
     import torch
 
@@ -287,9 +298,17 @@ def continuation_loss(outputs: Any, labels: Any, num_items_in_batch: Any = None)
     tail = labels[:, -logits.shape[1] :]
     pred = logits[:, :-1, :].float()
     target = tail[:, 1:].to(pred.device)
-    total = torch.nn.functional.cross_entropy(
-        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
+    per_token = torch.nn.functional.cross_entropy(
+        pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(target.shape)
+    if average == "example":
+        counts = target.ne(IGNORE_INDEX).sum(dim=1)
+        rows = counts > 0
+        per_example = per_token.sum(dim=1)[rows] / counts[rows]
+        return per_example.sum() / (examples_per_step or max(int(rows.sum()), 1))
+    if average != "token":
+        raise ValueError(f"average must be 'token' or 'example', not {average!r}")
+    total = per_token.sum()
     if num_items_in_batch is None:
         return total / target.ne(IGNORE_INDEX).sum().clamp(min=1)
     if torch.is_tensor(num_items_in_batch):

@@ -18,6 +18,7 @@ Output layout::
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -191,6 +192,7 @@ def _train(
         learning_rate=config.lr,
         warmup_steps=config.warmup_ratio,
         weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
         lr_scheduler_type=config.lr_scheduler,
         logging_steps=config.logging_steps,
         logging_first_step=True,
@@ -226,7 +228,9 @@ def _train(
         data_collator=MultiImageCollator(
             processor, image_token_ids(processor), logits_to_keep=_accepts_logits_to_keep(model)
         ),
-        compute_loss_func=continuation_loss,
+        compute_loss_func=functools.partial(
+            continuation_loss, average=config.loss_average, examples_per_step=config.batch_size
+        ),
         callbacks=[_JsonlLog(output / LOG_FILE)],
     )
     start = time.perf_counter()
