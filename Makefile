@@ -31,7 +31,7 @@ $(VLLM_VENV)/.installed: pyproject.toml plugins/visguard-vllm/pyproject.toml plu
 	$(VLLM_ENV) $(VLLM_PY) -c "import vllm, visguard_vllm; print('vllm', vllm.__version__, 'ok')"
 	touch $@
 
-.PHONY: install install-vllm demo test test-core test-isolated test-load test-vllm bench lint chromium docs
+.PHONY: install install-vllm demo test test-core test-load test-vllm bench lint chromium docs
 install: $(VENV)/.installed
 install-vllm: $(VLLM_VENV)/.installed
 
@@ -39,16 +39,10 @@ install-vllm: $(VLLM_VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/visguard demo
 
-test: test-core test-isolated test-load test-vllm
+test: test-core test-load test-vllm
 
 test-core: $(VENV)/.installed chromium
 	$(PY) -m pytest -q
-
-# Tests that need a process of their own (marker `isolated`, deselected from test-core): the ~4-minute
-# training accuracy test. Run after the rest of the suite in one process, its held-out fast-mode
-# accuracy fell to 0.655 (0.91 alone): some earlier test leaves process-global state behind.
-test-isolated: $(VENV)/.installed
-	$(PY) -m pytest -q -m isolated plugins/visguard-train/tests/test_train_guard.py
 
 # The loopback load test (32 clients, 30 s; marker `load`, deselected from test-core): about 1.5 minutes.
 test-load: $(VENV)/.installed
