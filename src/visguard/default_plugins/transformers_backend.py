@@ -277,7 +277,7 @@ class TransformersBackend(Backend):
         )
         self.cache_stats["reused_tokens"] += start * rows
         self.cache_stats["computed_tokens"] += int(lengths.sum()) - start * rows
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = _output_cache(out)
         if cache is not None:
             tensors = _cache_tensors(cache)
             for row in range(rows):
@@ -294,7 +294,7 @@ class TransformersBackend(Backend):
         """
         import torch
 
-        rows, width = ids.shape
+        rows = ids.shape[0]
         starts = [hit[0] for hit in hits]
         cached = max(starts)
         new = [int(lengths[row]) - starts[row] for row in range(rows)]
@@ -335,7 +335,7 @@ class TransformersBackend(Backend):
         )
         self.cache_stats["reused_tokens"] += sum(starts)
         self.cache_stats["computed_tokens"] += sum(new)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = _output_cache(out)
         if cache is not None:
             tensors = _cache_tensors(cache)
             for row in range(rows):
@@ -386,7 +386,7 @@ class TransformersBackend(Backend):
                 self._static[text] = None
                 return None
             out = self.model(input_ids=ids[None].to(self.device), use_cache=True, logits_to_keep=1)
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            cache = _output_cache(out)
             self._static[text] = (ids, _cache_tensors(cache))
         return self._static[text]
 
@@ -456,7 +456,7 @@ class TransformersBackend(Backend):
         """
         import torch
 
-        cache = getattr(result, "cache", None) or getattr(result, "past_key_values", None)
+        cache = _output_cache(result)
         if cache is None:
             return
         tensors = _cache_tensors(cache)
@@ -475,6 +475,11 @@ class TransformersBackend(Backend):
             row_ids = torch.cat([ids[row, pad:], new_tokens[row, :n].cpu()])
             self.cache_stats["generations_kept"] += self._keep(row_ids, self._image_key(prompt), tensors, row, pad,
                                                                width + n, copy=True)
+
+
+def _output_cache(out: Any) -> Any:
+    """The key/value cache a forward or ``generate`` returned (``cache`` or ``past_key_values``), or ``None``."""
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
 
 
 def _cache_tensors(cache: Any) -> list[tuple[Any, Any]]:
