@@ -41,6 +41,48 @@ class Generation:
         return self.step_scores[i] if i < len(self.step_scores) else None
 
 
+@dataclass(frozen=True)
+class BackendDiagnostics:
+    """What a backend says about its key/value caches and, when asked, one prompt (:meth:`Backend.diagnostics`).
+
+    For benchmarks and monitoring; nothing in a check depends on it. Counters are totals since the
+    backend was built; a backend that caches nothing reports zeros.
+
+    Attributes:
+        caching: whether the backend reuses key/value caches between prompts (static prefix, pre ->
+            post, generation -> follow-up).
+        cache_limit_bytes: bound of the per-prompt cache store (0: no store).
+        cache_bytes: bytes the per-prompt store holds now.
+        reused_tokens: prompt tokens that scoring forwards took from caches.
+        computed_tokens: prompt tokens that scoring forwards computed.
+        static_hits: scoring forwards that continued from a cached static prefix.
+        prompt_hits: scored prompts that continued from an earlier prompt's (or generation's) cache.
+        generations_kept: generated rows whose final cache was kept for their follow-ups.
+        prompt_tokens: the given prompt's length in model tokens, images included (``None``: no
+            prompt given, or the backend cannot count).
+        static_prefix_tokens: of those, the static prefix this backend computes once and shares
+            (0: none, or caching off; ``None`` when ``prompt_tokens`` is).
+    """
+
+    caching: bool = False
+    cache_limit_bytes: int = 0
+    cache_bytes: int = 0
+    reused_tokens: int = 0
+    computed_tokens: int = 0
+    static_hits: int = 0
+    prompt_hits: int = 0
+    generations_kept: int = 0
+    prompt_tokens: int | None = None
+    static_prefix_tokens: int | None = None
+
+    @property
+    def request_tokens(self) -> int | None:
+        """The prompt's tokens after its static prefix: what a check with a warm cache computes."""
+        if self.prompt_tokens is None:
+            return None
+        return self.prompt_tokens - (self.static_prefix_tokens or 0)
+
+
 class Backend(ABC):
     """Base class of guard backends (register subclasses through ``register_backends``).
 
@@ -95,6 +137,13 @@ class Backend(ABC):
     def generate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
         """Greedy continuation of each prompt, with per-token verdict probabilities where available."""
 
+    def diagnostics(self, prompt: GuardPrompt | None = None) -> BackendDiagnostics:
+        """Cache statistics and, with ``prompt``, how many tokens it is and how many are a shared prefix.
+
+        Never runs the model and changes nothing; for benchmarks (``visguard bench``) and monitoring.
+        The default reports a backend without caches that cannot count tokens.
+        """
+        return BackendDiagnostics()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (connections, GPU memory)."""

@@ -31,7 +31,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from visguard.backend import Backend, Generation
+from visguard.backend import Backend, BackendDiagnostics, Generation
 from visguard.errors import BackendError
 from visguard.format import GuardPrompt
 from visguard.hf import HFPromptCodec, KVCacheStore, load_image_text_model
@@ -200,6 +200,84 @@ class TransformersBackend(Backend):
             for i, p in zip(group, probs.tolist(), strict=True):
                 out[i] = p
         return out
+
+    # ------------------------------------------------------------------ diagnostics
+    def diagnostics(self, prompt: GuardPrompt | None = None) -> BackendDiagnostics:
+        """Cache counters (``cache_stats``), the store's size and bound, and ``prompt``'s token counts.
+
+        ``prompt_tokens`` is what the processor makes of the rendered prompt and its images;
+        ``static_prefix_tokens`` is the part a check continues from the static-prefix cache (0 with
+        caching off, or when the chat template does not keep the static parts first). Tokenizes
+        only: no forward, and no cache is computed or read.
+        """
+        stats = dict(self.cache_stats)
+        store = self.kv_cache
+        total = static = None
+        if prompt is not None:
+            text = self.render(prompt)
+            kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+            if prompt.images:
+                kwargs["images"] = [list(prompt.images)]
+            ids = self.processor(**kwargs)["input_ids"][0]
+            total, static = int(ids.shape[0]), 0
+            prefix = self.codec.static_prefix(prompt, text) if store is not None else None
+            if prefix:
+                prefix_ids = self.tokenizer(prefix)["input_ids"]
+                n = len(prefix_ids)
+                if 0 < n < total and ids[:n].tolist() == list(prefix_ids):  # as score() checks before reusing it
+                    static = n
+        return BackendDiagnostics(
+            caching=store is not None,
+            cache_limit_bytes=store.max_bytes if store is not None else 0,
+            cache_bytes=store.nbytes if store is not None else 0,
+            reused_tokens=stats["reused_tokens"], computed_tokens=stats["computed_tokens"],
+            static_hits=stats["static_hits"], prompt_hits=stats["prompt_hits"],
+            generations_kept=stats["generations_kept"],
+            prompt_tokens=total, static_prefix_tokens=static,
+        )
+
+    def forward_floor(self, prompt: GuardPrompt, *, static_prefix: bool = True) -> float:
+        """P(unsafe) of ``prompt`` from the least work a fast check can do: its physical floor.
+
+        The processor, then one forward over the prompt's own tokens after its cached static prefix
+        (computed on first use, as :meth:`score` does), the last position's logits only. Unlike
+        :meth:`score` it reads and keeps no per-prompt cache, counts nothing in ``cache_stats``
+        and never batches, so its time is the model's own. ``static_prefix=False``: one forward over
+        the whole prompt, no cache at all. The score equals :meth:`score`'s (within float error);
+        ``visguard bench`` measures checks against this call's time.
+        """
+        import torch
+
+        safe_ids, unsafe_ids = self.codec.verdict_token_ids(prompt.verdict_prefix, prompt.verdict_words)
+        with self._lock, torch.inference_mode():
+            text = self.render(prompt)
+            static = self._static_entry(prompt, text) if static_prefix else None
+            kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+            if prompt.images:
+                kwargs["images"] = [list(prompt.images)]
+            inputs = dict(self.processor(**kwargs))
+            ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+            start, layers = 0, None
+            if static is not None:
+                n = len(static[0])
+                if n < ids.shape[1] and bool((ids[0, :n] == static[0]).all()):
+                    start, layers = n, static[1]
+            if layers is not None:
+                positions = self._position_ids(ids, mask, inputs)
+                for key in ("mm_token_type_ids", "token_type_ids"):
+                    if key in inputs and inputs[key].shape == ids.shape:
+                        inputs[key] = inputs[key][:, start:]
+                inputs = self._to_device(inputs)
+                if positions is not None:
+                    inputs["position_ids"] = positions[..., start:].to(self.device)
+                inputs[self._cache_kwarg] = _dynamic_cache(layers, 1)
+                inputs["cache_position"] = torch.arange(start, ids.shape[1], device=self.device)
+            else:
+                inputs = self._to_device(inputs)
+            out = self.model(input_ids=ids[:, start:].to(self.device), attention_mask=mask.to(self.device),
+                             logits_to_keep=1, **inputs)
+            logits = out.logits[:, -1, :].float()
+        return float(_unsafe_probability(logits, safe_ids, unsafe_ids)[0])
 
     # ------------------------------------------------------------------ prefix caching
     def _cached_logits(self, batch: list[GuardPrompt]) -> Any:
