@@ -26,7 +26,7 @@ from visguard.cli import _register_plugin_commands, cli  # noqa: E402
 # Warm-up 0.1 (80 of 800 steps), not 0.03: with 24 warm-up steps at lr 4e-3 the fast verdict's accuracy
 # hung on float summation order (0.91 with 2 torch threads, 0.655 with 1: the suite once left torch at
 # 1 thread); with 80 it is 0.900 (AUROC 0.951) with 1 thread and 0.895 (AUROC 0.971) with 2
-# (benchmarks/train_vs_plain.py --variants visguard --train 1600 --epochs 2 --warmup-ratio 0.1
+# (plugins/visguard-train/benchmarks/train_vs_plain.py --variants visguard --train 1600 --epochs 2 --warmup-ratio 0.1
 # --threads 1|2; docs/training.md). One pinned thread: the float order is the test's own, whatever
 # the process did before, and one thread is fastest on a busy machine.
 HIDDEN, LAYERS = 64, 2

@@ -18,9 +18,9 @@ fixed number of torch threads. ``--jobs 2`` runs two at a time.
 
 Usage::
 
-    python benchmarks/train_vs_plain.py                    # default: visguard vs plain, 400 items, 20 epochs
-    python benchmarks/train_vs_plain.py --variants all --epochs 5 --json
-    python benchmarks/train_vs_plain.py --list             # the variants and what each changes
+    python plugins/visguard-train/benchmarks/train_vs_plain.py                    # default: visguard vs plain, 400 items, 20 epochs
+    python plugins/visguard-train/benchmarks/train_vs_plain.py --variants all --epochs 5 --json
+    python plugins/visguard-train/benchmarks/train_vs_plain.py --list             # the variants and what each changes
 """
 
 from __future__ import annotations
