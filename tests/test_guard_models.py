@@ -111,12 +111,13 @@ def test_llama_guard_4_on_llama4():
     tok = guard.backend.tokenizer
     assert ids.count(tok.convert_tokens_to_ids("<|image_start|>")) == 2  # each image expanded by Llama4Processor
     verdict = guard.check(request)
-    # transformers 5.24's Llama4ForConditionalGeneration.forward reads `image_outputs` from the text
-    # model's output and fails; the guard then says unavailable (never safe). Once fixed, a verdict.
+    # A fact about visguard on any supported transformers release: a verdict, or ``unavailable``
+    # saying why (never a silent ``safe``). Random weights rarely write a parseable first line, and
+    # transformers 5.24's Llama4 forward itself fails ("image_outputs"); both must read as
+    # unavailable with a reason, which _check_outcome asserts.
+    _check_outcome(verdict, scored=True)
     if verdict.label == "unavailable":
-        assert "image_outputs" in verdict.error
-    else:
-        _check_outcome(verdict, scored=True)
+        assert verdict.error.startswith(("guard backend error", "no verdict", "unparseable")) or "first line" in verdict.error, verdict.error
 
 
 def test_llama_guard_3_vision_on_mllama():
