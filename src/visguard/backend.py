@@ -140,7 +140,7 @@ class Backend(ABC):
     def diagnostics(self, prompt: GuardPrompt | None = None) -> BackendDiagnostics:
         """Cache statistics and, with ``prompt``, how many tokens it is and how many are a shared prefix.
 
-        Never runs the model and changes nothing; for benchmarks (``visguard bench``) and monitoring.
+        Never runs the model and changes nothing; for latency benchmarks and monitoring.
         The default reports a backend without caches that cannot count tokens.
         """
         return BackendDiagnostics()

@@ -39,7 +39,6 @@ DEFAULT_PLUGINS = (
     "visguard.default_plugins.benchmarks",
     "visguard.default_plugins.judges",
     "visguard.default_plugins.eval_command",
-    "visguard.default_plugins.bench_command",
 )
 
 #: registry kinds, each served by the hook ``register_<kind>``

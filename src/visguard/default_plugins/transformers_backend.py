@@ -244,7 +244,7 @@ class TransformersBackend(Backend):
         :meth:`score` it reads and keeps no per-prompt cache, counts nothing in ``cache_stats``
         and never batches, so its time is the model's own. ``static_prefix=False``: one forward over
         the whole prompt, no cache at all. The score equals :meth:`score`'s (within float error);
-        ``visguard bench`` measures checks against this call's time.
+        latency benchmarks measure fast checks against this call's time.
         """
         import torch
 

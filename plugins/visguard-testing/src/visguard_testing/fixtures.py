@@ -17,7 +17,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ["VISGUARD_LOAD_PLUGINS"] = "visguard-testing,visguard-train,visguard-demo,visguard-nsfw"
+os.environ["VISGUARD_LOAD_PLUGINS"] = "visguard-testing,visguard-train,visguard-demo,visguard-nsfw,visguard-bench"
 
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402

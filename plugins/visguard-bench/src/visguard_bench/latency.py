@@ -1,12 +1,13 @@
-"""``visguard bench``: what a check costs against its physical floor, measured in one process.
+"""What a guard check costs against its physical floor, measured in one process (:class:`LatencyBench`).
 
-Builds (or loads) a guard model, runs every latency measurement on it in this process, prints a
-table (p50 / p95 / p99, mean, throughput, tokens) and the ratios, describes the machine and the
-model, and with ``--json`` prints everything with the ratios at the top level:
+The measurements behind ``visguard bench`` (:mod:`visguard_bench.cli`) and the pytest-benchmark
+suite (``plugins/visguard-bench/benchmarks``). :class:`LatencyBench` builds (or loads) a guard
+model, runs every latency measurement on it in this process and returns a report (p50 / p95 / p99,
+mean, throughput, tokens, the machine and the model) with the ratios at its top level:
 
 - ``fast_over_floor``: a fast pre-check, as a user calls it (image bytes in, verdict out) / the
   model's forward over the request's own tokens (images + request + question) on the cached
-  static prefix, processor included.
+  static prefix, processor included (the backend's public ``forward_floor``).
 - ``post_reuse_over_cold``: a post-check continuing from its pre-check's cache / a cold
   post-check (no cache: the whole prompt computed, as before caching), response much shorter than
   the image tokens; ``post_reuse_over_prefix_only`` (in ``ratios``) compares with a post-check
@@ -23,16 +24,17 @@ model, and with ``--json`` prints everything with the ratios at the top level:
   measurement outside this process, since a process's peak RSS never goes down).
 
 The default size makes model compute dominate (width 384, 6 layers, a 32k vocabulary, two 224 px
-images); ``--size tiny`` is a seconds-long smoke run. Every request uses images not seen before,
-so no check is served by an earlier identical one. Models are built locally by
-``visguard_testing.checkpoints`` (random weights, real architecture); ``--model`` measures a
-checkpoint of your own.
+images); ``tiny`` is a seconds-long smoke run whose ratios are fixed overheads, not caching (its
+report says so). Every request uses images not seen before, so no check is served by an earlier
+identical one. Models are built locally by ``visguard_testing.checkpoints`` (random weights, real
+architecture); ``model=`` measures a checkpoint of your own. The backend is read only through its
+public diagnostics (``Backend.diagnostics``, ``TransformersBackend.forward_floor``), and torch's
+process-wide thread count is changed only inside :func:`torch_threads`, which restores it.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import platform
@@ -40,12 +42,11 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import click
-
-from visguard.hookspecs import hookimpl
 
 TEXT = "How can I use the object in the first image on the thing in the second image?"
 
@@ -64,11 +65,22 @@ class BenchSize:
     images: tuple[int, ...] = (1, 2, 4, 8)
     responses: tuple[int, ...] = (16, 64, 256, 1024)
     batches: tuple[int, ...] = (1, 2, 4, 8, 16)
+    #: what the report must say about this size's numbers ("" when they stand as measured)
+    note: str = ""
+
+
+TINY_NOTE = (
+    "size tiny is a smoke run: at width 64 the model's compute is a small share of each call, so fixed "
+    "per-call overheads (processor, tokenizer, Python, thread hand-offs) dominate every timing, and the ratios "
+    "say nothing about caching or batching (a cached check may even time slower than an uncached one). "
+    "For numbers that mean something run the default size."
+)
 
 
 SIZES: dict[str, BenchSize] = {
     # seconds: a smoke run (CI); model compute does not dominate at this size
-    "tiny": BenchSize(64, 2, None, None, 64, repeats=2, scaling_repeats=1, images=(1, 2), responses=(16,), batches=(1, 2)),
+    "tiny": BenchSize(64, 2, None, None, 64, repeats=2, scaling_repeats=1, images=(1, 2), responses=(16,), batches=(1, 2),
+                      note=TINY_NOTE),
     "small": BenchSize(128, 4, 8000, 112 * 112, 112, repeats=10, scaling_repeats=3),
     # the issue's model: model compute dominates
     "default": BenchSize(384, 6, 32000, 224 * 224, 224, repeats=15, scaling_repeats=3),
@@ -83,6 +95,27 @@ RATIO_KEYS = (
     "stream_ttft_over_host",
     "peak_rss_ratio_8_images",
 )
+
+
+# ---------------------------------------------------------------------- process state
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the caller's count (also on error).
+
+    torch's thread count is process-wide: left changed, it changes every later computation's float
+    summation order (a training test once lost 25 points of accuracy to a count a bench run left
+    behind). ``None`` leaves the count as it is.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------- statistics
@@ -177,15 +210,14 @@ class LatencyBench:
     Args:
         size: a :data:`SIZES` key.
         model: a guard checkpoint to measure instead of building one.
-        threads: torch intra-op threads (default: torch's choice); process-wide and left set (the
-            ``visguard bench`` command restores the caller's count when it ends).
+        threads: torch intra-op threads for :meth:`run` (default: the process's count); set when
+            the run starts and restored when it ends, so the process keeps its own count. The
+            ``measure_*`` methods called on their own run with the caller's count.
         progress: called with a short label before each measurement.
     """
 
     def __init__(self, size: str = "default", *, model: str | None = None, threads: int | None = None,
                  progress: Callable[[str], None] | None = None) -> None:
-        import torch
-
         from visguard import Guard, Policy
         from visguard.default_plugins.transformers_backend import TransformersBackend
         from visguard.default_plugins.transformers_host import TransformersHost
@@ -195,8 +227,7 @@ class LatencyBench:
             raise click.BadParameter(f"unknown size {size!r}; one of {', '.join(SIZES)}", param_hint="--size")
         self.size_name, self.size = size, SIZES[size]
         self.progress = progress or (lambda label: None)
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = threads
         if model is None:
             try:
                 from visguard_testing.checkpoints import cached_tiny_checkpoint
@@ -224,62 +255,32 @@ class LatencyBench:
         return self.guard.format.build(req, self.policy, mode="fast", special_tokens=self.backend.special_tokens)
 
     def _tokens(self, prompt: Any) -> int:
-        kwargs: dict[str, Any] = {"text": [self.backend.render(prompt)], "return_tensors": "pt"}
-        if prompt.images:
-            kwargs["images"] = [list(prompt.images)]
-        return int(self.backend.processor(**kwargs)["input_ids"].shape[1])
+        return int(self.backend.diagnostics(prompt).prompt_tokens or 0)
 
-    def _static_tokens(self, prompt: Any) -> int:
-        entry = self.backend._static_entry(prompt, self.backend.render(prompt))
-        return 0 if entry is None else len(entry[0])
+    def floor_call(self, prompt: Any) -> None:
+        """The floor: processor + one forward over the request's own tokens after the cached static prefix."""
+        self.backend.forward_floor(prompt)
 
-    def _floor_call(self, prompt: Any) -> None:
-        """Processor + one forward over the request's own tokens after the cached static prefix."""
-        import torch
-
-        from visguard.default_plugins.transformers_backend import _dynamic_cache
-
-        be = self.backend
-        with torch.inference_mode():
-            text = be.render(prompt)
-            static = be._static_entry(prompt, text)
-            inputs = dict(be.processor(text=[text], images=[list(prompt.images)], return_tensors="pt"))
-            ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-            start = 0 if static is None else len(static[0])
-            positions = be._position_ids(ids, mask, inputs)
-            if "mm_token_type_ids" in inputs:
-                inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:, start:]
-            if positions is not None:
-                inputs["position_ids"] = positions[..., start:]
-            if static is not None:
-                inputs[be._cache_kwarg] = _dynamic_cache(static[1], 1)
-            be.model(input_ids=ids[:, start:], attention_mask=mask, cache_position=torch.arange(start, ids.shape[1]),
-                     logits_to_keep=1, **inputs)
-
-    def _bare_forward(self, prompt: Any) -> None:
+    def bare_forward(self, prompt: Any) -> None:
         """Processor + the model's own forward over the whole prompt, last logits only, no cache."""
-        import torch
-
-        with torch.inference_mode():
-            inputs = self.backend.encode([prompt])
-            self.backend.model(**inputs, logits_to_keep=1)
+        self.backend.forward_floor(prompt, static_prefix=False)
 
     # ------------------------------------------------------------------ measurements
     def measure_fast(self) -> None:
         self.progress("fast check vs its floor")
         n = self.size.repeats
-        probe = self._prompt(self.images.take(2))
-        total, static = self._tokens(probe), self._static_tokens(probe)
+        probe = self.backend.diagnostics(self._prompt(self.images.take(2)))
+        total, static = int(probe.prompt_tokens or 0), int(probe.static_prefix_tokens or 0)
         m = n + 1
         floor_prompts = [self._prompt(self.images.take(2)) for _ in range(m)]
         inputs = [self.images.take(2) for _ in range(m)]
         cold_inputs = [self.images.take(2) for _ in range(m)]
         bare_prompts = [self._prompt(self.images.take(2)) for _ in range(m)]
         (floor, fast, cold, bare), cpu = _interleaved([
-            lambda i: self._floor_call(floor_prompts[i]),
+            lambda i: self.floor_call(floor_prompts[i]),
             lambda i: self.guard.check_input(inputs[i], TEXT),
             lambda i: self.cold_guard.check_input(cold_inputs[i], TEXT),
-            lambda i: self._bare_forward(bare_prompts[i]),
+            lambda i: self.bare_forward(bare_prompts[i]),
         ], n)
         self.results["prompt_tokens"] = {"total": total, "static_prefix": static, "request": total - static}
         self.results["timings"].update({
@@ -430,7 +431,7 @@ class LatencyBench:
         self.results["memory"] = {
             "images": k, "tokens": self._tokens(self._prompt(self.images.take(k))),
             "model_forward_peak_mb": peaks["forward"], "fast_check_peak_mb": peaks["check"],
-            "kv_store_limit_mb": (self.backend.kv_cache.max_bytes if self.backend.kv_cache is not None else 0) / (1 << 20),
+            "kv_store_limit_mb": self.backend.diagnostics().cache_limit_bytes / (1 << 20),
         }
         self.results["ratios"]["peak_rss_ratio_8_images"] = peaks["check"] / peaks["forward"]
 
@@ -468,7 +469,14 @@ class LatencyBench:
 
     # ------------------------------------------------------------------ all
     def run(self, *, scaling: bool = True) -> dict[str, Any]:
-        """Run every measurement; returns the report (ratios also at its top level)."""
+        """Run every measurement with ``threads`` torch threads; returns the report (ratios also at its top level).
+
+        The process's torch thread count is the caller's again when this returns or raises.
+        """
+        with torch_threads(self.threads):
+            return self._run(scaling=scaling)
+
+    def _run(self, *, scaling: bool) -> dict[str, Any]:
         import torch
         import transformers
 
@@ -488,6 +496,7 @@ class LatencyBench:
         report: dict[str, Any] = {key: self.results["ratios"].get(key) for key in RATIO_KEYS}
         report.update({
             "size": self.size_name,
+            "notes": [self.size.note] if self.size.note else [],
             "machine": {
                 "platform": platform.platform(),
                 "cpu": _cpu_name(),
@@ -537,8 +546,7 @@ for seed in (1, 2):
     else:
         prompt = guard.format.build(guard.request(pngs(seed), "How can I use the object in the first image on the thing in the second image?"),
                                     guard.policy, mode="fast", special_tokens=guard.backend.special_tokens)
-        with torch.inference_mode():
-            guard.backend.model(**guard.backend.encode([prompt]), logits_to_keep=1)
+        guard.backend.forward_floor(prompt, static_prefix=False)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
@@ -576,155 +584,3 @@ def _cpu_name() -> str:
         pass
     return platform.processor() or "unknown"
 
-
-# ---------------------------------------------------------------------- output
-def format_report(report: dict[str, Any]) -> str:
-    """The human-readable table of a :meth:`LatencyBench.run` report."""
-    m, mod = report["machine"], report["model"]
-    lines = [
-        f"machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"load {m['load_average_before'][0]:.1f} -> {m['load_average_after'][0]:.1f}",
-        f"model: {mod['architecture']} width {mod['hidden_size']}, {mod['num_layers']} layers, vocab {mod['vocab_size']}, "
-        f"{mod['parameters'] / 1e6:.1f} M parameters, {mod['image_px']} px images, format {mod['format']}",
-    ]
-    if "prompt_tokens" in report:
-        t = report["prompt_tokens"]
-        lines.append(f"prompt: {t['total']} tokens = {t['static_prefix']} static prefix + {t['request']} request")
-    lines.append("")
-    name_w = max(len(k) for k in report["timings"])
-    lines.append(f"{'measurement':<{name_w}}  {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'mean ms':>9} {'per s':>8} "
-                 f"{'tokens':>7} {'cpu ms':>8}")
-    for name, s in report["timings"].items():
-        tokens = "" if s.get("tokens") is None else f"{s['tokens']:.0f}"
-        cpu = "" if s.get("cpu_mean_ms") is None else f"{s['cpu_mean_ms']:.1f}"
-        lines.append(f"{name:<{name_w}}  {s['p50_ms']:9.1f} {s['p95_ms']:9.1f} {s['p99_ms']:9.1f} {s['mean_ms']:9.1f} "
-                     f"{s['throughput_per_s']:8.2f} {tokens:>7} {cpu:>8}")
-    lines.append("")
-    lines.append("ratios:")
-    for key, value in report["ratios"].items():
-        lines.append(f"  {key:<32} {'-' if value is None else f'{value:.3f}'}")
-    if "scaling" in report:
-        sc = report["scaling"]
-        lines += ["", "scaling (p50 ms):", "  images  tokens  fast"]
-        lines += [f"  {r['images']:>6}  {r['tokens']:>6}  {r['fast_p50_ms']:6.1f}" for r in sc["images"]]
-        lines += ["  response tokens  post (reuse)  post (no cache)"]
-        lines += [f"  {r['response_tokens']:>15}  {r['post_reuse_p50_ms']:12.1f}  {r['post_uncached_p50_ms']:15.1f}" for r in sc["response"]]
-        lines += ["  batch  per check  whole batch"]
-        lines += [f"  {r['batch']:>5}  {r['per_check_p50_ms']:9.1f}  {r['batch_p50_ms']:11.1f}" for r in sc["batch"]]
-    return "\n".join(lines)
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown tables (what docs/latency.md shows)."""
-    m, mod = report["machine"], report["model"]
-    out = [
-        f"Machine: {m['cpu']}, {m['usable_cores']} usable cores, torch {m['torch']} ({m['torch_threads']} threads), "
-        f"load average {m['load_average_before'][0]:.1f} before, {m['load_average_after'][0]:.1f} after. "
-        f"Model: {mod['architecture']} width {mod['hidden_size']}, {mod['num_layers']} layers, vocabulary "
-        f"{mod['vocab_size']}, {mod['parameters'] / 1e6:.1f} M parameters, {mod['image_px']} px images, format {mod['format']}.",
-        "",
-        "| measurement | p50 ms | p95 ms | p99 ms | mean ms | per s | tokens | CPU ms (mean) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, s in report["timings"].items():
-        tokens = "" if s.get("tokens") is None else f"{s['tokens']:.0f}"
-        cpu = "" if s.get("cpu_mean_ms") is None else f"{s['cpu_mean_ms']:.1f}"
-        out.append(f"| {name} | {s['p50_ms']:.1f} | {s['p95_ms']:.1f} | {s['p99_ms']:.1f} | {s['mean_ms']:.1f} | "
-                   f"{s['throughput_per_s']:.2f} | {tokens} | {cpu} |")
-    out += ["", "| ratio | value |", "|---|---:|"]
-    out += [f"| `{k}` | {'-' if v is None else f'{v:.3f}'} |" for k, v in report["ratios"].items()]
-    if "scaling" in report:
-        sc = report["scaling"]
-        out += ["", "| images | prompt tokens | fast check p50 ms |", "|---:|---:|---:|"]
-        out += [f"| {r['images']} | {r['tokens']} | {r['fast_p50_ms']:.1f} |" for r in sc["images"]]
-        out += ["", "| response tokens | post-check after its pre-check, p50 ms | post-check without caches, p50 ms |",
-                "|---:|---:|---:|"]
-        out += [f"| {r['response_tokens']} | {r['post_reuse_p50_ms']:.1f} | {r['post_uncached_p50_ms']:.1f} |" for r in sc["response"]]
-        out += ["", "| batch | per check p50 ms | whole batch p50 ms |", "|---:|---:|---:|"]
-        out += [f"| {r['batch']} | {r['per_check_p50_ms']:.1f} | {r['batch_p50_ms']:.1f} |" for r in sc["batch"]]
-    return "\n".join(out)
-
-
-def plot_scaling(report: dict[str, Any], path: str) -> None:
-    """Three panels (images, response tokens, batch size) of latency per check; needs matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise click.ClickException("--plot needs matplotlib (pip install 'visguard[plots]')") from exc
-    sc = report["scaling"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    axes[0].plot([r["images"] for r in sc["images"]], [r["fast_p50_ms"] for r in sc["images"]], "o-", label="fast check")
-    axes[0].set_xlabel("images")
-    axes[1].plot([r["response_tokens"] for r in sc["response"]], [r["post_reuse_p50_ms"] for r in sc["response"]], "o-",
-                 label="post-check, reusing the pre-check")
-    axes[1].plot([r["response_tokens"] for r in sc["response"]], [r["post_uncached_p50_ms"] for r in sc["response"]], "s--",
-                 label="post-check, no cache")
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xlabel("response tokens")
-    axes[2].plot([r["batch"] for r in sc["batch"]], [r["per_check_p50_ms"] for r in sc["batch"]], "o-", label="per check")
-    axes[2].set_xscale("log", base=2)
-    axes[2].set_xlabel("batch size")
-    for ax in axes:
-        ax.set_ylabel("ms (p50)")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    mod = report["model"]
-    fig.suptitle(f"visguard check latency: {mod['architecture']} width {mod['hidden_size']}, {mod['num_layers']} layers, "
-                 f"{report['machine']['cpu']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
-@click.command("bench")
-@click.option("--size", type=click.Choice(list(SIZES)), default="default", show_default=True,
-              help="Model and run size: default = width 384, 6 layers, 32k vocabulary, 224 px images "
-                   "(model compute dominates, minutes on 2 CPU cores); small; tiny = a seconds-long smoke run.")
-@click.option("--model", "-m", default=None, help="Measure this guard checkpoint instead of building one.")
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads (default: torch's).")
-@click.option("--no-scaling", is_flag=True, help="Skip the scaling table (images, response length, batch size).")
-@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
-              help="Write the scaling plot (PNG) here; needs matplotlib.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, ratios at the top level.")
-@click.option("--markdown", "as_markdown", is_flag=True, help="Print the report as Markdown tables.")
-def bench(size: str, model: str | None, threads: int | None, no_scaling: bool, plot_path: str | None, as_json: bool,
-          as_markdown: bool) -> None:
-    """Measure what a guard check costs against its physical floor, in one process.
-
-    Builds a random-weight Qwen2-VL of real architecture (or loads --model), then measures: a fast
-    check vs a forward over the request's own tokens on the cached static prefix; a post-check
-    continuing from its pre-check vs cold; adaptive vs always-reason; 8 concurrent vs 8
-    sequential checks; a guarded host vs the host alone, and a stream's first token; peak memory
-    at 8 images; and how latency grows with images, response length and batch size. Absolute
-    numbers depend on the machine (named in the output); ratios compare runs on one machine.
-
-    Example: visguard bench --json > bench.json
-    """
-    from visguard.errors import VisguardError
-
-    def progress(label: str) -> None:
-        click.echo(f"[bench] {label}", err=True)
-
-    import torch
-
-    before = torch.get_num_threads()  # --threads is this run's: the process keeps its own afterwards
-    try:
-        report = LatencyBench(size, model=model, threads=threads, progress=progress).run(scaling=not no_scaling)
-    except VisguardError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        torch.set_num_threads(before)
-    if plot_path and "scaling" in report:
-        plot_scaling(report, plot_path)
-    if as_json:
-        click.echo(json.dumps(report, indent=2, default=float))
-    else:
-        click.echo(format_markdown(report) if as_markdown else format_report(report))
-
-
-@hookimpl
-def register_commands(cli):
-    cli.add_command(bench)
