@@ -1,6 +1,6 @@
 """Guard latency against its physical floor, on pytest-benchmark (`make bench`).
 
-The measurements are those of `visguard bench` (:class:`visguard.default_plugins.bench_command.LatencyBench`,
+The measurements are those of `visguard bench` (:class:`visguard_bench.latency.LatencyBench`,
 one place for both), on the same random-weight Qwen2-VL of real architecture (size from
 ``VISGUARD_BENCH_SIZE``: ``default`` = width 384, 6 layers, 32k vocabulary, two 224 px images).
 Every round checks images not seen before, so no round is served by an earlier identical one.
@@ -21,9 +21,9 @@ from __future__ import annotations
 import os
 
 import pytest
+from visguard_bench.latency import TEXT, LatencyBench, _response_of
 
 from visguard import load_images
-from visguard.default_plugins.bench_command import TEXT, LatencyBench, _response_of
 
 ROUNDS = int(os.environ.get("VISGUARD_BENCH_ROUNDS", "12"))
 
@@ -47,7 +47,7 @@ def _fresh(bench, make):
 
 
 def test_floor(benchmark, bench):
-    benchmark.pedantic(bench._floor_call, setup=_fresh(bench, lambda: bench._prompt(bench.images.take(2))),
+    benchmark.pedantic(bench.floor_call, setup=_fresh(bench, lambda: bench._prompt(bench.images.take(2))),
                        rounds=ROUNDS, warmup_rounds=2)
     _record(benchmark, "floor")
 

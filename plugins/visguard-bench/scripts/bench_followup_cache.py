@@ -17,7 +17,7 @@ that length; ``--raw-answers`` measures the random answers as they come.
 The two backends share one model; the cases alternate round by round on images not seen before, so
 a shared machine's load falls on both alike. Ratios are what to read; milliseconds are this machine's.
 
-Usage: python scripts/bench_followup_cache.py [--size default] [--answer-tokens 128] [--rounds 8]
+Usage: python plugins/visguard-bench/scripts/bench_followup_cache.py [--size default] [--answer-tokens 128] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -38,15 +38,32 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print every number as JSON")
     args = parser.parse_args()
 
-    import torch
+    from visguard_bench.latency import torch_threads
+
+    with torch_threads(args.threads):  # restored when the run ends
+        out = measure(args)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"size {args.size}, {args.threads} thread(s), answer {out['answer_tokens']} tokens, {args.rounds} rounds")
+    print("| case | reason check p50 ms | follow-up forward p50 ms | follow-up tokens computed | reused |")
+    print("|---|---:|---:|---:|---:|")
+    for k in out["reason_check_ms"]:
+        print(f"| {k} | {out['reason_check_ms'][k]} | {out['followup_forward_ms'][k]} | "
+              f"{out['followup_tokens_computed'][k]} | {out['followup_tokens_reused'][k]} |")
+    print(f"reuse / no cache: reason check {out['reason_check_reuse_over_no_cache']}, "
+          f"follow-up forward {out['followup_reuse_over_no_cache']}")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Run every round; returns the numbers ``main`` prints."""
+    from visguard_bench.latency import SIZES, TEXT, _Images
     from visguard_testing.checkpoints import cached_tiny_checkpoint
 
     from visguard import Guard, Policy
-    from visguard.default_plugins.bench_command import SIZES, TEXT, _Images
     from visguard.default_plugins.mirage_format import MirageFormat
     from visguard.default_plugins.transformers_backend import TransformersBackend
 
-    torch.set_num_threads(args.threads)
     s = SIZES[args.size]
     path = str(cached_tiny_checkpoint("qwen2_vl", hidden_size=s.hidden_size, num_layers=s.num_layers,
                                       vocab_size=s.vocab_size, max_pixels=s.max_pixels))
@@ -78,7 +95,7 @@ def main() -> None:
             prompt = fmt.build(request, policy, mode="reason", special_tokens=backend.special_tokens)
             gen = backend.generate([prompt], max_new_tokens=args.answer_tokens)[0]
             followup = fmt.followup(request, policy, gen.text, special_tokens=backend.special_tokens)
-            before = dict(backend.cache_stats)
+            before = backend.diagnostics()
             start = time.perf_counter()
             backend.score([followup])
             followup_s = time.perf_counter() - start
@@ -86,9 +103,10 @@ def main() -> None:
                 continue  # warm-up
             checks[name].append(check_s)
             followups[name].append(followup_s)
-            computed = backend.cache_stats["computed_tokens"] - before["computed_tokens"]
-            reused = backend.cache_stats["reused_tokens"] - before["reused_tokens"]
-            tokens[name].append((computed, reused) if name == "reuse" else (_prompt_tokens(backend, followup), 0))
+            after = backend.diagnostics()
+            computed = after.computed_tokens - before.computed_tokens
+            reused = after.reused_tokens - before.reused_tokens
+            tokens[name].append((computed, reused) if name == "reuse" else (backend.diagnostics(followup).prompt_tokens, 0))
             if name == "reuse":
                 answers.append(len(gen.token_spans))
 
@@ -105,22 +123,7 @@ def main() -> None:
     }
     out["reason_check_reuse_over_no_cache"] = round(ms(checks["reuse"]) / ms(checks["no cache"]), 3)
     out["followup_reuse_over_no_cache"] = round(ms(followups["reuse"]) / ms(followups["no cache"]), 3)
-    if args.json:
-        print(json.dumps(out, indent=2))
-        return
-    print(f"size {args.size}, {args.threads} thread(s), answer {out['answer_tokens']} tokens, {args.rounds} rounds")
-    print("| case | reason check p50 ms | follow-up forward p50 ms | follow-up tokens computed | reused |")
-    print("|---|---:|---:|---:|---:|")
-    for k in guards:
-        print(f"| {k} | {out['reason_check_ms'][k]} | {out['followup_forward_ms'][k]} | "
-              f"{out['followup_tokens_computed'][k]} | {out['followup_tokens_reused'][k]} |")
-    print(f"reuse / no cache: reason check {out['reason_check_reuse_over_no_cache']}, "
-          f"follow-up forward {out['followup_reuse_over_no_cache']}")
-
-
-def _prompt_tokens(backend, prompt) -> int:
-    inputs = backend.processor(text=[backend.render(prompt)], images=[list(prompt.images)], return_tensors="pt")
-    return int(inputs["input_ids"].shape[1])
+    return out
 
 
 if __name__ == "__main__":

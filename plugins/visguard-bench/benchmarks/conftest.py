@@ -1,3 +1,5 @@
+"""The latency suite (`make bench`) runs offline, with quiet tokenizers."""
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
