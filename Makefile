@@ -78,12 +78,14 @@ chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
 		|| echo "warning: could not install chromium (apt-get install -y chromium); the demo report test will skip"
 
+# The latency suite of plugins/visguard-bench (pytest-benchmark over `visguard bench`'s measurements, default
+# size: minutes on 2 CPU cores); test_ratios asserts the fast/floor, post reuse/cold and image-boundary targets.
 bench: $(VENV)/.installed
-	$(PY) -m pytest benchmarks -q -s  # not --benchmark-only: it would skip test_ratios, the asserted targets
+	$(PY) -m pytest plugins/visguard-bench/benchmarks -q -s  # not --benchmark-only: it would skip test_ratios, the asserted targets
 
 # docs/cli.md from the commands' own --help (tests/test_cli_docs.py fails when they drift apart).
 docs: $(VENV)/.installed
 	$(PY) scripts/cli_reference.py
 
 lint: $(VENV)/.installed
-	$(PY) -m ruff check src plugins tests benchmarks examples
+	$(PY) -m ruff check src plugins tests examples
