@@ -6,13 +6,18 @@ token ids back to text spans, so every such backend builds identical inputs and 
 identically. :meth:`HFPromptCodec.static_prefix` finds the rendered text of a prompt's
 request-independent prefix, and :class:`KVCacheStore` keeps key/value caches of scored prompts and
 of generations so in-process backends continue later prompts from them.
+:func:`resolve_checkpoint` decides where a model id loads from before anything is downloaded, so an
+id that cannot be had (offline, unknown, the hub unreachable) fails in seconds with one line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from visguard.backend import Generation
@@ -216,9 +221,14 @@ def load_image_text_model(
         attn_implementation: e.g. ``"sdpa"``.
 
     Raises:
-        BackendError: unknown dtype, the checkpoint cannot be loaded, weights are missing from it, or it
-            is a custom-code vision-language checkpoint transformers' own classes do not run (named as such).
+        BackendError: ``model`` is neither a local checkpoint directory nor a hub model that can be had
+            (:func:`resolve_checkpoint`: unknown id, offline and not cached, hub unreachable), unknown dtype,
+            the checkpoint cannot be loaded, weights are missing from it, or it is a custom-code
+            vision-language checkpoint transformers' own classes do not run (named as such).
     """
+    # Before torch and transformers: an id that cannot be had fails in a second, not after their
+    # import and minutes of hub retries.
+    source = resolve_checkpoint(model, role=role, revision=revision)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -232,23 +242,23 @@ def load_image_text_model(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        processor = AutoProcessor.from_pretrained(model, **kwargs)
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
         load = {"dtype": torch_dtype, "use_safetensors": True, "output_loading_info": True, **kwargs, **extra}
         try:
-            hf_model, info = AutoModelForImageTextToText.from_pretrained(model, **load)
+            hf_model, info = AutoModelForImageTextToText.from_pretrained(source, **load)
         except ValueError as exc:  # a text-only checkpoint (e.g. a text guard): its causal LM, same prompts
             if "Unrecognized configuration class" not in str(exc):
                 raise
-            custom = _custom_code_model(model, revision, with_vision=True)
+            custom = _custom_code_model(source, revision, with_vision=True)
             if custom:  # its own code may load as a causal LM, with no way for images to reach it
                 raise BackendError(f"cannot load {role} model {model!r} with transformers: {custom}") from exc
             from transformers import AutoModelForCausalLM
 
-            hf_model, info = AutoModelForCausalLM.from_pretrained(model, **load)
+            hf_model, info = AutoModelForCausalLM.from_pretrained(source, **load)
     except BackendError:
         raise
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated weights) ...
-        custom = _custom_code_model(model, revision)
+        custom = _custom_code_model(source, revision)
         if custom:
             raise BackendError(f"cannot load {role} model {model!r} with transformers: {custom}") from exc
         text = " ".join(str(exc).split())[:300]
@@ -261,6 +271,148 @@ def load_image_text_model(
             f"{type(hf_model).__name__} are missing from the checkpoint (e.g. {sorted(missing)[0]!r}; it was saved "
             f"as {saved_as}); they would be random")
     return hf_model.to(device), processor
+
+
+#: seconds the one hub look-up of :func:`resolve_checkpoint` may take (``VISGUARD_HUB_TIMEOUT`` overrides)
+HUB_PROBE_TIMEOUT_S = 5.0
+#: loggers that report hub requests and their retries (silenced during the look-up)
+_HUB_LOGGERS = ("huggingface_hub", "httpx", "httpcore", "urllib3")
+
+
+def resolve_checkpoint(model: str, *, role: str = "guard", revision: str | None = None) -> str:
+    """Where to load ``model`` from: a local directory as is, or a hub id checked before any download.
+
+    A hub id is looked up once, with no retries, no log lines and a short timeout
+    (:data:`HUB_PROBE_TIMEOUT_S`), so an id that cannot be had fails in seconds with one message
+    saying how to point at a local checkpoint, instead of minutes of hub retries:
+
+    - with ``HF_HUB_OFFLINE=1`` only the local Hugging Face cache is looked at;
+    - online, the hub is asked whether the model (and ``revision``) exists; when it cannot be
+      reached (no network, a timeout, a 5xx or 429 answer), a cached copy's snapshot directory is
+      loaded instead, so a cached model still loads without network. Any other answer (a mirror
+      without the model API, a bad token) leaves the id to the loader, whose own error stands.
+
+    Returns:
+        ``model`` itself (a local directory, a cached id offline, an id the hub knows), or the
+        cached snapshot directory of a hub id while the hub is unreachable.
+
+    Raises:
+        BackendError: ``model`` is a file, not a directory; neither a local directory nor a valid hub
+            id; offline and not cached; unknown to the hub (or private), gated, or a revision the hub
+            does not have; or the hub is unreachable and the model is not cached.
+    """
+    model = os.fspath(model)
+    if os.path.isdir(model):
+        return model
+    head = f"cannot load {role} model {model!r}"
+    example = "--model /path/to/checkpoint" if role == "guard" else "/path/to/checkpoint"
+    local_hint = f"pass a local checkpoint directory as the {role} model instead (e.g. {example})"
+    if os.path.exists(model):
+        raise BackendError(f"{head}: it is a file, not a checkpoint directory; {local_hint}")
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise BackendError(f"{head}: no such local directory, and not a valid Hugging Face hub id; {local_hint}") from None
+    download_hint = f"{local_hint}, or download it first where the hub is reachable (hf download {model})"
+    cached = _cached_snapshot(model, revision)
+    if constants.is_offline_mode():
+        if cached is not None:
+            return model
+        raise BackendError(f"{head}: no such local directory, and HF_HUB_OFFLINE is set but the Hugging Face cache "
+                           f"({constants.HF_HUB_CACHE}) has no copy of it; {download_hint}")
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    timeout = _probe_timeout()
+    error = _ask_hub(model, revision, timeout)
+    if error is None:
+        return model
+    if cached is not None:  # the hub cannot answer, or no longer has it: the cached copy, without the hub
+        return cached
+    if isinstance(error, RevisionNotFoundError):
+        raise BackendError(f"{head}: the Hugging Face hub has no revision {revision!r} of it")
+    if isinstance(error, GatedRepoError):
+        raise BackendError(f"{head}: it is gated on the Hugging Face hub: accept its terms there and log in "
+                           f"(hf auth login), or {local_hint[0].lower()}{local_hint[1:]}")
+    if isinstance(error, RepositoryNotFoundError):
+        raise BackendError(f"{head}: no such local directory, and no model of that id on the Hugging Face hub (or a "
+                           f"private one: log in with hf auth login); {local_hint}")
+    response = getattr(error, "response", None) if isinstance(error, HfHubHTTPError) else None
+    if response is not None and response.status_code < 500 and response.status_code != 429:
+        return model  # the hub answered (a mirror without this API, a bad token ...): the loader's own error stands
+    if response is not None:
+        reach = f"answered HTTP {response.status_code}"
+    elif isinstance(error, TimeoutError) or "Timeout" in type(error).__name__:
+        reach = f"did not answer within {timeout:g} s (VISGUARD_HUB_TIMEOUT sets the wait)"
+    else:
+        reach = f"could not be reached ({type(error).__name__}: {' '.join(str(error).split())[:80]})"
+    raise BackendError(f"{head}: no such local directory, and the Hugging Face hub ({constants.ENDPOINT}) {reach}; "
+                       f"{download_hint}")
+
+
+def _ask_hub(repo_id: str, revision: str | None, timeout: float) -> BaseException | None:
+    """Ask the hub once whether model ``repo_id`` (at ``revision``) exists: ``None`` if so, else the error.
+
+    One request with no retries and no log lines, bounded by ``timeout`` (name resolution, which
+    the HTTP client's own timeout does not cover, included: the request runs in a daemon thread
+    that is given up on, with a :class:`TimeoutError`, once the time is over).
+    """
+    from huggingface_hub import HfApi
+
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            HfApi().model_info(repo_id, revision=revision, timeout=timeout, expand=["sha"])
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            outcome.append(exc)
+
+    with _quiet_hub_loggers():
+        worker = threading.Thread(target=ask, name="visguard-hub-probe", daemon=True)
+        worker.start()
+        worker.join(timeout)
+    return outcome[0] if outcome else TimeoutError(f"no answer within {timeout:g} s")
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> str | None:
+    """The Hugging Face cache's snapshot directory of ``repo_id`` at ``revision`` (one with its ``config.json``), or ``None``."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an unreadable cache holds nothing usable
+        return None
+    return os.path.dirname(config) if isinstance(config, str) else None
+
+
+def _probe_timeout() -> float:
+    try:
+        value = float(os.environ.get("VISGUARD_HUB_TIMEOUT", HUB_PROBE_TIMEOUT_S))
+    except ValueError:
+        return HUB_PROBE_TIMEOUT_S
+    return value if value > 0 else HUB_PROBE_TIMEOUT_S
+
+
+@contextlib.contextmanager
+def _quiet_hub_loggers() -> Iterator[None]:
+    """Hub and HTTP client loggers at ERROR for the duration (no request or retry lines)."""
+    loggers = [logging.getLogger(name) for name in _HUB_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _custom_code_model(model: str, revision: str | None, *, with_vision: bool = False) -> str | None:
