@@ -214,18 +214,18 @@ class TransformersBackend(Backend):
         store = self.kv_cache
         total = static = None
         if prompt is not None:
-            text = self.render(prompt)
-            kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
-            if prompt.images:
-                kwargs["images"] = [list(prompt.images)]
-            ids = self.processor(**kwargs)["input_ids"][0]
+            with self._lock:  # the processor's tokenizer is not safe to share between threads
+                text = self.render(prompt)
+                kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+                if prompt.images:
+                    kwargs["images"] = [list(prompt.images)]
+                ids = self.processor(**kwargs)["input_ids"][0]
+                prefix = self.codec.static_prefix(prompt, text) if store is not None else None
+                prefix_ids = self.tokenizer(prefix)["input_ids"] if prefix else []
             total, static = int(ids.shape[0]), 0
-            prefix = self.codec.static_prefix(prompt, text) if store is not None else None
-            if prefix:
-                prefix_ids = self.tokenizer(prefix)["input_ids"]
-                n = len(prefix_ids)
-                if 0 < n < total and ids[:n].tolist() == list(prefix_ids):  # as score() checks before reusing it
-                    static = n
+            n = len(prefix_ids)
+            if 0 < n < total and ids[:n].tolist() == list(prefix_ids):  # as score() checks before reusing it
+                static = n
         return BackendDiagnostics(
             caching=store is not None,
             cache_limit_bytes=store.max_bytes if store is not None else 0,
