@@ -79,7 +79,7 @@ chromium:
 		|| echo "warning: could not install chromium (apt-get install -y chromium); the demo report test will skip"
 
 # The latency suite of plugins/visguard-bench (pytest-benchmark over `visguard bench`'s measurements, default
-# size: minutes on 2 CPU cores); test_ratios asserts the fast/floor, post reuse/cold and image-boundary targets.
+# size: about 20 s on 2 CPU cores); test_ratios asserts the fast/floor, post reuse/cold and image-boundary targets.
 bench: $(VENV)/.installed
 	$(PY) -m pytest plugins/visguard-bench/benchmarks -q -s  # not --benchmark-only: it would skip test_ratios, the asserted targets
 
