@@ -13,6 +13,7 @@ Run a (multi-image) safety guard model before and after any host VLM and get a s
 from visguard.audit import AuditLog
 from visguard.backend import Backend, Generation
 from visguard.cascade import Cascade, CascadeStats, Stage
+from visguard.checker import Checker, CheckerBase
 from visguard.errors import (
     BackendError,
     GuardrailViolation,
@@ -54,6 +55,8 @@ __all__ = [
     "Cascade",
     "CascadeStats",
     "Category",
+    "Checker",
+    "CheckerBase",
     "Generation",
     "Guard",
     "GuardFormat",

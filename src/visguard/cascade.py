@@ -9,21 +9,23 @@ classifier and a text guard side by side). Every stage's verdict is kept on the 
 (``Verdict.stages``), and :meth:`Cascade.stats` measures the cost saved against running the last
 stage on everything.
 
-A cascade is used wherever a guard is: ``check_input`` / ``check_output`` / ``check`` /
-``check_batch`` / ``report_batch`` and their async forms, ``wrap(host)``, ``visguard eval``.
+A cascade is the second :class:`~visguard.checker.Checker` beside :class:`~visguard.guard.Guard`
+(it is not a Guard: it has no format or backend of its own), so it is used wherever a guard is:
+``check_input`` / ``check_output`` / ``check`` / ``check_batch`` / ``report_batch`` and their async
+forms, ``wrap(host)``, ``visguard serve`` / ``eval`` / ``check`` (``--stage``), LangChain.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
+from visguard.checker import BatchObserver, Checker, CheckerBase, checked_requests, worst_verdict
 from visguard.errors import InputError, UnsupportedRequestError
-from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
-from visguard.guard import Guard, _checked_requests, worst_verdict
+from visguard.format import Capabilities
 from visguard.policy import Mode, Policy
 from visguard.types import GuardRequest, Verdict
 
@@ -35,8 +37,9 @@ class Stage:
     """One step of a cascade.
 
     Args:
-        guards: the guard(s) of this stage; each judges the requests it can (a guard that cannot
-            judge a request, e.g. an image classifier on a text-only request, sits it out).
+        guards: the guard(s) of this stage (any :class:`~visguard.checker.Checker`: a
+            :class:`~visguard.guard.Guard`, or a cascade); each judges the requests it can (a guard
+            that cannot judge a request, e.g. an image classifier on a text-only request, sits it out).
         escalate: which verdicts go on to the next stage: ``unsure`` (a score inside ``band``, or
             no verdict), ``flagged`` (unsafe or no verdict: a later guard confirms flags) or
             ``unsure_or_flagged``. The last stage always decides.
@@ -47,7 +50,7 @@ class Stage:
             text guard on the host's answers.
     """
 
-    guards: tuple[Guard, ...]
+    guards: tuple[Checker, ...]
     escalate: Escalate = "unsure"
     band: tuple[float, float] = (0.2, 0.8)
     name: str = ""
@@ -56,6 +59,9 @@ class Stage:
     def __post_init__(self) -> None:
         if not self.guards:
             raise InputError("a cascade stage needs at least one guard")
+        for g in self.guards:
+            if not isinstance(g, Checker):
+                raise InputError(f"cascade stages hold guards (Checkers), got {type(g).__name__}")
         if self.escalate not in ("unsure", "flagged", "unsure_or_flagged"):
             raise InputError(f"escalate must be unsure, flagged or unsure_or_flagged, got {self.escalate!r}")
         if not self.checks or set(self.checks) - {"input", "output"}:
@@ -64,7 +70,7 @@ class Stage:
         if not 0.0 <= low <= high <= 1.0:
             raise InputError(f"band must satisfy 0 <= low <= high <= 1, got {self.band}")
         if not self.name:
-            object.__setattr__(self, "name", "+".join(g.backend.model_id or g.format.name for g in self.guards))
+            object.__setattr__(self, "name", "+".join(g.model_id or str(g.describe().get("format")) for g in self.guards))
 
     def escalates(self, verdict: Verdict) -> bool:
         """Whether this stage's (combined) verdict sends the request on."""
@@ -82,51 +88,8 @@ class _StageCost:
     decided: int = 0  # requests whose final verdict came from it
 
 
-class _CascadeBackend:
-    """What callers read from ``guard.backend``: a name and a model id."""
-
-    name = "cascade"
-
-    def __init__(self, model_id: str) -> None:
-        self.model_id = model_id
-
-    def close(self) -> None:
-        pass
-
-
-class _CascadeFormat(GuardFormat):
-    """What callers read from ``guard.format``: a name, and the union of the stages' capabilities."""
-
-    name = "cascade"
-    capabilities: ClassVar[Capabilities] = Capabilities(modes=("fast", "reason", "adaptive"))
-
-    def __init__(self, stages: Sequence[Stage]) -> None:
-        super().__init__()
-        self.stages = stages
-
-    def check_request(self, request: GuardRequest, mode: Mode | None = None) -> None:
-        reasons = []
-        for stage in self.stages:
-            if request.stage not in stage.checks:
-                continue
-            for guard in stage.guards:
-                try:
-                    guard.format.check_request(request)
-                    return
-                except UnsupportedRequestError as exc:
-                    reasons.append(str(exc))
-        raise UnsupportedRequestError(f"no stage of the cascade can judge this {request.stage} check: "
-                                      + ("; ".join(reasons) or "no stage takes part in it"))
-
-    def build(self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()) -> GuardPrompt:
-        raise NotImplementedError("a cascade has no prompt of its own; its stages build theirs")
-
-    def parse(self, text: str, policy: Policy) -> ParsedOutput:
-        raise NotImplementedError("a cascade parses nothing; its stages do")
-
-
-class Cascade(Guard):
-    """A guard made of guards (see the module docstring).
+class Cascade(CheckerBase):
+    """A guard made of guards (see the module docstring): a :class:`~visguard.checker.Checker`.
 
     Args:
         stages: :class:`Stage` objects, or guards (each becomes a one-guard stage with the default
@@ -138,24 +101,67 @@ class Cascade(Guard):
         ``Cascade([Stage((nsfw, text_guard), escalate="unsure_or_flagged"), reasoner])``
     """
 
-    def __init__(self, stages: Sequence[Stage | Guard], *, policy: Policy | None = None) -> None:
+    def __init__(self, stages: Sequence[Stage | Checker], *, policy: Policy | None = None) -> None:
         built = tuple(s if isinstance(s, Stage) else Stage((s,)) for s in stages)
         if not built:
             raise InputError("a cascade needs at least one stage")
-        for s in built:
-            for g in s.guards:
-                if not isinstance(g, Guard):
-                    raise InputError(f"cascade stages hold guards, got {type(g).__name__}")
         self.stages = built
         self.policy = policy or built[-1].guards[-1].policy
-        self.backend = _CascadeBackend("cascade(" + " -> ".join(s.name for s in built) + ")")  # type: ignore[assignment]
-        self.format = _CascadeFormat(built)
         self._costs = [_StageCost() for _ in built]
         self._requests = 0
         self._lock = threading.Lock()
 
-    # ------------------------------------------------------------------ Guard API
+    # ------------------------------------------------------------------ what a Checker is
+    @property
+    def model_id(self) -> str:
+        """``cascade(<stage> -> <stage> ...)``, each stage named by its guards' models."""
+        return "cascade(" + " -> ".join(s.name for s in self.stages) + ")"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """The union of the stages' guards' capabilities (requests: of the stages taking part in
+        pre-checks; responses: of those taking part in post-checks)."""
+        takes = [(g.capabilities, s.checks) for s in self.stages for g in s.guards]
+        caps = [c for c, _ in takes]
+        most = [c.max_images for c in caps]
+        return Capabilities(
+            min_images=min(c.min_images for c in caps),
+            max_images=None if any(m is None for m in most) else max(m for m in most if m is not None),
+            text=any(c.text for c in caps),
+            images=any(c.images for c in caps),
+            requests=any(c.requests for c, checks in takes if "input" in checks),
+            responses=any(c.responses for c, checks in takes if "output" in checks),
+            score=any(c.score for c in caps),
+            categories=any(c.categories for c in caps),
+            custom_categories=any(c.custom_categories for c in caps),
+            modes=tuple(m for m in ("fast", "reason", "adaptive") if any(m in c.modes for c in caps)),
+            cross_image=any(c.cross_image for c in caps),
+            conversation=any(c.conversation for c in caps),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """``model`` (:attr:`model_id`), ``backend`` and ``format`` ``cascade``, and each stage's name."""
+        return {"model": self.model_id, "backend": "cascade", "format": "cascade",
+                "stages": [s.name for s in self.stages]}
+
+    def check_supported(self, request: GuardRequest, mode: Mode | None = None) -> None:
+        """Raise :class:`UnsupportedRequestError` when no guard of a stage taking part in the request's
+        check can judge it (``mode`` is not used: each guard runs in its own policy's mode)."""
+        reasons = []
+        for stage in self.stages:
+            if request.stage not in stage.checks:
+                continue
+            for guard in stage.guards:
+                try:
+                    guard.check_supported(request)
+                    return
+                except UnsupportedRequestError as exc:
+                    reasons.append(str(exc))
+        raise UnsupportedRequestError(f"no stage of the cascade can judge this {request.stage} check: "
+                                      + ("; ".join(reasons) or "no stage takes part in it"))
+
     def with_policy(self, policy: Policy | None = None, **changes: Any) -> Cascade:
+        """The same stages (and guards) with another cascade policy (or this one with ``changes``)."""
         return Cascade(self.stages, policy=policy or self.policy.updated(**changes))
 
     def report_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
@@ -165,9 +171,9 @@ class Cascade(Guard):
             InputError: an element is not a :class:`GuardRequest`.
             UnsupportedRequestError: no stage can judge a request.
         """
-        requests = _checked_requests(requests)
+        requests = checked_requests(requests)
         for r in requests:
-            self.format.check_request(r)
+            self.check_supported(r)
         start = time.perf_counter()
         history: list[list[Verdict]] = [[] for _ in requests]
         decided: list[tuple[int, Verdict] | None] = [None] * len(requests)
@@ -193,9 +199,10 @@ class Cascade(Guard):
         with self._lock:
             self._requests += len(requests)
             for i, request in enumerate(requests):
-                if decided[i] is None:
+                outcome = decided[i]
+                if outcome is None:
                     raise UnsupportedRequestError(f"request {i}: no guard of the cascade could judge it in its mode")
-                k, verdict = decided[i]
+                k, verdict = outcome
                 self._costs[k].decided += 1
                 out.append(verdict.model_copy(update={"stages": tuple(history[i]), "latency_ms": elapsed,
                                                       "stage": request.stage}))
@@ -209,7 +216,7 @@ class Cascade(Guard):
                 if r.stage not in stage.checks:
                     continue
                 try:
-                    guard.format.check_request(r, guard.policy.mode)
+                    guard.check_supported(r, guard.policy.mode)
                     idx.append(i)
                 except UnsupportedRequestError:
                     continue
@@ -225,22 +232,30 @@ class Cascade(Guard):
         # any unsafe, else any unavailable, else the least confident safe (its score decides escalation)
         return [(worst_verdict(m) if m else None, m) for m in members]
 
-    def close(self) -> None:
+    # ------------------------------------------------------------------ the stages' models
+    def stage_guards(self) -> list[Checker]:
+        """Every guard of every stage, each once (a guard may sit in several stages)."""
+        seen: dict[int, Checker] = {}
         for stage in self.stages:
             for guard in stage.guards:
-                guard.close()
+                seen.setdefault(id(guard), guard)
+        return list(seen.values())
+
+    def close(self) -> None:
+        """Close every stage's guards."""
+        for guard in self.stage_guards():
+            guard.close()
 
     def configure_batching(self, *, max_batch: int | None = None, max_wait_ms: float | None = None) -> None:
-        for stage in self.stages:
-            for guard in stage.guards:
-                guard.configure_batching(max_batch=max_batch, max_wait_ms=max_wait_ms)
+        """Set the micro-batching limits of every stage's guards."""
+        for guard in self.stage_guards():
+            guard.configure_batching(max_batch=max_batch, max_wait_ms=max_wait_ms)
 
-    @property
-    def batcher(self) -> Any:
-        raise AttributeError("a cascade has no batcher of its own; each stage's guards have theirs")
-
-    def add_batch_observer(self, observer: Any) -> None:
-        raise NotImplementedError("observe the stages' guards: cascade.stages[i].guards[j].add_batch_observer(...)")
+    def add_batch_observer(self, observer: BatchObserver) -> None:
+        """Observe every stage guard's batches: ``observer(mode, verdicts, waited_s)`` sees each stage's
+        own verdicts (their ``model``), not the cascade's combined one."""
+        for guard in self.stage_guards():
+            guard.add_batch_observer(observer)
 
     # ------------------------------------------------------------------ cost
     def stats(self) -> CascadeStats:

@@ -3,35 +3,36 @@
 Data flow: inputs -> :func:`~visguard.images.load_images` -> :class:`GuardRequest` -> format.build ->
 backend.score / backend.generate -> format.parse -> :class:`Verdict`. The guard reports; what a verdict
 means for the call (pass, block, degraded, raise) is :meth:`Policy.action`, which every caller acts on.
+
+A Guard is one :class:`~visguard.checker.Checker` (a cascade is another): this module holds what is
+model-, format- and backend-specific; ``check*`` / ``allows`` / ``wrap`` come from
+:class:`~visguard.checker.CheckerBase`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from visguard import plugins
 from visguard.backend import Backend
 from visguard.batching import MicroBatcher, shared_batcher
-from visguard.errors import BackendError, GuardUnavailableError, InputError, InputTooLongError
-from visguard.format import GuardFormat
-from visguard.images import ImageInput
+from visguard.checker import BatchObserver, CheckerBase
+from visguard.checker import checked_requests as _checked_requests
+from visguard.errors import BackendError, InputError, InputTooLongError
+from visguard.format import Capabilities, GuardFormat
 from visguard.policy import Mode, Policy
-from visguard.types import MAX_TEXT_CHARS, GuardRequest, Verdict
-
-if TYPE_CHECKING:  # pragma: no cover
-    from visguard.guarded import GuardedModel
+from visguard.types import GuardRequest, Verdict
 
 DEFAULT_MODEL = "Tuwhy/Qwen2-VL-7B-MIRage"
 #: the format of checkpoints no table entry names
 DEFAULT_FORMAT = "visguard"
 
 
-class Guard:
-    """A guard model with a format, a backend and a policy.
+class Guard(CheckerBase):
+    """A guard model with a format, a backend and a policy: a :class:`~visguard.checker.Checker`.
 
     Thread-safe: any number of threads (or asyncio tasks, through the ``a*`` methods) may call one
     guard; backends serialise model access internally.
@@ -112,138 +113,26 @@ class Guard:
         return Guard(self.backend, self.format, new, max_batch=self._batcher.max_batch,
                      max_wait_ms=self._batcher.max_wait_s * 1000.0)
 
-    def wrap(self, host: Any, **options: Any) -> GuardedModel:
-        """Put this guard around a host model: pre-check, host answer, post-check, streaming.
+    # ------------------------------------------------------------------ what a Checker is
+    @property
+    def model_id(self) -> str:
+        """The guard model's id or path (what its verdicts name)."""
+        return self.backend.model_id
 
-        Args:
-            host: a :class:`~visguard.hosts.Host`, a local model path or hub id, an
-                OpenAI-compatible ``http(s)://`` base URL, or a callable ``(images, text) -> str``
-                (see :func:`visguard.hosts.resolve_host`).
-            **options: see :class:`~visguard.guarded.GuardedOptions` (``pre_check``,
-                ``post_check``, ``on_unsafe``, ``refusal``, ``audit``, ``host_options`` ...).
+    @property
+    def capabilities(self) -> Capabilities:
+        """What the guard's format can judge."""
+        return self.format.capabilities
 
-        Returns:
-            A :class:`~visguard.guarded.GuardedModel` with ``generate``, ``stream``,
-            ``agenerate`` and ``astream``.
+    def describe(self) -> dict[str, Any]:
+        """``model``, ``backend`` and ``format`` names (evaluation rows, health, metadata)."""
+        return {"model": self.backend.model_id, "backend": self.backend.name, "format": self.format.name}
 
-        Raises:
-            InputError: an option is invalid or the host cannot be used.
-            PluginError: the host's plugin is not installed.
-        """
-        from visguard.guarded import GuardedModel
+    def check_supported(self, request: GuardRequest, mode: Mode | None = None) -> None:
+        """Raise :class:`~visguard.errors.UnsupportedRequestError` when the format cannot judge ``request`` (in ``mode``)."""
+        self.format.check_request(request, mode)
 
-        return GuardedModel(self, host, **options)
-
-    # ------------------------------------------------------------------ requests
-    def request(
-        self,
-        images: Iterable[ImageInput] | ImageInput | None,
-        text: str,
-        response: str | None = None,
-        *,
-        conversation: Iterable[dict[str, str]] = (),
-    ) -> GuardRequest:
-        """Build a :class:`GuardRequest` through the input boundary with this policy's limits.
-
-        Raises:
-            InputError: text, response, conversation or an image is refused (one line naming it).
-            UnsupportedRequestError: this guard's format cannot judge such a request.
-        """
-        request = GuardRequest.build(images, text, response, conversation=conversation, limits=self.policy.limits)
-        self.format.check_request(request)
-        return request
-
-    # ------------------------------------------------------------------ sync API
-    def check_input(
-        self,
-        images: Iterable[ImageInput] | ImageInput | None,
-        text: str,
-        *,
-        mode: Mode | None = None,
-        conversation: Iterable[dict[str, str]] = (),
-    ) -> Verdict:
-        """Pre-check: is this (images + text) request unsafe? ``conversation``: earlier turns, as context."""
-        return self.check(self.request(images, text, conversation=conversation), mode=mode)
-
-    def check_output(
-        self,
-        images: Iterable[ImageInput] | ImageInput | None,
-        text: str,
-        response: str,
-        *,
-        mode: Mode | None = None,
-        conversation: Iterable[dict[str, str]] = (),
-    ) -> Verdict:
-        """Post-check: is the host model's ``response`` to (images + text) unsafe?"""
-        if not isinstance(response, str):
-            raise InputError(f"response must be a string, got {type(response).__name__}")
-        return self.check(self.request(images, text, response, conversation=conversation), mode=mode)
-
-    def check_answer(self, request: GuardRequest, answer: str, *, mode: Mode | None = None) -> Verdict:
-        """Post-check a host model's ``answer`` to ``request``, whatever its length.
-
-        The answer is host output, not caller input, so it is made acceptable instead of refused:
-        lone surrogates become U+FFFD, and an answer longer than :data:`MAX_TEXT_CHARS` is checked
-        in overlapping windows (:data:`ANSWER_WINDOW_OVERLAP` characters shared) in one batch; the
-        worst window decides (any ``unsafe``, else any ``unavailable``, else ``safe``). A long
-        answer is therefore never passed unchecked, whatever ``on_error`` says.
-
-        Raises:
-            GuardUnavailableError: the verdict is ``unavailable`` and ``on_error="raise"``.
-        """
-        verdict = self.report_answer(request, answer, mode=mode)
-        if self.policy.action(verdict) == "raise":
-            raise GuardUnavailableError(verdict)
-        return verdict
-
-    def report_answer(self, request: GuardRequest, answer: str, *, mode: Mode | None = None) -> Verdict:
-        """:meth:`check_answer` acting on nothing (``unavailable`` is returned whatever ``on_error`` says).
-
-        When a window is too long for the guard model (in tokens), the windows are halved until
-        they fit (down to :data:`MIN_ANSWER_WINDOW` characters).
-
-        Raises:
-            InputTooLongError: the request is too long even with the smallest window.
-        """
-        size = MAX_TEXT_CHARS
-        while True:
-            overlap = min(ANSWER_WINDOW_OVERLAP, size // 4)
-            requests = [request.model_copy(update={"response": w}) for w in answer_windows(answer, size, overlap)]
-            try:
-                return worst_verdict(self.report_batch(requests, mode=mode))
-            except InputTooLongError:
-                if size <= MIN_ANSWER_WINDOW:
-                    raise
-                size = max(size // 2, MIN_ANSWER_WINDOW)
-
-    async def areport_answer(self, request: GuardRequest, answer: str, *, mode: Mode | None = None) -> Verdict:
-        """Async :meth:`report_answer` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.report_answer, request, answer, mode=mode)
-
-    def check(self, request: GuardRequest, *, mode: Mode | None = None) -> Verdict:
-        """Verdict for one request (``mode`` overrides the policy's mode)."""
-        return self.check_batch([request], mode=mode)[0]
-
-    def check_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
-        """Verdicts for several requests, batched through the backend, with ``on_error="raise"`` applied.
-
-        Returns ``unavailable`` verdicts (never ``safe``) when the backend fails, times out or the
-        output cannot be parsed; raises :class:`GuardUnavailableError` instead where the policy's
-        :meth:`~visguard.policy.Policy.action` says ``raise``. Callers that record verdicts rather
-        than act on them (evaluation, judges, a guarded model that acts itself) use
-        :meth:`report_batch`.
-
-        Raises:
-            InputError: an element is not a :class:`GuardRequest`.
-            UnsupportedRequestError: the format cannot judge a request, or run in ``mode``.
-            GuardUnavailableError: see above.
-        """
-        verdicts = self.report_batch(requests, mode=mode)
-        for verdict in verdicts:
-            if self.policy.action(verdict) == "raise":
-                raise GuardUnavailableError(verdict)
-        return verdicts
-
+    # ------------------------------------------------------------------ checks
     def report_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
         """Verdicts for several requests, acting on none: ``unavailable`` is returned whatever ``on_error`` says.
 
@@ -284,47 +173,6 @@ class Guard:
             verdicts.append(verdict.model_copy(update={"latency_ms": elapsed}))
         return verdicts
 
-    # ------------------------------------------------------------------ async API
-    async def acheck_input(
-        self,
-        images: Iterable[ImageInput] | ImageInput | None,
-        text: str,
-        *,
-        mode: Mode | None = None,
-        conversation: Iterable[dict[str, str]] = (),
-    ) -> Verdict:
-        """Async :meth:`check_input`."""
-        return await self.acheck(self.request(images, text, conversation=conversation), mode=mode)
-
-    async def acheck_output(
-        self,
-        images: Iterable[ImageInput] | ImageInput | None,
-        text: str,
-        response: str,
-        *,
-        mode: Mode | None = None,
-        conversation: Iterable[dict[str, str]] = (),
-    ) -> Verdict:
-        """Async :meth:`check_output`."""
-        return await self.acheck(self.request(images, text, response, conversation=conversation), mode=mode)
-
-    async def acheck(self, request: GuardRequest, *, mode: Mode | None = None) -> Verdict:
-        """Async :meth:`check`."""
-        return (await self.acheck_batch([request], mode=mode))[0]
-
-    async def acheck_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
-        """Async :meth:`check_batch` (runs in a worker thread; the event loop stays free)."""
-        return await asyncio.to_thread(self.check_batch, requests, mode=mode)
-
-    async def areport_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
-        """Async :meth:`report_batch` (runs in a worker thread)."""
-        return await asyncio.to_thread(self.report_batch, requests, mode=mode)
-
-    # ------------------------------------------------------------------ decisions
-    def allows(self, verdict: Verdict) -> bool:
-        """Whether a verdict lets the request through: :meth:`Policy.action` says pass or degraded."""
-        return self.policy.action(verdict) in ("pass", "degraded")
-
     # ------------------------------------------------------------------ batching
     @property
     def batcher(self) -> MicroBatcher:
@@ -335,7 +183,7 @@ class Guard:
         """Set the micro-batching limits of this guard's backend (all guards on it share them)."""
         self._batcher.configure(max_batch=max_batch, max_wait_s=None if max_wait_ms is None else max_wait_ms / 1000.0)
 
-    def add_batch_observer(self, observer: Callable[[Mode, list[Verdict], list[float]], None]) -> None:
+    def add_batch_observer(self, observer: BatchObserver) -> None:
         """Call ``observer(mode, verdicts, waited_s)`` after each batch of *this* guard's checks.
 
         ``waited_s`` is each check's time from submission to verdict, queueing included. Observer
@@ -542,44 +390,3 @@ def resolve_format(model: str, format: str | GuardFormat | None = None) -> Guard
         return native if native is not None else plugins.get("formats", DEFAULT_FORMAT)()
     # Naming the checkpoint's own format keeps the table's settings (variant, pixel range).
     return native if native is not None and native.name == format else plugins.get("formats", format)()
-
-
-#: characters two consecutive windows of a long answer share (see :meth:`Guard.check_answer`)
-ANSWER_WINDOW_OVERLAP = 2_000
-#: smallest window :meth:`Guard.report_answer` shrinks to for a model with a short context
-MIN_ANSWER_WINDOW = 256
-
-
-def answer_windows(answer: str, size: int = MAX_TEXT_CHARS, overlap: int = ANSWER_WINDOW_OVERLAP) -> list[str]:
-    """Split host text into overlapping windows of at most ``size`` valid-Unicode characters."""
-    if not isinstance(answer, str):
-        raise InputError(f"answer must be a string, got {type(answer).__name__}")
-    clean = answer.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-    if len(clean) <= size:
-        return [clean]
-    step = size - overlap
-    return [clean[i : i + size] for i in range(0, len(clean) - overlap, step)]
-
-
-def worst_verdict(verdicts: Sequence[Verdict]) -> Verdict:
-    """One verdict for several checks of parts of one thing: any ``unsafe`` (the most certain), else
-    any ``unavailable``, else ``safe`` (with the highest score)."""
-    if len(verdicts) == 1:
-        return verdicts[0]
-    unsafe = [v for v in verdicts if v.label == "unsafe"]
-    if unsafe:
-        return max(unsafe, key=lambda v: -1.0 if v.score is None else v.score)
-    unavailable = [v for v in verdicts if v.label == "unavailable"]
-    if unavailable:
-        return unavailable[0]
-    return max(verdicts, key=lambda v: -1.0 if v.score is None else v.score)
-
-
-def _checked_requests(requests: Sequence[GuardRequest]) -> list[GuardRequest]:
-    if isinstance(requests, GuardRequest):
-        raise InputError("check_batch takes a sequence of GuardRequest; use check() for one")
-    out = list(requests)
-    for i, r in enumerate(out):
-        if not isinstance(r, GuardRequest):
-            raise InputError(f"request {i} is a {type(r).__name__}, not a GuardRequest (use guard.request(...))")
-    return out

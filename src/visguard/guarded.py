@@ -31,18 +31,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from os import PathLike
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from visguard.audit import AuditLog
+from visguard.checker import Checker, report_answer
 from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError, UnsupportedRequestError
 from visguard.hosts import Host, resolve_host, supports_cancel
 from visguard.images import ImageInput
 from visguard.types import GuardRequest, Stage, Verdict
-
-if TYPE_CHECKING:  # pragma: no cover
-    from visguard.guard import Guard
 
 PreCheck = Literal["sequential", "parallel", "off"]
 OnUnsafe = Literal["refuse", "safe_answer", "raise", "return"]
@@ -189,7 +187,8 @@ class GuardedModel:
     """A host model behind a guard. Build one with ``guard.wrap(host, **options)``.
 
     Args:
-        guard: the guard (its policy's ``threshold``, ``on_error`` and ``timeout_s`` apply).
+        guard: the guard, any :class:`~visguard.checker.Checker` (a Guard, a Cascade); its policy's
+            ``on_error`` (and, for a Guard, ``threshold`` and ``timeout_s``) apply.
         host: anything :func:`visguard.hosts.resolve_host` accepts: a :class:`~visguard.hosts.Host`,
             a local model path or hub id (``transformers``), an ``http(s)://`` OpenAI-compatible
             base URL (``openai``), ``(host_name, target)``, or a callable
@@ -200,12 +199,12 @@ class GuardedModel:
         InputError: an option is invalid.
     """
 
-    def __init__(self, guard: Guard, host: Any, **options: Any) -> None:
+    def __init__(self, guard: Checker, host: Any, **options: Any) -> None:
         try:
             self.options = GuardedOptions(**options)
         except ValueError as exc:  # pydantic.ValidationError
             raise InputError(f"invalid guard.wrap options: {exc}") from exc
-        caps, name = guard.format.capabilities, guard.format.name
+        caps, name = guard.capabilities, guard.describe().get("format")
         if self.options.post_check and not caps.responses:
             raise UnsupportedRequestError(
                 f"format {name!r} cannot judge a host's answer: wrap with post_check=False (or use a cascade "
@@ -293,7 +292,7 @@ class GuardedModel:
         o = self.options
         return (
             f"GuardedModel(host={self.host.name or type(self.host).__name__}:{self.host.model_id!r}, "
-            f"guard={self.guard.backend.model_id!r}, pre_check={o.pre_check!r}, on_unsafe={o.on_unsafe!r})"
+            f"guard={self.guard.model_id!r}, pre_check={o.pre_check!r}, on_unsafe={o.on_unsafe!r})"
         )
 
     # ------------------------------------------------------------------ internals
@@ -308,17 +307,17 @@ class GuardedModel:
         return self.guard.report_batch([request])[0]
 
     async def _areport(self, request: GuardRequest) -> Verdict:
-        return (await self.guard.areport_batch([request]))[0]
+        return (await asyncio.to_thread(self.guard.report_batch, [request]))[0]
 
     def _check_output(self, call: _Call) -> tuple[Verdict, float]:
-        # check_answer takes an answer of any length (windows) and any characters: never refused.
+        # report_answer takes an answer of any length (windows) and any characters: never refused.
         start = time.perf_counter()
-        verdict = self.guard.report_answer(call.request, call.answer_so_far)
+        verdict = report_answer(self.guard, call.request, call.answer_so_far)
         return verdict, _ms_since(start)
 
     async def _acheck_output(self, call: _Call) -> tuple[Verdict, float]:
         start = time.perf_counter()
-        verdict = await self.guard.areport_answer(call.request, call.answer_so_far)
+        verdict = await asyncio.to_thread(report_answer, self.guard, call.request, call.answer_so_far)
         return verdict, _ms_since(start)
 
     def _uses_stream(self, call: _Call) -> bool:

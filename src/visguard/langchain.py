@@ -19,6 +19,7 @@ Decisions are surfaced as custom callback events (``visguard_verdict`` per verdi
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import operator
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -52,9 +53,9 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("visguard.langchain needs langchain-core: pip install 'visguard[langchain]'") from exc
 
+from visguard.checker import Checker, allows, enforce
 from visguard.default_plugins.langchain_host import answer_text
 from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError
-from visguard.guard import Guard
 from visguard.guarded import GuardedModel, GuardedOptions, GuardedResult
 from visguard.images import load_images
 from visguard.policy import ImageLimits, Mode
@@ -151,7 +152,7 @@ def _message_text(message: BaseMessage, images: list[Any], *, placeholders: bool
     return "\n".join(texts)
 
 
-def request_from_langchain(guard: Guard, value: Any, *, stage: Literal["input", "output"] = "input") -> GuardRequest:
+def request_from_langchain(guard: Checker, value: Any, *, stage: Literal["input", "output"] = "input") -> GuardRequest:
     """Build a :class:`GuardRequest` from a LangChain-style input.
 
     - ``str``: the user's text, no images;
@@ -192,7 +193,7 @@ class GuardCheck(RunnableSerializable[Any, Any]):
     """Run a visguard check as a LangChain Runnable.
 
     Args:
-        guard: the guard to run.
+        guard: the guard to run, any :class:`~visguard.checker.Checker` (a Guard, a Cascade).
         stage: ``input`` (pre-check) or ``output`` (post-check of the last AI message).
         mode: overrides the guard policy's mode.
         raise_on_block: raise :class:`GuardrailViolation` when the guard does not allow the input
@@ -206,25 +207,26 @@ class GuardCheck(RunnableSerializable[Any, Any]):
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
-    guard: Guard = Field(exclude=True)
+    guard: Checker = Field(exclude=True)
     stage: Literal["input", "output"] = "input"
     mode: Mode | None = None
     raise_on_block: bool = False
     passthrough: bool = False
 
     def _check(self, value: Any) -> Any:
-        verdict = self.guard.check(request_from_langchain(self.guard, value, stage=self.stage), mode=self.mode)
+        request = request_from_langchain(self.guard, value, stage=self.stage)
+        verdict = enforce(self.guard, self.guard.report_batch([request], mode=self.mode))[0]
         dispatch_custom_event(VERDICT_EVENT, verdict.model_dump(mode="json"))
         return self._decide(value, verdict)
 
     async def _acheck(self, value: Any) -> Any:
         request = request_from_langchain(self.guard, value, stage=self.stage)
-        verdict = await self.guard.acheck(request, mode=self.mode)
+        verdict = enforce(self.guard, await asyncio.to_thread(self.guard.report_batch, [request], mode=self.mode))[0]
         await adispatch_custom_event(VERDICT_EVENT, verdict.model_dump(mode="json"))
         return self._decide(value, verdict)
 
     def _decide(self, value: Any, verdict: Verdict) -> Any:
-        if (self.raise_on_block or self.passthrough) and not self.guard.allows(verdict):
+        if (self.raise_on_block or self.passthrough) and not allows(self.guard, verdict):
             raise GuardrailViolation(verdict)
         return value if self.passthrough else verdict
 
@@ -272,8 +274,8 @@ class GuardedChatModel(BaseChatModel):
     unchecked text); its own ``callbacks`` still apply.
 
     Args:
-        guard: the guard (its policy's ``threshold``, ``on_error``, ``timeout_s`` and image
-            limits apply).
+        guard: the guard, any :class:`~visguard.checker.Checker` (a Guard, a Cascade; its policy's
+            ``on_error`` and image limits apply, and a Guard's ``threshold`` and ``timeout_s``).
         model: the chat model to guard.
         options: a :class:`~visguard.guarded.GuardedOptions`; or pass its fields as keywords
             (``pre_check``, ``post_check``, ``on_unsafe``, ``refusal``, ``stream_check_every``,
@@ -284,12 +286,12 @@ class GuardedChatModel(BaseChatModel):
         InputError: an option is invalid, or ``model`` is not a chat model.
     """
 
-    guard: Guard = Field(exclude=True)
+    guard: Checker = Field(exclude=True)
     model: BaseChatModel
     options: GuardedOptions = Field(default_factory=GuardedOptions, exclude=True)
     _guarded: GuardedModel = PrivateAttr()
 
-    def __init__(self, *, guard: Guard, model: BaseChatModel, options: GuardedOptions | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, guard: Checker, model: BaseChatModel, options: GuardedOptions | None = None, **kwargs: Any) -> None:
         chosen = {k: kwargs.pop(k) for k in list(kwargs) if k in GuardedOptions.model_fields}
         if options is not None and chosen:
             raise InputError(f"pass options= or option keywords {sorted(chosen)}, not both")
@@ -325,7 +327,7 @@ class GuardedChatModel(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {
             "model": self._guarded.host.model_id,
-            "guard": self.guard.backend.model_id,
+            "guard": self.guard.model_id,
             "pre_check": self.options.pre_check,
             "post_check": self.options.post_check,
             "on_unsafe": self.options.on_unsafe,

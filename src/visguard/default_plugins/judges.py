@@ -25,6 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from visguard.backend import Backend
+from visguard.checker import Checker
 from visguard.errors import InputError
 from visguard.eval.judges import Judge, JudgeCase, Judgment
 from visguard.format import GuardPrompt, neutralize
@@ -411,7 +412,8 @@ class GuardJudge(Judge):
     is not detected: HR is 0 with this judge).
 
     Args:
-        guard: a :class:`visguard.Guard`; or build one from ``model`` with ``backend`` and
+        guard: any :class:`~visguard.checker.Checker` (a :class:`visguard.Guard`, a
+            :class:`visguard.Cascade`); or build a Guard from ``model`` with ``backend`` and
             ``backend_kwargs`` (and ``mode``, ``threshold``).
     """
 
@@ -419,7 +421,7 @@ class GuardJudge(Judge):
 
     def __init__(
         self,
-        guard: Any = None,
+        guard: Checker | None = None,
         *,
         model: str | None = None,
         backend: str = "transformers",
@@ -439,10 +441,11 @@ class GuardJudge(Judge):
             if threshold is not None:
                 changes["threshold"] = threshold
             guard = Guard.from_pretrained(model, backend=backend, policy=Policy(**changes), **backend_kwargs)
-        self.guard = guard
+        self.guard: Checker = guard
 
     def describe(self) -> dict[str, Any]:
-        return {"judge": self.name, "model": self.guard.backend.model_id, "backend": self.guard.backend.name,
+        about = self.guard.describe()
+        return {"judge": self.name, "model": about.get("model"), "backend": about.get("backend"),
                 "mode": self.guard.policy.mode, "threshold": self.guard.policy.threshold}
 
     def judge_batch(self, cases: Sequence[JudgeCase]) -> list[Judgment]:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from visguard.checker import Checker
 from visguard.errors import InputError
 from visguard.eval.benchmarks import Benchmark, EvalItem
 from visguard.eval.judges import Judge, JudgeCase, Judgment
@@ -135,7 +136,7 @@ def summarize_guard_rows(rows: Sequence[Mapping[str, Any]], **meta: Any) -> Summ
 
 
 def evaluate_guard(
-    guard: Any,
+    guard: Checker,
     items: Iterable[EvalItem],
     *,
     out_dir: str | Path | None = None,
@@ -156,7 +157,8 @@ def evaluate_guard(
     are written.
 
     Args:
-        guard: a :class:`visguard.Guard`.
+        guard: any :class:`~visguard.checker.Checker` (a :class:`visguard.Guard`, a
+            :class:`visguard.Cascade`).
         items: the labelled items (ids must be unique).
         out_dir: output directory (``None``: in memory only, nothing written).
         batch_size: requests per ``report_batch`` call.
@@ -182,9 +184,7 @@ def evaluate_guard(
         "kind": "guard",
         "benchmark": benchmark,
         "split": split,
-        "model": guard.backend.model_id,
-        "backend": guard.backend.name,
-        "format": guard.format.name,
+        **{key: guard.describe().get(key) for key in ("model", "backend", "format")},
         "mode": mode,
         "threshold": guard.policy.threshold,
     }
@@ -206,7 +206,7 @@ def evaluate_guard(
     return summary
 
 
-def _guard_batch(guard: Any, batch: Sequence[EvalItem], mode: str) -> list[dict[str, Any]]:
+def _guard_batch(guard: Checker, batch: Sequence[EvalItem], mode: str) -> list[dict[str, Any]]:
     rows: dict[int, dict[str, Any]] = {}
     requests, where = [], []
     for i, item in enumerate(batch):
@@ -214,7 +214,7 @@ def _guard_batch(guard: Any, batch: Sequence[EvalItem], mode: str) -> list[dict[
             requests.append(guard.request([str(p) for p in item.images], item.text, item.response))
             where.append(i)
         except InputError as exc:  # refused at the image boundary: no verdict, never "safe"
-            rows[i] = _guard_row(item, pred="unavailable", error=f"input refused: {exc}", mode=mode, model=guard.backend.model_id)
+            rows[i] = _guard_row(item, pred="unavailable", error=f"input refused: {exc}", mode=mode, model=guard.model_id)
     verdicts = guard.report_batch(requests, mode=mode) if requests else []  # recorded, never acted on
     for i, v in zip(where, verdicts, strict=True):
         rows[i] = _guard_row(
@@ -277,7 +277,7 @@ def evaluate_model(
     items: Iterable[EvalItem],
     judge: Judge,
     *,
-    guard: Any = None,
+    guard: Checker | None = None,
     benchmark: Benchmark | None = None,
     split: str | None = None,
     out_dir: str | Path | None = None,
@@ -299,7 +299,8 @@ def evaluate_model(
         host: a :class:`visguard.hosts.Host`, or anything :func:`visguard.hosts.resolve_host` takes.
         items: the benchmark items (ids must be unique).
         judge: the response judge.
-        guard: a :class:`visguard.Guard`; the host is then called through ``guard.wrap(host)``
+        guard: any :class:`~visguard.checker.Checker` (a Guard, a Cascade); the host is then called
+            through a :class:`~visguard.guarded.GuardedModel` (``guard.wrap(host)``)
             (a policy with ``on_error="raise"`` is run as ``"block"``: the run records the block).
         benchmark: the benchmark (its prompt and its own metrics); ``None``: item text, ASR/RR.
         split: recorded in the summary and run metadata.
@@ -314,19 +315,20 @@ def evaluate_model(
         unsafe items, summing to 100), ``refusal_rate`` (safe items), benchmark-specific rates,
         per-category and per-split tables, host latency percentiles, failure counts.
     """
+    from visguard.guarded import GuardedModel
     from visguard.hosts import resolve_host
 
     if judge_batch_size < 1:
         raise InputError("judge_batch_size must be >= 1")
     items = _checked_items(items)
     bare = resolve_host(host)
-    target = bare
+    target: Any = bare  # the host, or the guarded model around it
     if guard is not None:
-        if not hasattr(guard, "wrap"):
-            raise InputError(f"{type(guard).__name__} has no wrap(); pass a visguard.Guard")
+        if not isinstance(guard, Checker):
+            raise InputError(f"{type(guard).__name__} is not a visguard Checker; pass a visguard.Guard or Cascade")
         if guard.policy.on_error == "raise":  # documented: an unavailable check is recorded as a block
             guard = guard.with_policy(on_error="block")
-        target = guard.wrap(bare)
+        target = GuardedModel(guard, bare)
     limits = limits or (guard.policy.limits if guard is not None else ImageLimits())
     prompt: Callable[[EvalItem], str] = benchmark.prompt if benchmark is not None else (lambda it: it.text)
     meta = {
@@ -334,7 +336,7 @@ def evaluate_model(
         "benchmark": benchmark.name if benchmark is not None else "",
         "split": split,
         "model": getattr(bare, "model_id", "") or type(bare).__name__,
-        "guard": guard.backend.model_id if guard is not None else None,
+        "guard": guard.model_id if guard is not None else None,
         **{f"judge_{k}" if k != "judge" else k: v for k, v in judge.describe().items()},
     }
     store: Any = ResultStore(out_dir, meta=meta, restart=restart) if out_dir is not None else _MemoryStore()

@@ -1,7 +1,7 @@
 """``visguard serve``: a guard as an HTTP service, and a guarded OpenAI-compatible chat proxy.
 
-:func:`create_app` builds a FastAPI app around a :class:`~visguard.guard.Guard` and, optionally, a
-host (an upstream OpenAI-compatible server or a local model):
+:func:`create_app` builds a FastAPI app around a :class:`~visguard.checker.Checker` (a guard or a
+cascade) and, optionally, a host (an upstream OpenAI-compatible server or a local model):
 
 - ``POST /v1/guard/check``: ``{"images": [data URLs or image_url parts], "text": ..., "response":
   ..., "mode": ...}`` -> the :class:`~visguard.types.Verdict` as JSON (HTTP 200 whatever the label).
@@ -36,8 +36,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from visguard.audit import AuditLog
+from visguard.checker import Checker
 from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError
-from visguard.guard import Guard
 from visguard.guarded import GuardedModel, GuardedResult
 from visguard.hosts import Host, TokenUsage, resolve_host
 from visguard.policy import Mode
@@ -134,7 +134,7 @@ class GuardCheckBody(BaseModel):
 
 
 def create_app(
-    guard: Guard,
+    guard: Checker,
     host: Host | str | None = None,
     *,
     settings: ServeSettings | None = None,
@@ -143,9 +143,10 @@ def create_app(
     """The ``visguard serve`` app.
 
     Args:
-        guard: the guard (its policy decides; the app does not close it). Its image limits are
-            used with ``allow_paths=False``: over HTTP only data URLs (and http(s) URLs where the
-            policy's ``allow_remote`` is on) are accepted, never a path on this server.
+        guard: the guard, any :class:`~visguard.checker.Checker` (a Guard or a Cascade; its policy
+            decides; the app does not close it). Its image limits are used with
+            ``allow_paths=False``: over HTTP only data URLs (and http(s) URLs where the policy's
+            ``allow_remote`` is on) are accepted, never a path on this server.
         host: the model to guard for ``/v1/chat/completions``: a :class:`~visguard.hosts.Host`, an
             OpenAI-compatible base URL (``http://upstream:8000/v1``), a local model path, or
             ``None`` (then only ``/v1/guard/check`` is served).
@@ -207,7 +208,7 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         ok, reason = await probe.check()
-        body = {"status": "ready" if ok else "not ready", "guard": guard.backend.model_id, "model": app.state.model_name}
+        body = {"status": "ready" if ok else "not ready", "guard": guard.model_id, "model": app.state.model_name}
         if reason:
             body["reason"] = reason
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -225,7 +226,7 @@ def create_app(
         try:
             request = await asyncio.to_thread(guard.request, body.images, body.text, body.response,
                                               conversation=body.conversation)
-            (verdict,) = await guard.areport_batch([request], mode=body.mode)
+            (verdict,) = await asyncio.to_thread(guard.report_batch, [request], mode=body.mode)
         except InputError as exc:  # refused at the input boundary, or a request the format cannot judge
             raise ApiError(400, str(exc), param="images" if "image" in str(exc) else None) from exc
         rid = uuid.uuid4().hex
