@@ -12,12 +12,16 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from visguard import plugins
 from visguard.errors import VisguardError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from visguard.checker import Checker
+    from visguard.policy import Policy
 
 EXIT_SAFE, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
 
@@ -53,6 +57,71 @@ def backend_kwargs(backend: str, backend_args: tuple[str, ...], **shorthands: An
 backend_arg_option = click.option(
     "--backend-arg", "backend_args", multiple=True, metavar="KEY=VALUE",
     help="Backend keyword argument, repeatable; JSON values (dtype=float32, tensor_parallel_size=2, base_url=...).")
+
+#: ``--stage`` as ``check``, ``eval`` and ``serve`` spell it
+stage_option = click.option(
+    "--stage", "stages", multiple=True, metavar="MODEL[@FORMAT[@BACKEND]]",
+    help="Use a cascade of guards instead of one --model: one stage per --stage, cheapest first (repeatable). "
+         "A stage decides unless its P(unsafe) is unsure (0.2-0.8) or it has no verdict; then the next stage "
+         "judges, and the last one always decides. FORMAT defaults to the checkpoint's own, BACKEND to --backend; "
+         "--backend-arg, --device, --threshold and --mode (where a stage's format runs in it) apply to every "
+         "stage. See docs/cascades.md.")
+
+
+def parse_guard_spec(spec: str, backend: str, option: str = "--stage") -> tuple[str, str | None, str]:
+    """``MODEL[@FORMAT[@BACKEND]]`` as ``(model, format or None, backend)`` (``backend``: the default).
+
+    Raises:
+        click.BadParameter: no model, or more than three parts.
+    """
+    parts = spec.split("@")
+    if not parts[0] or len(parts) > 3:
+        raise click.BadParameter(f"expected MODEL[@FORMAT[@BACKEND]], got {spec!r}", param_hint=option)
+    name, fmt, be = (parts + ["", ""])[:3]
+    return name, fmt or None, be or backend
+
+
+def load_checker(model: str | None, stages: tuple[str, ...], *, backend: str, format_name: str | None, policy: Policy,
+                 backend_args: tuple[str, ...] = (), ignore_unread: bool = False, **shorthands: Any) -> Checker:
+    """The guard ``--model`` names, or the :class:`~visguard.cascade.Cascade` of the ``--stage`` guards.
+
+    Each stage is a one-guard :class:`~visguard.cascade.Stage` with the defaults (``escalate="unsure"``,
+    band 0.2-0.8); ``policy`` is every stage's, except that a stage whose format cannot run
+    ``policy.mode`` runs in its own. ``shorthands`` (``device``, ``base_url``) go to the backends
+    that take them (:func:`backend_kwargs`).
+
+    Raises:
+        click.UsageError: both or neither of ``model`` and ``stages``; ``format_name`` with stages.
+    """
+    from visguard.cascade import Cascade
+    from visguard.guard import Guard, resolve_format
+
+    if model and stages:
+        raise click.UsageError("give --model (one guard) or --stage (a cascade), not both")
+    if not stages:
+        if not model:
+            raise click.UsageError("missing --model (a guard), or --stage (a cascade, repeatable)")
+        return Guard.from_pretrained(model, backend=backend, format=format_name, policy=policy,
+                                     **backend_kwargs(backend, backend_args, **shorthands))
+    if format_name:
+        raise click.UsageError("--format applies to --model; name a stage's format as --stage MODEL@FORMAT")
+    specs = [parse_guard_spec(spec, backend) for spec in stages]
+    guards: list[Guard] = []
+    try:
+        for name, fmt, be in specs:
+            guard_format = resolve_format(name, fmt)
+            if ignore_unread:
+                guard_format.ignore_unread = True
+            guard = Guard.from_pretrained(name, backend=be, format=guard_format, policy=policy.updated(mode=None),
+                                          **backend_kwargs(be, backend_args, **shorthands))
+            guards.append(guard)
+            if policy.mode is not None and policy.mode in guard.capabilities.modes:
+                guards[-1] = guard.with_policy(mode=policy.mode)
+    except BaseException:
+        for loaded in guards:
+            loaded.close()
+        raise
+    return Cascade(guards)
 
 
 class _Group(click.Group):
@@ -96,7 +165,8 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=str))  # checked by the image boundary
-@click.option("--model", "-m", required=True, help="Guard model: hub id or local path.")
+@click.option("--model", "-m", default=None, help="Guard model: hub id or local path (or --stage, for a cascade).")
+@stage_option
 @click.option("--text", "-t", default="", help="The user's request that comes with the images.")
 @click.option("--response", "-r", default=None, help="The host model's answer: makes this a post-check.")
 @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default=None,
@@ -111,25 +181,28 @@ def cli() -> None:
 @click.option("--device", default="auto", show_default=True,
               help="Where a local backend runs (cpu, cuda, cuda:1 ...): passed to backends that take `device`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-def check(images: tuple[str, ...], model: str, text: str, response: str | None, mode: str | None, backend: str,
-          format_name: str | None, threshold: float, max_new_tokens: int, backend_args: tuple[str, ...], device: str,
-          as_json: bool) -> None:
-    """Check IMAGES (zero or more files) plus --text with a guard model.
+def check(images: tuple[str, ...], model: str | None, stages: tuple[str, ...], text: str, response: str | None,
+          mode: str | None, backend: str, format_name: str | None, threshold: float, max_new_tokens: int,
+          backend_args: tuple[str, ...], device: str, as_json: bool) -> None:
+    """Check IMAGES (zero or more files) plus --text with a guard model (or a cascade: --stage).
 
     Exit code: 0 safe, 1 unsafe, 2 unavailable (guard error or unparseable output) or bad input.
 
-    Example: visguard check --model Tuwhy/Qwen2-VL-7B-MIRage --text "use image 1 on image 2" a.png b.png
+    \b
+    Examples:
+      visguard check --model Tuwhy/Qwen2-VL-7B-MIRage --text "use image 1 on image 2" a.png b.png
+      visguard check --stage Qwen/Qwen3Guard-Gen-0.6B --stage yueliu1999/GuardReasoner-VL-3B --text "..."
     """
-    from visguard.guard import Guard
+    from visguard.checker import enforce
     from visguard.policy import Policy
     from visguard.types import GuardRequest
 
     policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens)
     # Inputs first: a bad image or text is reported before minutes of model loading.
     request = GuardRequest.build(list(images), text, response, limits=policy.limits)
-    kwargs = backend_kwargs(backend, backend_args, device=device)
-    guard = Guard.from_pretrained(model, backend=backend, format=format_name, policy=policy, **kwargs)
-    verdict = guard.check(request)
+    guard = load_checker(model, stages, backend=backend, format_name=format_name, policy=policy,
+                         backend_args=backend_args, device=device)
+    verdict = enforce(guard, guard.report_batch([request]))[0]
     if as_json:
         click.echo(verdict.model_dump_json(indent=2))
     else:
@@ -147,6 +220,9 @@ def _print_verdict(verdict: Any) -> None:
         ("model", verdict.model),
         ("latency", f"{verdict.latency_ms:.1f} ms"),
     ]
+    for i, part in enumerate(verdict.stages, 1):  # a cascade: every stage guard's verdict, in order
+        score = "" if part.score is None else f" {part.score:.4f}"
+        rows.append((f"stage {i}", f"{part.model}: {part.label}{score}"))
     if verdict.error:
         rows.append(("error", verdict.error))
     if verdict.reasoning:

@@ -8,7 +8,14 @@ from typing import Any
 
 import click
 
-from visguard.cli import backend_arg_option, backend_kwargs, key_values
+from visguard.cli import (
+    backend_arg_option,
+    backend_kwargs,
+    key_values,
+    load_checker,
+    parse_guard_spec,
+    stage_option,
+)
 from visguard.hookspecs import hookimpl
 from visguard.policy import DEFAULT_TIMEOUT_S
 
@@ -59,13 +66,16 @@ def register_commands(cli):
                   help="Benchmark plugin: mis, vlguard, mm-safetybench, siuo, mssbench, mossbench, figstep, jsonl.")
     @click.option("--data", "-d", required=True, help="Local copy of the benchmark, in its published layout.")
     @click.option("--split", "-s", default=None, help="One split (MIS: easy, hard, real -> mis_<split>.json). Default: all.")
-    @click.option("--model", "-m", required=True,
-                  help="The guard to evaluate; with --host, the host VLM to evaluate (hub id, path, or served name).")
+    @click.option("--model", "-m", default=None,
+                  help="The guard to evaluate (or --stage, for a cascade); with --host, the host VLM to evaluate "
+                       "(hub id, path, or served name).")
+    @stage_option
     @click.option("--host", "host_adapter", default=None, metavar="ADAPTER",
                   help="Model evaluation: run --model as a host VLM through this host adapter "
                        "(auto: path -> transformers, --base-url -> openai; or any registered host) and judge its answers.")
     @click.option("--guard", "guard_model", default=None,
-                  help="Model evaluation: protect the host with this guard model (guard.wrap); uses --backend/--mode/--threshold.")
+                  help="Model evaluation: protect the host with this guard model (guard.wrap); uses --backend/--mode/--threshold. "
+                       "--stage instead protects it with a cascade.")
     @click.option("--judge", default=None, help="Model evaluation judge: mis (LLM, needs --judge-model), refusal, guard, or a plugin's.")
     @click.option("--judge-model", default=None, help="The judge's model (mis: an instruction-following VLM; guard: a guard model).")
     @click.option("--judge-backend", default="transformers", show_default=True, help="Backend of the judge model (openai for an endpoint).")
@@ -89,7 +99,7 @@ def register_commands(cli):
                        "comparison table and plot; its format defaults to the checkpoint's own, its backend to --backend. "
                        "--out is then the comparison directory (one sub-directory per guard).")
     @click.option("--ignore-unread", is_flag=True,
-                  help="With --vs: single-modality guards judge the part they read (a text guard the text, an "
+                  help="With --vs or --stage: single-modality guards judge the part they read (a text guard the text, an "
                        "image classifier its one image) instead of refusing items with more.")
     @click.option("--format", "format_name", default=None,
               help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
@@ -113,7 +123,8 @@ def register_commands(cli):
     @click.option("--no-plots", is_flag=True, help="Do not write PNG plots.")
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
     @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
-    def eval_command(benchmark: str, data: str, split: str | None, model: str, vs_guards: tuple[str, ...],
+    def eval_command(benchmark: str, data: str, split: str | None, model: str | None, stages: tuple[str, ...],
+                     vs_guards: tuple[str, ...],
                      ignore_unread: bool, host_adapter: str | None,
                      guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
                      judge_base_url: str | None, judge_prompt: str | None, judge_system: str | None, out_dir: str | None, limit: int | None, mode: str | None, backend: str,
@@ -127,7 +138,8 @@ def register_commands(cli):
         Guard evaluation (default): run the guard --model over the benchmark's labelled items;
         report accuracy, precision, recall, F1, FPR, AUROC, AUPRC, per-category and per-split
         tables, latency p50/p95/p99 and throughput. Unavailable verdicts are counted apart.
-        Model evaluation (--host): run --model as a host VLM (optionally wrapped by --guard),
+        Repeated --stage MODEL[@FORMAT[@BACKEND]] evaluates a cascade of guards instead of --model.
+        Model evaluation (--host): run --model as a host VLM (optionally wrapped by --guard, or a --stage cascade),
         judge every answer, report ASR / RSR / RR / HR (percent; MIS protocol) and the
         benchmark's own rate.
 
@@ -141,15 +153,22 @@ def register_commands(cli):
           visguard eval -B mis -d data/mis_test -s hard -m Qwen/Qwen2-VL-7B-Instruct --host auto \\
               --judge-model Qwen/Qwen2.5-VL-72B-Instruct --judge-backend openai --judge-base-url http://127.0.0.1:8000/v1
           visguard eval -B mossbench -d MOSSBench/data -m llava-hf/llava-1.5-7b-hf --host auto --judge refusal
+          visguard eval -B jsonl -d data.jsonl --stage Qwen/Qwen3Guard-Gen-0.6B --stage yueliu1999/GuardReasoner-VL-3B
         """
         from visguard import plugins
+        from visguard.checker import Checker
         from visguard.eval import evaluate_guard, evaluate_model, get_benchmark
-        from visguard.guard import Guard
         from visguard.policy import Policy
 
         kind = "model" if host_adapter else "guard"
         if kind == "guard" and (guard_model or judge or judge_model):
             raise click.UsageError("--guard, --judge and --judge-model apply to model evaluation: add --host ADAPTER")
+        if kind == "model" and not model:
+            raise click.UsageError("model evaluation (--host) needs --model, the host VLM")
+        if kind == "model" and guard_model and stages:
+            raise click.UsageError("give --guard (one guard) or --stage (a cascade), not both")
+        if stages and vs_guards:
+            raise click.UsageError("--vs compares single guards: it does not take --stage")
         if kind == "model" and judge is None and not judge_model:
             _make_judge(judge, judge_model, judge_backend, device, judge_base_url)  # raises the usage error early
         bench = get_benchmark(benchmark)
@@ -158,14 +177,19 @@ def register_commands(cli):
             raise click.UsageError(f"{benchmark}: no items found in {data}")
         splits = {it.split for it in items}
         split = split or (splits.pop() if len(splits) == 1 else None)  # e.g. --data .../mis_hard.json
-        out = Path(out_dir) if out_dir else default_out_dir(benchmark, split, model, kind)
+        label = model if kind == "model" or not stages else "cascade-" + "-".join(
+            parse_guard_spec(spec, backend)[0].rstrip("/").split("/")[-1] for spec in stages)
+        out = Path(out_dir) if out_dir else default_out_dir(benchmark, split, label or "", kind)
         policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
 
-        def load_guard(name: str) -> Guard:
-            return Guard.from_pretrained(name, backend=backend, format=format_name, policy=policy,
-                                         **backend_kwargs(backend, backend_args, device=device, base_url=base_url))
+        def load_guard(name: str | None) -> Checker:  # --stage: the cascade
+            return load_checker(name, stages, backend=backend, format_name=format_name, policy=policy,
+                                backend_args=backend_args, ignore_unread=ignore_unread, device=device,
+                                base_url=base_url)
 
         if kind == "guard" and vs_guards:
+            if not model:
+                raise click.UsageError("--vs compares guards with --model: give --model")
             _compare(vs_guards, model=model, items=items, policy=policy, backend=backend, format_name=format_name,
                      backend_args=backend_args, device=device, base_url=base_url, benchmark=benchmark, split=split,
                      out_dir=out_dir, batch_size=batch_size, restart=restart, no_plots=no_plots,
@@ -185,9 +209,7 @@ def register_commands(cli):
             shorthands = {"device": device, "max_new_tokens": host_max_new_tokens, "model": model if base_url else None}
             host_kwargs = {**plugins.supported_options("hosts", adapter, shorthands), **key_values(host_args, "--host-arg")}
             host = plugins.create("hosts", adapter, target, **host_kwargs)
-            guard = None
-            if guard_model:
-                guard = load_guard(guard_model)
+            guard = load_guard(guard_model) if guard_model or stages else None
             judge_obj = _make_judge(judge, judge_model, judge_backend, device, judge_base_url, judge_prompt, judge_system)
             summary = evaluate_model(host, items, judge_obj, guard=guard, benchmark=bench, split=split, out_dir=out,
                                      judge_batch_size=batch_size, restart=restart, progress=not no_progress,
@@ -223,10 +245,8 @@ def _compare(vs_guards: tuple[str, ...], *, model: str, items: list, policy: Any
 
     specs = [(model, format_name, backend, backend_args)]
     for spec in vs_guards:
-        name, fmt, be = (spec.split("@") + [None, None])[:3]
-        if not name:
-            raise click.UsageError(f"--vs {spec!r}: expected MODEL[@FORMAT[@BACKEND]]")
-        specs.append((name, fmt or None, be or backend, ()))
+        name, fmt, be = parse_guard_spec(spec, backend, "--vs")
+        specs.append((name, fmt, be, ()))
     root = Path(out_dir) if out_dir else default_out_dir(benchmark, split, "compare", "guard")
     summaries: dict[str, Any] = {}
     for name, fmt, be, args in specs:
@@ -239,7 +259,7 @@ def _compare(vs_guards: tuple[str, ...], *, model: str, items: list, policy: Any
         guard = Guard.from_pretrained(name, backend=be, format=guard_format,
                                       **backend_kwargs(be, args, device=device, base_url=base_url))
         # --mode where the guard's format runs in it, else the format's own (e.g. reason-only guards)
-        own = policy.mode if policy.mode in guard.format.capabilities.modes else guard.policy.mode
+        own = policy.mode if policy.mode in guard.capabilities.modes else guard.policy.mode
         guard = guard.with_policy(policy.updated(mode=own))
         slug = re.sub(r"[^A-Za-z0-9._-]+", "_", label.rstrip("/").split("/")[-1])[:60]
         summaries[label] = evaluate_guard(guard, items, out_dir=root / slug, batch_size=batch_size, mode=None,

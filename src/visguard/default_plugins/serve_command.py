@@ -10,14 +10,16 @@ from typing import Any
 
 import click
 
-from visguard.cli import backend_arg_option, backend_kwargs, key_values
+from visguard.cli import backend_arg_option, key_values, load_checker, stage_option
 from visguard.hookspecs import hookimpl
 from visguard.policy import DEFAULT_TIMEOUT_S
 from visguard.redact import redact
 
 
 @click.command("serve")
-@click.option("--model", "-m", required=True, help="Guard model: hub id or local path (openai backend: the served name).")
+@click.option("--model", "-m", default=None,
+              help="Guard model: hub id or local path (openai backend: the served name); or --stage, for a cascade.")
+@stage_option
 @click.option("--backend", "-b", default="transformers", show_default=True, help="Guard backend: transformers, openai, vllm ...")
 @click.option("--format", "format_name", default=None,
               help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
@@ -59,7 +61,7 @@ from visguard.redact import redact
 @click.option("--audit", type=click.Path(dir_okay=False), default=None,
               help="Append one JSON line per decision to this file (verdict, action, image hashes; no texts).")
 @click.option("--log-level", default="info", show_default=True)
-def serve(model: str, backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
+def serve(model: str | None, stages: tuple[str, ...], backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
           bind_host: str, port: int, upstream: str | None, upstream_model: str | None, api_key_env: str | None,
           host_model: str | None, host_args: tuple[str, ...], served_model_name: str | None, max_concurrency: int, max_body_mb: float,
           auth_token_env: str | None, mode: str | None, threshold: float, on_unsafe: str, on_error: str, pre_check: str,
@@ -70,7 +72,11 @@ def serve(model: str, backend: str, format_name: str | None, backend_args: tuple
     Endpoints: POST /v1/guard/check, POST /v1/chat/completions (with --upstream or --host-model),
     GET /v1/models, /healthz, /readyz, /metrics. See docs/serving.md.
 
-    Example: visguard serve --model Tuwhy/Qwen2-VL-7B-MIRage --upstream http://127.0.0.1:8000/v1
+    \b
+    Examples:
+      visguard serve --model Tuwhy/Qwen2-VL-7B-MIRage --upstream http://127.0.0.1:8000/v1
+      visguard serve --stage Qwen/Qwen3Guard-Gen-0.6B --stage yueliu1999/GuardReasoner-VL-3B \\
+          --upstream http://127.0.0.1:8000/v1
     """
     try:
         import uvicorn
@@ -78,7 +84,6 @@ def serve(model: str, backend: str, format_name: str | None, backend_args: tuple
         from visguard.serve.app import ServeSettings, create_app
     except ImportError as exc:
         raise click.ClickException(f"visguard serve needs the serve extra: pip install 'visguard[serve]' ({exc})") from exc
-    from visguard.guard import Guard
     from visguard.policy import ImageLimits, Policy
 
     if upstream and host_model:
@@ -92,12 +97,12 @@ def serve(model: str, backend: str, format_name: str | None, backend_args: tuple
     from visguard import plugins
     from visguard.hosts import default_host_name
 
-    if guard_url and "base_url" not in plugins.option_names(plugins.get("backends", backend)):
+    if guard_url and not stages and "base_url" not in plugins.option_names(plugins.get("backends", backend)):
         raise click.UsageError(f"--guard-url: the {backend!r} backend takes no base_url")
-    kwargs = backend_kwargs(backend, backend_args, device=device, base_url=guard_url)
     policy = Policy(mode=mode, threshold=threshold, on_error=on_error, timeout_s=timeout_s,
                     limits=ImageLimits(allow_remote=allow_remote_images))
-    guard = Guard.from_pretrained(model, backend=backend, format=format_name, policy=policy, **kwargs)
+    guard = load_checker(model, stages, backend=backend, format_name=format_name, policy=policy,
+                         backend_args=backend_args, device=device, base_url=guard_url)
 
     host: str | None = upstream or host_model
     host_options: dict[str, Any] = {}
@@ -119,7 +124,8 @@ def serve(model: str, backend: str, format_name: str | None, backend_args: tuple
     app = create_app(guard, host, settings=settings, host_options=host_options)
     if upstream and not served_model_name and not upstream_model:
         app.state.model_name = _discover_model(app)
-    click.echo(redact(f"visguard serve: guard {model!r} ({backend}) on http://{bind_host}:{port}"
+    about = guard.describe()
+    click.echo(redact(f"visguard serve: guard {about['model']!r} ({about['backend']}) on http://{bind_host}:{port}"
                       + (f", guarding {host!r} as {app.state.model_name!r}" if host else "")), err=True)
     try:
         uvicorn.run(app, host=bind_host, port=port, log_level=log_level)
