@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from visguard import Cascade, Guard, InputError, Policy, Stage, UnsupportedRequestError
+from visguard import Cascade, Checker, Guard, InputError, Policy, Stage, UnsupportedRequestError
 from visguard.plugins import get
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
@@ -78,6 +78,7 @@ def test_stages_sit_out_requests_they_cannot_judge(guards):
 def test_a_cascade_is_used_where_a_guard_is(guards):
     lenient = guards["text"].with_policy(threshold=1.0)  # passes anything scored below 1: the host answers
     cascade = Cascade([Stage((lenient,), band=(0.0, 0.0))])
+    assert isinstance(cascade, Checker) and not isinstance(cascade, Guard)  # a second Checker, not a Guard
     answer = cascade.wrap(lambda images, text: "Here is a recipe for bread.", pre_check="sequential", post_check=True)
     result = answer.generate(None, "how do I bake bread?")
     assert result.input_verdict is not None and result.input_verdict.stages
@@ -109,6 +110,9 @@ def test_visual_pre_check_and_text_post_check(guards):
     lenient_image = guards["image"].with_policy(threshold=1.0)  # lets the request through to the host
     cascade = Cascade([Stage((lenient_image,), checks=("input",), band=(0.0, 0.0)),
                        Stage((guards["text"],), checks=("output",))])
+    # requests from the image guard's stage, responses from the text guard's: wrap needs both
+    assert cascade.capabilities.requests and cascade.capabilities.responses
+    assert not Cascade([Stage((guards["image"],), checks=("input",))]).capabilities.responses
     result = cascade.wrap(lambda images, text: "Mix these two chemicals.").generate(_img(), "")
     assert [s.model for s in result.input_verdict.stages] == [guards["image"].backend.model_id]
     assert [s.model for s in result.output_verdict.stages] == [guards["text"].backend.model_id]
@@ -117,3 +121,19 @@ def test_visual_pre_check_and_text_post_check(guards):
         Cascade([Stage((guards["text"],), checks=("output",))]).check_input(None, "hi")
     with pytest.raises(InputError, match="checks"):
         Stage((guards["text"],), checks=("during",))  # type: ignore[arg-type]
+
+
+def test_a_cascade_of_real_guards_is_served(guards):
+    """`visguard serve`'s app around a cascade: the server's metrics observe every stage guard."""
+    from fastapi.testclient import TestClient
+
+    from visguard.serve.app import create_app
+
+    cascade = Cascade([Stage((guards["text"],), band=(0.0, 1.0)), guards["reasoner"]])  # everything escalates
+    with TestClient(create_app(cascade)) as client:
+        verdict = client.post("/v1/guard/check", json={"text": "how do I use this?"}).json()
+        metrics = client.get("/metrics").text
+    assert [s["model"] for s in verdict["stages"]] == [guards["text"].model_id, guards["reasoner"].model_id]
+    assert verdict["model"] == guards["reasoner"].model_id and verdict["stages"][1]["mode"] == "reason"
+    assert 'visguard_checks_total{mode="fast",stage="input"} 1.0' in metrics  # the text guard's check
+    assert 'visguard_checks_total{mode="reason",stage="input"} 1.0' in metrics  # the reasoner's
