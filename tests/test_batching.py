@@ -115,6 +115,25 @@ def test_errors_reach_every_caller_of_the_batch():
         MicroBatcher(run, max_batch=0)
 
 
+def test_an_exception_result_fails_that_item_alone():
+    """A runner may fail one item by returning an exception for it (a request too long for the
+    model): that caller gets the exception, the others batched with it their results, and
+    observers see only the results."""
+    seen = []
+
+    def run(items, key):
+        return [ValueError(f"item {i} refused") if i == 2 else i * 10 for i in items]
+
+    batcher = MicroBatcher(run, max_batch=4, max_wait_s=0.05)
+    batcher.observers.append(lambda key, results, waited: seen.append((results, len(waited))))
+    futures = batcher.submit([1, 2, 3], None)
+    assert futures[0].result(timeout=2) == 10 and futures[2].result(timeout=2) == 30
+    with pytest.raises(ValueError, match="item 2 refused"):
+        futures[1].result(timeout=2)
+    assert seen == [([10, 30], 2)]
+    batcher.close()
+
+
 def test_idle_worker_exits_and_restarts():
     batcher = MicroBatcher(lambda items, key: [i * 2 for i in items], idle_s=0.05)
     assert batcher.submit([3], None)[0].result(timeout=2) == 6

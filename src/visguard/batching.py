@@ -34,7 +34,9 @@ class MicroBatcher:
     """Collect submitted items into batches and run them on one worker thread.
 
     Args:
-        run: ``run(items, key) -> results`` for a batch of items sharing ``key`` (e.g. the mode).
+        run: ``run(items, key) -> results`` for a batch of items sharing ``key`` (e.g. the mode); a
+            result that is an exception instance is raised to that item's caller alone, and an
+            exception ``run`` raises to every caller of the batch.
         max_batch: most items in one batch.
         max_wait_s: how long the first item of a batch waits for company.
         idle_s: the worker thread exits after this long without work (a new one starts on demand).
@@ -82,7 +84,7 @@ class MicroBatcher:
 
     def submit(self, items: list[Any], key: Any) -> list[Future]:
         """Queue items; each returned future resolves to that item's result."""
-        futures = [Future() for _ in items]
+        futures: list[Future] = [Future() for _ in items]
         now = time.perf_counter()
         with self._lock:  # queue under the lock: an idle worker decides to exit under it too
             if self._closed:
@@ -206,13 +208,21 @@ class MicroBatcher:
                     fut.set_exception(exc)
             else:
                 done = time.perf_counter()
-                for observer in list(self.observers):
-                    try:
-                        observer(key, results, [done - queued for _, _, queued in entries])
-                    except Exception:  # noqa: BLE001 - metrics must never break a check
-                        pass
+                # A result that is an exception fails that item alone (e.g. a request too long for the
+                # model); the items batched with it, other callers' too, get their results.
+                ok = [(result, done - queued) for (_, _, queued), result in zip(entries, results, strict=True)
+                      if not isinstance(result, BaseException)]
+                if ok:
+                    for observer in list(self.observers):
+                        try:
+                            observer(key, [r for r, _ in ok], [w for _, w in ok])
+                        except Exception:  # noqa: BLE001 - metrics must never break a check
+                            pass
                 for (_, fut, _), result in zip(entries, results, strict=True):
-                    fut.set_result(result)
+                    if isinstance(result, BaseException):
+                        fut.set_exception(result)
+                    else:
+                        fut.set_result(result)
             with self._lock:
                 self._running.pop(me, None)
                 if self._stalled.pop(me, None) is not None:  # retired while this group ran
