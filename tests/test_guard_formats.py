@@ -138,17 +138,18 @@ def test_llavaguard_judges_one_image_alone():
 # ---------------------------------------------------------------- ShieldGemma 2
 
 def test_shieldgemma_one_prompt_per_policy_and_max_score():
+    # (its check plan, one prompt per policy and the max score: tests/test_check_plan.py)
     fmt = ShieldGemmaFormat()
     entries = policies(MIS)
     assert [key for key, _, _ in entries] == ["dangerous", "sexual", "violence", "Hate", "Privacy"]
-    prompts = fmt.build_all(_request(1), MIS, mode="fast")
+    prompts = fmt.policy_prompts(_request(1), MIS, mode="fast")
     assert len(prompts) == 5 and all(len(p.images) == 1 for p in prompts)
     assert prompts[1].messages[0]["content"][1]["text"].startswith("No Sexually Explicit content")
     assert "No Hate content" in prompts[3].messages[0]["content"][1]["text"]
     assert fmt.combine([0.1, 0.9, 0.2, 0.3, 0.0], MIS) == (0.9, "Erotic")
     assert fmt.combine([0.7, 0.1, 0.2, 0.3, 0.0], MIS) == (0.7, "Illegal Activity")
     only_sexual = Policy(categories=(Category(name="Erotic"),))
-    assert len(fmt.build_all(_request(1), only_sexual, mode="fast")) == 1
+    assert len(fmt.policy_prompts(_request(1), only_sexual, mode="fast")) == 1
     assert fmt.parse("Yes", MIS).label == "unsafe" and fmt.parse("\nNo.", MIS).label == "safe"
     assert fmt.parse("Maybe", MIS).label is None
 
@@ -161,16 +162,16 @@ _GR_BOTH = ("<think>The image shows a knife; the user asks how to use it on a pe
 
 def test_guardreasoner_reads_the_label_of_the_checked_stage():
     fmt = GuardReasonerFormat()
-    pre = fmt.parse_for(_GR_BOTH, MIS, _request(1, "x"))
-    post = fmt.parse_for(_GR_BOTH, MIS, _request(1, "x", "no"))
+    pre = fmt.parse_stage(_GR_BOTH, "input")
+    post = fmt.parse_stage(_GR_BOTH, "output")
     assert (pre.label, post.label) == ("unsafe", "safe")
     assert pre.reasoning.startswith("The image shows a knife")
     assert _GR_BOTH[pre.verdict_offset :].startswith("harmful")
     assert _GR_BOTH[post.verdict_offset :].startswith("unharmful")
     # the training layout: an "Answers:" line, "Response: None" for a pre-check
     trained = "<think>\nA knife and a person.\n</think>\n<result>\nAnswers:\nRequest: harmful\nResponse: None\n</result>"
-    assert fmt.parse_for(trained, MIS, _request(1, "x")).label == "unsafe"
-    assert "Response label 'None'" in fmt.parse_for(trained, MIS, _request(1, "x", "ok")).error
+    assert fmt.parse_stage(trained, "input").label == "unsafe"
+    assert "Response label 'None'" in fmt.parse_stage(trained, "output").error
     # leading newlines, no closing </result>
     assert fmt.parse("\n\n<think>ok</think><result>Request: unharmful", MIS).label == "safe"
 

@@ -42,7 +42,7 @@ def _check_outcome(verdict, *, scored: bool) -> None:
 def test_shieldgemma2_on_gemma3_one_forward_per_policy():
     guard = _guard("gemma3", "shieldgemma2", mode="fast")
     request = guard.request(_images(1), "")
-    prompts = guard.format.build_all(request, guard.policy, mode="fast")
+    prompts = list(guard.format.plan(request, guard.policy, mode="fast").prompts)
     rendered = guard.backend.render(prompts[1])
     assert "<start_of_image>" in rendered and "No Sexually Explicit content" in rendered
     assert rendered.endswith("Your Answer must start with 'Yes' or 'No'.<end_of_turn>\n<start_of_turn>model\n")
@@ -53,7 +53,7 @@ def test_shieldgemma2_on_gemma3_one_forward_per_policy():
     if verdict.label == "unsafe":  # the category is the highest-scoring policy's
         assert verdict.category == ["Illegal Activity", "Erotic", "Violent", "Hate", "Privacy"][scores.index(max(scores))]
     custom = guard.with_policy(Policy(categories=(Category(name="Gambling", description="betting on games"),)))
-    (prompt,) = custom.format.build_all(request, custom.policy, mode="fast")
+    (prompt,) = custom.format.plan(request, custom.policy, mode="fast").prompts
     assert "No Gambling content" in custom.backend.render(prompt)
 
 

@@ -96,3 +96,10 @@ def test_template_format_reads_the_first_rating_it_generated(monkeypatch):
     assert parsed.label == "unsafe" and parsed.reasoning == "The knife is near a sleeping person."
     missing = fmt.parse("I am not sure.", policy)
     assert missing.label is None and "Rating" in missing.error
+    # it needs no plan of its own: the default scores its one prompt, or generates and parses
+    from visguard import GuardRequest
+
+    request = GuardRequest.build(None, "how?")
+    fast, reason = (fmt.plan(request, policy, mode=m) for m in ("fast", "reason"))
+    assert fast.read == "score" and fast.prompts[0].assistant_prefix == "Rating:"
+    assert reason.read == "generate" and reason.parse("ok. Rating: safe").label == "safe"

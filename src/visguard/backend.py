@@ -110,16 +110,6 @@ class Backend(ABC):
             BackendError: no usable safe/unsafe pair of spellings.
         """
 
-    def prompt_too_long(self, prompt: GuardPrompt) -> str | None:
-        """Why ``prompt`` is longer than this backend's model can take, or ``None`` when it fits.
-
-        Called for every request before it is batched, so an over-long request is refused as an
-        input error (:class:`~visguard.errors.InputTooLongError`) instead of failing the model
-        (which would be an ``unavailable`` verdict that ``on_error="allow"`` lets through). The
-        default knows no limit.
-        """
-        return None
-
     @property
     def supports_scores(self) -> bool:
         """Whether :meth:`score` is available (fast mode)."""
@@ -131,11 +121,20 @@ class Backend(ABC):
 
         Computed as the softmax over the first tokens of the prompt's ``verdict_words``: the sum of
         the probabilities of the ``unsafe`` spellings divided by the sum over all spellings.
+
+        Raises:
+            PromptTooLongError: prompts longer than the model can take (their indices and why),
+                found while encoding the batch, before the model runs. A backend whose model has
+                no such limit never raises it.
         """
 
     @abstractmethod
     def generate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
-        """Greedy continuation of each prompt, with per-token verdict probabilities where available."""
+        """Greedy continuation of each prompt, with per-token verdict probabilities where available.
+
+        Raises:
+            PromptTooLongError: as :meth:`score`.
+        """
 
     def diagnostics(self, prompt: GuardPrompt | None = None) -> BackendDiagnostics:
         """Cache statistics and, with ``prompt``, how many tokens it is and how many are a shared prefix.

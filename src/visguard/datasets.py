@@ -62,7 +62,8 @@ class Record:
         reasoning: the guard's text before its verdict line, already in the format's grammar
             (from a JSONL ``target`` or ``reasoning``).
         rationale: free-prose reasoning (a MIRage answer) that a format turns into its own
-            reasoning text (:meth:`visguard.format.GuardFormat.reasoning_text`).
+            reasoning text (a trainable format's ``reasoning_text``, e.g.
+            :meth:`visguard.default_plugins.visguard_format.VisguardFormat.reasoning_text`).
         turns: the conversation as ``(role, text)`` pairs (``user`` / ``assistant``).
         split: the split the item belongs to (``""`` when the layout has none).
         extra: layout-specific fields kept for reports (JSON-serialisable).
@@ -382,13 +383,15 @@ def write_jsonl(path: Path, records: Iterable[Record], *, target_format: GuardFo
     """Write records as visguard JSONL (image paths relative to the file's folder).
 
     Each line is ``{"id", "images", "text", "label", "category", "sub_category", "response",
-    "target"}``; ``target`` is the format's own reason-mode :meth:`~visguard.format.GuardFormat.target`
+    "target"}``; ``target`` is the format's own reason-mode ``target`` (a trainable format's, e.g.
+    :meth:`~visguard.default_plugins.visguard_format.VisguardFormat.target`)
     for the record (``null`` for unlabelled records).
     """
     from visguard.policy import Policy
     from visguard.types import GuardRequest
 
-    fmt, policy = _target_format(target_format), Policy()
+    fmt: Any = _target_format(target_format)  # its training hooks (target): not on the runtime GuardFormat
+    policy = Policy()
     with path.open("w", encoding="utf-8") as fh:
         for rec in records:
             target = None
@@ -402,7 +405,7 @@ def write_jsonl(path: Path, records: Iterable[Record], *, target_format: GuardFo
     return path
 
 
-def reasoning_of(fmt: GuardFormat, record: Record) -> str | None:
+def reasoning_of(fmt: Any, record: Record) -> str | None:
     """A record's reasoning in ``fmt``'s grammar: its own, else ``fmt`` phrasing its rationale."""
     if record.reasoning:
         return record.reasoning

@@ -39,6 +39,22 @@ class InputTooLongError(InputError):
     """A request is longer, in the guard model's tokens, than the model can take (refused before it runs)."""
 
 
+class PromptTooLongError(InputTooLongError):
+    """A backend was given prompts longer than its model can take; raised before the model runs.
+
+    Backends raise it from ``score`` / ``generate`` after encoding the batch (the one place a prompt
+    is rendered and tokenized); the guard refuses the requests those prompts belong to with
+    :class:`InputTooLongError` and runs the rest of the batch.
+
+    Attributes:
+        too_long: ``{index of the prompt in the batch: why it does not fit}``.
+    """
+
+    def __init__(self, too_long: dict[int, str]) -> None:
+        self.too_long = dict(too_long)
+        super().__init__("; ".join(f"prompt {i}: {why}" for i, why in sorted(self.too_long.items())))
+
+
 class ImageInputError(InputError):
     """An image could not be accepted at the image boundary.
 

@@ -2,14 +2,16 @@
 
 A format is model-agnostic: it produces a :class:`GuardPrompt` (chat messages in the Hugging Face
 "list of typed parts" shape, the images, and text that must follow the assistant header), and it
-parses the text the guard *generated*. Backends render and run prompts; they never interpret them.
+parses the text the guard *generated*. :meth:`GuardFormat.plan` puts both together into a
+:class:`CheckPlan`, the one description of a check the guard executes. Backends render and run
+prompts; they never interpret them.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -148,6 +150,73 @@ class ParsedOutput:
     safe_answer: str | None = None
 
 
+def first_score(scores: Sequence[float]) -> tuple[float, str | None]:
+    """A :attr:`CheckPlan.combine` for one prompt: its score, no category."""
+    return scores[0], None
+
+
+@dataclass(frozen=True)
+class CheckPlan:
+    """One request's check: its prompts and how to read the guard model on them (:meth:`GuardFormat.plan`).
+
+    The guard builds a plan once per request, in the caller's thread, and its batcher executes it;
+    it branches on nothing but what the plan says. Two ways to read a model:
+
+    - ``read="score"``: P(unsafe) of the verdict token after each of :attr:`prompts` (one forward
+      pass each, all in one batch), made one score and category by :attr:`combine`.
+    - ``read="generate"``: greedy text of up to :attr:`max_new_tokens` tokens after the one prompt,
+      read by :attr:`parse` (the score is the verdict word's probability where the parse points
+      at it); then, if :attr:`followup` gives a prompt for that text, the follow-up verdict
+      question decides instead: its verdict token is scored (on backends without scores, a few
+      tokens are generated and their first word read against its ``verdict_words``).
+
+    Attributes:
+        request: the checked request.
+        prompts: the prompts to run, in order (``generate``: exactly one).
+        read: ``"score"`` or ``"generate"``.
+        combine: ``scores -> (P(unsafe), category it points at)`` for the scores of :attr:`prompts`
+            (``score``; default: the one score, no category).
+        max_new_tokens: how many tokens to generate (``generate``).
+        parse: generated text -> :class:`ParsedOutput`, with the request at hand (``generate``).
+        followup: generated text -> a verdict prompt to score after it, or ``None`` (none asked).
+    """
+
+    request: GuardRequest
+    prompts: tuple[GuardPrompt, ...]
+    read: Literal["score", "generate"] = "score"
+    combine: Callable[[Sequence[float]], tuple[float, str | None]] = first_score
+    max_new_tokens: int = 0
+    parse: Callable[[str], ParsedOutput] | None = None
+    followup: Callable[[str], GuardPrompt | None] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if self.read not in ("score", "generate"):
+            raise ValueError(f"read must be 'score' or 'generate', got {self.read!r}")
+        if not self.prompts:
+            raise ValueError("a check plan needs at least one prompt")
+        if self.read == "generate":
+            if len(self.prompts) != 1:
+                raise ValueError(f"a generate plan runs exactly one prompt, got {len(self.prompts)}")
+            if self.parse is None or self.max_new_tokens < 1:
+                raise ValueError("a generate plan needs parse and max_new_tokens >= 1")
+        elif self.followup is not None:
+            raise ValueError("only a generate plan can ask a follow-up")
+
+
+def verdict_word(text: str, verdict_words: Mapping[str, Iterable[str]]) -> Literal["safe", "unsafe"] | None:
+    """The label of a short *generated* answer to a verdict question (backends without scores):
+    its first word when that is one of the ``verdict_words`` spellings, else ``None``."""
+    m = re.match(r"[\s\"'*`_]*([A-Za-z]+)", text)
+    if m is None:
+        return None
+    word = m.group(1).lower()
+    for label in ("unsafe", "safe"):
+        if any(word == w.strip().lower() for w in verdict_words.get(label, ())):
+            return label  # type: ignore[return-value]
+    return None
+
+
 class GuardFormat(ABC):
     """Base class of guard formats (register subclasses through ``register_formats``).
 
@@ -161,7 +230,8 @@ class GuardFormat(ABC):
     name: str = ""
     #: prompt layout version; bump it whenever the prompt text or order changes, so guards trained
     #: on one layout are never prompted with another (``visguard train`` records it in the checkpoint's
-    #: ``visguard.json`` through :meth:`checkpoint_kwargs`)
+    #: ``visguard.json`` through the format's ``checkpoint_kwargs``, part of the training plugin's
+    #: ``TrainableFormat`` protocol)
     version: int = 1
     #: whether prompts start with a request-independent prefix (``GuardPrompt.static_parts``);
     #: formats of third-party guard models keep the layout those models were trained on
@@ -221,19 +291,6 @@ class GuardFormat(ABC):
             UnsupportedRequestError: names the categories the model cannot take.
         """
 
-    def build_all(
-        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
-    ) -> list[GuardPrompt]:
-        """All prompts one request needs (default: the one from :meth:`build`).
-
-        Formats that ask one question per (image, policy) pair return several; fast-mode scores
-        come back in the same order and go through :meth:`combine`.
-        """
-        return [self.build(request, policy, mode=mode, special_tokens=special_tokens)]
-
-    def combine(self, scores: list[float], policy: Policy) -> tuple[float, str | None]:
-        """One P(unsafe) (and the category it points at) from the scores of :meth:`build_all`'s prompts."""
-        return scores[0], None
     #: text that precedes the verdict word on the verdict line
     verdict_prefix: str = "Verdict:"
     #: label -> spellings that follow ``verdict_prefix``
@@ -256,87 +313,31 @@ class GuardFormat(ABC):
             special_tokens: the backend's special-token strings; untrusted text must not contain them.
         """
 
-    def checkpoint_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments that rebuild this format exactly, for a trained checkpoint's ``visguard.json``.
-
-        ``visguard train`` writes ``{"format": name, "format_kwargs": checkpoint_kwargs()}`` beside
-        the model, so the guard is later prompted with the layout it learned
-        (:func:`visguard.plugins.format_for_model`). Formats with layout versions return them here.
-        """
-        return {}
-
     @abstractmethod
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
         """Parse text the guard generated (never the prompt) into a :class:`ParsedOutput`."""
 
-    def parse_for(self, text: str, policy: Policy, request: GuardRequest) -> ParsedOutput:
-        """Parse with the request at hand (what the guard calls); the default ignores the request.
+    def plan(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> CheckPlan:
+        """How the guard checks ``request`` in ``mode``: the prompts and how to read them.
 
-        Formats whose output carries one label per stage (a request label and a response label)
-        override this to read the label of ``request.stage``.
+        The default covers a format with one prompt per request, from :meth:`build` and
+        :meth:`parse`: fast mode scores the verdict token after the prompt (or, for a format whose
+        ``capabilities.fast_tokens`` is set, generates that many tokens and parses them); reason
+        mode generates ``policy.max_new_tokens`` tokens and parses them. Formats that ask several
+        questions (one per policy), read their output with the request at hand, or ask a follow-up
+        verdict question after the generated text override this and return such a plan.
+
+        Called once per request and mode by the guard, in the caller's thread, after
+        :meth:`check_request`; an :class:`~visguard.errors.InputError` raised here reaches that caller.
         """
-        return self.parse(text, policy)
-
-    def followup(
-        self,
-        request: GuardRequest,
-        policy: Policy,
-        generated: str,
-        *,
-        special_tokens: Iterable[str] = (),
-    ) -> GuardPrompt | None:
-        """A verdict prompt to score after the reason pass generated ``generated`` (optional).
-
-        Formats whose generated text does not end in a scored verdict word (``mirage``: the model
-        writes an answer, not a verdict line) return a prompt that continues the conversation with
-        a short verdict question; the guard scores it in one forward pass (its prefix is the
-        generation prompt plus ``generated``, so prefix caching makes it cost the question's tokens)
-        and takes P(unsafe) and the label from that score. The default returns ``None``: the score
-        is read at the verdict word inside ``generated``.
-        """
-        return None
-
-    def parse_followup(self, text: str) -> Literal["safe", "unsafe"] | None:
-        """The label of a *generated* answer to a :meth:`followup` prompt (backends without
-        scores): the first word when it is one of the verdict words, else ``None``."""
-        m = re.match(r"[\s\"'*`_]*([A-Za-z]+)", text)
-        if m is None:
-            return None
-        word = m.group(1).lower()
-        for label in ("unsafe", "safe"):
-            if any(word == w.strip().lower() for w in self.verdict_words.get(label, ())):
-                return label  # type: ignore[return-value]
-        return None
-
-    def target(
-        self,
-        request: GuardRequest,
-        policy: Policy,
-        *,
-        label: Literal["safe", "unsafe"],
-        mode: PromptMode,
-        category: str | None = None,
-        sub_category: str | None = None,
-        reasoning: str | None = None,
-    ) -> str:
-        """The assistant text a perfect guard would produce (used to train guards).
-
-        The default raises ``NotImplementedError``: formats that can be trained override it.
-        """
-        raise NotImplementedError(f"format {self.name!r} does not define training targets")
-
-    def reasoning_text(self, rationale: str, perceptions: Iterable[str] = ()) -> str:
-        """The reasoning part of a :meth:`target` in this format's grammar, from free prose.
-
-        Args:
-            rationale: why the request is (un)safe, in plain words (e.g. a MIRage answer).
-            perceptions: what each image shows, in order (formats that describe images first).
-
-        Returns:
-            The text a target puts before its verdict (default: each description, then the
-            rationale, each on one line with its whitespace collapsed).
-        """
-        return "\n".join(" ".join(t.split()) for t in (*perceptions, rationale))
+        prompt = self.build(request, policy, mode=mode, special_tokens=special_tokens)
+        tokens = policy.max_new_tokens if mode == "reason" else self.capabilities.fast_tokens
+        if not tokens:
+            return CheckPlan(request, (prompt,))
+        return CheckPlan(request, (prompt,), read="generate", max_new_tokens=tokens,
+                         parse=lambda text: self.parse(text, policy))
 
 
 _ZWSP = "\u200b"

@@ -1,7 +1,9 @@
 """The Guard: ask a guard model, through a format on a backend, for a verdict on a request.
 
-Data flow: inputs -> :func:`~visguard.images.load_images` -> :class:`GuardRequest` -> format.build ->
-backend.score / backend.generate -> format.parse -> :class:`Verdict`. The guard reports; what a verdict
+Data flow: inputs -> :func:`~visguard.images.load_images` -> :class:`GuardRequest` -> format.plan (a
+:class:`~visguard.format.CheckPlan`: the prompts and how to read them, built once per request in the
+caller's thread) -> the batcher -> backend.score / backend.generate (each prompt rendered and tokenized
+once) -> the plan's reading -> :class:`Verdict`. The guard reports; what a verdict
 means for the call (pass, block, degraded, raise) is :meth:`Policy.action`, which every caller acts on.
 
 A Guard is one :class:`~visguard.checker.Checker` (a cascade is another): this module holds what is
@@ -13,16 +15,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 from visguard import plugins
 from visguard.backend import Backend
 from visguard.batching import MicroBatcher, shared_batcher
 from visguard.checker import BatchObserver, CheckerBase
 from visguard.checker import checked_requests as _checked_requests
-from visguard.errors import BackendError, InputError, InputTooLongError
-from visguard.format import Capabilities, GuardFormat
+from visguard.errors import BackendError, InputError, InputTooLongError, PromptTooLongError
+from visguard.format import Capabilities, CheckPlan, GuardFormat, GuardPrompt, verdict_word
 from visguard.policy import Mode, Policy
 from visguard.types import GuardRequest, Verdict
 
@@ -136,8 +138,13 @@ class Guard(CheckerBase):
     def report_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
         """Verdicts for several requests, acting on none: ``unavailable`` is returned whatever ``on_error`` says.
 
+        Each request is planned once (:meth:`GuardFormat.plan`, after :meth:`GuardFormat.check_request`)
+        here, in the caller's thread; the batcher executes the plans.
+
         Raises:
             InputError: an element is not a :class:`GuardRequest`.
+            UnsupportedRequestError: the format cannot judge a request, or run in ``mode``.
+            InputTooLongError: a request's prompt is longer than the guard model can take.
         """
         requests = _checked_requests(requests)
         if not requests:
@@ -145,12 +152,12 @@ class Guard(CheckerBase):
         mode = mode or self.policy.mode
         if mode not in ("fast", "reason", "adaptive"):
             raise InputError(f"unknown mode {mode!r}; expected fast, reason or adaptive")
-        for r in requests:
-            self.format.check_request(r, mode)
-        self._check_lengths(requests, mode)
+        # Planned once, here in the caller's thread: a request the format refuses raises to its own caller.
+        planned = [self._plan(r, mode) for r in requests]
+        checks = [plan for plan in planned if isinstance(plan, tuple)]
         start = time.perf_counter()
         timeout = self.policy.timeout_s
-        futures = self._batcher.submit(requests, (self._run, mode))
+        futures = self._batcher.submit(checks, (self._run, mode)) if checks else []
         concurrent.futures.wait(futures, timeout=timeout)
         elapsed = (time.perf_counter() - start) * 1000.0
         late = [f for f in futures if not f.done()]
@@ -158,8 +165,13 @@ class Guard(CheckerBase):
             # queued ones will not run; a batch still running is abandoned and its worker replaced,
             # so a stuck backend call never blocks the checks after it
             self._batcher.abandon(late)
+        pending = iter(futures)
         verdicts = []
-        for request, future in zip(requests, futures, strict=True):
+        for request, plan in zip(requests, planned, strict=True):
+            if isinstance(plan, Verdict):  # the format could not plan it
+                verdicts.append(plan.model_copy(update={"latency_ms": elapsed}))
+                continue
+            future = next(pending)
             if future in late:
                 verdict = self._unavailable(request, mode, f"guard timed out after {timeout:g} s (queueing included)")
             elif isinstance(future.exception(), InputError):
@@ -206,102 +218,146 @@ class Guard(CheckerBase):
     def _unavailable(self, request: GuardRequest, mode: Mode, error: str, **fields: Any) -> Verdict:
         return Verdict.unavailable(error, stage=request.stage, mode=mode, model=self.backend.model_id, **fields)
 
-    def _check_lengths(self, requests: list[GuardRequest], mode: Mode) -> None:
-        """Refuse, before batching, a request whose prompt the backend's model cannot take."""
-        if type(self.backend).prompt_too_long is Backend.prompt_too_long:
-            return  # the backend knows no limit
-        prompt_modes = {"fast": ("fast",), "reason": ("reason",), "adaptive": ("fast", "reason")}[mode]
-        specials = self.backend.special_tokens
-        for request in requests:
-            for prompt_mode in prompt_modes:
-                try:
-                    prompts = self.format.build_all(request, self.policy, mode=prompt_mode, special_tokens=specials)
-                except InputError:
-                    raise
-                except Exception:  # noqa: BLE001 - a format failure is reported by the check itself
-                    continue
-                for prompt in prompts:
-                    why = self.backend.prompt_too_long(prompt)
-                    if why:
-                        raise InputTooLongError(f"request refused: {why}; shorten the text, response or conversation")
+    def _plan(self, request: GuardRequest, mode: Mode) -> tuple[CheckPlan, ...] | Verdict:
+        """The plans of one check, built once, in the caller's thread: ``(fast,)``, ``(reason,)`` or,
+        adaptive, ``(fast, reason)`` (``(reason,)`` when the fast plan scores and the backend cannot).
 
-    def _run(self, requests: list[GuardRequest], mode: Mode) -> list[Verdict]:
+        Returns an ``unavailable`` verdict (never ``safe``) when the format fails to plan it.
+
+        Raises:
+            InputError: the format cannot judge the request (in ``mode``) or refuses its content.
+        """
+        self.format.check_request(request, mode)
+        specials = self.backend.special_tokens
         try:
-            if mode == "fast":
-                return self._fast(requests)
-            if mode == "reason":
-                return self._reason(requests, mode="reason")
-            if mode == "adaptive":
-                return self._adaptive(requests)
-            raise InputError(f"unknown mode {mode!r}; expected fast, reason or adaptive")
+            if mode != "adaptive":
+                return (self.format.plan(request, self.policy, mode=mode, special_tokens=specials),)
+            fast = self.format.plan(request, self.policy, mode="fast", special_tokens=specials)
+            reason = self.format.plan(request, self.policy, mode="reason", special_tokens=specials)
+            return (reason,) if fast.read == "score" and not self.backend.supports_scores else (fast, reason)
         except InputError:
             raise
+        except Exception as exc:  # noqa: BLE001 - a format failure is an unavailable verdict, never safe
+            return self._unavailable(request, mode, f"guard format error: {type(exc).__name__}: {exc}")
+
+    def _run(self, checks: list[tuple[CheckPlan, ...]], mode: Mode) -> list[Verdict | InputError]:
+        """Execute a batch of planned checks: each one's verdict, or the input error that refuses it
+        (raised to that check's caller alone by the batcher)."""
+        try:
+            if mode == "adaptive":
+                return self._adaptive(checks)
+            return self._execute([check[0] for check in checks], mode)
         except Exception as exc:  # noqa: BLE001 - any backend failure is an unavailable verdict, never safe
-            if len(requests) > 1:
+            if len(checks) > 1:
                 # One bad request (or a batch too large for the device) must not make the requests
                 # batched with it, possibly other callers', unavailable: each is checked again alone.
-                return [verdict for r in requests for verdict in self._run([r], mode)]
-            return [self._unavailable(r, mode, f"guard backend error: {type(exc).__name__}: {exc}") for r in requests]
+                return [result for check in checks for result in self._run([check], mode)]
+            if isinstance(exc, InputError):
+                return [exc]
+            return [self._unavailable(checks[0][0].request, mode, f"guard backend error: {type(exc).__name__}: {exc}")]
 
-    def _prompts(self, requests: list[GuardRequest], mode: str) -> list:
-        specials = self.backend.special_tokens
-        return [self.format.build(r, self.policy, mode=mode, special_tokens=specials) for r in requests]
+    def _execute(self, plans: list[CheckPlan], mode: Mode, prior: list[float | None] | None = None
+                 ) -> list[Verdict | InputError]:
+        """Run ``plans`` as their ``read`` says: score plans in one backend call, generate plans in
+        one per token budget. ``prior``: each plan's earlier (fast) score, kept on an unparseable reason."""
+        out: list[Verdict | InputError | None] = [None] * len(plans)
+        scored = [i for i, plan in enumerate(plans) if plan.read == "score"]
+        if scored:
+            for i, result in zip(scored, self._score([plans[i] for i in scored], mode), strict=True):
+                out[i] = result
+        generated = [i for i, plan in enumerate(plans) if plan.read == "generate"]
+        for budget in sorted({plans[i].max_new_tokens for i in generated}):
+            group = [i for i in generated if plans[i].max_new_tokens == budget]
+            results = self._generate([plans[i] for i in group], mode, budget, [prior[i] if prior else None for i in group])
+            for i, result in zip(group, results, strict=True):
+                out[i] = result
+        return out  # type: ignore[return-value]
 
-    def _fast(self, requests: list[GuardRequest]) -> list[Verdict]:
-        tokens = self.format.capabilities.fast_tokens
-        if tokens:  # the verdict comes within the first few generated tokens, not at position 0
-            return self._reason(requests, mode="fast", max_new_tokens=tokens, prompt_mode="fast")
+    @staticmethod
+    def _call(run: Callable[[list[GuardPrompt]], list[Any]], prompts: list[GuardPrompt], owners: list[int]
+              ) -> tuple[dict[int, Any], dict[int, str]]:
+        """``run(prompts)`` as ``{prompt index: result}``, and ``{owner: why}`` for the checks (``owners[k]``:
+        prompt ``k``'s) whose prompts the backend found too long: their prompts are left out and the
+        rest run again (re-encoded; the backend refuses before its model runs)."""
+        refused: dict[int, str] = {}
+        keep = list(range(len(prompts)))
+        while keep:
+            try:
+                results = run([prompts[k] for k in keep])
+            except PromptTooLongError as exc:
+                bad = {owners[keep[k]]: why for k, why in exc.too_long.items() if 0 <= k < len(keep)}
+                if not bad:
+                    raise
+                for owner, why in bad.items():
+                    refused.setdefault(owner, why)
+                keep = [k for k in keep if owners[k] not in refused]
+                continue
+            if len(results) != len(keep):
+                raise RuntimeError(f"backend returned {len(results)} results for {len(keep)} prompts")
+            return dict(zip(keep, results, strict=True)), refused
+        return {}, refused
+
+    def _score(self, plans: list[CheckPlan], mode: Mode) -> list[Verdict | InputError]:
         if not self.backend.supports_scores:
             raise RuntimeError(f"backend {self.backend.name!r} cannot score verdict tokens; use mode='reason'")
-        specials = self.backend.special_tokens
-        per_request = [self.format.build_all(r, self.policy, mode="fast", special_tokens=specials) for r in requests]
-        flat = [p for prompts in per_request for p in prompts]
-        scores = self.backend.score(flat)
-        out, start = [], 0
-        for request, prompts in zip(requests, per_request, strict=True):
-            mine = scores[start : start + len(prompts)]
-            start += len(prompts)
-            bad = [s for s in mine if s is None or s != s or not 0.0 <= s <= 1.0]
-            if bad:
-                out.append(self._unavailable(request, "fast", f"backend returned an invalid score {bad[0]!r}"))
+        owners = [i for i, plan in enumerate(plans) for _ in plan.prompts]
+        scores, refused = self._call(self.backend.score, [p for plan in plans for p in plan.prompts], owners)
+        out: list[Verdict | InputError] = []
+        for i, plan in enumerate(plans):
+            if i in refused:
+                out.append(_too_long(refused[i]))
                 continue
-            score, category = self.format.combine([float(s) for s in mine], self.policy)
-            out.append(self._scored(request, score, "fast", category=category))
+            mine = [scores[k] for k, owner in enumerate(owners) if owner == i]
+            bad = [s for s in mine if not _is_probability(s)]
+            if bad:
+                out.append(self._unavailable(plan.request, mode, f"backend returned an invalid score {bad[0]!r}"))
+                continue
+            score, category = plan.combine([float(s) for s in mine])
+            out.append(self._scored(plan.request, score, mode, category=category))
         return out
 
     def _scored(self, request: GuardRequest, score: float, mode: Mode, category: str | None = None) -> Verdict:
         if score is None or not 0.0 <= score <= 1.0 or score != score:
             return self._unavailable(request, mode, f"backend returned an invalid score {score!r}")
-        label = "unsafe" if self.policy.decides_unsafe(score) else "safe"
+        label: Literal["safe", "unsafe"] = "unsafe" if self.policy.decides_unsafe(score) else "safe"
         category = category if label == "unsafe" else None
         return Verdict(label=label, score=float(score), category=category, categories=(category,) if category else (),
                        stage=request.stage, mode=mode, model=self.backend.model_id)
 
-    def _reason(
-        self,
-        requests: list[GuardRequest],
-        mode: Mode,
-        fast: list[Verdict] | None = None,
-        *,
-        max_new_tokens: int | None = None,
-        prompt_mode: str = "reason",
-    ) -> list[Verdict]:
-        gens = self.backend.generate(self._prompts(requests, prompt_mode), max_new_tokens=max_new_tokens or self.policy.max_new_tokens)
-        follow = (self._followups(requests, [g.text for g in gens]) if prompt_mode == "reason"
-                  else [None] * len(requests))
-        out = []
-        for i, (req, gen) in enumerate(zip(requests, gens, strict=True)):
-            parsed = self.format.parse_for(gen.text, self.policy, req)
+    def _generate(self, plans: list[CheckPlan], mode: Mode, max_new_tokens: int, prior: list[float | None]
+                  ) -> list[Verdict | InputError]:
+        gens, refused = self._call(lambda prompts: self.backend.generate(prompts, max_new_tokens=max_new_tokens),
+                                   [plan.prompts[0] for plan in plans], list(range(len(plans))))
+        asked: dict[int, GuardPrompt] = {}
+        for i in gens:
+            follow = plans[i].followup
+            prompt = follow(gens[i].text) if follow is not None else None
+            if prompt is not None:
+                asked[i] = prompt
+        answers = self._followups(asked)
+        out: list[Verdict | InputError] = []
+        for i, plan in enumerate(plans):
+            if i in refused:
+                out.append(_too_long(refused[i]))
+                continue
+            req, gen = plan.request, gens[i]
+            if plan.parse is None:  # CheckPlan refuses a generate plan without one
+                raise RuntimeError("a generate plan without parse")
+            parsed = plan.parse(gen.text)
+            answer = answers.get(i)
             score: float | None
-            if follow[i] is not None:
+            if isinstance(answer, InputError):
+                out.append(answer)
+                continue
+            if answer is not None:
                 # The format's verdict question, asked after the guard's own text, decides.
-                label, score, error = follow[i]
+                label, score, error = answer
                 if label is None:
                     out.append(self._unavailable(req, mode, error or "no verdict in the follow-up answer", raw=gen.text))
                     continue
             elif parsed.label is None:
-                prior = fast[i].score if fast else None
-                out.append(self._unavailable(req, mode, parsed.error or "unparseable guard output", raw=gen.text, score=prior))
+                out.append(self._unavailable(req, mode, parsed.error or "unparseable guard output", raw=gen.text,
+                                             score=prior[i]))
                 continue
             else:
                 score, label = gen.score_at(parsed.verdict_offset), parsed.label
@@ -322,38 +378,62 @@ class Guard(CheckerBase):
             )
         return out
 
-    def _followups(self, requests: list[GuardRequest], texts: list[str]) -> list[tuple[Any, float | None, str | None] | None]:
-        """``(label, P(unsafe), error)`` from the format's follow-up verdict prompts (``None`` where
-        the format asks none): scored in one forward pass, or, on backends without scores,
-        answered with a few greedy tokens and read by :meth:`GuardFormat.parse_followup`."""
-        specials = self.backend.special_tokens
-        prompts = [self.format.followup(r, self.policy, t, special_tokens=specials) for r, t in zip(requests, texts, strict=True)]
-        where = [i for i, p in enumerate(prompts) if p is not None]
-        out: list[tuple[Any, float | None, str | None] | None] = [None] * len(requests)
-        if not where:
-            return out
-        asked = [prompts[i] for i in where]
+    def _followups(self, asked: dict[int, GuardPrompt]) -> dict[int, tuple[Any, float | None, str | None] | InputError]:
+        """``(label, P(unsafe), error)`` for each follow-up verdict prompt (by its check's index):
+        scored in one forward pass or, on backends without scores, answered with a few greedy
+        tokens whose first word is read against the prompt's verdict words; an
+        :class:`InputTooLongError` where the prompt (request + the guard's answer + question) is
+        too long for the model."""
+        if not asked:
+            return {}
+        where = list(asked)
+        prompts = [asked[i] for i in where]
+        out: dict[int, tuple[Any, float | None, str | None] | InputError] = {}
         if self.backend.supports_scores:
-            for i, s in zip(where, self.backend.score(asked), strict=True):
-                if s is None or s != s or not 0.0 <= s <= 1.0:
+            scores, refused = self._call(self.backend.score, prompts, where)
+            for k, i in enumerate(where):
+                if i in refused:
+                    out[i] = _too_long(refused[i], " (the follow-up verdict question after the guard's own answer)")
+                    continue
+                s = scores[k]
+                if not _is_probability(s):
                     raise RuntimeError(f"backend returned an invalid follow-up score {s!r}")
                 out[i] = ("unsafe" if self.policy.decides_unsafe(s) else "safe", float(s), None)
         else:
-            for i, g in zip(where, self.backend.generate(asked, max_new_tokens=4), strict=True):
-                label = self.format.parse_followup(g.text)
-                out[i] = (label, None, None if label else f"no verdict word in the follow-up answer {g.text[:40]!r}")
+            gens, refused = self._call(lambda ps: self.backend.generate(ps, max_new_tokens=4), prompts, where)
+            for k, i in enumerate(where):
+                if i in refused:
+                    out[i] = _too_long(refused[i], " (the follow-up verdict question after the guard's own answer)")
+                    continue
+                text = gens[k].text
+                label = verdict_word(text, prompts[k].verdict_words)
+                out[i] = (label, None, None if label else f"no verdict word in the follow-up answer {text[:40]!r}")
         return out
 
-    def _adaptive(self, requests: list[GuardRequest]) -> list[Verdict]:
-        if not self.backend.supports_scores and not self.format.capabilities.fast_tokens:
-            return self._reason(requests, mode="adaptive")
-        fast = [v.model_copy(update={"mode": "adaptive"}) for v in self._fast(requests)]
-        unsure = [i for i, v in enumerate(fast) if v.score is not None and self.policy.in_band(v.score)]
+    def _adaptive(self, checks: list[tuple[CheckPlan, ...]]) -> list[Verdict | InputError]:
+        """Fast plans first; the checks whose score falls in the policy's band run their reason plan."""
+        out: list[Verdict | InputError | None] = [None] * len(checks)
+        direct = [i for i, check in enumerate(checks) if len(check) == 1]  # no fast score to be had: reason
+        for i, result in zip(direct, self._execute([checks[i][0] for i in direct], "adaptive"), strict=True):
+            out[i] = result
+        staged = [i for i, check in enumerate(checks) if len(check) > 1]
+        for i, result in zip(staged, self._execute([checks[i][0] for i in staged], "adaptive"), strict=True):
+            out[i] = result
+        scores = {i: v.score for i in staged if isinstance(v := out[i], Verdict) and v.score is not None}
+        unsure = [i for i, score in scores.items() if self.policy.in_band(score)]
         if unsure:
-            reasoned = self._reason([requests[i] for i in unsure], mode="adaptive", fast=[fast[i] for i in unsure])
-            for i, v in zip(unsure, reasoned, strict=True):
-                fast[i] = v
-        return fast
+            prior: list[float | None] = [scores[i] for i in unsure]
+            for i, result in zip(unsure, self._execute([checks[i][1] for i in unsure], "adaptive", prior), strict=True):
+                out[i] = result
+        return out  # type: ignore[return-value]
+
+
+def _is_probability(score: Any) -> bool:
+    return isinstance(score, int | float) and score == score and 0.0 <= score <= 1.0
+
+
+def _too_long(why: str, where: str = "") -> InputTooLongError:
+    return InputTooLongError(f"request refused: {why}{where}; shorten the text, response or conversation")
 
 
 def default_mode(format: GuardFormat) -> Mode:

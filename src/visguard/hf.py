@@ -29,6 +29,11 @@ _PROCESSOR_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "video_token"
 _IMAGE_PLACEHOLDER_ATTRS = ("image_token", "boi_token", "start_image_token", "fake_image_token")
 
 
+def too_long_reason(tokens: int, limit: int, why: str = "") -> str:
+    """Why a prompt of ``tokens`` tokens does not fit a model taking ``limit`` (``why``: the limit's origin)."""
+    return f"the guard prompt is {tokens} tokens long, more than the guard model's limit of {limit}{why}"
+
+
 class HFPromptCodec:
     """Render prompts and read tokens for one HF processor (or bare tokenizer).
 
@@ -40,6 +45,7 @@ class HFPromptCodec:
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self._verdict_ids: dict[tuple, tuple[list[int], list[int]]] = {}
+        self._static_heads: dict[str, str] = {}
         #: verdict spellings left out because their first token is not distinct (see verdict_token_ids)
         self.dropped_verdict_spellings: tuple[str, ...] = ()
         specials = set(self.tokenizer.all_special_tokens)
@@ -73,24 +79,16 @@ class HFPromptCodec:
                 "checkpoint (docs/formats.md)")
         return text + prompt.assistant_prefix
 
-    def prompt_tokens(self, prompt: GuardPrompt) -> int:
+    def prompt_tokens(self, prompt: GuardPrompt, rendered: str | None = None) -> int:
         """Tokens the model sees for ``prompt``: its rendered text's plus those its images expand to.
 
+        ``rendered``: the prompt's :meth:`render`, when the caller has it (it is not rendered again).
         Image tokens come from the processor's own count (``_get_num_multimodal_tokens``, which
         every supported processor has and vLLM relies on); a processor without it adds none.
         """
-        n = len(self.tokenizer(self.render(prompt), add_special_tokens=False, verbose=False)["input_ids"])
+        text = self.render(prompt) if rendered is None else rendered
+        n = len(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         return n + self._image_tokens(prompt)
-
-    def too_long(self, prompt: GuardPrompt, limit: int | None, *, why: str = "") -> str | None:
-        """Why ``prompt`` exceeds ``limit`` tokens (a :meth:`~visguard.backend.Backend.prompt_too_long`
-        answer), or ``None`` when it fits or there is no limit. ``why`` explains the limit."""
-        if limit is None:
-            return None
-        n = self.prompt_tokens(prompt)
-        if n > limit:
-            return f"the guard prompt is {n} tokens long, more than the guard model's limit of {limit}{why}"
-        return None
 
     def _image_tokens(self, prompt: GuardPrompt) -> int:
         """Tokens the processor adds for the prompt's images beyond their one placeholder each."""
@@ -120,9 +118,7 @@ class HFPromptCodec:
         if not isinstance(content, list) or len(content) <= k or any(p.get("type") != "text" for p in content[:k]):
             return None
         static_text = "".join(p.get("text", "") for p in content[:k])
-        head = self.processor.apply_chat_template(
-            [{**first, "content": content[:k]}], add_generation_prompt=False, tokenize=False, **dict(prompt.template_kwargs)
-        )
+        head = self._static_head({**first, "content": content[:k]}, prompt.template_kwargs)
         n = 0
         limit = min(len(head), len(rendered))
         while n < limit and head[n] == rendered[n]:
@@ -130,6 +126,19 @@ class HFPromptCodec:
         end = rendered.find(static_text) + len(static_text) if static_text else -1
         # Both renders agree beyond the static text's end only by chance ("<|" of different tokens).
         return rendered[:end] if static_text in rendered and 0 < end <= n else None
+
+    def _static_head(self, message: dict[str, Any], template_kwargs: Mapping[str, Any]) -> str:
+        """The chat template's rendering of a prompt's static first message alone, rendered once
+        per distinct message (a handful per policy) and kept, so a check renders only its prompt."""
+        key = repr((message, sorted(template_kwargs.items())))
+        head = self._static_heads.get(key)
+        if head is None:
+            head = self.processor.apply_chat_template(
+                [message], add_generation_prompt=False, tokenize=False, **dict(template_kwargs))
+            if len(self._static_heads) >= 64:
+                self._static_heads.pop(next(iter(self._static_heads)))
+            self._static_heads[key] = head
+        return head
 
     def verdict_token_ids(self, prefix: str, words: Mapping[str, tuple[str, ...]]) -> tuple[list[int], list[int]]:
         """First token id of each usable verdict spelling as it follows ``prefix`` (safe ids, unsafe ids).

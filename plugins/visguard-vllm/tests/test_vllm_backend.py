@@ -126,6 +126,7 @@ def test_post_check_reuses_the_pre_checks_prefix(vguard):
 
 def test_prompt_longer_than_the_engine_context_is_refused_before_batching(vguard, images):
     from visguard import InputTooLongError
+    from visguard.errors import PromptTooLongError
 
     backend = vguard.backend
     limit = backend.max_model_len
@@ -145,12 +146,19 @@ def test_prompt_longer_than_the_engine_context_is_refused_before_batching(vguard
     request, prompt = prompt_of(k)
     assert backend.codec.prompt_tokens(prompt) == limit - 1
     assert vguard.check(request).label in ("safe", "unsafe")
+    fits = prompt
     request, prompt = prompt_of(k + 1)
-    assert backend.prompt_too_long(prompt) is not None
     with pytest.raises(InputTooLongError, match=f"is {limit} tokens long"):
         allow.check(request)
-    with pytest.raises(Exception, match="longer than the maximum model length"):  # what reached vLLM before the check
-        backend.score([prompt])
+    # the backend refuses it, by its index in the batch, before the engine sees the batch
+    with pytest.raises(PromptTooLongError, match=f"prompt 1: the guard prompt is {limit} tokens long") as refused:
+        backend.score([fits, prompt])
+    assert set(refused.value.too_long) == {1}
+    from vllm import SamplingParams
+
+    with pytest.raises(Exception, match="longer than the maximum model length"):  # what vLLM itself says of it
+        backend.llm.generate([backend._inputs(prompt, backend.codec.render(prompt))], SamplingParams(max_tokens=1),
+                             use_tqdm=False)
 
 
 def test_more_images_than_the_engine_limit_is_unavailable_not_safe(vguard, images):

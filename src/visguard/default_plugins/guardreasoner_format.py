@@ -12,9 +12,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import ClassVar
 
-from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode, neutralize
+from visguard.format import (
+    Capabilities,
+    CheckPlan,
+    GuardFormat,
+    GuardPrompt,
+    ParsedOutput,
+    PromptMode,
+    neutralize,
+)
 from visguard.hookspecs import hookimpl
 from visguard.policy import Policy
 from visguard.taxonomy import refuse_custom
@@ -64,13 +73,19 @@ class GuardReasonerFormat(GuardFormat):
         )
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
-        """The request label (a pre-check); the guard calls :meth:`parse_for` with the stage."""
-        return self._parse(text, "input")
+        """The request label (a pre-check); a check reads its own stage's label (:meth:`plan`)."""
+        return self.parse_stage(text, "input")
 
-    def parse_for(self, text: str, policy: Policy, request: GuardRequest) -> ParsedOutput:
-        return self._parse(text, request.stage)
+    def plan(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> CheckPlan:
+        """Generate and read the label of the request's stage (``Response:`` for a post-check)."""
+        plan = super().plan(request, policy, mode=mode, special_tokens=special_tokens)
+        stage = request.stage
+        return replace(plan, parse=lambda text: self.parse_stage(text, stage)) if plan.read == "generate" else plan
 
-    def _parse(self, text: str, stage: str) -> ParsedOutput:
+    def parse_stage(self, text: str, stage: str) -> ParsedOutput:
+        """The label of ``stage`` (``input``: ``Request:``, ``output``: ``Response:``) in the ``<result>`` block."""
         think_open, think_close = text.find("<think>"), text.find("</think>")
         start = text.find("<result>")
         if start < 0:

@@ -29,12 +29,22 @@ import functools
 import math
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 from PIL import Image
 
 from visguard.errors import InputError, UnsupportedRequestError
-from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode, neutralize
+from visguard.format import (
+    Capabilities,
+    CheckPlan,
+    GuardFormat,
+    GuardPrompt,
+    ParsedOutput,
+    PromptMode,
+    neutralize,
+    verdict_word,
+)
 from visguard.hookspecs import hookimpl
 from visguard.policy import MIS_CATEGORIES, Policy
 from visguard.types import GuardRequest
@@ -191,9 +201,24 @@ class MirageFormat(GuardFormat):
             message = {"role": "user", "content": [{"type": "image"} for _ in request.images] + [{"type": "text", "text": quoted}]}
         return self._prompt(request, [message], mode)
 
+    def plan(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> CheckPlan:
+        """Fast: score the verdict word. Reason: let MIRage answer, then (unless ``verdict="text"``
+        on a pre-check) score the follow-up verdict question asked after its answer."""
+        specials = tuple(special_tokens)
+        plan = super().plan(request, policy, mode=mode, special_tokens=specials)
+        if mode != "reason" or (request.response is None and self.verdict == "text"):
+            return plan
+        return replace(plan, followup=lambda generated: self.followup(request, policy, generated, special_tokens=specials))
+
     def followup(
         self, request: GuardRequest, policy: Policy, generated: str, *, special_tokens: Iterable[str] = ()
     ) -> GuardPrompt | None:
+        """The verdict question asked after MIRage's answer ``generated``: the generation prompt,
+        the answer as the assistant turn, then the question (``None`` where the answer itself
+        decides: ``verdict="text"`` on a pre-check). Its prefix is the generation's, so prefix
+        caches make it cost the question's tokens."""
         if request.response is None and self.verdict == "text":
             return None
         question = self.question_message(request, special_tokens)
@@ -216,7 +241,20 @@ class MirageFormat(GuardFormat):
         """
         return parse_mirage_answer(text, policy)
 
+    def parse_followup(self, text: str) -> Literal["safe", "unsafe"] | None:
+        """The label of a *generated* answer to the follow-up question (backends without scores):
+        its first word when it is ``Safe`` or ``Unsafe``, else ``None``."""
+        return verdict_word(text, self.verdict_words)
+
     # ------------------------------------------------------------------ training
+    def checkpoint_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments a trained checkpoint's ``visguard.json`` records (none: the defaults)."""
+        return {}
+
+    def reasoning_text(self, rationale: str, perceptions: Iterable[str] = ()) -> str:
+        """Free prose as reasoning text: each description, then the rationale, one per line."""
+        return "\n".join(" ".join(t.split()) for t in (*perceptions, rationale))
+
     def target(
         self,
         request: GuardRequest,

@@ -10,10 +10,10 @@ position; the verdict's score is the highest over the policies and its category 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
-from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
+from visguard.format import Capabilities, CheckPlan, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
 from visguard.hookspecs import hookimpl
 from visguard.policy import Policy
 from visguard.taxonomy import SHIELDGEMMA, category_for, codes_for
@@ -40,21 +40,30 @@ class ShieldGemmaFormat(GuardFormat):
     verdict_prefix = ""
     verdict_words = {"unsafe": ("Yes",), "safe": ("No",)}
 
-    def build_all(
+    def policy_prompts(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
     ) -> list[GuardPrompt]:
+        """One prompt per entry of :func:`policies`, in its order."""
         return [self.image_text_prompt(request, sentence, mode=mode) for _, _, sentence in policies(policy)]
 
     def build(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
     ) -> GuardPrompt:
-        """The first policy's prompt (the guard uses :meth:`build_all`)."""
-        return self.build_all(request, policy, mode=mode, special_tokens=special_tokens)[0]
+        """The first policy's prompt (a check runs every policy's: :meth:`plan`)."""
+        return self.policy_prompts(request, policy, mode=mode, special_tokens=special_tokens)[0]
 
-    def combine(self, scores: list[float], policy: Policy) -> tuple[float, str | None]:
+    def combine(self, scores: Sequence[float], policy: Policy) -> tuple[float, str | None]:
+        """The highest score of :meth:`policy_prompts`' prompts and the category of its policy."""
         entries = policies(policy)
         best = max(range(len(scores)), key=scores.__getitem__)
         return scores[best], entries[best][1]
+
+    def plan(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> CheckPlan:
+        """Score one Yes/No question per policy; the verdict is the most certain one's."""
+        prompts = self.policy_prompts(request, policy, mode=mode, special_tokens=special_tokens)
+        return CheckPlan(request, tuple(prompts), combine=lambda scores: self.combine(scores, policy))
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
         word = text.strip().split(None, 1)[0].strip(".,:;!").lower() if text.strip() else ""

@@ -20,6 +20,9 @@ padding, and serialises model calls with a lock so one instance is safe to share
   into the same store, so a reason-mode follow-up verdict prompt (generation prompt + answer +
   question, e.g. ``mirage``) computes only what follows the answer. Reuse is token-exact: where the
   follow-up's own tokenisation of the answer parts from the generated ids, it continues from there.
+- Each batch is rendered and encoded once; a prompt whose encoding (images expanded) is longer than
+  the model's ``max_position_embeddings`` is refused with
+  :class:`~visguard.errors.PromptTooLongError` (its index and why) before the model runs.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from visguard.backend import Backend, BackendDiagnostics, Generation
-from visguard.errors import BackendError
+from visguard.errors import BackendError, PromptTooLongError
 from visguard.format import GuardPrompt
-from visguard.hf import HFPromptCodec, KVCacheStore, load_image_text_model
+from visguard.hf import HFPromptCodec, KVCacheStore, load_image_text_model, too_long_reason
 from visguard.hookspecs import hookimpl
 
 
@@ -152,9 +155,6 @@ class TransformersBackend(Backend):
                 return n
         return None
 
-    def prompt_too_long(self, prompt: GuardPrompt) -> str | None:
-        return self.codec.too_long(prompt, self.max_prompt_tokens)
-
     # ------------------------------------------------------------------ rendering
     def render(self, prompt: GuardPrompt) -> str:
         """The exact prompt string the model sees (chat template + assistant prefix)."""
@@ -162,16 +162,42 @@ class TransformersBackend(Backend):
 
     def encode(self, prompts: Sequence[GuardPrompt]) -> Any:
         """Processor outputs for a batch of prompts with the same number of images, on the model's device."""
-        texts = [self.render(p) for p in prompts]
+        return self._to_device(self._processor_inputs(prompts, [self.render(p) for p in prompts]))
+
+    def _processor_inputs(self, prompts: Sequence[GuardPrompt], texts: list[str], padding_side: str | None = None
+                          ) -> dict[str, Any]:
+        """The processor's outputs (on the CPU) for rendered ``texts`` of prompts with the same number of images."""
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        if padding_side is not None:
+            kwargs["padding_side"] = padding_side
         if prompts[0].images:
             kwargs["images"] = [list(p.images) for p in prompts]
-        inputs = self.processor(**kwargs)
-        dtype = self.model.dtype
-        return {
-            k: (v.to(self.device, dtype=dtype) if v.is_floating_point() else v.to(self.device)) if hasattr(v, "to") else v
-            for k, v in inputs.items()
-        }
+        return dict(self.processor(**kwargs))
+
+    def _prepare(self, prompts: Sequence[GuardPrompt], padding_side: str | None = None
+                 ) -> list[tuple[list[int], list[str], dict[str, Any]]]:
+        """Render and encode ``prompts`` once, group by group: ``[(indices, texts, processor outputs)]``.
+
+        Each prompt's length is read from its own encoding (images expanded, as the model sees
+        it), so nothing is rendered or tokenized again to check it. Caller holds the lock.
+
+        Raises:
+            PromptTooLongError: prompts longer than the model's context, before any model call.
+        """
+        limit = self.max_prompt_tokens
+        prepared, too_long = [], {}
+        for group in self._groups(prompts):
+            batch = [prompts[i] for i in group]
+            texts = [self.render(p) for p in batch]
+            inputs = self._processor_inputs(batch, texts, padding_side)
+            if limit is not None:
+                mask = inputs.get("attention_mask")
+                lengths = mask.sum(dim=1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(batch)
+                too_long.update({i: too_long_reason(int(n), limit) for i, n in zip(group, lengths, strict=True) if n > limit})
+            prepared.append((group, texts, inputs))
+        if too_long:
+            raise PromptTooLongError(too_long)
+        return prepared
 
     # ------------------------------------------------------------------ running
     def _groups(self, prompts: Sequence[GuardPrompt]) -> list[list[int]]:
@@ -187,15 +213,16 @@ class TransformersBackend(Backend):
         import torch
 
         out: list[float] = [0.0] * len(prompts)
-        for group in self._groups(prompts):
+        with self._lock:  # the processor's tokenizer is not safe to share between threads
+            prepared = self._prepare(prompts, padding_side="right" if self.kv_cache is not None else None)
+        for group, texts, inputs in prepared:
             batch = [prompts[i] for i in group]
             safe_ids, unsafe_ids = self.codec.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
             with self._lock, torch.inference_mode():
                 if self.kv_cache is not None:
-                    logits = self._cached_logits(batch)
+                    logits = self._cached_logits(batch, texts, inputs)
                 else:
-                    inputs = self.encode(batch)
-                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :].float()
+                    logits = self.model(**self._to_device(inputs), logits_to_keep=1).logits[:, -1, :].float()
             probs = _unsafe_probability(logits, safe_ids, unsafe_ids)
             for i, p in zip(group, probs.tolist(), strict=True):
                 out[i] = p
@@ -280,15 +307,11 @@ class TransformersBackend(Backend):
         return float(_unsafe_probability(logits, safe_ids, unsafe_ids)[0])
 
     # ------------------------------------------------------------------ prefix caching
-    def _cached_logits(self, batch: list[GuardPrompt]) -> Any:
-        """Last-position logits of ``batch``, computing only what no cache holds (caller holds the lock)."""
+    def _cached_logits(self, batch: list[GuardPrompt], texts: list[str], inputs: dict[str, Any]) -> Any:
+        """Last-position logits of ``batch`` (rendered ``texts``, right-padded processor ``inputs``),
+        computing only what no cache holds (caller holds the lock)."""
         import torch
 
-        texts = [self.render(p) for p in batch]
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": "right"}
-        if batch[0].images:
-            kwargs["images"] = [list(p.images) for p in batch]
-        inputs = dict(self.processor(**kwargs))
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         rows, width = ids.shape
         lengths = mask.sum(dim=1)
@@ -499,11 +522,13 @@ class TransformersBackend(Backend):
 
         out: list[Generation | None] = [None] * len(prompts)
         stop_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
-        for group in self._groups(prompts):
+        with self._lock:
+            prepared = self._prepare(prompts)
+        for group, _, cpu_inputs in prepared:
             batch = [prompts[i] for i in group]
             safe_ids, unsafe_ids = self.codec.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
             with self._lock, torch.inference_mode():
-                inputs = self.encode(batch)
+                inputs = self._to_device(cpu_inputs)
                 result = self.model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,

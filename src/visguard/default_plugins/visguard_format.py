@@ -90,6 +90,8 @@ class VisguardFormat(GuardFormat):
         self.shares_prefix = version >= 2
 
     def checkpoint_kwargs(self) -> dict[str, int]:
+        """Keyword arguments that rebuild this format exactly (its prompt layout version), for a
+        trained checkpoint's ``visguard.json``: the guard is later prompted with the layout it learned."""
         return {"version": self.version}
 
     def build(
@@ -218,6 +220,8 @@ class VisguardFormat(GuardFormat):
         sub_category: str | None = None,
         reasoning: str | None = None,
     ) -> str:
+        """The assistant text a perfect guard writes (``visguard train``'s target): in reason mode the
+        reasoning, then the ``Verdict:`` and ``Category:`` lines; in fast mode those lines alone."""
         if label not in ("safe", "unsafe"):
             raise ValueError(f"label must be 'safe' or 'unsafe', got {label!r}")
         if label == "unsafe" and category:

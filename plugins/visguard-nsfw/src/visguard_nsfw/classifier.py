@@ -25,7 +25,7 @@ from visguard import (
     Policy,
 )
 from visguard.errors import UnsupportedRequestError
-from visguard.format import PromptMode
+from visguard.format import CheckPlan, PromptMode
 from visguard.taxonomy import category_for, codes_for, refuse_custom
 from visguard.types import GuardRequest
 
@@ -127,8 +127,13 @@ class OpenNSFWFormat(GuardFormat):
     ) -> GuardPrompt:
         return GuardPrompt(messages=[], images=[img.image for img in request.images], mode=mode)
 
-    def combine(self, scores: list[float], policy: Policy) -> tuple[float, str | None]:
-        return scores[0], category_for("sexual", "shieldgemma", policy)
+    def plan(
+        self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
+    ) -> CheckPlan:
+        """Score the one image; an unsafe verdict names the policy's sexual-content category."""
+        prompt = self.build(request, policy, mode=mode, special_tokens=special_tokens)
+        category = category_for("sexual", "shieldgemma", policy)
+        return CheckPlan(request, (prompt,), combine=lambda scores: (scores[0], category))
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
         return ParsedOutput(label=None, error="open_nsfw generates no text to parse")

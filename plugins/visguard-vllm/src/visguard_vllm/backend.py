@@ -18,7 +18,8 @@
   CPUs by default; pass ``block_size=`` to change it). :attr:`VLLMBackend.stats` counts the cached
   prompt tokens.
 - A prompt the engine cannot take (``max_model_len`` tokens or more, images included) is refused
-  by :meth:`VLLMBackend.prompt_too_long` before batching, as ``InputTooLongError``.
+  with :class:`~visguard.errors.PromptTooLongError` (its index and why) before the batch reaches
+  the engine; each prompt is rendered once, and that text is both counted and sent.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from visguard.backend import Backend, Generation
-from visguard.errors import BackendError
+from visguard.errors import BackendError, PromptTooLongError
 from visguard.format import GuardPrompt
-from visguard.hf import HFPromptCodec
+from visguard.hf import HFPromptCodec, too_long_reason
 
 
 class VLLMBackend(Backend):
@@ -128,33 +129,45 @@ class VLLMBackend(Backend):
         n = getattr(config, "max_model_len", None)
         return n if isinstance(n, int) and n > 0 else None
 
-    def prompt_too_long(self, prompt: GuardPrompt) -> str | None:
-        """vLLM refuses a prompt of ``max_model_len`` tokens or more (no room for one answer token);
-        counted the way the transformers backend counts: rendered text plus the processor's image tokens."""
-        limit = self.max_model_len
-        if limit is None:
-            return None
-        return self.codec.too_long(prompt, limit - 1, why=f" (the vLLM engine's max_model_len {limit}, less one answer token)")
-
     # ------------------------------------------------------------------ running
-    def _inputs(self, prompt: GuardPrompt) -> dict[str, Any]:
+    def _inputs(self, prompt: GuardPrompt, rendered: str) -> dict[str, Any]:
         if len(prompt.images) > self.max_images:
             raise BackendError(
                 f"{len(prompt.images)} images in one check, the engine was started with at most "
                 f"{self.max_images} (max_images= / limit_mm_per_prompt)"
             )
-        item: dict[str, Any] = {"prompt": self.codec.render(prompt)}
+        item: dict[str, Any] = {"prompt": rendered}
         if prompt.images:
             item["multi_modal_data"] = {"image": list(prompt.images)}
         return item
+
+    def _rendered(self, prompts: Sequence[GuardPrompt]) -> list[str]:
+        """Each prompt rendered once; those the engine cannot take are refused before it sees any.
+
+        vLLM refuses a prompt of ``max_model_len`` tokens or more (no room for one answer token);
+        counted the way the transformers backend counts: the rendered text's tokens plus the
+        processor's image tokens.
+
+        Raises:
+            PromptTooLongError: the indices of the prompts that do not fit, and why.
+        """
+        texts = [self.codec.render(p) for p in prompts]
+        limit = self.max_model_len
+        if limit is not None:
+            why = f" (the vLLM engine's max_model_len {limit}, less one answer token)"
+            counts = [self.codec.prompt_tokens(p, rendered=t) for p, t in zip(prompts, texts, strict=True)]
+            too_long = {i: too_long_reason(n, limit - 1, why) for i, n in enumerate(counts) if n > limit - 1}
+            if too_long:
+                raise PromptTooLongError(too_long)
+        return texts
 
     def _run(self, prompts: Sequence[GuardPrompt], *, max_tokens: int) -> list[tuple[Any, list[int], list[int]]]:
         from vllm import SamplingParams
 
         inputs, params, ids = [], [], []
-        for p in prompts:
+        for p, rendered in zip(prompts, self._rendered(prompts), strict=True):
             safe_ids, unsafe_ids = self.codec.verdict_token_ids(p.verdict_prefix, p.verdict_words)
-            inputs.append(self._inputs(p))
+            inputs.append(self._inputs(p, rendered))
             params.append(
                 SamplingParams(
                     max_tokens=max_tokens,
