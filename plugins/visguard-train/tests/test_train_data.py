@@ -129,6 +129,30 @@ def test_cli_reports_user_errors_without_traceback(runner, tmp_path, layouts):
     assert res.exit_code == 2 and "no record has an assistant answer" in res.output
 
 
+def test_only_formats_with_the_training_hooks_can_be_trained(runner, tmp_path, layouts):
+    from visguard_train.trainable import FollowupTrainableFormat, TrainableFormat, trainable_format
+
+    from visguard.default_plugins.llavaguard_format import LlavaGuardFormat
+    from visguard.default_plugins.mirage_format import MirageFormat
+    from visguard.errors import InputError
+
+    visguard, mirage, llavaguard = VisguardFormat(), MirageFormat(), LlavaGuardFormat()
+    assert isinstance(visguard, TrainableFormat) and not isinstance(visguard, FollowupTrainableFormat)
+    assert isinstance(mirage, FollowupTrainableFormat) and not isinstance(llavaguard, TrainableFormat)
+    assert trainable_format(visguard, "guard") is visguard and trainable_format(mirage, "mirage") is mirage
+    assert trainable_format(llavaguard, "response") is llavaguard  # trains answers, not the format
+    with pytest.raises(InputError, match="guard format 'llavaguard' cannot be trained .*lacks target, "
+                                         "reasoning_text, checkpoint_kwargs"):
+        trainable_format(llavaguard, "guard")
+    with pytest.raises(InputError, match="'visguard' cannot be trained \\(objective 'mirage'\\).*lacks followup, followup_target"):
+        trainable_format(visguard, "mirage")
+    # visguard train refuses it by name, before any data or model is loaded (the base model does not exist)
+    res = runner.invoke(cli, ["train", "--data", str(layouts["jsonl"]), "--base", "no/such-model", "-o",
+                              str(tmp_path / "o"), "--guard-format", "llavaguard"])
+    assert res.exit_code == 2 and "guard format 'llavaguard' cannot be trained" in res.output, res.output
+    assert "Traceback" not in res.output
+
+
 def test_help_lists_the_main_flags(runner):
     res = runner.invoke(cli, ["train", "--help"])
     assert res.exit_code == 0

@@ -41,7 +41,8 @@ class TrainConfig(BaseModel):
             record's own answer and its fast verdict question, so the model runs as a guard through
             the ``mirage`` format).
         guard_modes: guard prompts to train; ``reason`` is used only for records that carry reasoning.
-        guard_format: the guard format whose prompts and targets are trained (must define ``target``);
+        guard_format: the guard format whose prompts and targets are trained (a
+            :class:`~visguard_train.trainable.TrainableFormat`, checked before anything is loaded);
             default ``mirage`` for the ``mirage`` objective, else ``visguard``.
         preset: name of a hyper-parameter preset (see :data:`PRESETS`).
         epochs / lr / batch_size: optimisation; ``batch_size`` is the *global* batch per optimiser

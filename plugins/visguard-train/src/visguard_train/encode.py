@@ -15,11 +15,12 @@ from typing import Any, Literal
 from PIL import Image
 
 from visguard.datasets import reasoning_of
-from visguard.format import GuardFormat, GuardPrompt
+from visguard.format import GuardPrompt
 from visguard.policy import Policy
 from visguard.types import GuardRequest
 from visguard_train.config import GuardMode, Objective
 from visguard_train.data import DatasetError, TrainRecord
+from visguard_train.trainable import FollowupTrainableFormat, TrainableFormat
 
 IGNORE_INDEX = -100
 _SENTINEL = "\u2063VISGUARD-TRAIN-SENTINEL\u2063"
@@ -93,11 +94,12 @@ class ExampleBuilder:
     Args:
         codec: the :class:`~visguard.hf.HFPromptCodec` of the processor being trained (renders the
             chat template and knows the control tokens to neutralise in user text).
-        guard_format: the guard format whose ``build`` / ``target`` define prompts and targets.
+        guard_format: the guard format whose ``build`` / ``target`` define prompts and targets (a
+            :class:`~visguard_train.trainable.TrainableFormat`).
         policy: the policy written into guard prompts (the guard's inference default: ``Policy()``).
     """
 
-    def __init__(self, codec: Any, guard_format: GuardFormat, policy: Policy | None = None) -> None:
+    def __init__(self, codec: Any, guard_format: TrainableFormat, policy: Policy | None = None) -> None:
         self.codec = codec
         self.format = guard_format
         self.policy = policy or Policy()
@@ -128,10 +130,12 @@ class ExampleBuilder:
         elif spec.objective == "followup":
             request = GuardRequest.build(list(rec.images), rec.text, limits=self.policy.limits)
             answer = rec.turns[spec.turn][1]
-            prompt = self.format.followup(request, self.policy, answer, special_tokens=self.codec.special_tokens)
-            if prompt is None or rec.label is None or not hasattr(self.format, "followup_target"):
-                raise DatasetError(f"format {self.format.name!r} asks no follow-up verdict question to train")
-            continuation = self.format.followup_target(rec.label)
+            fmt = self.format
+            prompt = (fmt.followup(request, self.policy, answer, special_tokens=self.codec.special_tokens)
+                      if isinstance(fmt, FollowupTrainableFormat) else None)
+            if prompt is None or rec.label is None:
+                raise DatasetError(f"format {fmt.name!r} asks no follow-up verdict question to train")
+            continuation = fmt.followup_target(rec.label)  # type: ignore[attr-defined]
         else:
             request = GuardRequest.build(list(rec.images), "", limits=self.policy.limits)
             prompt = response_prompt(rec, spec.turn, [img.image for img in request.images])

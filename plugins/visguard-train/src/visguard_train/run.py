@@ -112,6 +112,10 @@ def run_training(config: TrainConfig) -> TrainResult:
     from visguard import plugins
 
     method = plugins.get("trainers", config.trainer)(config=config)
+    from visguard_train.trainable import trainable_format
+
+    # before any data or model is loaded: a format without the training hooks is refused by name
+    fmt = trainable_format(plugins.get("formats", config.guard_format)(), config.objective)
     records = load_records(config.data, config.data_format, limit=config.limit)
     eval_records = load_records(config.eval_data, None) if config.eval_data else []
     from visguard_train.encode import example_specs
@@ -124,13 +128,14 @@ def run_training(config: TrainConfig) -> TrainResult:
     if config.cpu_threads:
         torch.set_num_threads(config.cpu_threads)
     try:
-        return _train(config, method, records, eval_records, specs)
+        return _train(config, method, fmt, records, eval_records, specs)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(
-    config: TrainConfig, method: Any, records: list[TrainRecord], eval_records: list[TrainRecord], specs: list[Any]
+    config: TrainConfig, method: Any, fmt: Any, records: list[TrainRecord], eval_records: list[TrainRecord],
+    specs: list[Any],
 ) -> TrainResult:
     import torch
     import transformers
@@ -158,7 +163,6 @@ def _train(
 
     resume_from = _resume_point(config, output, ckpt_dir)
 
-    fmt = plugins.get("formats", config.guard_format)()
     transformers.set_seed(config.seed)
     try:
         processor = AutoProcessor.from_pretrained(config.base)
@@ -238,7 +242,8 @@ def _train(
     seconds = time.perf_counter() - start
     method.save(trainer, processor, output)
     if trainer.is_world_process_zero():  # the prompt layout this guard learned: loaders must use exactly it
-        record = {"format": fmt.name, "format_kwargs": fmt.checkpoint_kwargs()}
+        kwargs = fmt.checkpoint_kwargs() if callable(getattr(fmt, "checkpoint_kwargs", None)) else {}
+        record = {"format": fmt.name, "format_kwargs": kwargs}
         for directory in (output, output / "adapter"):
             if directory.is_dir():
                 (directory / plugins.MODEL_FORMAT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
