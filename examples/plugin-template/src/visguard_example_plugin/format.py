@@ -17,9 +17,11 @@ class OneWordFormat(GuardFormat):
     Fast mode ends the prompt with ``Rating:`` so the backend scores the next token; reason mode
     lets the guard write a short reason first and reads the first ``Rating:`` line it generated
     (text after it, such as an echo of the request, never decides).
-    The guard calls :meth:`GuardFormat.check_request` before :meth:`build`, so a request outside
-    :attr:`capabilities` never gets here. It names no categories, so it cannot be trained by
-    ``visguard train`` (no :meth:`GuardFormat.target`).
+    The guard calls :meth:`GuardFormat.check_request` before it plans a check (the default
+    :meth:`GuardFormat.plan`: one prompt from :meth:`build`, scored in fast mode, generated and read
+    by :meth:`parse` in reason mode), so a request outside :attr:`capabilities` never gets here. It
+    names no categories and has no training hooks (``target``, ...: the training plugin's
+    ``TrainableFormat``), so ``visguard train`` refuses it by name.
     """
 
     name = "oneword"
