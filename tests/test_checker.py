@@ -218,8 +218,9 @@ def test_a_cascade_evaluated_by_visguard_eval(tmp_path):
             {"id": "broken", "text": "[[fault:garbage]] anything", "label": "unsafe", "category": "harm"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
+    # one item per batch: the `faulty` backend's fault marker fails the whole batch it is in
     result = CliRunner().invoke(cli, ["eval", "-B", "jsonl", "-d", str(data), *_stages("first", "second"),
-                                      "--out", str(out), "--json", "--no-progress", "--no-plots"])
+                                      "--batch-size", "1", "--out", str(out), "--json", "--no-progress", "--no-plots"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["n"] == 3 and summary["model"] == "cascade(first -> second)" and summary["backend"] == "cascade"
