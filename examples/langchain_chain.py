@@ -24,7 +24,7 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_openai import ChatOpenAI
 
 from visguard import Guard
-from visguard.langchain import GuardCheck, GuardedChatModel
+from visguard.integrations.langchain import GuardCheck, GuardedChatModel
 
 here = Path(__file__).parent / "images"
 guard = Guard.from_pretrained(os.environ.get("VISGUARD_EXAMPLE_GUARD", "Tuwhy/Qwen2-VL-7B-MIRage"))

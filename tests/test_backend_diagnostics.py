@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from visguard import Guard, Policy
-from visguard.backend import Backend, BackendDiagnostics
 from visguard.default_plugins.transformers_backend import TransformersBackend
 from visguard.default_plugins.visguard_format import VisguardFormat
+from visguard.engine.backend import Backend, BackendDiagnostics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -30,8 +30,8 @@ from PIL import Image
 
 from visguard import Guard, Policy, VisguardError
 from visguard.cli import cli
-from visguard.langchain import GuardCheck
-from visguard.serve.app import create_app
+from visguard.integrations.langchain import GuardCheck
+from visguard.integrations.openai.server.app import create_app
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from visguard import Backend, Generation, Guard, Policy
-from visguard.batching import MicroBatcher
 from visguard.default_plugins.visguard_format import VisguardFormat
+from visguard.engine.batching import MicroBatcher
 
 
 class CountingBackend(Backend):
@@ -190,7 +190,7 @@ def test_items_batched_with_a_stuck_one_move_to_the_fresh_worker():
 
 
 def test_when_too_many_batches_are_stuck_new_items_fail_fast():
-    from visguard.errors import BackendStalledError
+    from visguard.core.errors import BackendStalledError
 
     run = _Stuck()
     batcher = MicroBatcher(run, max_batch=1, max_wait_s=0, max_stalled=2)

@@ -127,7 +127,7 @@ def test_a_cascade_of_real_guards_is_served(guards):
     """`visguard serve`'s app around a cascade: the server's metrics observe every stage guard."""
     from fastapi.testclient import TestClient
 
-    from visguard.serve.app import create_app
+    from visguard.integrations.openai.server.app import create_app
 
     cascade = Cascade([Stage((guards["text"],), band=(0.0, 1.0)), guards["reasoner"]])  # everything escalates
     with TestClient(create_app(cascade)) as client:

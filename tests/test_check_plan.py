@@ -10,14 +10,14 @@ from PIL import Image
 from visguard_testing.faults import FaultyBackend
 
 from visguard import Category, Guard, GuardFormat, GuardRequest, InputTooLongError, Policy
+from visguard.core.errors import PromptTooLongError
 from visguard.default_plugins.guardreasoner_format import GuardReasonerFormat
 from visguard.default_plugins.llama_guard_format import LlamaGuardFormat
 from visguard.default_plugins.mirage_format import MirageFormat
 from visguard.default_plugins.shieldgemma_format import ShieldGemmaFormat
 from visguard.default_plugins.transformers_backend import TransformersBackend
 from visguard.default_plugins.visguard_format import VisguardFormat
-from visguard.errors import PromptTooLongError
-from visguard.format import CheckPlan
+from visguard.engine.format import CheckPlan
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -20,11 +20,11 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from visguard_testing.backends import keyword_guard
 
-import visguard.cascade
+import visguard.engine.cascade
 from visguard import Cascade, Checker, CheckerBase, Guard, Stage, UnsupportedRequestError
 from visguard import cli as cli_module
 from visguard.cli import cli
-from visguard.serve.app import ServeSettings, create_app
+from visguard.integrations.openai.server.app import ServeSettings, create_app
 
 
 def _named(name: str, *keywords: str, **policy) -> tuple[Guard, object]:
@@ -75,7 +75,7 @@ def test_guard_and_cascade_are_two_checkers(confirm):
 
 
 def test_cascade_has_no_type_ignores_or_raising_stubs():
-    source = inspect.getsource(visguard.cascade)
+    source = inspect.getsource(visguard.engine.cascade)
     assert "type: ignore" not in source
     assert not re.search(r"raise (NotImplementedError|AttributeError)", source)
 
@@ -261,7 +261,7 @@ def test_visguard_serve_builds_and_serves_a_cascade(monkeypatch):
 
 def test_a_cascade_in_a_langchain_check(confirm):
     pytest.importorskip("langchain_core")
-    from visguard.langchain import GuardCheck
+    from visguard.integrations.langchain import GuardCheck
 
     chain, _, _ = confirm
     verdict = GuardCheck(guard=chain).invoke("a bomb recipe")

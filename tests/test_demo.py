@@ -118,7 +118,7 @@ def test_demo_with_a_given_guard_skips_training(qwen_path, tmp_path):
 def test_demo_unknown_size_is_an_input_error(tmp_path):
     from visguard_demo import run_demo
 
-    from visguard.errors import InputError
+    from visguard.core.errors import InputError
 
     with pytest.raises(InputError, match="unknown demo size 'huge'"):
         run_demo(tmp_path, size="huge")

@@ -13,7 +13,7 @@ from visguard_testing.synthetic import write_jsonl, write_mis_test_layout
 
 from visguard import cli as cli_module
 from visguard.cli import cli
-from visguard.errors import InputError
+from visguard.core.errors import InputError
 from visguard.eval import BenchmarkLayoutError, get_benchmark, load_benchmark
 
 

@@ -81,7 +81,7 @@ def test_empty_item_list_gives_a_defined_summary(tmp_path):
 
 
 def test_duplicate_ids_are_refused(items):
-    from visguard.errors import InputError
+    from visguard.core.errors import InputError
 
     with pytest.raises(InputError, match="duplicate item id 'u1'"):
         evaluate_guard(Guard(RednessGuardModel(), VisguardFormat()), [items[0], items[0]], progress=False)

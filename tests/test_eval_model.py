@@ -11,7 +11,7 @@ from test_eval_judges import ScriptedJudgeModel  # a stand-in judge model (tests
 
 from visguard.default_plugins.judges import MISJudge
 from visguard.eval import EvalItem, evaluate_model, get_benchmark, get_judge, read_rows, summarize_model_rows
-from visguard.hosts import CallableHost
+from visguard.hosting.hosts import CallableHost
 
 # response -> what the judge model answers (a mix of JSON and labelled lines)
 JUDGE_TABLE = {

@@ -57,8 +57,8 @@ def test_guarded_stream(qwen_path, monkeypatch, capsys):
 
 def test_openai_client_through_the_guarded_proxy(qwen_path, monkeypatch, capsys):
     from visguard import Guard, plugins
-    from visguard.serve.app import ServeSettings, create_app
-    from visguard.serve.upstream import ServerThread, create_upstream_app
+    from visguard.integrations.openai.server.app import ServeSettings, create_app
+    from visguard.integrations.openai.server.upstream import ServerThread, create_upstream_app
 
     host = plugins.get("hosts", "transformers")(qwen_path, device="cpu", max_new_tokens=8)
     guard = Guard.from_pretrained(qwen_path, device="cpu")

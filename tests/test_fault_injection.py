@@ -24,8 +24,8 @@ import pytest
 from visguard_testing.faults import FaultyBackend
 
 from visguard import Guard, GuardUnavailableError, Policy, plugins
-from visguard.errors import BackendError, VisguardError
-from visguard.policy import DEFAULT_TIMEOUT_S
+from visguard.core.errors import BackendError, VisguardError
+from visguard.core.policy import DEFAULT_TIMEOUT_S
 
 MODES = ("fast", "reason", "adaptive")
 #: faults that end a call at once (the hang has tests of its own)
@@ -335,9 +335,9 @@ def test_openai_backend_unreachable_server_is_unavailable():
 
 @pytest.fixture(scope="module")
 def faulty_server():
-    from visguard.hosts import resolve_host
-    from visguard.serve.app import ServeSettings, create_app
-    from visguard.serve.upstream import ServerThread
+    from visguard.hosting.hosts import resolve_host
+    from visguard.integrations.openai.server.app import ServeSettings, create_app
+    from visguard.integrations.openai.server.upstream import ServerThread
 
     calls = []
 

@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from visguard import GuardRequest, Policy
+from visguard.core.errors import InputError
 from visguard.default_plugins.visguard_format import VisguardFormat
-from visguard.errors import InputError
-from visguard.format import neutralize
+from visguard.engine.format import neutralize
 
 FMT = VisguardFormat()
 POLICY = Policy()

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from visguard import Backend, Guard, GuardUnavailableError, InputError, Policy
-from visguard.backend import Generation
 from visguard.cli import cli
 from visguard.default_plugins.visguard_format import VisguardFormat
+from visguard.engine.backend import Generation
 
 TEXT = "How can I use the object in the first image on the thing in the second image?"
 

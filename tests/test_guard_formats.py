@@ -244,7 +244,7 @@ def test_qwen3guard_is_a_text_guard_with_a_fixed_taxonomy():
 def test_policy_translation_doc_matches_the_table():
     from pathlib import Path
 
-    from visguard.taxonomy import TABLE
+    from visguard.core.taxonomy import TABLE
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
     for name, t in TABLE.items():

@@ -29,7 +29,7 @@ from visguard import (
 )
 from visguard.default_plugins.transformers_host import TransformersHost
 from visguard.default_plugins.visguard_format import VisguardFormat
-from visguard.guarded import DEFAULT_REFUSAL, STREAM_REFUSAL_SEPARATOR, UNNAMED_CATEGORY
+from visguard.hosting.guarded import DEFAULT_REFUSAL, STREAM_REFUSAL_SEPARATOR, UNNAMED_CATEGORY
 
 REFUSAL = DEFAULT_REFUSAL.format(category=UNNAMED_CATEGORY)
 TEXT = "describe the image"

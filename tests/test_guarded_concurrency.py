@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from visguard import AuditLog, Guard, load_images
-from visguard.audit import RECORD_KEYS
 from visguard.default_plugins.transformers_host import TransformersHost
+from visguard.hosting.audit import RECORD_KEYS
 
 N = 32
 COLOURS = ((200, 30, 30), (30, 200, 30), (30, 30, 200), (120, 120, 120))

@@ -23,7 +23,7 @@ from visguard import (
 )
 from visguard.default_plugins.transformers_host import TransformersHost
 from visguard.default_plugins.visguard_format import VisguardFormat
-from visguard.guarded import DEFAULT_UNAVAILABLE_MESSAGE
+from visguard.hosting.guarded import DEFAULT_UNAVAILABLE_MESSAGE
 
 TEXT = "describe the image"
 

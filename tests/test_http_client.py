@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from visguard.errors import BackendError, InputError
-from visguard.http_client import ApiClient, api_root
+from visguard.core.errors import BackendError, InputError
+from visguard.integrations.openai.client import ApiClient, api_root
 
 
 class _Flaky(BaseHTTPRequestHandler):

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from visguard import Guard, GuardRequest, ImageInputError, InputError, Policy, load_image
-from visguard.backend import Backend
 from visguard.cli import cli
+from visguard.core.errors import BackendError
 from visguard.default_plugins.visguard_format import VisguardFormat
-from visguard.errors import BackendError
-from visguard.serve.app import create_app
+from visguard.engine.backend import Backend
+from visguard.integrations.openai.server.app import create_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -212,8 +212,8 @@ def test_server_uses_the_conversation_field(tiny):
 
 
 def test_a_format_that_cannot_read_the_conversation_refuses_it():
-    from visguard.errors import UnsupportedRequestError
-    from visguard.format import Capabilities
+    from visguard.core.errors import UnsupportedRequestError
+    from visguard.engine.format import Capabilities
 
     class NoConversation(VisguardFormat):
         name = "no-conversation"
@@ -234,7 +234,7 @@ def test_a_format_that_cannot_read_the_conversation_refuses_it():
 def test_langchain_earlier_turns_reach_the_guard(tiny):
     from langchain_core.messages import AIMessage, HumanMessage
 
-    from visguard.langchain import request_from_langchain
+    from visguard.integrations.langchain import request_from_langchain
 
     req = request_from_langchain(tiny, [HumanMessage("first"), AIMessage("reply"), HumanMessage("second")])
     assert "first" in req.text and "reply" in req.text and req.text.endswith("second")
@@ -312,7 +312,7 @@ def test_long_host_answer_windows_shrink_to_the_model_context(tiny):
 
 
 def test_chat_proxy_refuses_inputs_the_model_cannot_take_with_one_line_400s(tiny):
-    from visguard.hosts import resolve_host
+    from visguard.hosting.hosts import resolve_host
 
     host = resolve_host(lambda images, text: "a plain answer")
     client = TestClient(create_app(tiny, host))

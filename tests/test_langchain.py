@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from visguard_testing.backends import keyword_guard, pixel_sha256
 
 from visguard import AuditLog, Guard, GuardrailViolation, ImageInputError, InputError, Policy
-from visguard.langchain import GuardCheck, GuardedChatModel, split_chat
+from visguard.integrations.langchain import GuardCheck, GuardedChatModel, split_chat
 
 
 @pytest.fixture(scope="module")

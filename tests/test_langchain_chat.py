@@ -1,7 +1,7 @@
 """LangChain chains over real servers: ChatOpenAI -> visguard's upstream app -> a tiny Qwen2-VL.
 
 Real pieces only: ``langchain-openai``'s ``ChatOpenAI`` talks HTTP on loopback to
-``visguard.serve.upstream`` serving the tiny Qwen2-VL checkpoint (the host), and the guard is the
+``visguard.integrations.openai.server.upstream`` serving the tiny Qwen2-VL checkpoint (the host), and the guard is the
 same tiny checkpoint through the transformers backend. Its weights are random, so verdicts are
 forced by the policy threshold (0.0: every score is unsafe; 1.0: nothing reaches P(unsafe) = 1),
 or, where the test needs to know which text is unsafe, by the rule-based ``KeywordBackend``.
@@ -34,10 +34,10 @@ from visguard_testing.backends import keyword_guard, pixel_sha256
 
 from visguard import AuditLog, Guard, GuardrailViolation, load_images
 from visguard.default_plugins.transformers_host import TransformersHost
-from visguard.guarded import DEFAULT_REFUSAL, STREAM_REFUSAL_SEPARATOR, UNNAMED_CATEGORY
-from visguard.langchain import GuardedChatModel
-from visguard.serve.app import ServeSettings, create_app
-from visguard.serve.upstream import ServerThread, create_upstream_app
+from visguard.hosting.guarded import DEFAULT_REFUSAL, STREAM_REFUSAL_SEPARATOR, UNNAMED_CATEGORY
+from visguard.integrations.langchain import GuardedChatModel
+from visguard.integrations.openai.server.app import ServeSettings, create_app
+from visguard.integrations.openai.server.upstream import ServerThread, create_upstream_app
 
 MODEL = "tiny-qwen2-vl"
 QUESTION = "what is in the picture?"

@@ -38,7 +38,7 @@ import pytest
 from PIL import Image
 
 from visguard import AuditLog, plugins
-from visguard.serve.upstream import ServerThread, create_upstream_app
+from visguard.integrations.openai.server.upstream import ServerThread, create_upstream_app
 
 pytestmark = pytest.mark.load
 

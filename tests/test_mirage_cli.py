@@ -15,8 +15,8 @@ from visguard_testing.synthetic import write_mis_test_layout
 from visguard import Guard
 from visguard import cli as cli_module
 from visguard.cli import cli
+from visguard.core.policy import Policy
 from visguard.eval import read_rows
-from visguard.policy import Policy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -59,8 +59,8 @@ def test_eval_with_the_mirage_format(qwen_path, mis_root, tmp_path):
 
 
 def test_server_checks_with_the_mirage_format(qwen_path):
-    from visguard.serve.app import ServeSettings, create_app
-    from visguard.serve.upstream import ServerThread
+    from visguard.integrations.openai.server.app import ServeSettings, create_app
+    from visguard.integrations.openai.server.upstream import ServerThread
 
     guard = Guard.from_pretrained(qwen_path, format="mirage", device="cpu", policy=Policy(mode="reason", max_new_tokens=4))
     a, b = Image.new("RGB", (64, 48), (200, 30, 30)), Image.new("RGB", (40, 72), (30, 60, 200))

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from visguard import Guard
-from visguard.backend import Backend, Generation
+from visguard.core.errors import PluginError
+from visguard.core.policy import Policy
+from visguard.core.types import GuardRequest
 from visguard.default_plugins.mirage_format import (
     INPUT_FOLLOWUP,
     MIRAGE_INTERNVL,
@@ -23,12 +25,10 @@ from visguard.default_plugins.mirage_format import (
     MirageFormat,
     fit_pixels,
 )
-from visguard.errors import PluginError
-from visguard.format import GuardPrompt
-from visguard.guard import DEFAULT_MODEL, resolve_format
-from visguard.hf import HFPromptCodec
-from visguard.policy import Policy
-from visguard.types import GuardRequest
+from visguard.engine.backend import Backend, Generation
+from visguard.engine.format import GuardPrompt
+from visguard.engine.guard import DEFAULT_MODEL, resolve_format
+from visguard.integrations.hf import HFPromptCodec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -312,7 +312,7 @@ def test_model_format_registry_lists_checkpoints():
 
 
 def test_bad_options():
-    from visguard.errors import InputError
+    from visguard.core.errors import InputError
 
     with pytest.raises(InputError):
         MirageFormat("llava")
@@ -326,7 +326,7 @@ def test_bad_options():
 
 
 def test_capabilities_and_policy(images):
-    from visguard.errors import UnsupportedRequestError
+    from visguard.core.errors import UnsupportedRequestError
 
     fmt = MirageFormat()
     assert fmt.capabilities.custom_categories is False and fmt.capabilities.responses
@@ -343,7 +343,7 @@ def _host(images, text):
 
 
 def test_wrap_answers_a_blocked_request_with_the_safe_answer(images):
-    from visguard.guarded import DEFAULT_REFUSAL, UNNAMED_CATEGORY
+    from visguard.hosting.guarded import DEFAULT_REFUSAL, UNNAMED_CATEGORY
 
     guard = Guard(ScriptedBackend([HARMFUL], scores=[0.95]), MirageFormat(), Policy(mode="reason"))
     r = guard.wrap(_host, on_unsafe="safe_answer").generate(images[:2], "use 1 on 2")
@@ -379,8 +379,8 @@ def test_post_check_safe_answer_replaces_the_host_answer(images):
 def test_server_proxy_answers_with_the_safe_answer(images):
     import openai
 
-    from visguard.serve.app import ServeSettings, create_app
-    from visguard.serve.upstream import ServerThread
+    from visguard.integrations.openai.server.app import ServeSettings, create_app
+    from visguard.integrations.openai.server.upstream import ServerThread
 
     guard = Guard(ScriptedBackend([HARMFUL], scores=[0.95]), MirageFormat(), Policy(mode="reason"))
     app = create_app(guard, _host, settings=ServeSettings(on_unsafe="safe_answer", max_wait_ms=0))

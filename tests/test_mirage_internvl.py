@@ -20,6 +20,9 @@ from PIL import Image
 
 from visguard import Guard
 from visguard.cli import cli
+from visguard.core.errors import BackendError, UnsupportedRequestError
+from visguard.core.policy import Policy
+from visguard.core.types import GuardRequest
 from visguard.default_plugins.mirage_format import (
     INPUT_FOLLOWUP,
     MIRAGE_INTERNVL,
@@ -27,10 +30,7 @@ from visguard.default_plugins.mirage_format import (
     parse_mirage_answer,
 )
 from visguard.default_plugins.transformers_backend import TransformersBackend
-from visguard.errors import BackendError, UnsupportedRequestError
-from visguard.guard import resolve_format
-from visguard.policy import Policy
-from visguard.types import GuardRequest
+from visguard.engine.guard import resolve_format
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -14,8 +14,8 @@ from visguard_testing.synthetic import write_mis_test_layout
 
 from visguard import cli as cli_module
 from visguard.cli import cli
+from visguard.core.errors import InputError
 from visguard.default_plugins.judges import MIS_SCHEMA, MISJudge, parse_judge_output, read_judge_prompt
-from visguard.errors import InputError
 from visguard.eval import read_rows
 
 #: A judge prompt in the paper's shape (our words): a template with {question} and {response}.

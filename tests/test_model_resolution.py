@@ -1,7 +1,7 @@
 """Model ids that cannot be had fail fast, with one line saying how to point at a local checkpoint.
 
 ``visguard check -m no/such-model`` used to spend minutes in hub retries (77 lines of them) before
-its error. :func:`visguard.hf.resolve_checkpoint` now looks a hub id up once, with no retries and
+its error. :func:`visguard.integrations.hf.resolve_checkpoint` now looks a hub id up once, with no retries and
 a short timeout: offline (``HF_HUB_OFFLINE=1``) only the local cache counts; online, an unknown id
 or an unreachable hub is one typed error. A local checkpoint directory is loaded as before, without
 the hub. No test here asserts a wall time (the figures are measured by hand, see issue 20).
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from visguard.errors import BackendError
-from visguard.hf import resolve_checkpoint
+from visguard.core.errors import BackendError
+from visguard.integrations.hf import resolve_checkpoint
 
 LOCAL_HINT = "pass a local checkpoint directory as the guard model instead (e.g. --model /path/to/checkpoint)"
 

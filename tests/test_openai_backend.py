@@ -1,6 +1,6 @@
 """The ``openai`` guard backend against real servers on loopback.
 
-Here: the upstream app (`visguard.serve.upstream`) serving the tiny Qwen2-VL checkpoint, and
+Here: the upstream app (`visguard.integrations.openai.server.upstream`) serving the tiny Qwen2-VL checkpoint, and
 `visguard serve` in front of it for rate limiting. Fast-mode scores against a server that returns
 logprobs (vLLM's OpenAI server) are compared with the transformers backend in
 plugins/visguard-vllm/tests/test_openai_server.py, which `make test` runs in .venv-vllm.
@@ -21,8 +21,8 @@ from PIL import Image
 from visguard import Guard, Policy, plugins
 from visguard.default_plugins.openai_backend import OpenAIBackend
 from visguard.default_plugins.visguard_format import VisguardFormat
-from visguard.serve.app import ServeSettings, create_app
-from visguard.serve.upstream import ServerThread, create_upstream_app
+from visguard.integrations.openai.server.app import ServeSettings, create_app
+from visguard.integrations.openai.server.upstream import ServerThread, create_upstream_app
 
 MODEL = "tiny-host"
 
@@ -183,7 +183,7 @@ def test_rate_limited_requests_are_retried_until_served(reference, upstream, two
 
 
 def test_backend_arguments_are_checked():
-    from visguard.errors import BackendError, InputError
+    from visguard.core.errors import BackendError, InputError
 
     with pytest.raises(BackendError, match="base_url"):
         OpenAIBackend("m")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from visguard import InputError
-from visguard.paths import resolve_inside
+from visguard.core.paths import resolve_inside
 
 
 class MyError(InputError):

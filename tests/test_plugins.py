@@ -205,8 +205,8 @@ def test_factories_declare_their_options_and_the_cli_passes_only_those():
 
 
 def test_servers_forward_what_the_host_declares():
-    from visguard.hosts import CallableHost
-    from visguard.serve.openai_types import ChatCompletionRequest, generation_options
+    from visguard.hosting.hosts import CallableHost
+    from visguard.integrations.openai.wire import ChatCompletionRequest, generation_options
 
     body = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=7, temperature=0.3)
     assert generation_options(body, plugins.get("hosts", "openai")) == {"max_new_tokens": 7, "temperature": 0.3}

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from visguard import Guard, Policy, plugins
+from visguard.core.errors import InputError
 from visguard.default_plugins.transformers_backend import TransformersBackend
 from visguard.default_plugins.visguard_format import VisguardFormat
-from visguard.errors import InputError
-from visguard.hf import KVCacheStore
+from visguard.integrations.hf import KVCacheStore
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

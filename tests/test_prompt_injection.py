@@ -20,8 +20,8 @@ from collections import Counter
 import pytest
 
 from visguard import Guard, GuardRequest, Policy
-from visguard.backend import Backend, Generation
 from visguard.default_plugins.visguard_format import VisguardFormat
+from visguard.engine.backend import Backend, Generation
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.slow]
 

@@ -32,9 +32,9 @@ from visguard import (
     load_image,
     plugins,
 )
-from visguard.backend import Backend, Generation
 from visguard.default_plugins.visguard_format import VisguardFormat
-from visguard.format import ParsedOutput
+from visguard.engine.backend import Backend, Generation
+from visguard.engine.format import ParsedOutput
 
 PROPERTY_EXAMPLES = 300
 SETTINGS = settings(max_examples=PROPERTY_EXAMPLES, deadline=None, derandomize=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from visguard.redact import MASK, redact, redact_url
+from visguard.core.redact import MASK, redact, redact_url
 
 
 @pytest.mark.parametrize(

@@ -19,11 +19,11 @@ from click.testing import CliRunner
 
 from visguard import AuditLog, Guard, GuardUnavailableError, Policy
 from visguard.cli import cli
+from visguard.core.redact import redact
 from visguard.eval.benchmarks import EvalItem
 from visguard.eval.runner import evaluate_guard
-from visguard.redact import redact
-from visguard.serve.app import ServeSettings, create_app
-from visguard.serve.upstream import ServerThread
+from visguard.integrations.openai.server.app import ServeSettings, create_app
+from visguard.integrations.openai.server.upstream import ServerThread
 
 PASSWORD = "hunter2-secret-pw"
 API_KEY = "sk-test-0123456789abcdef"
@@ -76,7 +76,7 @@ def _guard(url: str, monkeypatch, **policy) -> Guard:
 
 
 def test_redact_masks_userinfo_bearer_tokens_and_keys():
-    from visguard.redact import redact_fields
+    from visguard.core.redact import redact_fields
 
     text = f"GET http://u:{PASSWORD}@h/v1?api_key={API_KEY} Authorization: Bearer abc.def-ghi"
     out = redact(text)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from visguard import Policy, plugins
-from visguard.policy import ImageLimits
+from visguard.core.images import ImageLimits
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

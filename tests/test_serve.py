@@ -1,7 +1,7 @@
 """`visguard serve` end to end on loopback, driven by the stock `openai` client.
 
 Real pieces only: the tiny Qwen2-VL checkpoint is both the guard (transformers backend) and the host
-model, served by the upstream app (`visguard.serve.upstream`) on its own port; `visguard serve` apps
+model, served by the upstream app (`visguard.integrations.openai.server.upstream`) on its own port; `visguard serve` apps
 sit in front of it. The tiny guard's weights are random, so which requests count as unsafe is set by
 the policy threshold: 1.0 (nothing reaches P(unsafe) = 1) for a permissive server, 0.0 for a strict
 one. The scores themselves are the model's.
@@ -27,9 +27,9 @@ import pytest
 from PIL import Image
 
 from visguard import Guard, plugins
-from visguard.guarded import DEFAULT_REFUSAL, UNNAMED_CATEGORY
-from visguard.serve.app import ServeSettings, create_app
-from visguard.serve.upstream import ServerThread, create_upstream_app
+from visguard.hosting.guarded import DEFAULT_REFUSAL, UNNAMED_CATEGORY
+from visguard.integrations.openai.server.app import ServeSettings, create_app
+from visguard.integrations.openai.server.upstream import ServerThread, create_upstream_app
 
 HOST_MODEL = "tiny-host"
 REFUSAL = DEFAULT_REFUSAL.format(category=UNNAMED_CATEGORY)

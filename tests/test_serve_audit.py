@@ -20,9 +20,9 @@ import httpx
 from PIL import Image
 
 from visguard import AuditLog, Guard
-from visguard.hosts import resolve_host
-from visguard.serve.app import ServeSettings, create_app
-from visguard.serve.upstream import ServerThread
+from visguard.hosting.hosts import resolve_host
+from visguard.integrations.openai.server.app import ServeSettings, create_app
+from visguard.integrations.openai.server.upstream import ServerThread
 
 SECRET_TEXT = "my very private question about the picture"
 

@@ -20,10 +20,10 @@ import pytest
 from PIL import Image
 
 from visguard import Guard, Policy
-from visguard.hosts import resolve_host
-from visguard.policy import ImageLimits
-from visguard.serve.app import ServeSettings, create_app
-from visguard.serve.upstream import ServerThread, create_upstream_app
+from visguard.core.images import ImageLimits
+from visguard.hosting.hosts import resolve_host
+from visguard.integrations.openai.server.app import ServeSettings, create_app
+from visguard.integrations.openai.server.upstream import ServerThread, create_upstream_app
 
 
 def _png() -> bytes:

@@ -52,10 +52,10 @@ def test_taxonomy_shape() -> None:
 
 
 def test_taxonomy_matches_policy() -> None:
-    policy = pytest.importorskip("visguard.policy")
+    policy = pytest.importorskip("visguard.core.policy")
     cats = getattr(policy, "MIS_CATEGORIES", None)
     if cats is None:
-        pytest.skip("visguard.policy.MIS_CATEGORIES not available")
+        pytest.skip("visguard.core.policy.MIS_CATEGORIES not available")
     assert {c.name: tuple(c.sub_categories) for c in cats} == syn.MIS_TAXONOMY
 
 

@@ -22,10 +22,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from visguard import BackendError, Guard, ImageInputError, InputError, load_image, load_images
 from visguard.default_plugins.openai_host import OpenAIHost
 from visguard.default_plugins.transformers_host import TransformersHost
-from visguard.guarded import DEFAULT_REFUSAL, UNNAMED_CATEGORY
-from visguard.hosts import CallableHost, resolve_host
-from visguard.serve.openai_types import messages_to_prompt, split_messages
-from visguard.serve.upstream import ServerThread, create_upstream_app
+from visguard.hosting.guarded import DEFAULT_REFUSAL, UNNAMED_CATEGORY
+from visguard.hosting.hosts import CallableHost, resolve_host
+from visguard.integrations.openai.server.upstream import ServerThread, create_upstream_app
+from visguard.integrations.openai.wire import messages_to_prompt, split_messages
 
 MODEL = "tiny-qwen2-vl"
 KEY = "sk-test-not-a-secret"

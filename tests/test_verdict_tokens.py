@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from visguard import Guard
-from visguard.errors import BackendError
+from visguard.core.errors import BackendError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

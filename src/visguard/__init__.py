@@ -10,11 +10,7 @@ Run a (multi-image) safety guard model before and after any host VLM and get a s
         ...
 """
 
-from visguard.audit import AuditLog
-from visguard.backend import Backend, Generation
-from visguard.cascade import Cascade, CascadeStats, Stage
-from visguard.checker import Checker, CheckerBase
-from visguard.errors import (
+from visguard.core.errors import (
     BackendError,
     GuardrailViolation,
     GuardUnavailableError,
@@ -25,9 +21,17 @@ from visguard.errors import (
     UnsupportedRequestError,
     VisguardError,
 )
-from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput
-from visguard.guard import DEFAULT_MODEL, Guard
-from visguard.guarded import (
+from visguard.core.images import GuardImage, ImageLimits, load_image, load_images
+from visguard.core.policy import MIS_CATEGORIES, Category, Policy
+from visguard.core.types import GuardRequest, Verdict
+from visguard.engine.backend import Backend, Generation
+from visguard.engine.cascade import Cascade, CascadeStats, Stage
+from visguard.engine.checker import Checker, CheckerBase
+from visguard.engine.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput
+from visguard.engine.guard import DEFAULT_MODEL, Guard
+from visguard.hookspecs import hookimpl
+from visguard.hosting.audit import AuditLog
+from visguard.hosting.guarded import (
     AsyncGuardedStream,
     GuardedModel,
     GuardedOptions,
@@ -35,11 +39,7 @@ from visguard.guarded import (
     GuardedStream,
     GuardTimings,
 )
-from visguard.hookspecs import hookimpl
-from visguard.hosts import CallableHost, Host
-from visguard.images import GuardImage, load_image, load_images
-from visguard.policy import MIS_CATEGORIES, Category, ImageLimits, Policy
-from visguard.types import GuardRequest, Verdict
+from visguard.hosting.hosts import CallableHost, Host
 
 __version__ = "0.1.0"
 

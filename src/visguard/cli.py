@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from visguard import plugins
-from visguard.errors import VisguardError
+from visguard.core.errors import VisguardError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from visguard.checker import Checker
-    from visguard.policy import Policy
+    from visguard.core.policy import Policy
+    from visguard.engine.checker import Checker
 
 EXIT_SAFE, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
 
@@ -83,9 +83,9 @@ def parse_guard_spec(spec: str, backend: str, option: str = "--stage") -> tuple[
 
 def load_checker(model: str | None, stages: tuple[str, ...], *, backend: str, format_name: str | None, policy: Policy,
                  backend_args: tuple[str, ...] = (), ignore_unread: bool = False, **shorthands: Any) -> Checker:
-    """The guard ``--model`` names, or the :class:`~visguard.cascade.Cascade` of the ``--stage`` guards.
+    """The guard ``--model`` names, or the :class:`~visguard.engine.cascade.Cascade` of the ``--stage`` guards.
 
-    Each stage is a one-guard :class:`~visguard.cascade.Stage` with the defaults (``escalate="unsure"``,
+    Each stage is a one-guard :class:`~visguard.engine.cascade.Stage` with the defaults (``escalate="unsure"``,
     band 0.2-0.8); ``policy`` is every stage's, except that a stage whose format cannot run
     ``policy.mode`` runs in its own. ``shorthands`` (``device``, ``base_url``) go to the backends
     that take them (:func:`backend_kwargs`).
@@ -93,8 +93,8 @@ def load_checker(model: str | None, stages: tuple[str, ...], *, backend: str, fo
     Raises:
         click.UsageError: both or neither of ``model`` and ``stages``; ``format_name`` with stages.
     """
-    from visguard.cascade import Cascade
-    from visguard.guard import Guard, resolve_format
+    from visguard.engine.cascade import Cascade
+    from visguard.engine.guard import Guard, resolve_format
 
     if model and stages:
         raise click.UsageError("give --model (one guard) or --stage (a cascade), not both")
@@ -193,9 +193,9 @@ def check(images: tuple[str, ...], model: str | None, stages: tuple[str, ...], t
       visguard check --model Tuwhy/Qwen2-VL-7B-MIRage --text "use image 1 on image 2" a.png b.png
       visguard check --stage Qwen/Qwen3Guard-Gen-0.6B --stage yueliu1999/GuardReasoner-VL-3B --text "..."
     """
-    from visguard.checker import enforce
-    from visguard.policy import Policy
-    from visguard.types import GuardRequest
+    from visguard.core.policy import Policy
+    from visguard.core.types import GuardRequest
+    from visguard.engine.checker import enforce
 
     policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens)
     # Inputs first: a bad image or text is reported before minutes of model loading.

@@ -12,7 +12,7 @@ Layouts (docs/eval.md, docs/training.md):
   (the guard's reason-mode output, read back with the format's own ``parse``) or ``reasoning``,
   and ``answer`` (a host answer, for response training).
 
-Every reader resolves image paths inside the data file's folder (:func:`visguard.paths.resolve_inside`)
+Every reader resolves image paths inside the data file's folder (:func:`visguard.core.paths.resolve_inside`)
 and raises :class:`DatasetError` naming the file, the item and the field. The benchmark loaders
 (``visguard eval``), the training plugin and the test fixtures (``visguard_testing.synthetic``) all
 go through these functions.
@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from visguard.errors import InputError
-from visguard.paths import resolve_inside
+from visguard.core.errors import InputError
+from visguard.core.paths import resolve_inside
 
 if TYPE_CHECKING:  # pragma: no cover
-    from visguard.format import GuardFormat
+    from visguard.engine.format import GuardFormat
 
 #: the one label type of labelled data (the guard's verdicts add ``unavailable``)
 Label = Literal["safe", "unsafe"]
@@ -136,7 +136,7 @@ def parse_label(value: Any, *, where: str, default: Label | None = "unsafe") -> 
 
 
 def resolve_under(root: Path, rel: Any, *, what: str, fallback_suffixes: bool = False) -> Path:
-    """Resolve a data file's relative image path inside ``root`` (:func:`visguard.paths.resolve_inside`).
+    """Resolve a data file's relative image path inside ``root`` (:func:`visguard.core.paths.resolve_inside`).
 
     Raises:
         DatasetError: not a relative path, escaping ``root``, or missing.
@@ -325,7 +325,7 @@ def read_jsonl(file: Path, *, target_format: GuardFormat | None = None,
                make_id: Callable[[Any, int], str] | None = None) -> list[Record]:
     """Read a visguard JSONL file (images relative to its folder).
 
-    A ``target`` is read with the format's own :meth:`~visguard.format.GuardFormat.parse` (default
+    A ``target`` is read with the format's own :meth:`~visguard.engine.format.GuardFormat.parse` (default
     :data:`TARGET_FORMAT`): its reasoning becomes :attr:`Record.reasoning`, and its verdict the
     label (or must agree with ``label``).
 
@@ -333,7 +333,7 @@ def read_jsonl(file: Path, *, target_format: GuardFormat | None = None,
         DatasetError: unreadable lines, malformed fields, images outside the folder, or a target
             without a verdict or disagreeing with ``label``.
     """
-    from visguard.policy import Policy
+    from visguard.core.policy import Policy
 
     make_id = make_id or _default_id(file)
     try:
@@ -387,8 +387,8 @@ def write_jsonl(path: Path, records: Iterable[Record], *, target_format: GuardFo
     :meth:`~visguard.default_plugins.visguard_format.VisguardFormat.target`)
     for the record (``null`` for unlabelled records).
     """
-    from visguard.policy import Policy
-    from visguard.types import GuardRequest
+    from visguard.core.policy import Policy
+    from visguard.core.types import GuardRequest
 
     fmt: Any = _target_format(target_format)  # its training hooks (target): not on the runtime GuardFormat
     policy = Policy()

@@ -20,7 +20,7 @@ from typing import Any
 import pluggy
 
 from visguard import hookspecs
-from visguard.errors import InputError, PluginError
+from visguard.core.errors import InputError, PluginError
 
 DEFAULT_PLUGINS = (
     "visguard.default_plugins.visguard_format",

@@ -130,10 +130,10 @@ def plain_examples(data: Path, modes: tuple[str, ...], processor: Any) -> list[t
     """(prompt text, target text, images) per example: the guard format's prompt through the chat template."""
     from PIL import Image
 
+    from visguard.core.policy import Policy
+    from visguard.core.types import GuardRequest
     from visguard.datasets import read_jsonl, reasoning_of
     from visguard.default_plugins.visguard_format import VisguardFormat
-    from visguard.policy import Policy
-    from visguard.types import GuardRequest
 
     fmt, policy, eot = VisguardFormat(), Policy(), "<|im_end|>"
     examples = []
@@ -228,7 +228,7 @@ def check_encoding(s: Settings, data: Path, n: int = 4) -> list[dict[str, Any]]:
     )
 
     from visguard import plugins
-    from visguard.hf import HFPromptCodec
+    from visguard.integrations.hf import HFPromptCodec
 
     processor = AutoProcessor.from_pretrained(base_model(s))
     model = AutoModelForImageTextToText.from_pretrained(base_model(s), dtype=torch.float32).eval()

@@ -132,9 +132,9 @@ def test_cli_reports_user_errors_without_traceback(runner, tmp_path, layouts):
 def test_only_formats_with_the_training_hooks_can_be_trained(runner, tmp_path, layouts):
     from visguard_train.trainable import FollowupTrainableFormat, TrainableFormat, trainable_format
 
+    from visguard.core.errors import InputError
     from visguard.default_plugins.llavaguard_format import LlavaGuardFormat
     from visguard.default_plugins.mirage_format import MirageFormat
-    from visguard.errors import InputError
 
     visguard, mirage, llavaguard = VisguardFormat(), MirageFormat(), LlavaGuardFormat()
     assert isinstance(visguard, TrainableFormat) and not isinstance(visguard, FollowupTrainableFormat)
@@ -224,7 +224,7 @@ def test_collator_labels_only_the_continuation(tiny_arch, layouts):
 
 
 def backend_request(record):
-    from visguard.types import GuardRequest
+    from visguard.core.types import GuardRequest
 
     return GuardRequest.build(list(record.images), record.text, record.response)
 

@@ -100,7 +100,7 @@ def test_response_objective_learns_the_safety_answer_shape(tmp_path, small_base)
     from visguard_train.data import load_records
     from visguard_train.encode import response_prompt
 
-    from visguard.hf import HFPromptCodec
+    from visguard.integrations.hf import HFPromptCodec
 
     root = write_mis_train_layout(tmp_path / "mis", 4, seed=2)
     out = tmp_path / "resp"

@@ -126,7 +126,7 @@ def test_post_check_reuses_the_pre_checks_prefix(vguard):
 
 def test_prompt_longer_than_the_engine_context_is_refused_before_batching(vguard, images):
     from visguard import InputTooLongError
-    from visguard.errors import PromptTooLongError
+    from visguard.core.errors import PromptTooLongError
 
     backend = vguard.backend
     limit = backend.max_model_len

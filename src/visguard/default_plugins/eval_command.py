@@ -16,8 +16,8 @@ from visguard.cli import (
     parse_guard_spec,
     stage_option,
 )
+from visguard.core.policy import DEFAULT_TIMEOUT_S
 from visguard.hookspecs import hookimpl
-from visguard.policy import DEFAULT_TIMEOUT_S
 
 HEADLINE_GUARD = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "auprc", "unavailable")
 HEADLINE_MODEL = ("n", "n_judged", "judge_failed", "host_failed", "guard_blocked", "asr", "rsr", "rr", "hr",
@@ -156,9 +156,9 @@ def register_commands(cli):
           visguard eval -B jsonl -d data.jsonl --stage Qwen/Qwen3Guard-Gen-0.6B --stage yueliu1999/GuardReasoner-VL-3B
         """
         from visguard import plugins
-        from visguard.checker import Checker
+        from visguard.core.policy import Policy
+        from visguard.engine.checker import Checker
         from visguard.eval import evaluate_guard, evaluate_model, get_benchmark
-        from visguard.policy import Policy
 
         kind = "model" if host_adapter else "guard"
         if kind == "guard" and (guard_model or judge or judge_model):
@@ -202,7 +202,7 @@ def register_commands(cli):
                                      benchmark=benchmark, split=split, restart=restart,
                                      progress=not no_progress, plots=not no_plots)
         else:
-            from visguard.hosts import default_host_name
+            from visguard.hosting.hosts import default_host_name
 
             target = base_url or model
             adapter = default_host_name(target) if host_adapter == "auto" else host_adapter
@@ -239,9 +239,9 @@ def _compare(vs_guards: tuple[str, ...], *, model: str, items: list, policy: Any
     """Evaluate --model and every --vs guard on the same items; print one table, write one plot."""
     import json
 
+    from visguard.engine.guard import Guard, resolve_format
     from visguard.eval import evaluate_guard
     from visguard.eval.compare import write_comparison
-    from visguard.guard import Guard, resolve_format
 
     specs = [(model, format_name, backend, backend_args)]
     for spec in vs_guards:

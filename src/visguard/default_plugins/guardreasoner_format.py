@@ -15,7 +15,10 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import ClassVar
 
-from visguard.format import (
+from visguard.core.policy import Policy
+from visguard.core.taxonomy import refuse_custom
+from visguard.core.types import GuardRequest
+from visguard.engine.format import (
     Capabilities,
     CheckPlan,
     GuardFormat,
@@ -25,9 +28,6 @@ from visguard.format import (
     neutralize,
 )
 from visguard.hookspecs import hookimpl
-from visguard.policy import Policy
-from visguard.taxonomy import refuse_custom
-from visguard.types import GuardRequest
 
 INSTRUCTION = (
     "You are a classifier for analyzing interactions between humans and AI. \n\n"

@@ -1,6 +1,6 @@
 """Built-in response judges: ``mis`` (an LLM judge, MIS protocol), ``refusal`` (keywords), ``guard``.
 
-- ``mis``: any visguard :class:`~visguard.backend.Backend` (``transformers``, ``openai`` for an
+- ``mis``: any visguard :class:`~visguard.engine.backend.Backend` (``transformers``, ``openai`` for an
   OpenAI-compatible endpoint, ``vllm`` ...) reads the images, the request and the response and
   answers Safe/Unsafe plus a perception level 1/2/3 (the MIS paper's protocol, GPT-4o at
   temperature 0 there; backends decode greedily). The answer is parsed from a JSON object (the
@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from visguard.backend import Backend
-from visguard.checker import Checker
-from visguard.errors import InputError
+from visguard.core.errors import InputError
+from visguard.engine.backend import Backend
+from visguard.engine.checker import Checker
+from visguard.engine.format import GuardPrompt, neutralize
 from visguard.eval.judges import Judge, JudgeCase, Judgment
-from visguard.format import GuardPrompt, neutralize
 from visguard.hookspecs import hookimpl
 
 #: Phrases that mark a refusal or a safety deflection (matched case-insensitively, anywhere).
@@ -412,7 +412,7 @@ class GuardJudge(Judge):
     is not detected: HR is 0 with this judge).
 
     Args:
-        guard: any :class:`~visguard.checker.Checker` (a :class:`visguard.Guard`, a
+        guard: any :class:`~visguard.engine.checker.Checker` (a :class:`visguard.Guard`, a
             :class:`visguard.Cascade`); or build a Guard from ``model`` with ``backend`` and
             ``backend_kwargs`` (and ``mode``, ``threshold``).
     """
@@ -429,8 +429,8 @@ class GuardJudge(Judge):
         threshold: float | None = None,
         **backend_kwargs: Any,
     ) -> None:
-        from visguard.guard import Guard
-        from visguard.policy import Policy
+        from visguard.core.policy import Policy
+        from visguard.engine.guard import Guard
 
         if guard is None:
             if not model:

@@ -14,11 +14,18 @@ import re
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode, neutralize
+from visguard.core.policy import Policy
+from visguard.core.taxonomy import MLCOMMONS, category_for, codes_for
+from visguard.core.types import GuardRequest
+from visguard.engine.format import (
+    Capabilities,
+    GuardFormat,
+    GuardPrompt,
+    ParsedOutput,
+    PromptMode,
+    neutralize,
+)
 from visguard.hookspecs import hookimpl
-from visguard.policy import Policy
-from visguard.taxonomy import MLCOMMONS, category_for, codes_for
-from visguard.types import GuardRequest
 
 _FIRST_CUSTOM = 15
 _WORD_RE = re.compile(r"\A\s*(?P<word>[A-Za-z]+)[ \t]*(?P<rest>[^\n]*)")

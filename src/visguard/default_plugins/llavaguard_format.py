@@ -15,11 +15,11 @@ import re
 from collections.abc import Iterable
 from typing import ClassVar
 
-from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
+from visguard.core.policy import Policy
+from visguard.core.taxonomy import LLAVAGUARD, category_for, codes_for
+from visguard.core.types import GuardRequest
+from visguard.engine.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
 from visguard.hookspecs import hookimpl
-from visguard.policy import Policy
-from visguard.taxonomy import LLAVAGUARD, category_for, codes_for
-from visguard.types import GuardRequest
 
 # (should not, can) per O-code: the policy text LlavaGuard v1.2 was trained with.
 _RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {

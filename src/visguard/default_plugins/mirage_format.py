@@ -34,8 +34,10 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from visguard.errors import InputError, UnsupportedRequestError
-from visguard.format import (
+from visguard.core.errors import InputError, UnsupportedRequestError
+from visguard.core.policy import MIS_CATEGORIES, Policy
+from visguard.core.types import GuardRequest
+from visguard.engine.format import (
     Capabilities,
     CheckPlan,
     GuardFormat,
@@ -46,8 +48,6 @@ from visguard.format import (
     verdict_word,
 )
 from visguard.hookspecs import hookimpl
-from visguard.policy import MIS_CATEGORIES, Policy
-from visguard.types import GuardRequest
 
 Variant = Literal["qwen2_vl", "internvl", "internvl_hf"]
 VerdictSource = Literal["followup", "text"]

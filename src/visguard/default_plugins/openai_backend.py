@@ -19,10 +19,10 @@ Works with vLLM's OpenAI server, SGLang, TGI and hosted APIs. Images travel as `
   per-token ``top_logprobs`` when the server offers them (the same rule, ``None`` where no spelling
   is listed).
 
-Requests go through :class:`visguard.http_client.ApiClient` (one pooled ``httpx`` client; per-request
+Requests go through :class:`visguard.integrations.openai.client.ApiClient` (one pooled ``httpx`` client; per-request
 timeouts; connect errors, HTTP 429 and 5xx retried with exponential backoff, ``Retry-After``
 honoured and capped, nothing else); a batch is sent as concurrent requests. Responses are read with
-the wire helpers of :mod:`visguard.serve.openai_types`.
+the wire helpers of :mod:`visguard.integrations.openai.wire`.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from visguard.backend import Backend, Generation
-from visguard.errors import BackendError
-from visguard.format import GuardPrompt
+from visguard.core.errors import BackendError
+from visguard.core.images import GuardImage
+from visguard.engine.backend import Backend, Generation
+from visguard.engine.format import GuardPrompt
 from visguard.hookspecs import hookimpl
-from visguard.http_client import ApiClient
-from visguard.images import GuardImage
-from visguard.serve.openai_types import WireError, completion_choice, content_text, image_part
+from visguard.integrations.openai.client import ApiClient
+from visguard.integrations.openai.wire import WireError, completion_choice, content_text, image_part
 
 
 class OpenAIBackend(Backend):

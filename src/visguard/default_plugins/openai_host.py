@@ -1,7 +1,7 @@
 """The ``openai`` host: a model behind an OpenAI-compatible chat-completions endpoint.
 
 Works with any server that speaks ``POST /v1/chat/completions`` with image parts (vLLM, SGLang,
-LM Studio, llama.cpp server, OpenAI, ``visguard.serve.upstream`` ...). Images travel as
+LM Studio, llama.cpp server, OpenAI, ``visguard.integrations.openai.server.upstream`` ...). Images travel as
 ``data:image/png;base64,...`` URLs, the API key comes from an environment variable, every request
 has a timeout, and streaming reads server-sent events. Built on ``httpx`` (a core dependency).
 """
@@ -12,13 +12,13 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
-from visguard.errors import BackendError
+from visguard.core.errors import BackendError
+from visguard.core.images import GuardImage
+from visguard.core.redact import redact
 from visguard.hookspecs import hookimpl
-from visguard.hosts import Host, TokenUsage
-from visguard.http_client import ApiClient
-from visguard.images import GuardImage
-from visguard.redact import redact
-from visguard.serve.openai_types import (
+from visguard.hosting.hosts import Host, TokenUsage
+from visguard.integrations.openai.client import ApiClient
+from visguard.integrations.openai.wire import (
     DONE,
     WireError,
     add_usage,

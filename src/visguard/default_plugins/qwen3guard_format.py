@@ -15,11 +15,18 @@ import re
 from collections.abc import Iterable
 from typing import ClassVar
 
-from visguard.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode, neutralize
+from visguard.core.policy import Policy
+from visguard.core.taxonomy import category_for, refuse_custom
+from visguard.core.types import GuardRequest
+from visguard.engine.format import (
+    Capabilities,
+    GuardFormat,
+    GuardPrompt,
+    ParsedOutput,
+    PromptMode,
+    neutralize,
+)
 from visguard.hookspecs import hookimpl
-from visguard.policy import Policy
-from visguard.taxonomy import category_for, refuse_custom
-from visguard.types import GuardRequest
 
 _SAFETY_RE = re.compile(r"^[ \t]*Safety[ \t]*:[ \t]*(?P<word>[A-Za-z]+)", re.IGNORECASE | re.MULTILINE)
 _CATEGORIES_RE = re.compile(r"^[ \t]*Categories[ \t]*:[ \t]*(?P<value>[^\n]*)", re.IGNORECASE | re.MULTILINE)

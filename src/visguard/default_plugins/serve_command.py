@@ -11,9 +11,9 @@ from typing import Any
 import click
 
 from visguard.cli import backend_arg_option, key_values, load_checker, stage_option
+from visguard.core.policy import DEFAULT_TIMEOUT_S
+from visguard.core.redact import redact
 from visguard.hookspecs import hookimpl
-from visguard.policy import DEFAULT_TIMEOUT_S
-from visguard.redact import redact
 
 
 @click.command("serve")
@@ -81,10 +81,11 @@ def serve(model: str | None, stages: tuple[str, ...], backend: str, format_name:
     try:
         import uvicorn
 
-        from visguard.serve.app import ServeSettings, create_app
+        from visguard.integrations.openai.server.app import ServeSettings, create_app
     except ImportError as exc:
         raise click.ClickException(f"visguard serve needs the serve extra: pip install 'visguard[serve]' ({exc})") from exc
-    from visguard.policy import ImageLimits, Policy
+    from visguard.core.images import ImageLimits
+    from visguard.core.policy import Policy
 
     if upstream and host_model:
         raise click.UsageError("give --upstream or --host-model, not both")
@@ -95,7 +96,7 @@ def serve(model: str | None, stages: tuple[str, ...], backend: str, format_name:
             raise click.UsageError(f"--auth-token-env names {auth_token_env}, which is unset or empty")
 
     from visguard import plugins
-    from visguard.hosts import default_host_name
+    from visguard.hosting.hosts import default_host_name
 
     if guard_url and not stages and "base_url" not in plugins.option_names(plugins.get("backends", backend)):
         raise click.UsageError(f"--guard-url: the {backend!r} backend takes no base_url")
@@ -135,7 +136,7 @@ def serve(model: str | None, stages: tuple[str, ...], backend: str, format_name:
 
 def _discover_model(app: Any) -> str:
     """Ask the upstream which model it serves (:meth:`Host.served_model`), so clients can name it."""
-    from visguard.errors import VisguardError
+    from visguard.core.errors import VisguardError
 
     try:
         return app.state.host.served_model()

@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import ClassVar
 
-from visguard.format import Capabilities, CheckPlan, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
+from visguard.core.policy import Policy
+from visguard.core.taxonomy import SHIELDGEMMA, category_for, codes_for
+from visguard.core.types import GuardRequest
+from visguard.engine.format import Capabilities, CheckPlan, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
 from visguard.hookspecs import hookimpl
-from visguard.policy import Policy
-from visguard.taxonomy import SHIELDGEMMA, category_for, codes_for
-from visguard.types import GuardRequest
 
 
 def policies(policy: Policy) -> list[tuple[str, str, str]]:

@@ -10,7 +10,7 @@ padding, and serialises model calls with a lock so one instance is safe to share
   format's instructions and the policy's categories) is computed once per (model, format, policy)
   and shared by every check and batch; a prompt that extends an earlier scored prompt with the
   same images (a post-check after its pre-check, a stream's re-check after the previous one)
-  continues from that prompt's cache (:class:`~visguard.hf.KVCacheStore`, LRU, bounded in bytes).
+  continues from that prompt's cache (:class:`~visguard.integrations.hf.KVCacheStore`, LRU, bounded in bytes).
   In a batch whose every row has its own cached prefix holding its images (follow-ups after a batched
   generation, post-checks after their pre-checks), each row continues from its own.
   Verdicts are the same as without the cache (tests compare the scores on four architectures).
@@ -22,7 +22,7 @@ padding, and serialises model calls with a lock so one instance is safe to share
   follow-up's own tokenisation of the answer parts from the generated ids, it continues from there.
 - Each batch is rendered and encoded once; a prompt whose encoding (images expanded) is longer than
   the model's ``max_position_embeddings`` is refused with
-  :class:`~visguard.errors.PromptTooLongError` (its index and why) before the model runs.
+  :class:`~visguard.core.errors.PromptTooLongError` (its index and why) before the model runs.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from visguard.backend import Backend, BackendDiagnostics, Generation
-from visguard.errors import BackendError, PromptTooLongError
-from visguard.format import GuardPrompt
-from visguard.hf import HFPromptCodec, KVCacheStore, load_image_text_model, too_long_reason
+from visguard.core.errors import BackendError, PromptTooLongError
+from visguard.engine.backend import Backend, BackendDiagnostics, Generation
+from visguard.engine.format import GuardPrompt
 from visguard.hookspecs import hookimpl
+from visguard.integrations.hf import HFPromptCodec, KVCacheStore, load_image_text_model, too_long_reason
 
 
 class TransformersBackend(Backend):

@@ -6,11 +6,11 @@ import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from visguard.errors import BackendError
-from visguard.hf import load_image_text_model
+from visguard.core.errors import BackendError
+from visguard.core.images import GuardImage
 from visguard.hookspecs import hookimpl
-from visguard.hosts import Host, TokenUsage
-from visguard.images import GuardImage
+from visguard.hosting.hosts import Host, TokenUsage
+from visguard.integrations.hf import load_image_text_model
 
 
 class TransformersHost(Host):

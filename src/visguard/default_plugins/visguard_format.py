@@ -31,8 +31,10 @@ import re
 from collections.abc import Iterable
 from typing import Literal
 
-from visguard.errors import InputError
-from visguard.format import (
+from visguard.core.errors import InputError
+from visguard.core.policy import Policy
+from visguard.core.types import GuardRequest
+from visguard.engine.format import (
     _ZWSP,
     Capabilities,
     GuardFormat,
@@ -42,8 +44,6 @@ from visguard.format import (
     neutralize,
 )
 from visguard.hookspecs import hookimpl
-from visguard.policy import Policy
-from visguard.types import GuardRequest
 
 _TAGS = (
     "<user_request>", "</user_request>", "<assistant_response>", "</assistant_response>",
@@ -69,7 +69,7 @@ class VisguardFormat(GuardFormat):
             first (a shared, cacheable prefix), then the images, the request, the response and the
             question. 1: the layout before prefixes were shared (images, then one instruction text
             with the request inside); guards trained on it are read with it.
-        ignore_unread: see :class:`~visguard.format.GuardFormat`.
+        ignore_unread: see :class:`~visguard.engine.format.GuardFormat`.
     """
 
     name = "visguard"

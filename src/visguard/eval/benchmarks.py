@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from visguard.core.errors import InputError
 from visguard.datasets import (
     IMAGE_SUFFIXES,
     DatasetError,
@@ -26,7 +27,6 @@ from visguard.datasets import (
     unique_ids,
 )
 from visguard.datasets import parse_label as _parse_label
-from visguard.errors import InputError
 
 __all__ = [
     "IMAGE_SUFFIXES", "Benchmark", "BenchmarkLayoutError", "EvalItem", "GoldLabel", "check_unique_ids", "field_of",

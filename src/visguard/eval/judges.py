@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from visguard.core.images import GuardImage
 from visguard.eval.benchmarks import EvalItem
-from visguard.images import GuardImage
 
 JudgmentStatus = Literal["judged", "failed"]
 

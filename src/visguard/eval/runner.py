@@ -15,15 +15,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from visguard.checker import Checker
-from visguard.errors import InputError
+from visguard.core.errors import InputError
+from visguard.core.images import GuardImage, ImageLimits, load_images
+from visguard.core.redact import redact_fields
+from visguard.engine.checker import Checker
 from visguard.eval.benchmarks import Benchmark, EvalItem
 from visguard.eval.judges import Judge, JudgeCase, Judgment
 from visguard.eval.metrics import guard_metrics, latency_stats, model_metrics, per_group
 from visguard.eval.store import ResultStore, write_atomic
-from visguard.images import GuardImage, load_images
-from visguard.policy import ImageLimits
-from visguard.redact import redact_fields
 
 
 class Summary(Mapping[str, Any]):
@@ -157,7 +156,7 @@ def evaluate_guard(
     are written.
 
     Args:
-        guard: any :class:`~visguard.checker.Checker` (a :class:`visguard.Guard`, a
+        guard: any :class:`~visguard.engine.checker.Checker` (a :class:`visguard.Guard`, a
             :class:`visguard.Cascade`).
         items: the labelled items (ids must be unique).
         out_dir: output directory (``None``: in memory only, nothing written).
@@ -290,17 +289,17 @@ def evaluate_model(
 ) -> Summary:
     """The paper's protocol: run a host VLM (bare, or wrapped by ``guard``) and judge each answer.
 
-    Every item's images pass the image boundary (:func:`visguard.images.load_images`), the host
+    Every item's images pass the image boundary (:func:`visguard.core.images.load_images`), the host
     answers the benchmark's prompt, and ``judge`` labels the answer. A host failure is recorded on
     the row (``host_error``) and the item is not judged; a failed judgement is recorded as such.
     Neither stops the run.
 
     Args:
-        host: a :class:`visguard.hosts.Host`, or anything :func:`visguard.hosts.resolve_host` takes.
+        host: a :class:`visguard.hosting.hosts.Host`, or anything :func:`visguard.hosting.hosts.resolve_host` takes.
         items: the benchmark items (ids must be unique).
         judge: the response judge.
-        guard: any :class:`~visguard.checker.Checker` (a Guard, a Cascade); the host is then called
-            through a :class:`~visguard.guarded.GuardedModel` (``guard.wrap(host)``)
+        guard: any :class:`~visguard.engine.checker.Checker` (a Guard, a Cascade); the host is then called
+            through a :class:`~visguard.hosting.guarded.GuardedModel` (``guard.wrap(host)``)
             (a policy with ``on_error="raise"`` is run as ``"block"``: the run records the block).
         benchmark: the benchmark (its prompt and its own metrics); ``None``: item text, ASR/RR.
         split: recorded in the summary and run metadata.
@@ -315,8 +314,8 @@ def evaluate_model(
         unsafe items, summing to 100), ``refusal_rate`` (safe items), benchmark-specific rates,
         per-category and per-split tables, host latency percentiles, failure counts.
     """
-    from visguard.guarded import GuardedModel
-    from visguard.hosts import resolve_host
+    from visguard.hosting.guarded import GuardedModel
+    from visguard.hosting.hosts import resolve_host
 
     if judge_batch_size < 1:
         raise InputError("judge_batch_size must be >= 1")

@@ -19,8 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from visguard.errors import InputError
-from visguard.redact import redact_fields
+from visguard.core.errors import InputError
+from visguard.core.redact import redact_fields
 
 try:  # POSIX advisory locks; elsewhere the lock is skipped
     import fcntl

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable
 
 from visguard import Capabilities, GuardFormat, GuardPrompt, GuardRequest, ParsedOutput, Policy
-from visguard.format import neutralize
+from visguard.engine.format import neutralize
 
 _QUOTE_TAGS = ("<request>", "</request>", "<response>", "</response>")
 

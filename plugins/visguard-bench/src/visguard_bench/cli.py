@@ -36,7 +36,7 @@ def bench(size: str, model: str | None, threads: int | None, no_scaling: bool, p
 
     Example: visguard bench --json > bench.json
     """
-    from visguard.errors import VisguardError
+    from visguard.core.errors import VisguardError
 
     def progress(label: str) -> None:
         click.echo(f"[bench] {label}", err=True)

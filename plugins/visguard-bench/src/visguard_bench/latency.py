@@ -221,7 +221,7 @@ class LatencyBench:
         from visguard import Guard, Policy
         from visguard.default_plugins.transformers_backend import TransformersBackend
         from visguard.default_plugins.transformers_host import TransformersHost
-        from visguard.guard import resolve_format
+        from visguard.engine.guard import resolve_format
 
         if size not in SIZES:
             raise click.BadParameter(f"unknown size {size!r}; one of {', '.join(SIZES)}", param_hint="--size")
@@ -387,7 +387,7 @@ class LatencyBench:
         guarded = passing.wrap(self.host, pre_check="parallel")
         blocked: list[bool] = []
         host_in = [self.images.take(2) for _ in range(n + 1)]
-        from visguard.images import load_images
+        from visguard.core.images import load_images
 
         guarded_in = [self.images.take(2) for _ in range(n + 1)]
         (host_ms, guarded_ms), _ = _interleaved([
@@ -413,7 +413,7 @@ class LatencyBench:
         self.results["ratios"]["stream_ttft_over_host"] = _p50(guarded_ttft) / _p50(host_ttft)
 
     def _decode_ms_per_token(self) -> float:
-        from visguard.images import load_images
+        from visguard.core.images import load_images
 
         imgs = load_images(self.images.take(2))
         short = _timed(lambda i: self.host.generate(imgs, TEXT, max_new_tokens=2, min_new_tokens=2), 2)

@@ -221,7 +221,7 @@ def run_demo(
     """
     import torch
 
-    from visguard.errors import InputError
+    from visguard.core.errors import InputError
 
     if size not in SIZES:
         raise InputError(f"unknown demo size {size!r}; known: {', '.join(SIZES)}")

@@ -24,10 +24,10 @@ from visguard import (
     ParsedOutput,
     Policy,
 )
-from visguard.errors import UnsupportedRequestError
-from visguard.format import CheckPlan, PromptMode
-from visguard.taxonomy import category_for, codes_for, refuse_custom
-from visguard.types import GuardRequest
+from visguard.core.errors import UnsupportedRequestError
+from visguard.core.taxonomy import category_for, codes_for, refuse_custom
+from visguard.core.types import GuardRequest
+from visguard.engine.format import CheckPlan, PromptMode
 
 BUNDLED = ("opennsfw", "bundled")
 

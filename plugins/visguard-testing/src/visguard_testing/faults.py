@@ -16,7 +16,7 @@ Faults (:data:`FAULTS`):
 - ``garbage``: scores that are no probabilities (``"yes"``, ``17.0``) and generated text with no verdict;
 - ``nan``: NaN scores; ``none``: ``None`` scores;
 - ``short``: fewer results than prompts;
-- ``load``: the factory raises :class:`~visguard.errors.BackendError` (a failed model load).
+- ``load``: the factory raises :class:`~visguard.core.errors.BackendError` (a failed model load).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from visguard.backend import Backend, Generation
-from visguard.errors import BackendError
-from visguard.format import GuardPrompt
+from visguard.core.errors import BackendError
+from visguard.engine.backend import Backend, Generation
+from visguard.engine.format import GuardPrompt
 
 FAULTS = ("ok", "raise", "hang", "memory", "garbage", "nan", "none", "short", "load")
 #: request text holding this is judged unsafe by a healthy backend

@@ -54,10 +54,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visguard import plugins
+from visguard.core.policy import Policy
+from visguard.core.types import GuardRequest
 from visguard.datasets import TARGET_FORMAT, Record, write_mis_test, write_mis_train
 from visguard.datasets import write_jsonl as write_jsonl_records
-from visguard.policy import Policy
-from visguard.types import GuardRequest
 
 __all__ = [
     "MIS_TAXONOMY",

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from visguard.errors import InputError
+from visguard.core.errors import InputError
 
 Objective = Literal["guard", "response", "mirage"]
 GuardMode = Literal["fast", "reason"]

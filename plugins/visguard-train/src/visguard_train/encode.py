@@ -2,7 +2,7 @@
 
 An :class:`Example` is a prompt (chat messages, images, and the text the assistant turn starts with)
 plus a continuation to learn. The prompt is rendered by exactly the code the guard runs at inference
-(:class:`visguard.hf.HFPromptCodec`, which the transformers and vLLM backends use), so a guard trained
+(:class:`visguard.integrations.hf.HFPromptCodec`, which the transformers and vLLM backends use), so a guard trained
 here sees at inference the same tokens it was trained on. Only continuation tokens carry labels; prompt, image and padding tokens are ``-100``.
 """
 
@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from visguard.core.policy import Policy
+from visguard.core.types import GuardRequest
 from visguard.datasets import reasoning_of
-from visguard.format import GuardPrompt
-from visguard.policy import Policy
-from visguard.types import GuardRequest
+from visguard.engine.format import GuardPrompt
 from visguard_train.config import GuardMode, Objective
 from visguard_train.data import DatasetError, TrainRecord
 from visguard_train.trainable import FollowupTrainableFormat, TrainableFormat
@@ -92,7 +92,7 @@ class ExampleBuilder:
     """Turns :class:`ExampleSpec` into :class:`Example`, rendering like the inference backend.
 
     Args:
-        codec: the :class:`~visguard.hf.HFPromptCodec` of the processor being trained (renders the
+        codec: the :class:`~visguard.integrations.hf.HFPromptCodec` of the processor being trained (renders the
             chat template and knows the control tokens to neutralise in user text).
         guard_format: the guard format whose ``build`` / ``target`` define prompts and targets (a
             :class:`~visguard_train.trainable.TrainableFormat`).

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from visguard.errors import InputError
+from visguard.core.errors import InputError
 from visguard_train.config import TrainConfig
 
 #: model_type -> regular expression (``re.fullmatch`` over module names) of the LoRA targets.

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from visguard.errors import InputError
+from visguard.core.errors import InputError
 from visguard_train.config import TrainConfig
 from visguard_train.data import TrainRecord, load_records
 
@@ -142,7 +142,7 @@ def _train(
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
     from visguard import plugins
-    from visguard.hf import HFPromptCodec
+    from visguard.integrations.hf import HFPromptCodec
     from visguard_train.encode import (
         ExampleBuilder,
         ExampleDataset,
@@ -267,7 +267,7 @@ def _train(
 
 def _require_verdict_tokens(codec: Any, fmt: Any, base: str) -> None:
     """Refuse, before any training, a base model whose trained guard could never be scored."""
-    from visguard.errors import BackendError
+    from visguard.core.errors import BackendError
 
     caps = fmt.capabilities
     if not (caps.score and "fast" in caps.modes and not caps.fast_tokens):
@@ -322,7 +322,7 @@ def _trim_log(path: Path, step: int) -> None:
 def _evaluate_after_training(
     config: TrainConfig, output: Path, model: Any, processor: Any, fmt: Any, records: Sequence[TrainRecord]
 ) -> dict[str, Any]:
-    from visguard.guard import Guard
+    from visguard.engine.guard import Guard
 
     if config.trainer == "lora" and not config.merge:
         from visguard.default_plugins.transformers_backend import TransformersBackend

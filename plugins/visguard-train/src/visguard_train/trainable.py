@@ -1,6 +1,6 @@
 """What a guard format must offer to be trained: the training hooks, kept off the runtime format contract.
 
-A :class:`~visguard.format.GuardFormat` is what the guard needs at inference (``build``, ``parse``,
+A :class:`~visguard.engine.format.GuardFormat` is what the guard needs at inference (``build``, ``parse``,
 ``plan``). Training needs more: the assistant text a perfect guard writes (``target``), a way to
 phrase free-prose rationales in the format's grammar (``reasoning_text``), and the keyword arguments
 a trained checkpoint records so it is later prompted with the layout it learned
@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from visguard.errors import InputError
-from visguard.format import GuardPrompt, PromptMode
-from visguard.policy import Policy
-from visguard.types import GuardRequest
+from visguard.core.errors import InputError
+from visguard.core.policy import Policy
+from visguard.core.types import GuardRequest
+from visguard.engine.format import GuardPrompt, PromptMode
 
 
 @runtime_checkable

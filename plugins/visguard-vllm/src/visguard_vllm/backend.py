@@ -18,7 +18,7 @@
   CPUs by default; pass ``block_size=`` to change it). :attr:`VLLMBackend.stats` counts the cached
   prompt tokens.
 - A prompt the engine cannot take (``max_model_len`` tokens or more, images included) is refused
-  with :class:`~visguard.errors.PromptTooLongError` (its index and why) before the batch reaches
+  with :class:`~visguard.core.errors.PromptTooLongError` (its index and why) before the batch reaches
   the engine; each prompt is rendered once, and that text is both counted and sent.
 """
 
@@ -29,10 +29,10 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from visguard.backend import Backend, Generation
-from visguard.errors import BackendError, PromptTooLongError
-from visguard.format import GuardPrompt
-from visguard.hf import HFPromptCodec, too_long_reason
+from visguard.core.errors import BackendError, PromptTooLongError
+from visguard.engine.backend import Backend, Generation
+from visguard.engine.format import GuardPrompt
+from visguard.integrations.hf import HFPromptCodec, too_long_reason
 
 
 class VLLMBackend(Backend):
@@ -108,7 +108,7 @@ class VLLMBackend(Backend):
     def _setup(self, llm: Any, processor: Any, *, model_id: str, max_images: int) -> None:
         self.llm = llm
         # Rendering, verdict-token lookup and token spans are shared with the transformers backend
-        # (visguard.hf), so both build identical inputs and read outputs identically.
+        # (visguard.integrations.hf), so both build identical inputs and read outputs identically.
         self.codec = HFPromptCodec(processor)
         self.processor = processor
         self.tokenizer = self.codec.tokenizer

@@ -1,12 +1,12 @@
 """``visguard serve``: a guard as an HTTP service, and a guarded OpenAI-compatible chat proxy.
 
-:func:`create_app` builds a FastAPI app around a :class:`~visguard.checker.Checker` (a guard or a
+:func:`create_app` builds a FastAPI app around a :class:`~visguard.engine.checker.Checker` (a guard or a
 cascade) and, optionally, a host (an upstream OpenAI-compatible server or a local model):
 
 - ``POST /v1/guard/check``: ``{"images": [data URLs or image_url parts], "text": ..., "response":
-  ..., "mode": ...}`` -> the :class:`~visguard.types.Verdict` as JSON (HTTP 200 whatever the label).
+  ..., "mode": ...}`` -> the :class:`~visguard.core.types.Verdict` as JSON (HTTP 200 whatever the label).
 - ``POST /v1/chat/completions``: OpenAI-compatible and guarded through
-  :class:`~visguard.guarded.GuardedModel`: pre-check, the host's answer, post-check (re-checked
+  :class:`~visguard.hosting.guarded.GuardedModel`: pre-check, the host's answer, post-check (re-checked
   as a stream grows). A blocked call gets a well-formed completion whose content is the refusal,
   ``finish_reason: "content_filter"`` (or, with ``on_unsafe="error"``, HTTP 400 with code
   ``content_filter``). Every completion (and a stream's last chunk) carries a ``visguard`` field:
@@ -14,11 +14,11 @@ cascade) and, optionally, a host (an upstream OpenAI-compatible server or a loca
   in ``x-visguard-*`` response headers (:func:`decision_headers`; a stream's headers carry the
   pre-check), and ``usage`` holds the host's token counts when the host reports them.
 - ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`` (the upstream answers),
-  ``GET /metrics`` (Prometheus, see :mod:`visguard.serve.metrics`).
+  ``GET /metrics`` (Prometheus, see :mod:`visguard.integrations.openai.server.metrics`).
 
 Every ``/v1/...`` request passes one gate, in this order: bearer-token auth (401), body size (413),
 concurrency limit (429, with ``Retry-After``). Concurrent checks are micro-batched by the guard's
-own batcher (:mod:`visguard.batching`). The server keeps no state between requests beyond metrics: run as
+own batcher (:mod:`visguard.engine.batching`). The server keeps no state between requests beyond metrics: run as
 many replicas as needed behind a load balancer (docs/serving.md).
 """
 
@@ -35,13 +35,14 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from visguard.audit import AuditLog
-from visguard.checker import Checker
-from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError
-from visguard.guarded import GuardedModel, GuardedResult
-from visguard.hosts import Host, TokenUsage, resolve_host
-from visguard.policy import Mode
-from visguard.serve.common import (
+from visguard.core.errors import GuardrailViolation, GuardUnavailableError, InputError
+from visguard.core.policy import Mode
+from visguard.core.types import Verdict
+from visguard.engine.checker import Checker
+from visguard.hosting.audit import AuditLog
+from visguard.hosting.guarded import GuardedModel, GuardedResult
+from visguard.hosting.hosts import Host, TokenUsage, resolve_host
+from visguard.integrations.openai.server.common import (
     ApiError,
     bearer_ok,
     chunk_builder,
@@ -53,8 +54,8 @@ from visguard.serve.common import (
     sse_response,
     streamed_usage,
 )
-from visguard.serve.metrics import ServeMetrics
-from visguard.serve.openai_types import (
+from visguard.integrations.openai.server.metrics import ServeMetrics
+from visguard.integrations.openai.wire import (
     SSE_DONE,
     AssistantMessage,
     ChatCompletion,
@@ -66,7 +67,6 @@ from visguard.serve.openai_types import (
     Usage,
     generation_options,
 )
-from visguard.types import Verdict
 
 #: paths behind the gate (auth, size, concurrency)
 GATED_PREFIX = "/v1/"
@@ -91,7 +91,7 @@ class ServeSettings(BaseModel):
         stream_check_every: re-check a streamed answer every N pieces (and at sentence ends).
         refusal: the refusal template (default: the guarded model's).
         ready_timeout_s: how long ``/readyz`` waits for the upstream's ``/models``.
-        audit: path of a JSONL audit log (:class:`~visguard.audit.AuditLog`): one line per decision,
+        audit: path of a JSONL audit log (:class:`~visguard.hosting.audit.AuditLog`): one line per decision,
             ``/v1/guard/check`` and every check of a chat call (a raise too), with image hashes
             and no texts; ``None``: no audit log.
     """
@@ -143,15 +143,15 @@ def create_app(
     """The ``visguard serve`` app.
 
     Args:
-        guard: the guard, any :class:`~visguard.checker.Checker` (a Guard or a Cascade; its policy
+        guard: the guard, any :class:`~visguard.engine.checker.Checker` (a Guard or a Cascade; its policy
             decides; the app does not close it). Its image limits are used with
             ``allow_paths=False``: over HTTP only data URLs (and http(s) URLs where the policy's
             ``allow_remote`` is on) are accepted, never a path on this server.
-        host: the model to guard for ``/v1/chat/completions``: a :class:`~visguard.hosts.Host`, an
+        host: the model to guard for ``/v1/chat/completions``: a :class:`~visguard.hosting.hosts.Host`, an
             OpenAI-compatible base URL (``http://upstream:8000/v1``), a local model path, or
             ``None`` (then only ``/v1/guard/check`` is served).
         settings: see :class:`ServeSettings`.
-        host_options: keyword arguments for :func:`~visguard.hosts.resolve_host` when ``host`` is
+        host_options: keyword arguments for :func:`~visguard.hosting.hosts.resolve_host` when ``host`` is
             a URL or a path (``model``, ``api_key_env``, ``timeout_s`` ...).
 
     Returns:

@@ -1,14 +1,14 @@
 """The Guard: ask a guard model, through a format on a backend, for a verdict on a request.
 
-Data flow: inputs -> :func:`~visguard.images.load_images` -> :class:`GuardRequest` -> format.plan (a
-:class:`~visguard.format.CheckPlan`: the prompts and how to read them, built once per request in the
+Data flow: inputs -> :func:`~visguard.core.images.load_images` -> :class:`GuardRequest` -> format.plan (a
+:class:`~visguard.engine.format.CheckPlan`: the prompts and how to read them, built once per request in the
 caller's thread) -> the batcher -> backend.score / backend.generate (each prompt rendered and tokenized
 once) -> the plan's reading -> :class:`Verdict`. The guard reports; what a verdict
 means for the call (pass, block, degraded, raise) is :meth:`Policy.action`, which every caller acts on.
 
-A Guard is one :class:`~visguard.checker.Checker` (a cascade is another): this module holds what is
+A Guard is one :class:`~visguard.engine.checker.Checker` (a cascade is another): this module holds what is
 model-, format- and backend-specific; ``check*`` / ``allows`` / ``wrap`` come from
-:class:`~visguard.checker.CheckerBase`.
+:class:`~visguard.engine.checker.CheckerBase`.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from visguard import plugins
-from visguard.backend import Backend
-from visguard.batching import MicroBatcher, shared_batcher
-from visguard.checker import BatchObserver, CheckerBase
-from visguard.checker import checked_requests as _checked_requests
-from visguard.errors import BackendError, InputError, InputTooLongError, PromptTooLongError
-from visguard.format import Capabilities, CheckPlan, GuardFormat, GuardPrompt, verdict_word
-from visguard.policy import Mode, Policy
-from visguard.types import GuardRequest, Verdict
+from visguard.core.errors import BackendError, InputError, InputTooLongError, PromptTooLongError
+from visguard.core.policy import Mode, Policy
+from visguard.core.types import GuardRequest, Verdict
+from visguard.engine.backend import Backend
+from visguard.engine.batching import MicroBatcher, shared_batcher
+from visguard.engine.checker import BatchObserver, CheckerBase
+from visguard.engine.checker import checked_requests as _checked_requests
+from visguard.engine.format import Capabilities, CheckPlan, GuardFormat, GuardPrompt, verdict_word
 
 DEFAULT_MODEL = "Tuwhy/Qwen2-VL-7B-MIRage"
 #: the format of checkpoints no table entry names
@@ -34,7 +34,7 @@ DEFAULT_FORMAT = "visguard"
 
 
 class Guard(CheckerBase):
-    """A guard model with a format, a backend and a policy: a :class:`~visguard.checker.Checker`.
+    """A guard model with a format, a backend and a policy: a :class:`~visguard.engine.checker.Checker`.
 
     Thread-safe: any number of threads (or asyncio tasks, through the ``a*`` methods) may call one
     guard; backends serialise model access internally.
@@ -131,7 +131,7 @@ class Guard(CheckerBase):
         return {"model": self.backend.model_id, "backend": self.backend.name, "format": self.format.name}
 
     def check_supported(self, request: GuardRequest, mode: Mode | None = None) -> None:
-        """Raise :class:`~visguard.errors.UnsupportedRequestError` when the format cannot judge ``request`` (in ``mode``)."""
+        """Raise :class:`~visguard.core.errors.UnsupportedRequestError` when the format cannot judge ``request`` (in ``mode``)."""
         self.format.check_request(request, mode)
 
     # ------------------------------------------------------------------ checks

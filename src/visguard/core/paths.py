@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from visguard.errors import InputError
+from visguard.core.errors import InputError
 
 
 def resolve_inside(

@@ -2,7 +2,7 @@
 
 Guard models are trained on their own category lists: MLCommons hazards (Llama Guard's S-codes),
 LlavaGuard's O-codes, ShieldGemma 2's policies and Qwen3Guard's categories. Formats use this module
-in both directions: a :class:`~visguard.policy.Policy` becomes the model's categories (what the
+in both directions: a :class:`~visguard.core.policy.Policy` becomes the model's categories (what the
 prompt asks about), and a code the model answers with becomes a visguard category name (what the
 verdict reports). A code with no visguard counterpart is reported under the model's own name,
 never dropped. The same table is in docs/formats.md ("Policy translation"); a test keeps them equal.
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from visguard.errors import UnsupportedRequestError
-from visguard.policy import MIS_CATEGORIES, Category, Policy
+from visguard.core.errors import UnsupportedRequestError
+from visguard.core.policy import MIS_CATEGORIES, Category, Policy
 
 #: MLCommons hazard taxonomy as Llama Guard 3/4 name it (S14 is text-only: left out with images).
 MLCOMMONS: Mapping[str, str] = {

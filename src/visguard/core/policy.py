@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from visguard.core.images import ImageLimits
+
 if TYPE_CHECKING:  # pragma: no cover
-    from visguard.types import Verdict
+    from visguard.core.types import Verdict
 
 Mode = Literal["fast", "reason", "adaptive"]
 OnError = Literal["block", "allow", "raise"]
@@ -74,28 +76,6 @@ MIS_CATEGORIES: tuple[Category, ...] = (
 )
 
 
-class ImageLimits(BaseModel):
-    """Limits applied at the image boundary (see :mod:`visguard.images`)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    max_images: int = Field(default=8, ge=0)
-    max_pixels: int = Field(default=4096 * 4096, gt=0, description="width * height of one image")
-    max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="encoded size of one image")
-    max_aspect_ratio: float = Field(
-        default=100.0, ge=1.0, le=150.0,
-        description="longer side / shorter side; a longer strip is padded with white up to this ratio "
-        "(vision processors refuse extreme ratios, e.g. Qwen2-VL above 200)",
-    )
-    allow_remote: bool = Field(default=False, description="fetch http(s) URLs (off: refused)")
-    allow_paths: bool = Field(
-        default=True,
-        description="read local image files (off, as in the HTTP servers: a path or file: URL is refused "
-        "before the file system is touched, with one message whatever the path)",
-    )
-    remote_timeout_s: float = Field(default=10.0, gt=0)
-
-
 #: default :attr:`Policy.timeout_s`: generous for a reason pass of a 7B guard on a GPU, short
 #: enough that a hung backend surfaces as ``unavailable`` instead of blocking callers forever
 DEFAULT_TIMEOUT_S = 60.0
@@ -119,7 +99,7 @@ class Policy(BaseModel):
         max_new_tokens: generation budget of the reason pass.
         timeout_s: time limit of one check call, queueing included (default 60 s); past it the
             check is ``unavailable`` and a batch still running is abandoned (its worker replaced,
-            see :mod:`visguard.batching`). ``None``: no limit (a hung backend then blocks the caller).
+            see :mod:`visguard.engine.batching`). ``None``: no limit (a hung backend then blocks the caller).
         limits: image-boundary limits.
     """
 
@@ -199,7 +179,7 @@ class Policy(BaseModel):
 
         ``safe`` passes and ``unsafe`` blocks; ``unavailable`` (error, timeout, unparseable
         output) follows ``on_error``: ``block`` blocks, ``allow`` passes flagged ``degraded``,
-        ``raise`` raises :class:`~visguard.errors.GuardUnavailableError`. *How* a block looks
+        ``raise`` raises :class:`~visguard.core.errors.GuardUnavailableError`. *How* a block looks
         (a refusal, an exception, a flag) is the caller's choice (e.g. ``guard.wrap(on_unsafe=...)``).
         """
         if verdict.label == "safe":

@@ -17,9 +17,9 @@ from typing import Any, ClassVar, Literal
 
 from PIL import Image
 
-from visguard.errors import UnsupportedRequestError
-from visguard.policy import Mode, Policy
-from visguard.types import GuardRequest
+from visguard.core.errors import UnsupportedRequestError
+from visguard.core.policy import Mode, Policy
+from visguard.core.types import GuardRequest
 
 PromptMode = Literal["fast", "reason"]
 
@@ -330,7 +330,7 @@ class GuardFormat(ABC):
         verdict question after the generated text override this and return such a plan.
 
         Called once per request and mode by the guard, in the caller's thread, after
-        :meth:`check_request`; an :class:`~visguard.errors.InputError` raised here reaches that caller.
+        :meth:`check_request`; an :class:`~visguard.core.errors.InputError` raised here reaches that caller.
         """
         prompt = self.build(request, policy, mode=mode, special_tokens=special_tokens)
         tokens = policy.max_new_tokens if mode == "reason" else self.capabilities.fast_tokens

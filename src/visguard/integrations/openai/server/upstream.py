@@ -1,12 +1,12 @@
 """Serve a local host model as an OpenAI-compatible chat endpoint (the "upstream" a guard protects).
 
-:func:`create_upstream_app` turns any :class:`visguard.hosts.Host` (a transformers VLM, a callable
+:func:`create_upstream_app` turns any :class:`visguard.hosting.hosts.Host` (a transformers VLM, a callable
 ...) into a FastAPI app with
 
 - ``POST /v1/chat/completions``: OpenAI chat messages with text and ``image_url`` data-URL parts;
   a JSON completion, or server-sent events with ``"stream": true`` (OpenAI chunk format, ending
   with ``data: [DONE]``); ``usage`` holds the host's token counts when the host reports them
-  (:func:`visguard.hosts.reports_usage`; in a stream when ``stream_options.include_usage`` asks);
+  (:func:`visguard.hosting.hosts.reports_usage`; in a stream when ``stream_options.include_usage`` asks);
 - ``GET /v1/models``: the one served model;
 - ``GET /healthz``: liveness.
 
@@ -27,10 +27,10 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 
-from visguard.hosts import Host, TokenUsage, supports_cancel
-from visguard.policy import ImageLimits
-from visguard.redact import redact
-from visguard.serve.common import (
+from visguard.core.images import ImageLimits
+from visguard.core.redact import redact
+from visguard.hosting.hosts import Host, TokenUsage, supports_cancel
+from visguard.integrations.openai.server.common import (
     ApiError,
     bearer_ok,
     chunk_builder,
@@ -41,7 +41,7 @@ from visguard.serve.common import (
     sse_response,
     streamed_usage,
 )
-from visguard.serve.openai_types import (
+from visguard.integrations.openai.wire import (
     SSE_DONE,
     AssistantMessage,
     ChatCompletion,
@@ -59,7 +59,7 @@ from visguard.serve.openai_types import (
 GenerationOptions = Callable[[ChatCompletionRequest, Host], dict[str, Any]]
 
 
-#: the default: what the host declares (see :func:`~visguard.serve.openai_types.generation_options`)
+#: the default: what the host declares (see :func:`~visguard.integrations.openai.wire.generation_options`)
 default_generation_options: GenerationOptions = generation_options
 
 
@@ -75,7 +75,7 @@ def create_upstream_app(
 
     Args:
         host: the model that answers; it receives the request's images (checked at the image
-            boundary, in message order) and text (see :meth:`~visguard.serve.openai_types.SplitChat.prompt_text`).
+            boundary, in message order) and text (see :meth:`~visguard.integrations.openai.wire.SplitChat.prompt_text`).
         model_name: the model id clients must send and ``/v1/models`` lists.
         api_key: when set, requests must carry ``Authorization: Bearer <api_key>``.
         limits: image-boundary limits (default :class:`ImageLimits()`: remote URLs refused).

@@ -1,9 +1,9 @@
 """The Checker interface: what every consumer of a guard needs, and the checks built on it once.
 
-A :class:`Checker` turns :class:`~visguard.types.GuardRequest` objects into verdicts under a
-:class:`~visguard.policy.Policy`. Two implementations ship: a model guard (:class:`visguard.Guard`:
+A :class:`Checker` turns :class:`~visguard.core.types.GuardRequest` objects into verdicts under a
+:class:`~visguard.core.policy.Policy`. Two implementations ship: a model guard (:class:`visguard.Guard`:
 a format on a backend) and a cascade of checkers (:class:`visguard.Cascade`). Every consumer
-(``wrap`` / :class:`~visguard.guarded.GuardedModel`, ``visguard serve``, ``visguard eval``,
+(``wrap`` / :class:`~visguard.hosting.guarded.GuardedModel`, ``visguard serve``, ``visguard eval``,
 ``visguard check``, LangChain, the ``guard`` judge) takes any Checker and uses only the protocol's
 members and the functions of this module; none reaches into a guard's backend or format.
 
@@ -19,14 +19,14 @@ import asyncio
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from visguard.errors import GuardUnavailableError, InputError, InputTooLongError
-from visguard.format import Capabilities
-from visguard.images import ImageInput
-from visguard.policy import Mode, Policy
-from visguard.types import MAX_TEXT_CHARS, GuardRequest, Verdict
+from visguard.core.errors import GuardUnavailableError, InputError, InputTooLongError
+from visguard.core.images import ImageInput
+from visguard.core.policy import Mode, Policy
+from visguard.core.types import MAX_TEXT_CHARS, GuardRequest, Verdict
+from visguard.engine.format import Capabilities
 
 if TYPE_CHECKING:  # pragma: no cover
-    from visguard.guarded import GuardedModel
+    from visguard.hosting.guarded import GuardedModel
 
 #: ``observer(mode, verdicts, waited_s)``, called after each batch a checker's model ran
 BatchObserver = Callable[[Mode, list[Verdict], list[float]], None]
@@ -57,7 +57,7 @@ class Checker(Protocol):
         ...
 
     def check_supported(self, request: GuardRequest, mode: Mode | None = None) -> None:
-        """Raise :class:`~visguard.errors.UnsupportedRequestError` when it cannot judge ``request``."""
+        """Raise :class:`~visguard.core.errors.UnsupportedRequestError` when it cannot judge ``request``."""
         ...
 
     def request(
@@ -210,7 +210,7 @@ class CheckerBase(abc.ABC):
 
     @abc.abstractmethod
     def check_supported(self, request: GuardRequest, mode: Mode | None = None) -> None:
-        """Raise :class:`~visguard.errors.UnsupportedRequestError` when this checker cannot judge ``request``."""
+        """Raise :class:`~visguard.core.errors.UnsupportedRequestError` when this checker cannot judge ``request``."""
 
     @abc.abstractmethod
     def report_batch(self, requests: Sequence[GuardRequest], *, mode: Mode | None = None) -> list[Verdict]:
@@ -302,7 +302,7 @@ class CheckerBase(abc.ABC):
 
         Returns ``unavailable`` verdicts (never ``safe``) when the model fails, times out or its
         output cannot be parsed; raises :class:`GuardUnavailableError` instead where the policy's
-        :meth:`~visguard.policy.Policy.action` says ``raise``. Callers that record verdicts rather
+        :meth:`~visguard.core.policy.Policy.action` says ``raise``. Callers that record verdicts rather
         than act on them (evaluation, judges, a guarded model that acts itself) use
         :meth:`report_batch`.
 
@@ -362,20 +362,20 @@ class CheckerBase(abc.ABC):
         """Put this checker around a host model: pre-check, host answer, post-check, streaming.
 
         Args:
-            host: a :class:`~visguard.hosts.Host`, a local model path or hub id, an
+            host: a :class:`~visguard.hosting.hosts.Host`, a local model path or hub id, an
                 OpenAI-compatible ``http(s)://`` base URL, or a callable ``(images, text) -> str``
-                (see :func:`visguard.hosts.resolve_host`).
-            **options: see :class:`~visguard.guarded.GuardedOptions` (``pre_check``,
+                (see :func:`visguard.hosting.hosts.resolve_host`).
+            **options: see :class:`~visguard.hosting.guarded.GuardedOptions` (``pre_check``,
                 ``post_check``, ``on_unsafe``, ``refusal``, ``audit``, ``host_options`` ...).
 
         Returns:
-            A :class:`~visguard.guarded.GuardedModel` with ``generate``, ``stream``,
+            A :class:`~visguard.hosting.guarded.GuardedModel` with ``generate``, ``stream``,
             ``agenerate`` and ``astream``.
 
         Raises:
             InputError: an option is invalid or the host cannot be used.
             PluginError: the host's plugin is not installed.
         """
-        from visguard.guarded import GuardedModel
+        from visguard.hosting.guarded import GuardedModel
 
         return GuardedModel(self, host, **options)

@@ -3,8 +3,8 @@
 - :class:`GuardedChatModel` wraps any LangChain chat model and is itself one: it pre-checks the
   conversation's images and text, calls the wrapped model, post-checks the answer (streams are
   re-checked as they grow and never release text that failed a check), then returns the answer, a
-  refusal ``AIMessage`` or raises, per :class:`~visguard.guarded.GuardedOptions`. It runs on the same
-  :class:`~visguard.guarded.GuardedModel` machinery as ``guard.wrap`` (through the ``langchain``
+  refusal ``AIMessage`` or raises, per :class:`~visguard.hosting.guarded.GuardedOptions`. It runs on the same
+  :class:`~visguard.hosting.guarded.GuardedModel` machinery as ``guard.wrap`` (through the ``langchain``
   host plugin), so parallel pre-checks cancel the wrapped model's request when they block.
 - :class:`GuardCheck` is a guard check as a Runnable: it returns the :class:`Verdict`, or, with
   ``passthrough=True``, its input unchanged when allowed (for ``prompt | check | llm | parser``).
@@ -51,16 +51,16 @@ try:
     )
     from langchain_core.runnables.fallbacks import RunnableWithFallbacks
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("visguard.langchain needs langchain-core: pip install 'visguard[langchain]'") from exc
+    raise ImportError("visguard.integrations.langchain.runnables needs langchain-core: pip install 'visguard[langchain]'") from exc
 
-from visguard.checker import Checker, allows, enforce
-from visguard.default_plugins.langchain_host import answer_text
-from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError
-from visguard.guarded import GuardedModel, GuardedOptions, GuardedResult
-from visguard.images import load_images
-from visguard.policy import ImageLimits, Mode
-from visguard.serve.openai_types import SplitChat
-from visguard.types import GuardRequest, Verdict
+from visguard.core.errors import GuardrailViolation, GuardUnavailableError, InputError
+from visguard.core.images import ImageLimits, load_images
+from visguard.core.policy import Mode
+from visguard.core.types import GuardRequest, Verdict
+from visguard.engine.checker import Checker, allows, enforce
+from visguard.hosting.guarded import GuardedModel, GuardedOptions, GuardedResult
+from visguard.integrations.langchain.messages import answer_text
+from visguard.integrations.openai.wire import SplitChat
 
 __all__ = ["GuardCheck", "GuardedChatModel", "request_from_langchain", "split_chat"]
 
@@ -193,7 +193,7 @@ class GuardCheck(RunnableSerializable[Any, Any]):
     """Run a visguard check as a LangChain Runnable.
 
     Args:
-        guard: the guard to run, any :class:`~visguard.checker.Checker` (a Guard, a Cascade).
+        guard: the guard to run, any :class:`~visguard.engine.checker.Checker` (a Guard, a Cascade).
         stage: ``input`` (pre-check) or ``output`` (post-check of the last AI message).
         mode: overrides the guard policy's mode.
         raise_on_block: raise :class:`GuardrailViolation` when the guard does not allow the input
@@ -274,10 +274,10 @@ class GuardedChatModel(BaseChatModel):
     unchecked text); its own ``callbacks`` still apply.
 
     Args:
-        guard: the guard, any :class:`~visguard.checker.Checker` (a Guard, a Cascade; its policy's
+        guard: the guard, any :class:`~visguard.engine.checker.Checker` (a Guard, a Cascade; its policy's
             ``on_error`` and image limits apply, and a Guard's ``threshold`` and ``timeout_s``).
         model: the chat model to guard.
-        options: a :class:`~visguard.guarded.GuardedOptions`; or pass its fields as keywords
+        options: a :class:`~visguard.hosting.guarded.GuardedOptions`; or pass its fields as keywords
             (``pre_check``, ``post_check``, ``on_unsafe``, ``refusal``, ``stream_check_every``,
             ``audit`` ...).
         **kwargs: chat model fields (``callbacks``, ``tags``, ``metadata``, ``name`` ...).
@@ -316,7 +316,7 @@ class GuardedChatModel(BaseChatModel):
 
     @property
     def guarded(self) -> GuardedModel:
-        """The :class:`~visguard.guarded.GuardedModel` doing the work."""
+        """The :class:`~visguard.hosting.guarded.GuardedModel` doing the work."""
         return self._guarded
 
     @property

@@ -12,7 +12,7 @@ Decisions: a ``safe`` verdict passes. An ``unsafe`` verdict follows ``on_unsafe`
 ``unavailable`` verdict (guard error, timeout, unparseable output) follows the guard policy's
 ``on_error``: ``block`` (default) treats it like ``unsafe`` with the reason ``unavailable``,
 ``allow`` passes the call on flagged ``degraded``, ``raise`` raises
-:class:`~visguard.errors.GuardUnavailableError`.
+:class:`~visguard.core.errors.GuardUnavailableError`.
 
 One call runs the host in a worker (a thread, or an asyncio task for the ``a*`` methods) that
 feeds host text into a queue; the caller's side runs the checks and releases text. Nothing is
@@ -35,12 +35,17 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from visguard.audit import AuditLog
-from visguard.checker import Checker, report_answer
-from visguard.errors import GuardrailViolation, GuardUnavailableError, InputError, UnsupportedRequestError
-from visguard.hosts import Host, resolve_host, supports_cancel
-from visguard.images import ImageInput
-from visguard.types import GuardRequest, Stage, Verdict
+from visguard.core.errors import (
+    GuardrailViolation,
+    GuardUnavailableError,
+    InputError,
+    UnsupportedRequestError,
+)
+from visguard.core.images import ImageInput
+from visguard.core.types import GuardRequest, Stage, Verdict
+from visguard.engine.checker import Checker, report_answer
+from visguard.hosting.audit import AuditLog
+from visguard.hosting.hosts import Host, resolve_host, supports_cancel
 
 PreCheck = Literal["sequential", "parallel", "off"]
 OnUnsafe = Literal["refuse", "safe_answer", "raise", "return"]
@@ -78,8 +83,8 @@ class GuardedOptions(BaseModel):
         stream_check_every: re-check a stream each time this many new host pieces (tokens) are
             held. Pieces are taken one at a time, so the checkpoints never depend on timing.
         stream_check_sentences: also re-check a stream when a piece ends a sentence or a line.
-        audit: an :class:`~visguard.audit.AuditLog`, or a path to append one to.
-        host_options: keyword arguments for :func:`visguard.hosts.resolve_host` (e.g. ``model``
+        audit: an :class:`~visguard.hosting.audit.AuditLog`, or a path to append one to.
+        host_options: keyword arguments for :func:`visguard.hosting.hosts.resolve_host` (e.g. ``model``
             and ``timeout_s`` of the ``openai`` host).
     """
 
@@ -187,9 +192,9 @@ class GuardedModel:
     """A host model behind a guard. Build one with ``guard.wrap(host, **options)``.
 
     Args:
-        guard: the guard, any :class:`~visguard.checker.Checker` (a Guard, a Cascade); its policy's
+        guard: the guard, any :class:`~visguard.engine.checker.Checker` (a Guard, a Cascade); its policy's
             ``on_error`` (and, for a Guard, ``threshold`` and ``timeout_s``) apply.
-        host: anything :func:`visguard.hosts.resolve_host` accepts: a :class:`~visguard.hosts.Host`,
+        host: anything :func:`visguard.hosting.hosts.resolve_host` accepts: a :class:`~visguard.hosting.hosts.Host`,
             a local model path or hub id (``transformers``), an ``http(s)://`` OpenAI-compatible
             base URL (``openai``), ``(host_name, target)``, or a callable
             ``(images, text) -> str`` (or an iterator of str, to stream).

@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from visguard.errors import InputError
-from visguard.images import GuardImage, ImageInput, load_images
-from visguard.policy import ImageLimits, Mode
-from visguard.redact import redact
+from visguard.core.errors import InputError
+from visguard.core.images import GuardImage, ImageInput, ImageLimits, load_images
+from visguard.core.policy import Mode
+from visguard.core.redact import redact
 
 Label = Literal["safe", "unsafe", "unavailable"]
 Stage = Literal["input", "output"]
@@ -141,7 +141,7 @@ class GuardRequest(BaseModel):
         """Validate raw inputs into a request.
 
         Text is checked before images (it is cheaper), each by the one check of its kind:
-        :func:`check_text`, :func:`check_conversation`, :func:`~visguard.images.load_images`.
+        :func:`check_text`, :func:`check_conversation`, :func:`~visguard.core.images.load_images`.
 
         Raises:
             ImageInputError: an image was refused at the boundary.
@@ -167,7 +167,7 @@ class Verdict(BaseModel):
         category / sub_category: the harm category named by the guard (reason mode), if any.
         categories: every category the guard named, in its order (guards such as Llama Guard name
             several); ``category`` is the first.
-        stages: for a :class:`~visguard.cascade.Cascade`, every stage guard's verdict in the order
+        stages: for a :class:`~visguard.engine.cascade.Cascade`, every stage guard's verdict in the order
             they ran (empty for a single guard).
         reasoning: the guard's perception and cross-image reasoning text (``None`` in fast mode).
         raw: the text the guard generated (empty in fast mode).

@@ -1,6 +1,6 @@
 """Backends: run guard prompts on a model and return probabilities and text.
 
-A backend knows how to render a :class:`~visguard.format.GuardPrompt` for its model (chat template,
+A backend knows how to render a :class:`~visguard.engine.format.GuardPrompt` for its model (chat template,
 image placeholders) and how to run it. It never interprets the output: parsing belongs to formats.
 """
 
@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from visguard.format import GuardPrompt
+from visguard.engine.format import GuardPrompt
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class Backend(ABC):
     def check_verdict_words(self, prefix: str, words: Mapping[str, Sequence[str]]) -> None:  # noqa: B027 - optional hook
         """Fail early if this backend cannot read the verdict ``words`` after ``prefix``.
 
-        Called once when a :class:`~visguard.guard.Guard` is built. The default accepts everything;
+        Called once when a :class:`~visguard.engine.guard.Guard` is built. The default accepts everything;
         backends that score token ids check them here (and may warn about spellings they drop).
 
         Raises:

@@ -1,6 +1,6 @@
 """Micro-batching: checks from concurrent callers share backend batches.
 
-Every check a :class:`~visguard.guard.Guard` runs goes through one :class:`MicroBatcher`: a worker
+Every check a :class:`~visguard.engine.guard.Guard` runs goes through one :class:`MicroBatcher`: a worker
 thread takes the first waiting request, collects whatever else arrives within ``max_wait_s`` (up to
 ``max_batch``), and runs them as one backend batch. Under concurrency this turns N serialized
 forward passes into a few batched ones; a lone caller pays one thread hand-off (tens of µs) plus
@@ -10,7 +10,7 @@ Liveness: a batch that never returns must not stop every later check. A caller t
 running batch (its time limit passed) calls :meth:`MicroBatcher.abandon`: the worker stuck in that
 batch is retired (it exits when the batch returns, its results dropped) and a fresh worker serves
 the queue. At most ``max_stalled`` retired workers may be stuck at once; beyond that, new checks
-fail at once with :class:`~visguard.errors.BackendStalledError` (the guard reports them
+fail at once with :class:`~visguard.core.errors.BackendStalledError` (the guard reports them
 ``unavailable`` with that reason) until a stuck batch returns.
 """
 
@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from visguard.errors import BackendStalledError
+from visguard.core.errors import BackendStalledError
 
 _STOP = object()
 

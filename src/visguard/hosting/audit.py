@@ -19,9 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from visguard.images import GuardImage
-from visguard.redact import redact_fields
-from visguard.types import Verdict
+from visguard.core.images import GuardImage
+from visguard.core.redact import redact_fields
+from visguard.core.types import Verdict
 
 #: keys every record has (see :meth:`AuditLog.record_verdict`)
 RECORD_KEYS = (

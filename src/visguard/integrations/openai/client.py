@@ -4,7 +4,7 @@ Used by the ``openai`` backend (a guard behind a server) and the ``openai`` host
 server). Built on ``httpx``; retries use ``tenacity``: connect errors, HTTP 429 and 5xx are retried
 with exponential backoff (``Retry-After`` honoured, capped), nothing else is (a read timeout means
 the server may still be working on the request). Every error is a :class:`BackendError` whose text
-names the server and has credentials removed (:func:`visguard.redact.redact`).
+names the server and has credentials removed (:func:`visguard.core.redact.redact`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
-from visguard.errors import BackendError, InputError
-from visguard.redact import redact
+from visguard.core.errors import BackendError, InputError
+from visguard.core.redact import redact
 
 #: HTTP statuses worth another try (rate limiting, server trouble)
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})

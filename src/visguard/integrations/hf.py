@@ -1,6 +1,6 @@
 """Hugging Face prompt codec shared by the backends that run HF checkpoints (transformers, vLLM).
 
-One place renders a :class:`~visguard.format.GuardPrompt` with the checkpoint's own chat template,
+One place renders a :class:`~visguard.engine.format.GuardPrompt` with the checkpoint's own chat template,
 finds the verdict spellings' token ids, lists the tokenizer's control strings, and maps generated
 token ids back to text spans, so every such backend builds identical inputs and reads outputs
 identically. :meth:`HFPromptCodec.static_prefix` finds the rendered text of a prompt's
@@ -20,9 +20,9 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from visguard.backend import Generation
-from visguard.errors import BackendError, UnsupportedRequestError
-from visguard.format import GuardPrompt
+from visguard.core.errors import BackendError, UnsupportedRequestError
+from visguard.engine.backend import Generation
+from visguard.engine.format import GuardPrompt
 
 _PROCESSOR_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "video_token", "fake_image_token")
 #: processor attributes naming a string its chat-template output must contain for an image to be read

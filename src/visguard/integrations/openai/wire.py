@@ -7,7 +7,7 @@ parameters), response models write exactly the fields clients read. They depend 
 so clients and servers can both import them without FastAPI.
 
 Server side: :func:`split_messages` / :func:`messages_to_prompt` are the single place where chat
-messages become visguard inputs (images go through :func:`visguard.images.load_images`, the image
+messages become visguard inputs (images go through :func:`visguard.core.images.load_images`, the image
 boundary); :func:`sse_event` frames a stream. Client side (the ``openai`` host and backend):
 :func:`image_part` writes an image, :func:`completion_choice`, :func:`message_text` and
 :func:`stream_event` read what a server answered.
@@ -23,9 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from visguard.errors import InputError
-from visguard.images import GuardImage, load_images
-from visguard.policy import ImageLimits
+from visguard.core.errors import InputError
+from visguard.core.images import GuardImage, ImageLimits, load_images
 
 # ---------------------------------------------------------------------------------- requests
 
@@ -147,7 +146,7 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, tokens: Any) -> Usage | None:
-        """From a :class:`visguard.hosts.TokenUsage` (``None`` when the host reports none)."""
+        """From a :class:`visguard.hosting.hosts.TokenUsage` (``None`` when the host reports none)."""
         if tokens is None:
             return None
         return cls(prompt_tokens=tokens.prompt_tokens, completion_tokens=tokens.completion_tokens,
@@ -267,7 +266,7 @@ def message_text(data: Any) -> str:
 
 
 def add_usage(data: Any, usage: Any) -> None:
-    """Add the ``usage`` of a completion or chunk to ``usage`` (a :class:`visguard.hosts.TokenUsage`).
+    """Add the ``usage`` of a completion or chunk to ``usage`` (a :class:`visguard.hosting.hosts.TokenUsage`).
 
     Nothing happens when ``usage`` is ``None`` or ``data`` reports none.
     """

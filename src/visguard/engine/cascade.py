@@ -9,7 +9,7 @@ classifier and a text guard side by side). Every stage's verdict is kept on the 
 (``Verdict.stages``), and :meth:`Cascade.stats` measures the cost saved against running the last
 stage on everything.
 
-A cascade is the second :class:`~visguard.checker.Checker` beside :class:`~visguard.guard.Guard`
+A cascade is the second :class:`~visguard.engine.checker.Checker` beside :class:`~visguard.engine.guard.Guard`
 (it is not a Guard: it has no format or backend of its own), so it is used wherever a guard is:
 ``check_input`` / ``check_output`` / ``check`` / ``check_batch`` / ``report_batch`` and their async
 forms, ``wrap(host)``, ``visguard serve`` / ``eval`` / ``check`` (``--stage``), LangChain.
@@ -23,11 +23,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from visguard.checker import BatchObserver, Checker, CheckerBase, checked_requests, worst_verdict
-from visguard.errors import InputError, UnsupportedRequestError
-from visguard.format import Capabilities
-from visguard.policy import Mode, Policy
-from visguard.types import GuardRequest, Verdict
+from visguard.core.errors import InputError, UnsupportedRequestError
+from visguard.core.policy import Mode, Policy
+from visguard.core.types import GuardRequest, Verdict
+from visguard.engine.checker import BatchObserver, Checker, CheckerBase, checked_requests, worst_verdict
+from visguard.engine.format import Capabilities
 
 Escalate = Literal["unsure", "flagged", "unsure_or_flagged"]
 
@@ -37,8 +37,8 @@ class Stage:
     """One step of a cascade.
 
     Args:
-        guards: the guard(s) of this stage (any :class:`~visguard.checker.Checker`: a
-            :class:`~visguard.guard.Guard`, or a cascade); each judges the requests it can (a guard
+        guards: the guard(s) of this stage (any :class:`~visguard.engine.checker.Checker`: a
+            :class:`~visguard.engine.guard.Guard`, or a cascade); each judges the requests it can (a guard
             that cannot judge a request, e.g. an image classifier on a text-only request, sits it out).
         escalate: which verdicts go on to the next stage: ``unsure`` (a score inside ``band``, or
             no verdict), ``flagged`` (unsafe or no verdict: a later guard confirms flags) or
@@ -89,7 +89,7 @@ class _StageCost:
 
 
 class Cascade(CheckerBase):
-    """A guard made of guards (see the module docstring): a :class:`~visguard.checker.Checker`.
+    """A guard made of guards (see the module docstring): a :class:`~visguard.engine.checker.Checker`.
 
     Args:
         stages: :class:`Stage` objects, or guards (each becomes a one-guard stage with the default

@@ -10,7 +10,7 @@ content block (``{"type": "image", "base64"|"url": ...}`` or the older ``source_
 are refused: the guard cannot see them. With ``ImageLimits(allow_paths=False)`` (the HTTP servers)
 a path or ``file:`` URL is refused before the file system is touched. Everything becomes an RGB ``PIL.Image`` with its SHA-256 (of
 the decoded pixels' source bytes) for audit logs and caches. Remote ``http(s)`` URLs are refused
-unless the limits allow fetching. Anything else raises :class:`~visguard.errors.ImageInputError`
+unless the limits allow fetching. Anything else raises :class:`~visguard.core.errors.ImageInputError`
 naming the image and the problem in one line.
 
 Every accepted image is also made acceptable to every model: EXIF orientation is applied (the
@@ -38,9 +38,31 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
 
-from visguard.errors import ImageInputError
-from visguard.policy import ImageLimits
+from visguard.core.errors import ImageInputError
+
+
+class ImageLimits(BaseModel):
+    """Limits applied at the image boundary (:func:`load_images`; a :class:`~visguard.core.policy.Policy` carries one)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    max_images: int = Field(default=8, ge=0)
+    max_pixels: int = Field(default=4096 * 4096, gt=0, description="width * height of one image")
+    max_bytes: int = Field(default=20 * 1024 * 1024, gt=0, description="encoded size of one image")
+    max_aspect_ratio: float = Field(
+        default=100.0, ge=1.0, le=150.0,
+        description="longer side / shorter side; a longer strip is padded with white up to this ratio "
+        "(vision processors refuse extreme ratios, e.g. Qwen2-VL above 200)",
+    )
+    allow_remote: bool = Field(default=False, description="fetch http(s) URLs (off: refused)")
+    allow_paths: bool = Field(
+        default=True,
+        description="read local image files (off, as in the HTTP servers: a path or file: URL is refused "
+        "before the file system is touched, with one message whatever the path)",
+    )
+    remote_timeout_s: float = Field(default=10.0, gt=0)
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 

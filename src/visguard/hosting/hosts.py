@@ -19,8 +19,8 @@ from typing import Any, ClassVar
 from PIL import Image
 
 from visguard import plugins
-from visguard.errors import InputError
-from visguard.images import GuardImage
+from visguard.core.errors import InputError
+from visguard.core.images import GuardImage
 
 
 class Host(ABC):
@@ -35,7 +35,7 @@ class Host(ABC):
     #: the host model's id, path or URL
     model_id: str = ""
     #: per-call keyword arguments the host understands from a chat request (``max_new_tokens``,
-    #: ``temperature`` ...): a server forwards exactly these (:func:`visguard.serve.wire.generation_options`)
+    #: ``temperature`` ...): a server forwards exactly these (:func:`visguard.integrations.openai.server.wire.generation_options`)
     generation_options: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod

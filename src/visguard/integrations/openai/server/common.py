@@ -1,6 +1,6 @@
 """What every visguard OpenAI-compatible app shares: errors, auth, request checks, streamed chunks.
 
-Used by :mod:`visguard.serve.app` (``visguard serve``) and :mod:`visguard.serve.upstream` (a host
+Used by :mod:`visguard.integrations.openai.server.app` (``visguard serve``) and :mod:`visguard.integrations.openai.server.upstream` (a host
 served as an upstream). Needs the ``serve`` extra (FastAPI).
 """
 
@@ -17,11 +17,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from visguard.errors import InputError
-from visguard.hosts import Host, TokenUsage, reports_usage
-from visguard.policy import ImageLimits
-from visguard.redact import redact, redact_fields
-from visguard.serve.openai_types import (
+from visguard.core.errors import InputError
+from visguard.core.images import ImageLimits
+from visguard.core.redact import redact, redact_fields
+from visguard.hosting.hosts import Host, TokenUsage, reports_usage
+from visguard.integrations.openai.wire import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChunkChoice,
@@ -128,7 +128,7 @@ def chunk_builder(model: str) -> Callable[..., dict[str, Any]]:
 
 
 def host_usage(host: Host, options: dict[str, Any]) -> TokenUsage | None:
-    """A :class:`~visguard.hosts.TokenUsage` for one call, put in ``options`` as ``usage=``.
+    """A :class:`~visguard.hosting.hosts.TokenUsage` for one call, put in ``options`` as ``usage=``.
 
     ``None`` (and ``options`` unchanged) when the host does not report usage.
     """

@@ -10,18 +10,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
-    from visguard.types import Verdict
+    from visguard.core.types import Verdict
 
 
 class VisguardError(Exception):
     """Base class of every error raised by visguard.
 
-    Its text never shows a credential: ``str(error)`` is passed through :func:`visguard.redact.redact`
+    Its text never shows a credential: ``str(error)`` is passed through :func:`visguard.core.redact.redact`
     (URL userinfo, bearer tokens, API keys), so CLI messages and HTTP error bodies built from it are safe.
     """
 
     def __str__(self) -> str:
-        from visguard.redact import redact
+        from visguard.core.redact import redact
 
         return redact(super().__str__())
 
@@ -82,7 +82,7 @@ class BackendStalledError(BackendError):
     """Checks fail fast: earlier batches are stuck in the backend past their callers' time limits.
 
     Raised for new checks while a guard's batcher holds its maximum of abandoned, still-running
-    batches (see :mod:`visguard.batching`); the guard turns it into an ``unavailable`` verdict.
+    batches (see :mod:`visguard.engine.batching`); the guard turns it into an ``unavailable`` verdict.
     """
 
 
