@@ -278,3 +278,15 @@ def test_two_process_ddp_matches_one_process(tmp_path, small_base, data):
     assert a[-1] < a[0]  # it trains
     assert b == pytest.approx(a, rel=2e-3, abs=1e-3)
     assert Guard.from_pretrained(str(two), device="cpu").check_input(None, "hi").label in ("safe", "unsafe")
+
+
+def test_a_base_model_that_cannot_be_had_fails_in_one_line(tmp_path, data, monkeypatch):
+    """Offline, an unknown hub id as --base is refused before any download or retry (hf.resolve_checkpoint)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    _register_plugin_commands()
+    res = CliRunner().invoke(cli, ["train", "--data", str(data), "--base", "no/such-model", "--output", str(tmp_path / "o"),
+                                   "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert "no/such-model" in res.output and "local checkpoint directory" in res.output
+    assert not (tmp_path / "o" / "checkpoints").exists()

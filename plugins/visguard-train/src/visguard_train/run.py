@@ -142,7 +142,8 @@ def _train(
     from transformers import AutoModelForImageTextToText, AutoProcessor, TrainingArguments
 
     from visguard import plugins
-    from visguard.integrations.hf import HFPromptCodec
+    from visguard.core.errors import BackendError
+    from visguard.integrations.hf import HFPromptCodec, resolve_checkpoint
     from visguard_train.encode import (
         ExampleBuilder,
         ExampleDataset,
@@ -164,15 +165,19 @@ def _train(
     resume_from = _resume_point(config, output, ckpt_dir)
 
     transformers.set_seed(config.seed)
+    try:  # an id that cannot be had fails in seconds, with one line
+        base = resolve_checkpoint(config.base, role="base")
+    except BackendError as exc:
+        raise InputError(str(exc)) from exc
     try:
-        processor = AutoProcessor.from_pretrained(config.base)
+        processor = AutoProcessor.from_pretrained(base)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load base model {config.base!r}: {exc}") from exc
     codec = HFPromptCodec(processor)
     if config.objective == "guard":
         _require_verdict_tokens(codec, fmt, config.base)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(config.base, dtype=torch.float32, use_safetensors=True)
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32, use_safetensors=True)
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError ...: one typed message
         raise InputError(f"cannot load base model {config.base!r}: {type(exc).__name__}: {exc}") from exc
     builder = ExampleBuilder(codec, fmt)

@@ -32,7 +32,7 @@ from typing import Any
 from visguard.core.errors import BackendError, PromptTooLongError
 from visguard.engine.backend import Backend, Generation
 from visguard.engine.format import GuardPrompt
-from visguard.integrations.hf import HFPromptCodec, too_long_reason
+from visguard.integrations.hf import HFPromptCodec, resolve_checkpoint, too_long_reason
 
 
 class VLLMBackend(Backend):
@@ -79,8 +79,9 @@ class VLLMBackend(Backend):
         from transformers import AutoProcessor
 
         limit = engine_kwargs.pop("limit_mm_per_prompt", None) or {"image": max_images}
+        source = resolve_checkpoint(str(model), revision=revision)  # an id that cannot be had fails in seconds
         args: dict[str, Any] = {
-            "model": model,
+            "model": source,
             "dtype": dtype,
             "max_model_len": max_model_len,
             "enable_prefix_caching": enable_prefix_caching,
@@ -91,7 +92,7 @@ class VLLMBackend(Backend):
         }
         args = {k: v for k, v in args.items() if v is not None}
         try:
-            processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code, revision=revision)
+            processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
             llm = vllm.LLM(**args)
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise BackendError(f"cannot start vLLM on guard model {model!r}: {type(exc).__name__}: {exc}") from exc
