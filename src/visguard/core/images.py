@@ -66,7 +66,7 @@ class ImageLimits(BaseModel):
 
 ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"})
 
-ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | Image.Image | Mapping[str, Any] | GuardImage"
+ImageInput: TypeAlias = "str | os.PathLike[str] | bytes | bytearray | memoryview | Image.Image | Mapping[str, Any] | GuardImage"
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -22,6 +22,10 @@ MAX_CONVERSATION_TURNS = 32
 CONVERSATION_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
+@overload
+def check_text(value: Any, field: str, *, optional: Literal[False] = False, limit: int = MAX_TEXT_CHARS) -> str: ...
+@overload
+def check_text(value: Any, field: str, *, optional: bool, limit: int = MAX_TEXT_CHARS) -> str | None: ...
 def check_text(value: Any, field: str, *, optional: bool = False, limit: int = MAX_TEXT_CHARS) -> str | None:
     """The one text check of visguard's input boundary.
 
@@ -81,7 +85,8 @@ def check_conversation(value: Any, field: str = "conversation") -> tuple[dict[st
 
 
 def _one_line_validation(exc: ValidationError) -> str:
-    first = exc.errors()[0] if exc.errors() else {}
+    errors = exc.errors()
+    first: Mapping[str, Any] = errors[0] if errors else {}
     where = ".".join(str(p) for p in first.get("loc", ())) or "request"
     return f"{where}: {' '.join(str(first.get('msg', exc)).split())}"
 

@@ -213,7 +213,7 @@ def verdict_word(text: str, verdict_words: Mapping[str, Iterable[str]]) -> Liter
     word = m.group(1).lower()
     for label in ("unsafe", "safe"):
         if any(word == w.strip().lower() for w in verdict_words.get(label, ())):
-            return label  # type: ignore[return-value]
+            return label
     return None
 
 
