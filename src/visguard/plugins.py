@@ -14,7 +14,7 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import pluggy
@@ -82,11 +82,13 @@ def _load_distribution(dist_name: str) -> None:
             pm.register(ep.load(), name=ep.name)
 
 
-def _trace_before(hook_name: str, hook_impls: list, kwargs: dict) -> None:
+def _trace_before(hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]) -> None:
     print(f"visguard hook: {hook_name} -> {[impl.plugin_name for impl in hook_impls]}", file=sys.stderr)
 
 
-def _trace_after(outcome: Any, hook_name: str, hook_impls: list, kwargs: dict) -> None:
+def _trace_after(
+    outcome: pluggy.Result[Any], hook_name: str, hook_impls: Sequence[pluggy.HookImpl], kwargs: Mapping[str, Any]
+) -> None:
     pass
 
 
@@ -157,6 +159,7 @@ def create(kind: str, name: str, target: Any, **options: Any) -> Any:
         InputError: an option the factory does not declare (unless it takes ``**kwargs``).
     """
     factory = get(kind, name)
+    params: Iterable[inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):

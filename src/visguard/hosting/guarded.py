@@ -221,7 +221,7 @@ class GuardedModel:
         self.host = resolve_host(host, **self.options.host_options)
         audit = self.options.audit
         self._owns_audit = audit is not None and not isinstance(audit, AuditLog)
-        self.audit: AuditLog | None = AuditLog(audit) if self._owns_audit else audit  # type: ignore[arg-type]
+        self.audit: AuditLog | None = audit if audit is None or isinstance(audit, AuditLog) else AuditLog(audit)
         self._stream_cancel = supports_cancel(self.host)
         self._astream_cancel = supports_cancel(self.host, asynchronous=True)
 

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from PIL import Image
 
@@ -58,7 +58,7 @@ class Host(ABC):
             piece = await asyncio.to_thread(next, iterator, sentinel)
             if piece is sentinel:
                 return
-            yield piece  # type: ignore[misc]
+            yield cast(str, piece)
 
     def served_model(self) -> str:
         """The model's name as its server knows it (may ask the server; default :attr:`model_id`).
@@ -82,7 +82,7 @@ def supports_cancel(host: Host, *, asynchronous: bool = False) -> bool:
     Only a parameter named ``cancel`` counts (``**kwargs`` would pass the event on to the model).
     The default :meth:`Host.astream` forwards its keyword arguments to :meth:`Host.stream`.
     """
-    method = host.stream
+    method: Callable[..., object] = host.stream
     if asynchronous and type(host).astream is not Host.astream:
         method = host.astream
     return _takes(method, "cancel")
@@ -117,7 +117,7 @@ def reports_usage(host: Host) -> bool:
 
     Only a parameter named ``usage`` counts; the default async methods forward to the sync ones.
     """
-    methods = [host.generate, host.stream]
+    methods: list[Callable[..., object]] = [host.generate, host.stream]
     methods += [m for m, base in ((host.agenerate, Host.agenerate), (host.astream, Host.astream))
                 if getattr(type(host), m.__name__) is not base]
     return all(_takes(m, "usage") for m in methods)

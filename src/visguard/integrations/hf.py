@@ -18,7 +18,7 @@ import os
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 from visguard.core.errors import BackendError, UnsupportedRequestError
 from visguard.engine.backend import Generation
@@ -27,6 +27,8 @@ from visguard.engine.format import GuardPrompt
 _PROCESSOR_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "video_token", "fake_image_token")
 #: processor attributes naming a string its chat-template output must contain for an image to be read
 _IMAGE_PLACEHOLDER_ATTRS = ("image_token", "boi_token", "start_image_token", "fake_image_token")
+#: what ``from_pretrained(..., output_loading_info=True)`` returns: the model and its loading info
+_Loaded: TypeAlias = "tuple[Any, dict[str, Any]]"
 
 
 def too_long_reason(tokens: int, limit: int, why: str = "") -> str:
@@ -245,16 +247,18 @@ def load_image_text_model(
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     else:
-        torch_dtype = getattr(torch, dtype, None)
-        if not isinstance(torch_dtype, torch.dtype):
+        named = getattr(torch, dtype, None)
+        if not isinstance(named, torch.dtype):
             raise BackendError(f"unknown dtype {dtype!r}")
+        torch_dtype = named
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         processor = AutoProcessor.from_pretrained(source, **kwargs)
         load = {"dtype": torch_dtype, "use_safetensors": True, "output_loading_info": True, **kwargs, **extra}
         try:
-            hf_model, info = AutoModelForImageTextToText.from_pretrained(source, **load)
+            # output_loading_info=True: (model, info); transformers annotates the model alone
+            hf_model, info = cast(_Loaded, AutoModelForImageTextToText.from_pretrained(source, **load))
         except ValueError as exc:  # a text-only checkpoint (e.g. a text guard): its causal LM, same prompts
             if "Unrecognized configuration class" not in str(exc):
                 raise
@@ -263,7 +267,7 @@ def load_image_text_model(
                 raise BackendError(f"cannot load {role} model {model!r} with transformers: {custom}") from exc
             from transformers import AutoModelForCausalLM
 
-            hf_model, info = AutoModelForCausalLM.from_pretrained(source, **load)
+            hf_model, info = cast(_Loaded, AutoModelForCausalLM.from_pretrained(source, **load))
     except BackendError:
         raise
     except Exception as exc:  # noqa: BLE001 - OSError, ValueError, SafetensorError (truncated weights) ...

@@ -300,7 +300,9 @@ class GuardedChatModel(BaseChatModel):
         if options is not None:
             chosen = {name: getattr(options, name) for name in GuardedOptions.model_fields}
         guarded = GuardedModel(guard, model, **chosen)
-        super().__init__(guard=guard, model=model, options=guarded.options, **kwargs)
+        # pydantic's dataclass_transform gives mypy BaseChatModel's own fields as its __init__ signature; at run
+        # time BaseModel.__init__ validates this class's fields (guard, model, options)
+        super().__init__(guard=guard, model=model, options=guarded.options, **kwargs)  # type: ignore[call-arg]
         self._guarded = guarded
 
     @classmethod
@@ -444,7 +446,7 @@ class GuardedChatModel(BaseChatModel):
         return runnable
 
 
-def _answer(result: GuardedResult, record: list[Any]) -> AIMessage:
+def _answer(result: GuardedResult, record: list[Any]) -> BaseMessage:
     """The message a guarded call returns: the wrapped model's own, or the refusal."""
     metadata = {"visguard": result.summary()}
     if result.blocked:

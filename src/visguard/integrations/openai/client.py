@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -230,7 +230,7 @@ class ApiClient:
             except _Retry as exc:
                 raise exc.error from exc.__cause__
 
-    async def astream_lines(self, path: str, body: Mapping[str, Any]) -> AsyncIterator[str]:
+    async def astream_lines(self, path: str, body: Mapping[str, Any]) -> AsyncGenerator[str, None]:
         """Async :meth:`stream_lines`, as one async iterator of lines (closing it hangs up)."""
         async with httpx.AsyncClient(headers=self.headers, timeout=httpx.Timeout(self.timeout_s)) as client:
             try:
