@@ -20,7 +20,7 @@ from visguard import plugins
 from visguard.core.errors import VisguardError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from visguard.core.policy import Policy
+    from visguard.core.policy import Mode, Policy
     from visguard.engine.checker import Checker
 
 EXIT_SAFE, EXIT_UNSAFE, EXIT_ERROR = 0, 1, 2
@@ -182,7 +182,7 @@ def cli() -> None:
               help="Where a local backend runs (cpu, cuda, cuda:1 ...): passed to backends that take `device`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 def check(images: tuple[str, ...], model: str | None, stages: tuple[str, ...], text: str, response: str | None,
-          mode: str | None, backend: str, format_name: str | None, threshold: float, max_new_tokens: int,
+          mode: Mode | None, backend: str, format_name: str | None, threshold: float, max_new_tokens: int,
           backend_args: tuple[str, ...], device: str, as_json: bool) -> None:
     """Check IMAGES (zero or more files) plus --text with a guard model (or a cascade: --stage).
 
@@ -241,7 +241,7 @@ def plugins_command(as_json: bool) -> None:
     if as_json:
         for p in info:
             if p["provides"].get("formats"):
-                p["capabilities"] = {n: dataclasses.asdict(formats[n]) if formats.get(n) else None for n in p["provides"]["formats"]}
+                p["capabilities"] = {n: dataclasses.asdict(c) if (c := formats.get(n)) else None for n in p["provides"]["formats"]}
         click.echo(json.dumps(info, indent=2))
         return
     for p in info:

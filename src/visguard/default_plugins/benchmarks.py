@@ -108,7 +108,8 @@ class VLGuardBenchmark(Benchmark):
         image_root = root / "test" if (root / "test").is_dir() else root
         want_safe_image = split != "unsafes"
         key = {"unsafes": "instruction", "safe_unsafes": "unsafe_instruction", "safe_safes": "safe_instruction"}[split]
-        items, seen = [], set()
+        items: list[EvalItem] = []
+        seen: set[str] = set()
         for i, rec in enumerate(data):
             where = f"vlguard: test.json item {i}"
             is_safe = field_of(rec, "safe", where=where, types=bool)
@@ -158,7 +159,8 @@ class MMSafetyBenchmark(Benchmark):
         files = sorted(qdir.glob("*.json")) if qdir.is_dir() else []
         if not files:
             raise BenchmarkLayoutError(f"mm-safetybench: no scenario files {qdir}/<NN-Scenario>.json. {self.layout}")
-        items, seen = [], set()
+        items: list[EvalItem] = []
+        seen: set[str] = set()
         for path in files:
             scenario = path.stem
             data = read_json(path, what=self.name)
@@ -203,7 +205,8 @@ class SIUOBenchmark(Benchmark):
         data = read_json(root / "siuo_gen.json", what=self.name)
         if not isinstance(data, list):
             raise BenchmarkLayoutError(f"siuo: siuo_gen.json must hold a JSON list, got {type(data).__name__}")
-        items, seen = [], set()
+        items: list[EvalItem] = []
+        seen: set[str] = set()
         for i, rec in enumerate(data):
             where = f"siuo: siuo_gen.json item {i}"
             image = field_of(rec, "image", where=where)
@@ -252,7 +255,8 @@ class MSSBenchmark(Benchmark):
     def load_split(self, root: Path, split: str) -> list[EvalItem]:
         fname, data = self._index(root)
         entries = field_of(data, split, where=f"mssbench: {fname}", types=list)
-        items, seen = [], set()
+        items: list[EvalItem] = []
+        seen: set[str] = set()
         for i, rec in enumerate(entries):
             where = f"mssbench: {fname} {split}[{i}]"
             if split == "chat":
@@ -312,7 +316,8 @@ class MOSSBenchmark(Benchmark):
         data = read_json(root / "images_information" / "information.json", what=self.name)
         if not isinstance(data, dict):
             raise BenchmarkLayoutError("mossbench: information.json must map problem ids to objects")
-        items, seen = [], set()
+        items: list[EvalItem] = []
+        seen: set[str] = set()
         for key, rec in data.items():
             where = f"mossbench: information.json problem {key}"
             meta = field_of(rec, "metadata", where=where, types=dict, required=False) or {}
@@ -363,7 +368,8 @@ class FigStepBenchmark(Benchmark):
     def load_split(self, root: Path, split: str) -> list[EvalItem]:
         root = _data_dir(root, "question")
         rows = read_csv(root / "question" / self.CSV[split], benchmark=self.name, required=self.COLUMNS)
-        items, seen = [], set()
+        items: list[EvalItem] = []
+        seen: set[str] = set()
         for i, row in enumerate(rows):
             where = f"figstep: {self.CSV[split]} row {i + 2}"
             name = f"query_{row['dataset']}_{row['category_id']}_{row['task_id']}_6.png"

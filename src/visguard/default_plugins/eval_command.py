@@ -16,7 +16,7 @@ from visguard.cli import (
     parse_guard_spec,
     stage_option,
 )
-from visguard.core.policy import DEFAULT_TIMEOUT_S
+from visguard.core.policy import DEFAULT_TIMEOUT_S, Mode
 from visguard.hookspecs import hookimpl
 
 HEADLINE_GUARD = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "auprc", "unavailable")
@@ -127,7 +127,7 @@ def register_commands(cli):
                      vs_guards: tuple[str, ...],
                      ignore_unread: bool, host_adapter: str | None,
                      guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
-                     judge_base_url: str | None, judge_prompt: str | None, judge_system: str | None, out_dir: str | None, limit: int | None, mode: str | None, backend: str,
+                     judge_base_url: str | None, judge_prompt: str | None, judge_system: str | None, out_dir: str | None, limit: int | None, mode: Mode | None, backend: str,
                      format_name: str | None, threshold: float, batch_size: int, max_new_tokens: int, timeout_s: float,
                      host_max_new_tokens: int, backend_args: tuple[str, ...], host_args: tuple[str, ...],
                      device: str, base_url: str | None, restart: bool, no_plots: bool,
@@ -204,6 +204,7 @@ def register_commands(cli):
         else:
             from visguard.hosting.hosts import default_host_name
 
+            assert model is not None and host_adapter is not None  # kind "model": --host given, --model checked above
             target = base_url or model
             adapter = default_host_name(target) if host_adapter == "auto" else host_adapter
             shorthands = {"device": device, "max_new_tokens": host_max_new_tokens, "model": model if base_url else None}

@@ -162,8 +162,8 @@ def parse_judge_output(text: str) -> dict[str, Any]:
         if verdict is None:
             continue
         level = next((low[k] for k in ("level", "label_perception", "perception_level", "perception") if k in low), None)
-        if isinstance(level, str) and _MIS_LEVEL.match(level):  # the MIS schema: "Perception Level2"
-            level = _MIS_LEVEL.match(level).group(1)
+        if isinstance(level, str) and (mis := _MIS_LEVEL.match(level)):  # the MIS schema: "Perception Level2"
+            level = mis.group(1)
         refusal = next((low[k] for k in ("refusal", "refused", "refuses") if k in low), None)
         parsed = {"verdict": verdict, "level": level, "refusal": refusal, "reason": low.get("reason"), "offset": None}
         break

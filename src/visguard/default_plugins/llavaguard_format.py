@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from visguard.core.policy import Policy
 from visguard.core.taxonomy import LLAVAGUARD, category_for, codes_for
@@ -175,7 +175,7 @@ class LlavaGuardFormat(GuardFormat):
         if not isinstance(rating, str) or rating.strip().lower() not in ("safe", "unsafe"):
             why = "no \"rating\" field" if rating is None else f"unknown rating {rating!r}"
             return ParsedOutput(label=None, error=f"unparseable guard output: {why}")
-        label = "unsafe" if rating.strip().lower() == "unsafe" else "safe"
+        label: Literal["safe", "unsafe"] = "unsafe" if rating.strip().lower() == "unsafe" else "safe"
         category = None
         raw_cat = fields.get("category")
         if label == "unsafe" and isinstance(raw_cat, str) and not raw_cat.strip().upper().startswith("NA"):

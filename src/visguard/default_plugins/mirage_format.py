@@ -125,7 +125,7 @@ class MirageFormat(GuardFormat):
             raise InputError(f"unknown mirage variant {variant!r}; expected qwen2_vl, internvl or internvl_hf")
         if verdict not in ("followup", "text"):
             raise InputError(f"mirage verdict must be 'followup' or 'text', got {verdict!r}")
-        if (min_pixels is None) != (max_pixels is None) or (min_pixels is not None and not 0 < min_pixels <= max_pixels):
+        if (min_pixels is None) != (max_pixels is None) or (min_pixels is not None and max_pixels is not None and not 0 < min_pixels <= max_pixels):
             raise InputError("min_pixels and max_pixels go together, with 0 < min_pixels <= max_pixels")
         self.variant = variant
         self.min_pixels = min_pixels
@@ -414,11 +414,11 @@ def _category(text: str, policy: Policy) -> tuple[str | None, str | None]:
                 return cat.name, sub
     named = next((c for c in policy.categories if re.search(rf"\b{re.escape(c.name.lower())}\b", low)), None)
     for cat_name, sub_name, pattern in _MIS_KEYWORDS:
-        cat = names.get(cat_name.lower())
-        if cat is None or (named is not None and cat is not named):
+        implied = names.get(cat_name.lower())
+        if implied is None or (named is not None and implied is not named):
             continue
         if re.search(rf"\b(?:{pattern})", low):
-            return cat.name, sub_name if sub_name in cat.sub_categories else None
+            return implied.name, sub_name if sub_name in implied.sub_categories else None
     if named is not None:
         return named.name, None
     return None, None

@@ -256,8 +256,8 @@ def verdict_probability(
 
 def _generation(text: str, steps: Sequence[Mapping[str, Any]], verdict_words: Mapping[str, Sequence[str]]) -> Generation:
     """Token spans and per-step scores, when the server's tokens spell out exactly ``text``."""
-    tokens = [s.get("token") for s in steps]
-    if not steps or not all(isinstance(t, str) for t in tokens):
+    tokens = [t for t in (s.get("token") for s in steps) if isinstance(t, str)]
+    if not steps or len(tokens) != len(steps):
         return Generation(text=text)
     spans, pos = [], 0
     for tok in tokens:

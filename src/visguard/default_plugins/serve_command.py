@@ -6,7 +6,7 @@ Needs the ``serve`` extra (``pip install 'visguard[serve]'``: FastAPI, uvicorn, 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
@@ -14,6 +14,9 @@ from visguard.cli import backend_arg_option, key_values, load_checker, stage_opt
 from visguard.core.policy import DEFAULT_TIMEOUT_S
 from visguard.core.redact import redact
 from visguard.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    from visguard.core.policy import Mode
 
 
 @click.command("serve")
@@ -64,7 +67,9 @@ from visguard.hookspecs import hookimpl
 def serve(model: str | None, stages: tuple[str, ...], backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
           bind_host: str, port: int, upstream: str | None, upstream_model: str | None, api_key_env: str | None,
           host_model: str | None, host_args: tuple[str, ...], served_model_name: str | None, max_concurrency: int, max_body_mb: float,
-          auth_token_env: str | None, mode: str | None, threshold: float, on_unsafe: str, on_error: str, pre_check: str,
+          auth_token_env: str | None, mode: Mode | None, threshold: float,
+          on_unsafe: Literal["refuse", "safe_answer", "error"], on_error: Literal["block", "allow"],
+          pre_check: Literal["sequential", "parallel"],
           max_batch_size: int, max_wait_ms: float, timeout_s: float, allow_remote_images: bool, audit: str | None,
           log_level: str) -> None:
     """Serve a guard over HTTP, optionally as a guarded OpenAI-compatible proxy.

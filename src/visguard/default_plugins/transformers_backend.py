@@ -104,7 +104,7 @@ class TransformersBackend(Backend):
         self.max_batch_size = max_batch_size
         self._lock = threading.Lock()
         #: reusable caches of scored prompts (``None``: caching off)
-        self.kv_cache = KVCacheStore(max_bytes=int(kv_cache_mb * (1 << 20))) if kv_cache_mb > 0 else None
+        self.kv_cache: KVCacheStore | None = KVCacheStore(max_bytes=int(kv_cache_mb * (1 << 20))) if kv_cache_mb > 0 else None
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         if "sliding_attention" in (getattr(text_config, "layer_types", None) or ()):
             # A sliding-window layer's cache keeps only its last window of keys (Gemma 3): a stored prefix
@@ -329,20 +329,20 @@ class TransformersBackend(Backend):
             if n < shortest and n <= first_image and bool((ids[:, :n] == static_ids).all()):
                 start, layers, kind = n, static_layers, "static_hits"
         if rows == 1:
-            hit = self.kv_cache.lookup(ids[0], keys[0], limit=shortest - 1)
+            hit = self._prefix_store().lookup(ids[0], keys[0], limit=shortest - 1)
             if hit is not None and hit[0] > start:
                 start, layers, kind = hit[0], hit[1], "prompt_hits"
         else:
             # Each row's own cached prefix (a batch of follow-ups after a batch of generations, of
             # post-checks after their pre-checks): used when every row has one longer than the shared
             # prefix and holding all of its images, so no pixels are encoded and the rows may differ.
-            hits = [self.kv_cache.lookup(ids[row, : int(lengths[row])], keys[row], limit=int(lengths[row]) - 1)
+            hits = [self._prefix_store().lookup(ids[row, : int(lengths[row])], keys[row], limit=int(lengths[row]) - 1)
                     for row in range(rows)]
             lasts = [self._last_image(ids[row], bool(batch[row].images)) for row in range(rows)]
             if all(hit is not None and last is not None and hit[0] > max(last, start)
                    for hit, last in zip(hits, lasts, strict=True)):
                 self.cache_stats["prompt_hits"] += rows
-                return self._row_cached_logits(ids, lengths, inputs, keys, hits)  # type: ignore[arg-type]
+                return self._row_cached_logits(ids, lengths, inputs, keys, [hit for hit in hits if hit is not None])
         if first_image < start <= last_image:  # never split the images between cache and forward
             start, layers, kind = 0, None, None
         if kind is not None:
@@ -444,6 +444,12 @@ class TransformersBackend(Backend):
                 self._keep(ids[row, : int(lengths[row])], keys[row], tensors, row, pad, pad + int(lengths[row]), copy=True)
         return _picked_logits(out.logits, pick)
 
+    def _prefix_store(self) -> KVCacheStore:
+        """The prefix store; only the caching paths (taken when ``kv_cache`` is set) ask for it."""
+        if self.kv_cache is None:
+            raise RuntimeError("prefix caching is off: no KV cache store")
+        return self.kv_cache
+
     def _keep(self, ids: Any, key: tuple, tensors: list[tuple[Any, Any]], row: int, begin: int, end: int,
               *, copy: bool) -> bool:
         """Store ``row``'s cache slots ``begin:end`` (the tokens ``ids``) in the prefix store.
@@ -454,7 +460,7 @@ class TransformersBackend(Backend):
         kept = [(k[row : row + 1, :, begin:end], v[row : row + 1, :, begin:end]) for k, v in tensors]
         if copy:
             kept = [(k.clone(), v.clone()) for k, v in kept]
-        return self.kv_cache.put(ids, key, kept)
+        return self._prefix_store().put(ids, key, kept)
 
     def _last_image(self, row_ids: Any, has_images: bool) -> int | None:
         """Index of the row's last image token (-1 without images; ``None`` when unknown)."""

@@ -17,6 +17,7 @@ from typing import Any
 
 from visguard.core.errors import InputError
 from visguard.core.images import GuardImage, ImageLimits, load_images
+from visguard.core.policy import Mode
 from visguard.core.redact import redact_fields
 from visguard.engine.checker import Checker
 from visguard.eval.benchmarks import Benchmark, EvalItem
@@ -140,7 +141,7 @@ def evaluate_guard(
     *,
     out_dir: str | Path | None = None,
     batch_size: int = 8,
-    mode: str | None = None,
+    mode: Mode | None = None,
     benchmark: str = "",
     split: str | None = None,
     restart: bool = False,
@@ -205,7 +206,7 @@ def evaluate_guard(
     return summary
 
 
-def _guard_batch(guard: Checker, batch: Sequence[EvalItem], mode: str) -> list[dict[str, Any]]:
+def _guard_batch(guard: Checker, batch: Sequence[EvalItem], mode: Mode | None) -> list[dict[str, Any]]:
     rows: dict[int, dict[str, Any]] = {}
     requests, where = [], []
     for i, item in enumerate(batch):
@@ -345,7 +346,7 @@ def evaluate_model(
         try:
             for batch in _chunks(pending, judge_batch_size):
                 answered = [_answer(target, item, prompt(item), limits, gen_kwargs or {}) for item in batch]
-                cases = [JudgeCase(item, images, text) for item, images, text, err, _, _ in answered if err is None]
+                cases = [JudgeCase(item, images, text) for item, images, text, _, _, _ in answered if text is not None]
                 start = time.perf_counter()
                 judgments = iter(_judge_safely(judge, cases)) if cases else iter(())
                 judge_ms = (time.perf_counter() - start) * 1000.0 / max(len(cases), 1)
@@ -353,7 +354,7 @@ def evaluate_model(
                     row = item.record()
                     row.update({"prompt": prompt(item), "response": response, "host_error": err, "host_ms": host_ms})
                     row.update(extra)
-                    if err is None:
+                    if response is not None:  # answered (err is None): judged, in order
                         row["judgment"] = next(judgments).to_dict()
                         row["judge_ms"] = judge_ms
                     else:

@@ -81,7 +81,7 @@ def read_rows(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     if tail.strip():
         row = _parse(tail)
         keep = row is not None
-        if keep and row["id"] not in seen:
+        if row is not None and row["id"] not in seen:
             seen.add(row["id"])
             rows.append(row)
         if repair:
