@@ -20,6 +20,7 @@ from visguard import plugins
 from visguard.core.errors import VisguardError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from visguard.config import VisguardConfig
     from visguard.core.policy import Mode, Policy
     from visguard.engine.checker import Checker
 
@@ -66,6 +67,109 @@ stage_option = click.option(
          "judges, and the last one always decides. FORMAT defaults to the checkpoint's own, BACKEND to --backend; "
          "--backend-arg, --device, --threshold and --mode (where a stage's format runs in it) apply to every "
          "stage. See docs/cascades.md.")
+
+
+# ---------------------------------------------------------------------------------- shared options
+# One definition of each option that several commands take (check, eval, serve, plugins' commands).
+
+#: ``--mode`` as every command spells it
+mode_option = click.option(
+    "--mode", type=click.Choice(["fast", "reason", "adaptive"]), default=None,
+    help="Default: the format's own (fast for visguard, reason for mirage). fast: one forward pass; "
+         "reason: generate perception + reasoning first; adaptive: reason only when unsure.")
+
+#: ``--threshold``
+threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                                help="P(unsafe) threshold.")
+
+#: ``--max-new-tokens`` (the guard's reasoning budget)
+max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True,
+                                     help="Guard reasoning budget (reason mode).")
+
+#: ``--on-error``
+on_error_option = click.option("--on-error", type=click.Choice(["block", "allow"]), default="block", show_default=True,
+                               help="What an unavailable guard does (block: fail closed).")
+
+#: ``--device``
+device_option = click.option(
+    "--device", default="auto", show_default=True,
+    help="Where local backends / hosts run (cpu, cuda, cuda:1 ...): passed to those that take `device`.")
+
+#: ``--format``
+format_option = click.option(
+    "--format", "format_name", default=None,
+    help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
+
+#: ``--config``
+config_option = click.option(
+    "--config", "config_file", default=None, metavar="FILE", type=click.Path(dir_okay=False, path_type=str),
+    help="A visguard configuration file (TOML: guards, cascades, policy, serving; docs/configuration.md). "
+         "Flags given on the command line override it (each override is said on stderr).")
+
+
+def given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not its default)."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+
+def read_config(file: str | None) -> VisguardConfig | None:
+    """The configuration ``--config`` names (checked in full before any model loads), or ``None``."""
+    if file is None:
+        return None
+    from visguard.config import load_config
+
+    return load_config(file)
+
+
+def policy_from(config: VisguardConfig | None, ctx: click.Context, file: str | None = None,
+                **flags: tuple[str, Any]) -> Policy:
+    """The policy: the file's (or the default), with each flag given on the command line applied.
+
+    ``flags`` maps a policy field to ``(option name, value)``; without a file every flag applies
+    (its default included); with one, only the flags given, each said on stderr.
+    """
+    from visguard.core.policy import Policy
+
+    if config is None:
+        return Policy(**{field: value for field, (_, value) in flags.items()})
+    changes = {}
+    for field, (option, value) in flags.items():
+        if given(ctx, option):
+            changes[field] = value
+            say_override(option, value, f"policy.{field}", file)
+    return config.policy.updated(**changes) if changes else config.policy
+
+
+def say_override(option: str, value: Any, key: str, file: str | None) -> None:
+    """One line on stderr: a command-line flag overrides the configuration file."""
+    flag = "--" + option.replace("_", "-")
+    click.echo(f"visguard: {flag} {value} overrides {key} of {file}", err=True)
+
+
+def checker_from(config: VisguardConfig | None, ctx: click.Context, file: str | None, model: str | None,
+                 stages: tuple[str, ...], *, policy: Policy, backend: str, format_name: str | None,
+                 backend_args: tuple[str, ...] = (), ignore_unread: bool = False, **shorthands: Any) -> Checker:
+    """The checker of a command: ``--model`` / ``--stage`` (:func:`load_checker`), else the file's
+    guard or cascade (:meth:`VisguardConfig.build`) with ``policy``; ``--device`` and
+    ``--backend-arg``, when given, apply to every guard of the file."""
+    if config is None or model or stages:
+        if config is not None:
+            click.echo(f"visguard: {'--model' if model else '--stage'} overrides the guards of {file}", err=True)
+        return load_checker(model, stages, backend=backend, format_name=format_name, policy=policy,
+                            backend_args=backend_args, ignore_unread=ignore_unread, **shorthands)
+    guards = dict(config.guards)
+    if given(ctx, "device") and shorthands.get("device") is not None:
+        say_override("device", shorthands["device"], "guards.*.device", file)
+        guards = {n: g.model_copy(update={"device": shorthands["device"]}) for n, g in guards.items()}
+    if backend_args:
+        say_override("backend_arg", " ".join(backend_args), "guards.*.options", file)
+        extra = key_values(backend_args)
+        guards = {n: g.model_copy(update={"options": {**g.options, **extra}}) for n, g in guards.items()}
+    if ignore_unread:
+        guards = {n: g.model_copy(update={"ignore_unread": True}) for n, g in guards.items()}
+    return config.model_copy(update={"guards": guards}).build(policy=policy)
 
 
 def parse_guard_spec(spec: str, backend: str, option: str = "--stage") -> tuple[str, str | None, str]:
@@ -165,49 +269,58 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path(path_type=str))  # checked by the image boundary
-@click.option("--model", "-m", default=None, help="Guard model: hub id or local path (or --stage, for a cascade).")
+@click.option("--model", "-m", default=None,
+              help="Guard model: hub id or local path (or --stage, for a cascade; or --config).")
 @stage_option
+@config_option
 @click.option("--text", "-t", default="", help="The user's request that comes with the images.")
 @click.option("--response", "-r", default=None, help="The host model's answer: makes this a post-check.")
-@click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default=None,
-              help="Default: the format's own (fast for visguard, reason for mirage). fast: one forward pass; "
-                   "reason: generate perception + reasoning first; adaptive: reason only when unsure.")
+@mode_option
 @click.option("--backend", "-b", default="transformers", show_default=True, help="Backend plugin name.")
-@click.option("--format", "format_name", default=None,
-              help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
-@click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True, help="Reason-mode budget.")
+@format_option
+@threshold_option
+@max_new_tokens_option
 @backend_arg_option
-@click.option("--device", default="auto", show_default=True,
-              help="Where a local backend runs (cpu, cuda, cuda:1 ...): passed to backends that take `device`.")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
-def check(images: tuple[str, ...], model: str | None, stages: tuple[str, ...], text: str, response: str | None,
-          mode: Mode | None, backend: str, format_name: str | None, threshold: float, max_new_tokens: int,
-          backend_args: tuple[str, ...], device: str, as_json: bool) -> None:
-    """Check IMAGES (zero or more files) plus --text with a guard model (or a cascade: --stage).
+@click.pass_context
+def check(ctx: click.Context, images: tuple[str, ...], model: str | None, stages: tuple[str, ...],
+          config_file: str | None, text: str, response: str | None, mode: Mode | None, backend: str,
+          format_name: str | None, threshold: float, max_new_tokens: int, backend_args: tuple[str, ...], device: str,
+          as_json: bool) -> None:
+    """Check IMAGES (zero or more files) plus --text with a guard model (or a cascade: --stage, --config).
 
     Exit code: 0 safe, 1 unsafe, 2 unavailable (guard error or unparseable output) or bad input.
+    With --config, the file's policy decides (per-category thresholds and actions): a verdict that
+    is unsafe only in log-only categories exits 0 (flagged: "action flag").
 
     \b
     Examples:
       visguard check --model Tuwhy/Qwen2-VL-7B-MIRage --text "use image 1 on image 2" a.png b.png
       visguard check --stage Qwen/Qwen3Guard-Gen-0.6B --stage yueliu1999/GuardReasoner-VL-3B --text "..."
+      visguard check --config examples/configs/mirage.toml --text "..." a.png
     """
-    from visguard.core.policy import Policy
     from visguard.core.types import GuardRequest
     from visguard.engine.checker import enforce
 
-    policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens)
+    config = read_config(config_file)  # the whole file is checked before anything loads
+    policy = policy_from(config, ctx, config_file, mode=("mode", mode), threshold=("threshold", threshold),
+                         max_new_tokens=("max_new_tokens", max_new_tokens))
     # Inputs first: a bad image or text is reported before minutes of model loading.
     request = GuardRequest.build(list(images), text, response, limits=policy.limits)
-    guard = load_checker(model, stages, backend=backend, format_name=format_name, policy=policy,
-                         backend_args=backend_args, device=device)
+    guard = checker_from(config, ctx, config_file, model, stages, policy=policy, backend=backend,
+                         format_name=format_name, backend_args=backend_args, device=device)
     verdict = enforce(guard, guard.report_batch([request]))[0]
+    action = guard.policy.action(verdict)
     if as_json:
         click.echo(verdict.model_dump_json(indent=2))
     else:
         _print_verdict(verdict)
-    sys.exit({"safe": EXIT_SAFE, "unsafe": EXIT_UNSAFE}.get(verdict.label, EXIT_ERROR))
+        if config is not None:
+            click.echo(f"{'action':<9}  {action}")
+    if verdict.label == "unavailable":
+        sys.exit(EXIT_ERROR)
+    sys.exit(EXIT_UNSAFE if action == "block" else EXIT_SAFE)
 
 
 def _print_verdict(verdict: Any) -> None:
@@ -253,6 +366,46 @@ def plugins_command(as_json: bool) -> None:
     width = max((len(n) for n in formats), default=0)
     for name, caps in formats.items():
         click.echo(f"  {name:<{width}}  {caps.summary() if caps is not None else '(capabilities not declared)'}")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Configuration files: guards, cascades, the policy and serving in one TOML file (docs/configuration.md)."""
+
+
+@config_group.command("schema")
+def config_schema_command() -> None:
+    """Print the JSON Schema of a configuration file (for editors; docs/configuration.md lists every key)."""
+    from visguard.config import config_schema
+
+    click.echo(json.dumps(config_schema(), indent=2))
+
+
+@config_group.command("validate")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+def config_validate_command(file: str) -> None:
+    """Check FILE without loading any model: every error on its own line (FILE:LINE: key.path: what is
+    expected), exit 2; exit 0 and one line when it is valid."""
+    from visguard.config import ConfigError, load_config
+
+    try:
+        config = load_config(file)
+    except ConfigError as exc:
+        for line in exc.lines():
+            click.echo(f"Error: {line}", err=True)
+        sys.exit(EXIT_ERROR)
+    click.echo(f"{file}: valid ({len(config.guards)} guards, {len(config.cascades)} cascades; "
+               f"runs {config.target()!r})")
+
+
+@config_group.command("show")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=str))
+def config_show_command(file: str) -> None:
+    """Print FILE resolved (every default filled in) as JSON; secrets masked (only whether each named
+    environment variable is set)."""
+    from visguard.config import load_config
+
+    click.echo(json.dumps(load_config(file).resolved(), indent=2))
 
 
 _commands_registered = False

@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: the one label type of labelled data (the guard's verdicts add ``unavailable``)
 Label = Literal["safe", "unsafe"]
 
-#: the format whose output grammar JSONL ``target`` fields are written in (docs/training.md)
+#: the format whose output grammar JSONL ``target`` fields are written in (docs/training.md): the
+#: one resolver's default (:data:`visguard.plugins.DEFAULT_FORMAT`, read through :func:`visguard.plugins.resolve_format`)
 TARGET_FORMAT = "visguard"
 
 #: image suffixes tried when a layout's listed file is missing (some releases re-encoded images)
@@ -318,7 +319,7 @@ def _target_format(fmt: GuardFormat | None) -> GuardFormat:
         return fmt
     from visguard import plugins
 
-    return plugins.get("formats", TARGET_FORMAT)()
+    return plugins.resolve_format(None, TARGET_FORMAT)
 
 
 def read_jsonl(file: Path, *, target_format: GuardFormat | None = None,

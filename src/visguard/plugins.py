@@ -230,6 +230,34 @@ def format_for_model(model: str) -> Callable[[], Any] | None:
     return None
 
 
+#: the format a guard runs with when neither the caller nor the checkpoint names one
+DEFAULT_FORMAT = "visguard"
+
+
+def resolve_format(model: str | None, format: Any = None) -> Any:
+    """The one model-to-format resolver: the guard format to run ``model`` with (a new instance).
+
+    An explicit ``format`` instance is returned as is; otherwise the format registered for the
+    model (:func:`format_for_model`: a checkpoint's ``visguard.json``, the ``register_model_formats``
+    table, e.g. ``Tuwhy/Qwen2-VL-7B-MIRage`` -> ``mirage``); otherwise :data:`DEFAULT_FORMAT`
+    (also the format of datasets' reasoning targets, ``model=None``). Naming the checkpoint's own
+    format (``format="mirage"`` for a MIRage id) keeps the table's settings for it.
+
+    Raises:
+        PluginError: an unknown format name, or a bad ``visguard.json``.
+        TypeError: ``format`` is neither a name nor ``None`` nor a format instance.
+    """
+    if format is not None and not isinstance(format, str):
+        if not callable(getattr(format, "plan", None)):
+            raise TypeError(f"format must be a name or a GuardFormat, got {type(format).__name__}")
+        return format
+    factory = format_for_model(str(model)) if model is not None else None
+    native = factory() if factory is not None else None
+    if format is None:
+        return native if native is not None else get("formats", DEFAULT_FORMAT)()
+    return native if native is not None and native.name == format else get("formats", format)()
+
+
 def describe() -> list[dict[str, Any]]:
     """One entry per loaded plugin: its name, the hooks it implements, and what it registers."""
     load_plugins()

@@ -17,8 +17,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Mode = Literal["fast", "reason", "adaptive"]
 OnError = Literal["block", "allow", "raise"]
-#: what a caller that acts on a verdict does (see :meth:`Policy.action`)
-Action = Literal["pass", "block", "degraded", "raise"]
+#: what a caller that acts on a verdict does (see :meth:`Policy.action`); ``flag``: let it through,
+#: flagged and audited (an ``unsafe`` verdict whose categories are all ``log``-only)
+Action = Literal["pass", "block", "flag", "degraded", "raise"]
+#: what an ``unsafe`` verdict in a category does: ``block`` it, or ``log`` it only (pass, flagged, audited)
+CategoryAction = Literal["block", "log"]
 _ON_ERROR_ACTION: dict[str, Action] = {"block": "block", "allow": "degraded", "raise": "raise"}
 
 
@@ -29,13 +32,21 @@ class Category(BaseModel):
         name: the category's name as the guard should print it, e.g. ``"Violent"``.
         description: optional sentence telling the guard what the category covers.
         sub_categories: finer names under the category.
+        threshold: this category's own P(unsafe) threshold (``None``: the policy's). It applies where
+            a verdict names the category with a score (reason mode: the verdict word's probability)
+            or carries per-category scores (:attr:`Verdict.category_scores`); a fast-mode score names
+            no category, so the policy's threshold decides it.
+        action: what an ``unsafe`` verdict in this category does: ``block`` (default) or ``log``
+            (let through, flagged and audited: :meth:`Policy.action` says ``flag``).
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1)
     description: str = ""
     sub_categories: tuple[str, ...] = ()
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    action: CategoryAction = "block"
 
 
 MIS_CATEGORIES: tuple[Category, ...] = (
@@ -103,7 +114,7 @@ class Policy(BaseModel):
         limits: image-boundary limits.
     """
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     categories: tuple[Category, ...] = MIS_CATEGORIES
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -174,19 +185,49 @@ class Policy(BaseModel):
                     return cat.name, subs[part]
         return " ".join(text.split()).strip(" .*`'\""), None
 
+    def category(self, name: str) -> Category | None:
+        """The policy's category called ``name`` (a sub-category name finds its category; case-insensitive)."""
+        found, _ = self.find_category(name)
+        return next((c for c in self.categories if found is not None and c.name == found), None)
+
+    def threshold_for(self, name: str | None) -> float:
+        """The P(unsafe) threshold of category ``name``: its own, else the policy's."""
+        cat = self.category(name) if name else None
+        return cat.threshold if cat is not None and cat.threshold is not None else self.threshold
+
     def action(self, verdict: Verdict) -> Action:
         """What a caller acting on ``verdict`` does: the one place a verdict becomes a decision.
 
-        ``safe`` passes and ``unsafe`` blocks; ``unavailable`` (error, timeout, unparseable
-        output) follows ``on_error``: ``block`` blocks, ``allow`` passes flagged ``degraded``,
-        ``raise`` raises :class:`~visguard.core.errors.GuardUnavailableError`. *How* a block looks
-        (a refusal, an exception, a flag) is the caller's choice (e.g. ``guard.wrap(on_unsafe=...)``).
+        ``safe`` passes and ``unsafe`` blocks, refined per category: a verdict with per-category
+        scores (:attr:`Verdict.category_scores`) is unsafe in each category whose score reaches
+        :meth:`threshold_for` it; an ``unsafe`` verdict naming categories with a score is not
+        unsafe in a category whose own threshold that score stays below. Unsafe in no category:
+        ``pass``; in a ``block`` category (or one the policy does not know): ``block``; only in
+        ``log`` categories: ``flag`` (let through, flagged and audited). ``unavailable`` (error,
+        timeout, unparseable output) follows ``on_error``: ``block`` blocks, ``allow`` passes
+        flagged ``degraded``, ``raise`` raises :class:`~visguard.core.errors.GuardUnavailableError`.
+        *How* a block looks (a refusal, an exception, a flag) is the caller's choice (e.g.
+        ``guard.wrap(on_unsafe=...)``).
         """
-        if verdict.label == "safe":
+        if verdict.label == "unavailable":
+            return _ON_ERROR_ACTION[self.on_error]
+        hits: list[Category | None]
+        if verdict.category_scores:
+            hits = [self.category(name) for name, score in verdict.category_scores.items()
+                    if score >= self.threshold_for(name)]
+        elif verdict.label == "safe":
             return "pass"
-        if verdict.label == "unsafe":
-            return "block"
-        return _ON_ERROR_ACTION[self.on_error]
+        else:
+            named = verdict.categories or ((verdict.category,) if verdict.category else ())
+            if not named:
+                return "block"
+            cats = [self.category(name) for name in named]
+            score = verdict.score
+            hits = [c for c in cats
+                    if c is None or c.threshold is None or score is None or score >= c.threshold]
+        if not hits:
+            return "pass"
+        return "flag" if all(c is not None and c.action == "log" for c in hits) else "block"
 
     def decides_unsafe(self, score: float) -> bool:
         """Whether a P(unsafe) score crosses this policy's threshold."""

@@ -185,6 +185,8 @@ class Verdict(BaseModel):
             (the ``mirage`` format in reason mode: MIRage's own answer); ``guard.wrap(...,
             on_unsafe="safe_answer")`` answers a blocked request with it. ``None`` when the guard
             wrote none (fast mode, formats that only judge, a cut-off answer).
+        category_scores: P(unsafe) per harm category, where the format provides them (empty
+            otherwise); :meth:`Policy.action` then decides per category (its thresholds and actions).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -203,6 +205,7 @@ class Verdict(BaseModel):
     latency_ms: float = 0.0
     error: str | None = None
     safe_answer: str | None = None
+    category_scores: dict[str, float] = Field(default_factory=dict)
 
     @field_validator("error", "model")
     @classmethod

@@ -11,10 +11,18 @@ import click
 from visguard.cli import (
     backend_arg_option,
     backend_kwargs,
+    checker_from,
+    config_option,
+    device_option,
+    format_option,
     key_values,
-    load_checker,
+    max_new_tokens_option,
+    mode_option,
     parse_guard_spec,
+    policy_from,
+    read_config,
     stage_option,
+    threshold_option,
 )
 from visguard.core.policy import DEFAULT_TIMEOUT_S, Mode
 from visguard.hookspecs import hookimpl
@@ -70,6 +78,7 @@ def register_commands(cli):
                   help="The guard to evaluate (or --stage, for a cascade); with --host, the host VLM to evaluate "
                        "(hub id, path, or served name).")
     @stage_option
+    @config_option
     @click.option("--host", "host_adapter", default=None, metavar="ADAPTER",
                   help="Model evaluation: run --model as a host VLM through this host adapter "
                        "(auto: path -> transformers, --base-url -> openai; or any registered host) and judge its answers.")
@@ -90,9 +99,7 @@ def register_commands(cli):
                   help="Output directory (results.jsonl, summary.json, report.md, plots/). "
                        "Default: runs/eval/<benchmark>-<split>-<kind>-<model>. Rerunning resumes.")
     @click.option("--limit", type=click.IntRange(1), default=None, help="Evaluate only the first N items.")
-    @click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default=None,
-                  help="Guard mode (default: the format's own: fast for visguard, reason for mirage). "
-                       "fast: one forward pass; reason: reasoning first; adaptive: reason only when unsure.")
+    @mode_option
     @click.option("--backend", "-b", default="transformers", show_default=True, help="Guard backend plugin.")
     @click.option("--vs", "vs_guards", multiple=True, metavar="MODEL[@FORMAT[@BACKEND]]",
                   help="Guard evaluation: also evaluate this guard on the same items (repeatable) and print one "
@@ -101,12 +108,11 @@ def register_commands(cli):
     @click.option("--ignore-unread", is_flag=True,
                   help="With --vs or --stage: single-modality guards judge the part they read (a text guard the text, an "
                        "image classifier its one image) instead of refusing items with more.")
-    @click.option("--format", "format_name", default=None,
-              help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
-    @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
+    @format_option
+    @threshold_option
     @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
                   help="Guard requests per batch (model evaluation: responses per judge batch).")
-    @click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True, help="Guard reasoning budget.")
+    @max_new_tokens_option
     @click.option("--timeout-s", type=click.FloatRange(0.001), default=DEFAULT_TIMEOUT_S, show_default=True,
                   help="Time limit of one guard batch (--batch-size items), queueing included; past it those items "
                        "are unavailable. Raise it for reason mode on a CPU.")
@@ -115,8 +121,7 @@ def register_commands(cli):
     @backend_arg_option
     @click.option("--host-arg", "host_args", multiple=True, metavar="KEY=VALUE",
                   help="Host keyword argument (model evaluation), repeatable; JSON values.")
-    @click.option("--device", default="auto", show_default=True,
-                  help="Where local backends / hosts run (cpu, cuda, cuda:1 ...): passed to those that take `device`.")
+    @device_option
     @click.option("--base-url", default=None,
                   help="API root of the guard's server (backends that take `base_url`), or of the host (--host).")
     @click.option("--restart", is_flag=True, help="Discard results already in --out instead of resuming.")
@@ -124,7 +129,7 @@ def register_commands(cli):
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
     @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
     def eval_command(benchmark: str, data: str, split: str | None, model: str | None, stages: tuple[str, ...],
-                     vs_guards: tuple[str, ...],
+                     config_file: str | None, vs_guards: tuple[str, ...],
                      ignore_unread: bool, host_adapter: str | None,
                      guard_model: str | None, judge: str | None, judge_model: str | None, judge_backend: str,
                      judge_base_url: str | None, judge_prompt: str | None, judge_system: str | None, out_dir: str | None, limit: int | None, mode: Mode | None, backend: str,
@@ -138,7 +143,8 @@ def register_commands(cli):
         Guard evaluation (default): run the guard --model over the benchmark's labelled items;
         report accuracy, precision, recall, F1, FPR, AUROC, AUPRC, per-category and per-split
         tables, latency p50/p95/p99 and throughput. Unavailable verdicts are counted apart.
-        Repeated --stage MODEL[@FORMAT[@BACKEND]] evaluates a cascade of guards instead of --model.
+        Repeated --stage MODEL[@FORMAT[@BACKEND]] evaluates a cascade of guards instead of --model;
+        --config FILE evaluates the file's guard or cascade under its policy.
         Model evaluation (--host): run --model as a host VLM (optionally wrapped by --guard, or a --stage cascade),
         judge every answer, report ASR / RSR / RR / HR (percent; MIS protocol) and the
         benchmark's own rate.
@@ -156,10 +162,11 @@ def register_commands(cli):
           visguard eval -B jsonl -d data.jsonl --stage Qwen/Qwen3Guard-Gen-0.6B --stage yueliu1999/GuardReasoner-VL-3B
         """
         from visguard import plugins
-        from visguard.core.policy import Policy
         from visguard.engine.checker import Checker
         from visguard.eval import evaluate_guard, evaluate_model, get_benchmark
 
+        ctx = click.get_current_context()
+        config = read_config(config_file)  # the whole file is checked before any data or model loads
         kind = "model" if host_adapter else "guard"
         if kind == "guard" and (guard_model or judge or judge_model):
             raise click.UsageError("--guard, --judge and --judge-model apply to model evaluation: add --host ADAPTER")
@@ -179,13 +186,16 @@ def register_commands(cli):
         split = split or (splits.pop() if len(splits) == 1 else None)  # e.g. --data .../mis_hard.json
         label = model if kind == "model" or not stages else "cascade-" + "-".join(
             parse_guard_spec(spec, backend)[0].rstrip("/").split("/")[-1] for spec in stages)
+        if config is not None and not label and not stages:
+            label = config.target()
         out = Path(out_dir) if out_dir else default_out_dir(benchmark, split, label or "", kind)
-        policy = Policy(mode=mode, threshold=threshold, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+        policy = policy_from(config, ctx, config_file, mode=("mode", mode), threshold=("threshold", threshold),
+                             max_new_tokens=("max_new_tokens", max_new_tokens), timeout_s=("timeout_s", timeout_s))
 
-        def load_guard(name: str | None) -> Checker:  # --stage: the cascade
-            return load_checker(name, stages, backend=backend, format_name=format_name, policy=policy,
-                                backend_args=backend_args, ignore_unread=ignore_unread, device=device,
-                                base_url=base_url)
+        def load_guard(name: str | None) -> Checker:  # --stage: the cascade; --config: the file's
+            return checker_from(config, ctx, config_file, name, stages, policy=policy, backend=backend,
+                                format_name=format_name, backend_args=backend_args, ignore_unread=ignore_unread,
+                                device=device, base_url=base_url)
 
         if kind == "guard" and vs_guards:
             if not model:
@@ -210,7 +220,7 @@ def register_commands(cli):
             shorthands = {"device": device, "max_new_tokens": host_max_new_tokens, "model": model if base_url else None}
             host_kwargs = {**plugins.supported_options("hosts", adapter, shorthands), **key_values(host_args, "--host-arg")}
             host = plugins.create("hosts", adapter, target, **host_kwargs)
-            guard = load_guard(guard_model) if guard_model or stages else None
+            guard = load_guard(guard_model) if guard_model or stages or config is not None else None
             judge_obj = _make_judge(judge, judge_model, judge_backend, device, judge_base_url, judge_prompt, judge_system)
             summary = evaluate_model(host, items, judge_obj, guard=guard, benchmark=bench, split=split, out_dir=out,
                                      judge_batch_size=batch_size, restart=restart, progress=not no_progress,

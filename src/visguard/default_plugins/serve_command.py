@@ -10,7 +10,22 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
-from visguard.cli import backend_arg_option, key_values, load_checker, stage_option
+from visguard.cli import (
+    backend_arg_option,
+    checker_from,
+    config_option,
+    device_option,
+    format_option,
+    given,
+    key_values,
+    mode_option,
+    on_error_option,
+    policy_from,
+    read_config,
+    say_override,
+    stage_option,
+    threshold_option,
+)
 from visguard.core.policy import DEFAULT_TIMEOUT_S
 from visguard.core.redact import redact
 from visguard.hookspecs import hookimpl
@@ -23,14 +38,13 @@ if TYPE_CHECKING:  # pragma: no cover
 @click.option("--model", "-m", default=None,
               help="Guard model: hub id or local path (openai backend: the served name); or --stage, for a cascade.")
 @stage_option
+@config_option
 @click.option("--backend", "-b", default="transformers", show_default=True, help="Guard backend: transformers, openai, vllm ...")
-@click.option("--format", "format_name", default=None,
-              help="Guard format plugin name (default: the checkpoint's own, e.g. mirage for the MIRage ids, else visguard).")
+@format_option
 @backend_arg_option
 @click.option("--guard-url", default=None,
               help="Base URL of the guard's server, e.g. http://guard:8000/v1 (backends that take `base_url`).")
-@click.option("--device", default="auto", show_default=True,
-              help="Where a local backend / host runs (cpu, cuda, cuda:1 ...): passed to those that take `device`.")
+@device_option
 @click.option("--host", "bind_host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
 @click.option("--upstream", default=None, help="OpenAI-compatible base URL of the host model to guard (…/v1).")
@@ -45,15 +59,12 @@ if TYPE_CHECKING:  # pragma: no cover
 @click.option("--max-body-mb", type=click.FloatRange(0.001), default=32.0, show_default=True,
               help="Largest request body; larger gets HTTP 413.")
 @click.option("--auth-token-env", default=None, help="Environment variable with the bearer token clients must send (401 otherwise).")
-@click.option("--mode", type=click.Choice(["fast", "reason", "adaptive"]), default=None,
-              help="Default: the format's own (fast for visguard, reason for mirage). fast: one forward pass; "
-                   "reason: generate perception + reasoning first; adaptive: reason only when unsure.")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="P(unsafe) threshold.")
+@mode_option
+@threshold_option
 @click.option("--on-unsafe", type=click.Choice(["refuse", "safe_answer", "error"]), default="refuse", show_default=True,
               help="refuse: a completion with the refusal; safe_answer: with the guard's own safe reply "
                    "(mirage format, --mode reason), else the refusal; error: HTTP 400 content_filter.")
-@click.option("--on-error", type=click.Choice(["block", "allow"]), default="block", show_default=True,
-              help="What an unavailable guard does (block: fail closed).")
+@on_error_option
 @click.option("--pre-check", type=click.Choice(["sequential", "parallel"]), default="sequential", show_default=True)
 @click.option("--max-batch-size", type=click.IntRange(1), default=8, show_default=True, help="Micro-batch size.")
 @click.option("--max-wait-ms", type=click.FloatRange(0), default=5.0, show_default=True, help="Micro-batch wait.")
@@ -64,7 +75,8 @@ if TYPE_CHECKING:  # pragma: no cover
 @click.option("--audit", type=click.Path(dir_okay=False), default=None,
               help="Append one JSON line per decision to this file (verdict, action, image hashes; no texts).")
 @click.option("--log-level", default="info", show_default=True)
-def serve(model: str | None, stages: tuple[str, ...], backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
+@click.pass_context
+def serve(ctx: click.Context, model: str | None, stages: tuple[str, ...], config_file: str | None, backend: str, format_name: str | None, backend_args: tuple[str, ...], guard_url: str | None, device: str,
           bind_host: str, port: int, upstream: str | None, upstream_model: str | None, api_key_env: str | None,
           host_model: str | None, host_args: tuple[str, ...], served_model_name: str | None, max_concurrency: int, max_body_mb: float,
           auth_token_env: str | None, mode: Mode | None, threshold: float,
@@ -82,51 +94,64 @@ def serve(model: str | None, stages: tuple[str, ...], backend: str, format_name:
       visguard serve --model Tuwhy/Qwen2-VL-7B-MIRage --upstream http://127.0.0.1:8000/v1
       visguard serve --stage Qwen/Qwen3Guard-Gen-0.6B --stage yueliu1999/GuardReasoner-VL-3B \\
           --upstream http://127.0.0.1:8000/v1
+      visguard serve --config examples/configs/cascade-proxy.toml
+
+    With --config FILE, the file's guard or cascade, policy and [serve] table are used; flags given
+    on the command line override them (each said on stderr).
     """
     try:
         import uvicorn
 
-        from visguard.integrations.openai.server.app import ServeSettings, create_app
+        from visguard.integrations.openai.server.app import create_app
     except ImportError as exc:
         raise click.ClickException(f"visguard serve needs the serve extra: pip install 'visguard[serve]' ({exc})") from exc
-    from visguard.core.images import ImageLimits
-    from visguard.core.policy import Policy
-
-    if upstream and host_model:
-        raise click.UsageError("give --upstream or --host-model, not both")
-    token = None
-    if auth_token_env:
-        token = os.environ.get(auth_token_env)
-        if not token:  # asked for auth: never start open by mistake
-            raise click.UsageError(f"--auth-token-env names {auth_token_env}, which is unset or empty")
 
     from visguard import plugins
+    from visguard.config import ServeSpec
     from visguard.hosting.hosts import default_host_name
 
-    if guard_url and not stages and "base_url" not in plugins.option_names(plugins.get("backends", backend)):
-        raise click.UsageError(f"--guard-url: the {backend!r} backend takes no base_url")
-    policy = Policy(mode=mode, threshold=threshold, on_error=on_error, timeout_s=timeout_s,
-                    limits=ImageLimits(allow_remote=allow_remote_images))
-    guard = load_checker(model, stages, backend=backend, format_name=format_name, policy=policy,
-                         backend_args=backend_args, device=device, base_url=guard_url)
+    config = read_config(config_file)  # the whole file is checked (env variables too) before anything loads
+    # the [serve] table, then each flag given on the command line (without a file: every flag)
+    spec_flags: dict[str, Any] = {"host": bind_host, "port": port, "upstream": upstream, "upstream_model": upstream_model,
+                  "api_key_env": api_key_env, "host_model": host_model, "served_model_name": served_model_name,
+                  "max_concurrency": max_concurrency, "max_body_mb": max_body_mb, "auth_token_env": auth_token_env,
+                  "on_unsafe": on_unsafe, "pre_check": pre_check, "max_batch_size": max_batch_size,
+                  "max_wait_ms": max_wait_ms, "audit": audit}
+    option_of = {"host": "bind_host"}
+    if config is None:
+        spec = ServeSpec.model_validate({k: v for k, v in spec_flags.items() if v is not None})
+    else:
+        changes = {}
+        for key, value in spec_flags.items():
+            if given(ctx, option_of.get(key, key)):
+                changes[key] = value
+                say_override("host" if key == "host" else key, value, f"serve.{key}", config_file)
+        spec = ServeSpec.model_validate({**config.serve.model_dump(), **changes})
+    if spec.upstream and spec.host_model:
+        raise click.UsageError("give --upstream or --host-model (serve.upstream or serve.host_model), not both")
+    if spec.auth_token_env and not os.environ.get(spec.auth_token_env):
+        # asked for auth: never start open by mistake
+        raise click.UsageError(f"--auth-token-env names {spec.auth_token_env}, which is unset or empty")
 
-    host: str | None = upstream or host_model
+    if guard_url and not stages and config is None and "base_url" not in plugins.option_names(plugins.get("backends", backend)):
+        raise click.UsageError(f"--guard-url: the {backend!r} backend takes no base_url")
+    policy = policy_from(config, ctx, config_file, mode=("mode", mode), threshold=("threshold", threshold),
+                         on_error=("on_error", on_error), timeout_s=("timeout_s", timeout_s))
+    if config is None or given(ctx, "allow_remote_images"):
+        policy = policy.updated(limits=policy.limits.model_copy(update={"allow_remote": allow_remote_images}))
+    guard = checker_from(config, ctx, config_file, model, stages, policy=policy, backend=backend,
+                         format_name=format_name, backend_args=backend_args, device=device, base_url=guard_url)
+
+    host: str | None = spec.upstream or spec.host_model
     host_options: dict[str, Any] = {}
     if host:
-        shorthands = {"model": upstream_model, "api_key_env": api_key_env} if upstream else {"device": device}
+        shorthands = ({"model": spec.upstream_model, "api_key_env": spec.api_key_env} if spec.upstream
+                      else {"device": device})
         host_options = {**plugins.supported_options("hosts", default_host_name(host), shorthands),
-                        **key_values(host_args, "--host-arg")}
-    settings = ServeSettings(
-        model_name=served_model_name or upstream_model or (os.path.basename(host_model.rstrip("/")) if host_model else None),
-        max_concurrency=max_concurrency,
-        max_body_bytes=int(max_body_mb * 1024 * 1024),
-        auth_token=token,
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        on_unsafe=on_unsafe,
-        pre_check=pre_check,
-        audit=audit,
-    )
+                        **spec.host_options, **key_values(host_args, "--host-arg")}
+    settings = spec.settings()
+    bind_host, port, served_model_name, upstream_model = spec.host, spec.port, spec.served_model_name, spec.upstream_model
+    upstream = spec.upstream
     app = create_app(guard, host, settings=settings, host_options=host_options)
     if upstream and not served_model_name and not upstream_model:
         app.state.model_name = _discover_model(app)

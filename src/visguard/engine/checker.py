@@ -135,8 +135,8 @@ def enforce(checker: Checker, verdicts: list[Verdict]) -> list[Verdict]:
 
 
 def allows(checker: Checker, verdict: Verdict) -> bool:
-    """Whether a verdict lets the request through: the checker's :meth:`Policy.action` says pass or degraded."""
-    return checker.policy.action(verdict) in ("pass", "degraded")
+    """Whether a verdict lets the request through: the checker's :meth:`Policy.action` says pass, flag or degraded."""
+    return checker.policy.action(verdict) in ("pass", "flag", "degraded")
 
 
 def answer_windows(answer: str, size: int = MAX_TEXT_CHARS, overlap: int = ANSWER_WINDOW_OVERLAP) -> list[str]:
@@ -355,7 +355,7 @@ class CheckerBase(abc.ABC):
 
     # ------------------------------------------------------------------ decisions and hosting
     def allows(self, verdict: Verdict) -> bool:
-        """Whether a verdict lets the request through: :meth:`Policy.action` says pass or degraded."""
+        """Whether a verdict lets the request through: :meth:`Policy.action` says pass, flag or degraded."""
         return allows(self, verdict)  # the module function
 
     def wrap(self, host: Any, **options: Any) -> GuardedModel:

@@ -692,7 +692,7 @@ class _Call:
             self.refusal = self._refusal_text(verdict, reason)
             self.answered_by_guard = self.refusal == verdict.safe_answer and verdict.safe_answer is not None
         on_unsafe = self.options.on_unsafe
-        if on_unsafe == "return":
+        if on_unsafe == "return" or action == "flag":  # flag: a log-only category, let through flagged
             self._audit(verdict, "flag", partial)
             return True
         self.stop_host()
