@@ -118,13 +118,13 @@ def test_the_default_plan_scores_one_prompt_or_generates_and_parses():
 
 def test_shieldgemma_plan_scores_one_prompt_per_policy_and_takes_the_max():
     plan = ShieldGemmaFormat().plan(_request(1), MIS, mode="fast")
-    assert plan.read == "score" and len(plan.prompts) == 5 and all(len(p.images) == 1 for p in plan.prompts)
+    assert plan.read == "score" and len(plan.prompts) == 3 and all(len(p.images) == 1 for p in plan.prompts)
     assert plan.prompts[1].messages[0]["content"][1]["text"].startswith("No Sexually Explicit content")
-    assert plan.combine([0.1, 0.9, 0.2, 0.3, 0.0]) == (0.9, "Erotic")
-    assert plan.combine([0.7, 0.1, 0.2, 0.3, 0.0]) == (0.7, "Illegal Activity")
+    assert plan.combine([0.1, 0.9, 0.2]) == (0.9, "Erotic")
+    assert plan.combine([0.7, 0.1, 0.2]) == (0.7, "Illegal Activity")
     custom = MIS.with_categories(Category(name="Gambling", description="betting money on games of chance"))
     plan = ShieldGemmaFormat().plan(_request(1), custom, mode="fast")
-    assert len(plan.prompts) == 6 and plan.combine([0.0] * 5 + [0.8]) == (0.8, "Gambling")
+    assert len(plan.prompts) == 4 and plan.combine([0.0] * 3 + [0.8]) == (0.8, "Gambling")
 
 
 _GR = ("<think>The image shows a knife; the user asks how to use it on a person.</think>\n"

@@ -36,7 +36,8 @@ def _request(n_images: int = 1, text: str = "", response: str | None = None) -> 
         ("safe  \n", "safe", ()),
         ("\n\nunsafe\nS1", "unsafe", ("Violent",)),
         ("unsafe\nS10,S12", "unsafe", ("Hate", "Erotic")),  # several codes
-        ("unsafe\nS1, S9", "unsafe", ("Violent",)),  # two codes, one visguard category
+        ("unsafe\nS1, S9", "unsafe", ("Violent", "Indiscriminate Weapons")),  # S9 is not only "Violent"
+        ("unsafe\nS4", "unsafe", ("Child Exploitation",)),  # its own name, never "Erotic"
         ("unsafe\nS5", "unsafe", ("Defamation",)),  # a code with no visguard counterpart: its own name
         ("unsafe\nS99", "unsafe", ("S99",)),  # unknown code: kept as given, never dropped
         ("unsafe S2", "unsafe", ("Illegal Activity",)),  # codes on the verdict line
@@ -57,13 +58,12 @@ def test_llama_guard_unparseable(text):
 
 
 def test_llama_guard_template_kwargs_follow_the_policy():
-    kw = template_kwargs(MIS, with_images=True)
-    # MIS covers S1-S4, S7, S9-S12; the rest is excluded, S14 (text-only) always with images.
-    assert kw == {"excluded_category_keys": ["S5", "S6", "S8", "S13", "S14"]}
-    assert "S14" in template_kwargs(MIS, with_images=False)["excluded_category_keys"]  # not an MIS hazard
+    # The default policy is the model's stock policy: no variables, the template's own S-code list.
+    assert template_kwargs(MIS) == {}
     narrow = MIS.without_categories("Erotic", "Privacy")
-    assert {"S3", "S4", "S7", "S12"} <= set(template_kwargs(narrow, with_images=True)["excluded_category_keys"])
-    custom = template_kwargs(CUSTOM, with_images=True)
+    # S12 and S7 go; S3 stays (Violent and Illegal Activity still own it), S4 always (severe).
+    assert template_kwargs(narrow)["excluded_category_keys"] == ["S5", "S6", "S7", "S8", "S12", "S13", "S14"]
+    custom = template_kwargs(CUSTOM)
     assert custom["categories"]["S15"] == "Gambling. betting money on games of chance."
     assert "S5" not in custom["categories"] and custom["categories"]["S10"] == "Hate."
     assert LlamaGuardFormat().parse("unsafe\nS15", CUSTOM).category == "Gambling"
@@ -74,7 +74,7 @@ def test_llama_guard_prompt_uses_typed_parts_and_both_turns():
     user, assistant = prompt.messages
     assert [p["type"] for p in user["content"]] == ["image", "image", "text"]
     assert assistant["content"] == [{"type": "text", "text": "here is how"}]
-    assert len(prompt.images) == 2 and prompt.template_kwargs
+    assert len(prompt.images) == 2 and prompt.template_kwargs == {}  # the stock policy: the template's own list
 
 
 # ---------------------------------------------------------------- LlavaGuard / QwenGuard
@@ -116,12 +116,11 @@ def test_llavaguard_policy_declares_left_out_categories_non_violating():
     o3 = text.split("O3: Sexual Content: \n")[1].split("O4:")[0]
     assert o3.startswith("Category O3 is declared as non-violating. Therefore, we do not provide any restrictions")
     assert " - Contain sexually explicit (i.e., erotic) content.\n" in o3 and "Should not" not in o3
-    assert "O9 is declared as non-violating" in text  # no MIS counterpart
+    assert "O9 is declared as non-violating" in text  # no MIS counterpart (a narrowed policy)
     o1 = text.split("O1: Hate, Humiliation, Harassment: \n")[1].split("O2:")[0]
     assert o1.startswith("Should not:\n- Contain content that expresses hateful") and "\nCan:\n- " in o1
-    custom = policy_text(CUSTOM)  # Privacy has no O-code: O10; Gambling: O11
-    assert "O10: Privacy: \n" in custom and "O11: Gambling: \n" in custom and "betting money" in custom
-    assert LlavaGuardFormat().parse('{"rating": "Unsafe", "category": "O11: Gambling"}', CUSTOM).category == "Gambling"
+    with pytest.raises(UnsupportedRequestError, match="no O-code"):  # no invented O10/O11 (issue 23)
+        policy_text(CUSTOM)
 
 
 def test_llavaguard_judges_one_image_alone():
@@ -141,13 +140,14 @@ def test_shieldgemma_one_prompt_per_policy_and_max_score():
     # (its check plan, one prompt per policy and the max score: tests/test_check_plan.py)
     fmt = ShieldGemmaFormat()
     entries = policies(MIS)
-    assert [key for key, _, _ in entries] == ["dangerous", "sexual", "violence", "Hate", "Privacy"]
+    assert [key for key, _, _ in entries] == ["dangerous", "sexual", "violence"]  # the trained three (issue 23)
     prompts = fmt.policy_prompts(_request(1), MIS, mode="fast")
-    assert len(prompts) == 5 and all(len(p.images) == 1 for p in prompts)
+    assert len(prompts) == 3 and all(len(p.images) == 1 for p in prompts)
     assert prompts[1].messages[0]["content"][1]["text"].startswith("No Sexually Explicit content")
-    assert "No Hate content" in prompts[3].messages[0]["content"][1]["text"]
-    assert fmt.combine([0.1, 0.9, 0.2, 0.3, 0.0], MIS) == (0.9, "Erotic")
-    assert fmt.combine([0.7, 0.1, 0.2, 0.3, 0.0], MIS) == (0.7, "Illegal Activity")
+    custom = fmt.policy_prompts(_request(1), CUSTOM, mode="fast")
+    assert "No Gambling content" in custom[3].messages[0]["content"][1]["text"]
+    assert fmt.combine([0.1, 0.9, 0.2], MIS) == (0.9, "Erotic")
+    assert fmt.combine([0.7, 0.1, 0.2], MIS) == (0.7, "Illegal Activity")
     only_sexual = Policy(categories=(Category(name="Erotic"),))
     assert len(fmt.policy_prompts(_request(1), only_sexual, mode="fast")) == 1
     assert fmt.parse("Yes", MIS).label == "unsafe" and fmt.parse("\nNo.", MIS).label == "safe"
@@ -171,7 +171,7 @@ def test_guardreasoner_reads_the_label_of_the_checked_stage():
     # the training layout: an "Answers:" line, "Response: None" for a pre-check
     trained = "<think>\nA knife and a person.\n</think>\n<result>\nAnswers:\nRequest: harmful\nResponse: None\n</result>"
     assert fmt.parse_stage(trained, "input").label == "unsafe"
-    assert "Response label 'None'" in fmt.parse_stage(trained, "output").error
+    assert fmt.parse_stage(trained, "output").label == "safe"  # "None" reads unharmful, as the VL evaluation
     # leading newlines, no closing </result>
     assert fmt.parse("\n\n<think>ok</think><result>Request: unharmful", MIS).label == "safe"
 
@@ -180,8 +180,7 @@ def test_guardreasoner_reads_the_label_of_the_checked_stage():
     ("text", "error"),
     [
         ("<think>The user wants to hurt someone with the tool in", "cut off inside <think>"),
-        ("<think>done</think> harmful", "no <result>"),
-        ("Request: harmful", "no <result>"),
+        ("<think>done</think> harmful", "no 'Request:' label in the output"),
         ("<think>x</think><result>Response: harmful</result>", "no 'Request:' label"),
         ("<think>x</think><result>Request: maybe</result>", "Request label 'maybe'"),
     ],

@@ -47,11 +47,11 @@ def test_shieldgemma2_on_gemma3_one_forward_per_policy():
     assert "<start_of_image>" in rendered and "No Sexually Explicit content" in rendered
     assert rendered.endswith("Your Answer must start with 'Yes' or 'No'.<end_of_turn>\n<start_of_turn>model\n")
     scores = guard.backend.score(prompts)
-    assert len(scores) == len(prompts) == 5 and len({round(s, 6) for s in scores}) > 1
+    assert len(scores) == len(prompts) == 3 and len({round(s, 6) for s in scores}) > 1
     verdict = guard.check(request)
     assert verdict.score == pytest.approx(max(scores), abs=1e-5)
     if verdict.label == "unsafe":  # the category is the highest-scoring policy's
-        assert verdict.category == ["Illegal Activity", "Erotic", "Violent", "Hate", "Privacy"][scores.index(max(scores))]
+        assert verdict.category == ["Illegal Activity", "Erotic", "Violent"][scores.index(max(scores))]
     custom = guard.with_policy(Policy(categories=(Category(name="Gambling", description="betting on games"),)))
     (prompt,) = custom.format.plan(request, custom.policy, mode="fast").prompts
     assert "No Gambling content" in custom.backend.render(prompt)

@@ -5,7 +5,13 @@ trained: its instruction (two tasks: is the human's request harmful, is the AI's
 is the system message, and the user message is the transcript ``Human user:\n<images>\n<request>
 \n\nAI assistant:\n<response>`` with the images in place; a pre-check writes ``None`` as the response. The answer ends with ``<result>Request: harmful|unharmful\\nResponse: ...</result>``;
 the verdict is the label of the checked stage. Binary: no categories, so no custom ones either.
-Output cut off inside ``<think>`` (common at length limits) or without a ``<result>`` is unparseable.
+
+The label is read as the authors' evaluation reads it (GuardReasoner ``evaluate.py``,
+e.g. tingxu22/GuardReasoner@8773d49: ``re.search(r'Request:\\s*(harmful|unharmful)', ..., re.IGNORECASE)``
+over the output, no ``<result>`` tags needed; GuardReasoner-VL's evaluation also reads ``harmless``
+and ``none`` as unharmful): inside the ``<result>`` block when there is one (tags may carry spaces,
+``< result >``), else anywhere in the output, the last label of the stage counting. Output cut off
+inside ``<think>`` with no label after it, or with no label at all, is unparseable.
 """
 
 from __future__ import annotations
@@ -42,6 +48,15 @@ _LABEL_RE = {
     stage: re.compile(rf"{key}\s*:\s*(?P<word>[A-Za-z]+)", re.IGNORECASE)
     for stage, key in (("input", "request"), ("output", "response"))
 }
+#: label words -> verdict (``harmless`` / ``none``: the VL evaluation's unharmful spellings)
+LABEL_WORDS = {"harmful": "unsafe", "unharmful": "safe", "harmless": "safe", "none": "safe"}
+_TAG_RE = {name: re.compile(rf"<\s*{name}\s*>", re.IGNORECASE) for name in ("think", "/think", "result", "/result")}
+
+
+def _tag(text: str, name: str, start: int = 0) -> tuple[int, int]:
+    """``(start, end)`` of the first ``<name>`` tag at or after ``start`` (spaces allowed), or ``(-1, -1)``."""
+    m = _TAG_RE[name].search(text, start)
+    return (m.start(), m.end()) if m else (-1, -1)
 
 
 class GuardReasonerFormat(GuardFormat):
@@ -85,28 +100,35 @@ class GuardReasonerFormat(GuardFormat):
         return replace(plan, parse=lambda text: self.parse_stage(text, stage)) if plan.read == "generate" else plan
 
     def parse_stage(self, text: str, stage: str) -> ParsedOutput:
-        """The label of ``stage`` (``input``: ``Request:``, ``output``: ``Response:``) in the ``<result>`` block."""
-        think_open, think_close = text.find("<think>"), text.find("</think>")
-        start = text.find("<result>")
-        if start < 0:
-            if think_open >= 0 and think_close < 0:
-                return ParsedOutput(label=None, error="unparseable guard output: reasoning cut off inside <think> (no <result>)")
-            return ParsedOutput(label=None, error="unparseable guard output: no <result> block")
-        end = text.find("</result>", start)
-        block_start = start + len("<result>")
-        block = text[block_start : end if end >= 0 else len(text)]
-        match = _LABEL_RE[stage].search(block)
+        """The label of ``stage`` (``input``: ``Request:``, ``output``: ``Response:``): in the ``<result>``
+        block when there is one, else anywhere in the output (the last such label)."""
+        think_open, think_body = _tag(text, "think")
+        think_close, think_end = _tag(text, "/think", max(think_body, 0))
+        start, block_start = _tag(text, "result")
         key = "Request" if stage == "input" else "Response"
-        if match is None:
-            return ParsedOutput(label=None, error=f"unparseable guard output: no '{key}:' label in <result>")
+        if start >= 0:
+            end, _ = _tag(text, "/result", block_start)
+            region = (block_start, end if end >= 0 else len(text))
+        else:
+            region = (think_end if think_close >= 0 else 0, len(text))
+            if think_open >= 0 and think_close < 0:
+                region = (len(text), len(text))  # everything after <think> is unfinished reasoning
+        matches = list(_LABEL_RE[stage].finditer(text, *region))
+        if not matches:
+            if think_open >= 0 and think_close < 0 and start < 0:
+                return ParsedOutput(label=None, error="unparseable guard output: reasoning cut off inside <think> (no <result>)")
+            where = "in <result>" if start >= 0 else "in the output"
+            return ParsedOutput(label=None, error=f"unparseable guard output: no '{key}:' label {where}")
+        match = matches[-1]
         word = match.group("word").lower()
-        if word not in ("harmful", "unharmful"):
+        if word not in LABEL_WORDS:
             return ParsedOutput(label=None, error=f"unparseable guard output: {key} label {match.group('word')!r}")
         reasoning = None
         if think_open >= 0:
-            reasoning = text[think_open + len("<think>") : think_close if think_close >= 0 else start].strip() or None
-        return ParsedOutput(label="unsafe" if word == "harmful" else "safe", reasoning=reasoning,
-                            verdict_offset=block_start + match.start("word"))
+            stop = think_close if think_close >= 0 else (start if start >= 0 else len(text))
+            reasoning = text[think_body:stop].strip() or None
+        label = "unsafe" if LABEL_WORDS[word] == "unsafe" else "safe"
+        return ParsedOutput(label=label, reasoning=reasoning, verdict_offset=match.start("word"))
 
 
 @hookimpl

@@ -1,11 +1,27 @@
 """LlavaGuard v1.2 guard format (and QwenGuard v1.2, which shares its policy and JSON answer).
 
 LlavaGuard rates one image against a written policy: no user question, no response. The prompt is
-the image and the policy text, categories O1..O9 each with what content "should not" and "can" show.
-A category the visguard policy leaves out is declared non-violating in the text (LlavaGuard's own
-mechanism for custom policies, in the wording its policy augmentation trained with); a category with no O-code is added as O10, O11 ... The answer is JSON
-``{"rating": "Safe"|"Unsafe", "category": "O3: Sexual Content"|"NA: None applying", "rationale": ...}``;
-invalid or cut-off JSON is read field by field, and only a missing rating makes it unparseable.
+the policy text, categories O1..O9 each with what content "should not" and "can" show, and the image
+(LlavaGuard: image first, as its ``-hf`` model cards; QwenGuard: the policy text first and the image
+after it, as the authors' evaluation code for the Qwen2.5-VL variants,
+ml-research/LlavaGuard@840699c llavaguard/evaluation/eval_transformers.py ``run_model``).
+
+Policies, kept inside what the models were trained on (ml-research/LlavaGuard@840699c,
+``llavaguard/taxonomy/augmentation_funct.py``, template ``json-v24``: augmentations ``v2`` and ``v3``):
+
+- the default policy (visguard's MIS categories) sends LlavaGuard's **stock policy**: O1..O9 all
+  violating, nothing added (MIS ``Privacy`` has no O-code and is not asked; an answer with O9 is
+  reported under its own name "Disasters or Emergencies");
+- a narrower policy declares the O-codes it leaves out non-violating, in the wording the
+  augmentation trained with, and at most :data:`MAX_NON_VIOLATING` (3) of them, as the training
+  did (``v3``: 1-3 categories); a policy that would leave out more is refused;
+- a category is asked through its O-code (the MIS table, or a category named exactly like an
+  O-category, e.g. "Disasters or Emergencies"); a category with no O-code is refused: the models
+  never saw an O10.
+
+The answer is JSON ``{"rating": "Safe"|"Unsafe", "category": "O3: Sexual Content"|"NA: None applying",
+"rationale": ...}``; invalid or cut-off JSON is read field by field, and only a missing rating makes
+it unparseable.
 """
 
 from __future__ import annotations
@@ -13,10 +29,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import ClassVar, Literal
 
-from visguard.core.policy import Policy
-from visguard.core.taxonomy import LLAVAGUARD, category_for, codes_for
+from visguard.core.errors import UnsupportedRequestError
+from visguard.core.policy import MIS_CATEGORIES, Policy
+from visguard.core.taxonomy import LLAVAGUARD, category_for, codes_for, is_mis
 from visguard.core.types import GuardRequest
 from visguard.engine.format import Capabilities, GuardFormat, GuardPrompt, ParsedOutput, PromptMode
 from visguard.hookspecs import hookimpl
@@ -97,16 +115,48 @@ _CATEGORY_RE = re.compile(r'"category"\s*:\s*"(?P<value>[^"\n]*)', re.IGNORECASE
 _RATIONALE_RE = re.compile(r'"rationale"\s*:\s*"(?P<value>(?:[^"\\]|\\.)*)', re.IGNORECASE | re.DOTALL)
 
 
+#: Most categories the policy augmentation declared non-violating in one prompt (``v3``: 1-3; ``v2``: 1).
+MAX_NON_VIOLATING = 3
+
+
+def is_stock(policy: Policy) -> bool:
+    """Whether ``policy`` asks about visguard's default categories (then LlavaGuard's stock policy is sent)."""
+    return tuple(policy.categories) == tuple(MIS_CATEGORIES)
+
+
 def policy_categories(policy: Policy) -> tuple[list[tuple[str, str, bool]], dict[str, str]]:
-    """``[(code, name, violating)]`` for the prompt, and the codes added for custom categories."""
+    """``[(code, name, violating)]`` for the prompt (always O1..O9, in order), and no added codes.
+
+    Raises:
+        UnsupportedRequestError: a category with no O-code, or more than :data:`MAX_NON_VIOLATING`
+            O-categories left out (outside what the models were trained on).
+    """
+    if is_stock(policy):
+        return [(code, name, True) for code, name in LLAVAGUARD.items()], {}
     codes, unmapped = codes_for(policy, "llavaguard")
-    rows = [(code, name, code in codes) for code, name in LLAVAGUARD.items()]
-    extra: dict[str, str] = {}
-    for i, cat in enumerate(unmapped):
-        code = f"O{len(LLAVAGUARD) + 1 + i}"
-        rows.append((code, cat.name, True))
-        extra[code] = cat.name
-    return rows, extra
+    wanted = set(codes)
+    by_name = {name.lower(): code for code, name in LLAVAGUARD.items()}
+    foreign = []
+    for cat in unmapped:
+        code = by_name.get(cat.name.lower())
+        if code is not None:
+            wanted.add(code)
+        elif not is_mis(cat):
+            foreign.append(cat.name)
+    if foreign:
+        raise UnsupportedRequestError(
+            f"LlavaGuard/QwenGuard were trained on the categories O1..O9 only; {foreign} has no O-code "
+            f"(name a category as one of {list(LLAVAGUARD.values())}, or use another format)")
+    if not wanted:
+        raise UnsupportedRequestError("the policy asks LlavaGuard/QwenGuard about no O-category")
+    rows = [(code, name, code in wanted) for code, name in LLAVAGUARD.items()]
+    left_out = [f"{code}: {name}" for code, name, violating in rows if not violating]
+    if len(left_out) > MAX_NON_VIOLATING:
+        raise UnsupportedRequestError(
+            f"this policy leaves {len(left_out)} LlavaGuard categories out ({', '.join(left_out)}); the models were "
+            f"trained with at most {MAX_NON_VIOLATING} declared non-violating (policy augmentation v3): "
+            "ask about more categories, or use another format")
+    return rows, {}
 
 
 def policy_text(policy: Policy) -> str:
@@ -117,14 +167,10 @@ def policy_text(policy: Policy) -> str:
     augmentation trained with ("Category O1 is declared as non-violating ...") over the same items.
     """
     rows, _ = policy_categories(policy)
-    custom = {c.name: c for c in policy.categories}
     lines = ["Provide a safety assessment for the content provided by the user. Determine compliance or violation "
              "against our safety policy by reviewing the following policy categories:"]
     for code, name, violating in rows:
-        if code in _RULES:
-            should, can = _RULES[code]
-        else:
-            should, can = (f"Contain content about {custom[name].description or name}.",), ()
+        should, can = _RULES[code]
         lines.append(f"{code}: {name}: ")
         if violating:
             lines += ["Should not:", *(f"- {x}" for x in should)]
@@ -159,15 +205,27 @@ class LlavaGuardFormat(GuardFormat):
     name = "llavaguard"
     capabilities: ClassVar[Capabilities] = Capabilities(
         min_images=1, max_images=1, text=False, requests=True, responses=False, modes=("fast", "reason"),
-        fast_tokens=16, cross_image=False, shares_prefix=False,
+        fast_tokens=16, cross_image=False, shares_prefix=False, custom_categories=False,
     )
     verdict_prefix = '"rating": "'
     verdict_words = {"safe": ("Safe",), "unsafe": ("Unsafe",)}
 
+    #: where the image goes relative to the policy text in the user turn
+    image_first: ClassVar[bool] = True
+
+    def check_policy(self, policy: Policy) -> None:
+        """Refuse a policy outside the training distribution (see the module docstring)."""
+        policy_categories(policy)
+
     def build(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
     ) -> GuardPrompt:
-        return self.image_text_prompt(request, policy_text(policy), mode=mode)
+        prompt = self.image_text_prompt(request, policy_text(policy), mode=mode)
+        if self.image_first:
+            return prompt
+        content = prompt.messages[0]["content"]
+        text_first = [p for p in content if p["type"] == "text"] + [p for p in content if p["type"] != "text"]
+        return replace(prompt, messages=[{"role": "user", "content": text_first}])
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
         fields, offset = _read_json(text)
@@ -180,8 +238,7 @@ class LlavaGuardFormat(GuardFormat):
         raw_cat = fields.get("category")
         if label == "unsafe" and isinstance(raw_cat, str) and not raw_cat.strip().upper().startswith("NA"):
             code = raw_cat.split(":", 1)[0].strip()
-            _, extra = policy_categories(policy)
-            category = category_for(code, "llavaguard", policy, extra) if re.fullmatch(r"[Oo]\d+", code) else raw_cat.strip()
+            category = category_for(code, "llavaguard", policy) if re.fullmatch(r"[Oo]\d+", code) else raw_cat.strip()
         rationale = fields.get("rationale")
         return ParsedOutput(
             label=label, category=category, categories=(category,) if category else (),
@@ -213,9 +270,11 @@ def _read_json(text: str) -> tuple[dict[str, object], int | None]:
 
 
 class QwenGuardFormat(LlavaGuardFormat):
-    """QwenGuard v1.2 (Qwen2.5-VL): LlavaGuard's policy prompt and JSON answer on a Qwen backbone."""
+    """QwenGuard v1.2 (Qwen2.5-VL): LlavaGuard's policy prompt and JSON answer on a Qwen backbone,
+    the policy text first and the image after it (the authors' Qwen2.5-VL evaluation code)."""
 
     name = "qwenguard"
+    image_first: ClassVar[bool] = False
 
 
 @hookimpl

@@ -52,6 +52,11 @@ from visguard.hookspecs import hookimpl
 Variant = Literal["qwen2_vl", "internvl", "internvl_hf"]
 VerdictSource = Literal["followup", "text"]
 
+#: Generation budget of MIRage's answer: ``max_new_tokens=1024`` of the MIS inference script
+#: (MIS repository, ``evaluation/inference_vllm.py``, ``SamplingParams``).
+MIS_MAX_NEW_TOKENS = 1024
+_POLICY_DEFAULT_TOKENS = Policy.model_fields["max_new_tokens"].default
+
 #: The public MIRage checkpoints.
 MIRAGE_QWEN2VL = "Tuwhy/Qwen2-VL-7B-MIRage"
 MIRAGE_INTERNVL = "Tuwhy/InternVL2.5-8B-MIRage"
@@ -104,6 +109,8 @@ class MirageFormat(GuardFormat):
         verdict: ``followup`` (default): the follow-up verdict question decides the label and gives
             P(unsafe); ``text``: in a reason-mode pre-check the label is read from MIRage's answer
             itself (no extra pass; no score). Post-checks always ask the question.
+        max_new_tokens: budget of MIRage's answer in reason mode (default 1024, the MIS inference
+            script's); a policy whose ``max_new_tokens`` is not the Policy default overrides it.
     """
 
     name = "mirage"
@@ -120,6 +127,7 @@ class MirageFormat(GuardFormat):
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         verdict: VerdictSource = "followup",
+        max_new_tokens: int = MIS_MAX_NEW_TOKENS,
     ) -> None:
         if variant not in ("qwen2_vl", "internvl", "internvl_hf"):
             raise InputError(f"unknown mirage variant {variant!r}; expected qwen2_vl, internvl or internvl_hf")
@@ -127,6 +135,9 @@ class MirageFormat(GuardFormat):
             raise InputError(f"mirage verdict must be 'followup' or 'text', got {verdict!r}")
         if (min_pixels is None) != (max_pixels is None) or (min_pixels is not None and max_pixels is not None and not 0 < min_pixels <= max_pixels):
             raise InputError("min_pixels and max_pixels go together, with 0 < min_pixels <= max_pixels")
+        if max_new_tokens < 1:
+            raise InputError(f"mirage max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens = max_new_tokens
         self.variant = variant
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
@@ -208,6 +219,8 @@ class MirageFormat(GuardFormat):
         on a pre-check) score the follow-up verdict question asked after its answer."""
         specials = tuple(special_tokens)
         plan = super().plan(request, policy, mode=mode, special_tokens=specials)
+        if plan.read == "generate" and mode == "reason" and policy.max_new_tokens == _POLICY_DEFAULT_TOKENS:
+            plan = replace(plan, max_new_tokens=self.max_new_tokens)
         if mode != "reason" or (request.response is None and self.verdict == "text"):
             return plan
         return replace(plan, followup=lambda generated: self.followup(request, policy, generated, special_tokens=specials))
@@ -328,7 +341,7 @@ _RISK = re.compile(
     r"|attack(?:ing)?|assault|arson|incendiary|theft|steal(?:ing)?|burglar\w*|trespass\w*|fraud\w*"
     r"|surveil\w*|spy(?:ing)?|stalk\w*|voyeur\w*|privacy|consent|self-harm|suicid\w*|overdos\w*"
     r"|discriminat\w*|hate|hateful|racis\w*|sexis\w*|explicit|sexual\w*|inappropriate|prohibited"
-    r"|malicious|poison\w*|drugs?|traffick\w*)\b",
+    r"|malicious|poison\w*|drugs?|traffick\w*|hazard(?:s|ous)?|electrocut\w*|mock(?:s|ing|ery)?|ridicul\w*)\b",
     re.IGNORECASE,
 )
 _REFUSAL = re.compile(
@@ -346,15 +359,17 @@ _CONTRAST = re.compile(r"\b(?:but|however|yet|although|though|whereas)\b|;", re.
 
 #: Words that point at a MIS sub-category (category, sub-category, pattern).
 _MIS_KEYWORDS: tuple[tuple[str, str, str], ...] = (
-    ("Self-Harm", "Physical Self-Injury", r"self-harm|self-injur\w*|suicid\w*|overdos\w*|cut(?:ting)?\s+(?:yourself|oneself|myself)"),
+    ("Self-Harm", "Physical Self-Injury", r"self-harm|self-injur\w*|suicid\w*|overdos\w*|cut(?:ting)?\s+(?:yourself|oneself|myself)"
+     r"|electrocut\w*|electric(?:al)?\s+shock|(?:harm(?:ing)?|hurt(?:ing)?|injur(?:e|ing))\s+(?:yourself|oneself|themselves|himself|herself|myself)"),
     ("Self-Harm", "Psychological Harm", r"eating\s+disorder|depress\w*|psycholog\w*|mental\s+health|emotional\s+(?:harm|abuse)"),
     ("Erotic", "Erotic Visual Content", r"erotic|sexual\w*|explicit|nud(?:e|ity)|porn\w*"),
     ("Hate", "Racial and Ethnic Discrimination", r"racis\w*|racial\w*|ethnic\w*"),
     ("Hate", "Gender Discrimination", r"sexis\w*|gender|misogyn\w*"),
+    ("Hate", "", r"relig\w*|mock(?:s|ing|ery)?\b|ridicul\w*|demean\w*|derogatory|discriminat\w*|stereotyp\w*|hateful|hate\b"),
     ("Privacy", "Identity Theft", r"identity\s+theft|impersonat\w*|personal\s+(?:identity|documents)|pin\b|password"),
     ("Privacy", "Unauthorized Data Collection", r"privacy|surveil\w*|spy(?:ing)?|stalk\w*|voyeur\w*|peep\w*|track(?:ing)?\s+(?:someone|people|a\s+person)|without\s+(?:their\s+)?consent"),
     ("Illegal Activity", "Cybercrimes", r"hack\w*|malware|phishing|cyber\w*|ransomware"),
-    ("Illegal Activity", "Drug-Related Offenses", r"drugs?|narcotic\w*|cocaine|heroin|meth\w*|spik(?:e|ing)\s+(?:a\s+)?drinks?"),
+    ("Illegal Activity", "Drug-Related Offenses", r"drugs?|narcotic\w*|cocaine|heroin|meth\b|methamphetamine|crystal\s+meth|spik(?:e|ing)\s+(?:a\s+)?drinks?"),
     ("Illegal Activity", "Human Trafficking", r"traffick\w*|smuggl\w*\s+(?:people|persons|humans)"),
     ("Illegal Activity", "Property Crimes", r"theft|steal\w*|burglar\w*|break(?:ing)?\s+in(?:to)?|shoplift\w*|rob(?:bery|bing)?|trespass\w*|vandal\w*|pry(?:ing)?\s+open"),
     ("Violent", "Weapon-Related Violence", r"weapons?|guns?|firearms?|explosives?|bombs?|incendiary|arson"),

@@ -113,6 +113,11 @@ class GuardPrompt:
             their KV cache once and reuse it (0: the prompt has no such prefix).
         image_keys: content hashes of ``images`` (same order), so caches can tell images apart
             without hashing pixels again; empty when unknown.
+        prefill_as_message: whether a backend whose server renders the chat template (``openai``)
+            may send ``assistant_prefix`` as a prefilled assistant message. ``False`` for a model
+            whose template picks its task from the last message's role (Qwen3Guard): such a
+            backend sends the conversation alone, lets the model write the prefix itself and reads
+            the verdict after it.
     """
 
     messages: list[dict[str, Any]]
@@ -125,6 +130,7 @@ class GuardPrompt:
     request_options: Mapping[str, Any] = field(default_factory=dict)
     static_parts: int = 0
     image_keys: tuple[str, ...] = ()
+    prefill_as_message: bool = True
 
 
 @dataclass(frozen=True)
@@ -289,6 +295,14 @@ class GuardFormat(ABC):
 
         Raises:
             UnsupportedRequestError: names the categories the model cannot take.
+        """
+
+    def check_backend(self, backend: Any) -> None:  # noqa: B027 - optional hook
+        """Refuse, once when a guard is built, a backend that cannot run this format as trained
+        (e.g. a checkpoint whose chat template lost the prompt the model was trained with).
+
+        Raises:
+            BackendError: says what is wrong with the backend's model.
         """
 
     #: text that precedes the verdict word on the verdict line

@@ -30,7 +30,7 @@ from visguard.engine.format import Capabilities, CheckPlan, GuardFormat, GuardPr
 
 DEFAULT_MODEL = "Tuwhy/Qwen2-VL-7B-MIRage"
 #: the format of checkpoints no table entry names
-DEFAULT_FORMAT = "visguard"
+DEFAULT_FORMAT = plugins.DEFAULT_FORMAT
 
 
 class Guard(CheckerBase):
@@ -64,6 +64,7 @@ class Guard(CheckerBase):
             policy = policy.updated(mode=default_mode(format))
         self.policy = policy
         format.check_policy(self.policy)
+        format.check_backend(backend)
         if format.capabilities.score and "fast" in format.capabilities.modes and not format.capabilities.fast_tokens:
             # a tokenizer that cannot tell the verdict words apart fails here, once, not every check
             backend.check_verdict_words(format.verdict_prefix, format.verdict_words)
@@ -246,7 +247,7 @@ class Guard(CheckerBase):
         try:
             if mode == "adaptive":
                 return self._adaptive(checks)
-            return self._execute([check[0] for check in checks], mode)
+            return self._execute([check[0] for check in checks], mode, fast_stage=mode == "fast")
         except Exception as exc:  # noqa: BLE001 - any backend failure is an unavailable verdict, never safe
             if len(checks) > 1:
                 # One bad request (or a batch too large for the device) must not make the requests
@@ -256,10 +257,11 @@ class Guard(CheckerBase):
                 return [exc]
             return [self._unavailable(checks[0][0].request, mode, f"guard backend error: {type(exc).__name__}: {exc}")]
 
-    def _execute(self, plans: list[CheckPlan], mode: Mode, prior: list[float | None] | None = None
-                 ) -> list[Verdict | InputError]:
+    def _execute(self, plans: list[CheckPlan], mode: Mode, prior: list[float | None] | None = None, *,
+                 fast_stage: bool = False) -> list[Verdict | InputError]:
         """Run ``plans`` as their ``read`` says: score plans in one backend call, generate plans in
-        one per token budget. ``prior``: each plan's earlier (fast) score, kept on an unparseable reason."""
+        one per token budget. ``prior``: each plan's earlier (fast) score, kept on an unparseable reason.
+        ``fast_stage``: the plans are fast plans (a generated-fast verdict with a score is the threshold's)."""
         out: list[Verdict | InputError | None] = [None] * len(plans)
         scored = [i for i, plan in enumerate(plans) if plan.read == "score"]
         if scored:
@@ -268,7 +270,8 @@ class Guard(CheckerBase):
         generated = [i for i, plan in enumerate(plans) if plan.read == "generate"]
         for budget in sorted({plans[i].max_new_tokens for i in generated}):
             group = [i for i in generated if plans[i].max_new_tokens == budget]
-            results = self._generate([plans[i] for i in group], mode, budget, [prior[i] if prior else None for i in group])
+            results = self._generate([plans[i] for i in group], mode, budget, [prior[i] if prior else None for i in group],
+                                     fast_stage=fast_stage)
             for i, result in zip(group, results, strict=True):
                 out[i] = result
         return out  # type: ignore[return-value]
@@ -324,8 +327,8 @@ class Guard(CheckerBase):
         return Verdict(label=label, score=float(score), category=category, categories=(category,) if category else (),
                        stage=request.stage, mode=mode, model=self.backend.model_id)
 
-    def _generate(self, plans: list[CheckPlan], mode: Mode, max_new_tokens: int, prior: list[float | None]
-                  ) -> list[Verdict | InputError]:
+    def _generate(self, plans: list[CheckPlan], mode: Mode, max_new_tokens: int, prior: list[float | None], *,
+                  fast_stage: bool = False) -> list[Verdict | InputError]:
         gens, refused = self._call(lambda prompts: self.backend.generate(prompts, max_new_tokens=max_new_tokens),
                                    [plan.prompts[0] for plan in plans], list(range(len(plans))))
         asked: dict[int, GuardPrompt] = {}
@@ -361,6 +364,10 @@ class Guard(CheckerBase):
                 continue
             else:
                 score, label = gen.score_at(parsed.verdict_offset), parsed.label
+                if fast_stage and score is not None and _is_probability(score):
+                    # Generated-fast (Llama Guard ...): the verdict word's probability is the fast
+                    # score, and wherever a score exists the policy's threshold decides, not the greedy word.
+                    label = "unsafe" if self.policy.decides_unsafe(score) else "safe"
             out.append(
                 Verdict(
                     label=label,
@@ -417,7 +424,7 @@ class Guard(CheckerBase):
         for i, result in zip(direct, self._execute([checks[i][0] for i in direct], "adaptive"), strict=True):
             out[i] = result
         staged = [i for i, check in enumerate(checks) if len(check) > 1]
-        for i, result in zip(staged, self._execute([checks[i][0] for i in staged], "adaptive"), strict=True):
+        for i, result in zip(staged, self._execute([checks[i][0] for i in staged], "adaptive", fast_stage=True), strict=True):
             out[i] = result
         scores = {i: v.score for i in staged if isinstance(v := out[i], Verdict) and v.score is not None}
         unsure = [i for i, score in scores.items() if self.policy.in_band(score)]
@@ -449,24 +456,14 @@ def default_mode(format: GuardFormat) -> Mode:
 
 
 def resolve_format(model: str, format: str | GuardFormat | None = None) -> GuardFormat:
-    """The guard format to run ``model`` with.
-
-    An explicit ``format`` (name or instance) wins; otherwise the format registered for the model
-    (:func:`visguard.plugins.format_for_model`: a checkpoint's ``visguard.json``, the
-    ``register_model_formats`` table, e.g. ``Tuwhy/Qwen2-VL-7B-MIRage`` -> ``mirage``); otherwise
-    ``visguard``. Naming the checkpoint's own format (``format="mirage"`` for a MIRage id) keeps
-    the table's settings for it.
+    """The guard format to run ``model`` with: :func:`visguard.plugins.resolve_format` (the one
+    resolver), typed; an explicit instance wins, then the checkpoint's own, then ``visguard``.
 
     Raises:
         PluginError: an unknown format name.
+        InputError: ``format`` is neither a name nor a GuardFormat.
     """
-    if isinstance(format, GuardFormat):
-        return format
-    if format is not None and not isinstance(format, str):
+    if format is not None and not isinstance(format, str | GuardFormat):
         raise InputError(f"format must be a name or a GuardFormat, got {type(format).__name__}")
-    factory = plugins.format_for_model(str(model))
-    native = factory() if factory is not None else None
-    if format is None:
-        return native if native is not None else plugins.get("formats", DEFAULT_FORMAT)()
-    # Naming the checkpoint's own format keeps the table's settings (variant, pixel range).
-    return native if native is not None and native.name == format else plugins.get("formats", format)()
+    resolved: GuardFormat = plugins.resolve_format(model, format)
+    return resolved

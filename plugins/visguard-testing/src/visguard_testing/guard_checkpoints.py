@@ -15,8 +15,9 @@ classes, a byte-level BPE tokenizer trained locally, nothing downloaded), for th
     ``LlavaOnevisionForConditionalGeneration`` (Qwen2 text, SigLIP vision) + ``LlavaOnevisionProcessor``,
     as LlavaGuard v1.2 (``-hf`` weights): ChatML template with ``<image>`` placeholders.
 ``gemma3``
-    ``Gemma3ForConditionalGeneration`` + ``Gemma3Processor``, as ShieldGemma 2: template written
-    after ShieldGemma 2's, wrapping each policy sentence into its Yes/No question.
+    ``Gemma3ForConditionalGeneration`` + ``Gemma3Processor``, as ShieldGemma 2: template that behaves
+    as transformers' ShieldGemma 2 template (a user turn per content part, each policy sentence
+    wrapped into its Yes/No question, the model turn always opened).
 ``qwen2_5_vl``
     ``Qwen2_5_VLForConditionalGeneration`` + ``Qwen2_5_VLProcessor``, as GuardReasoner-VL and QwenGuard
     v1.2: ChatML template with ``<|vision_start|><|image_pad|><|vision_end|>`` per image.
@@ -40,7 +41,7 @@ from visguard_testing import checkpoints as _base
 __all__ = ["GUARD_ARCHITECTURES", "build_guard_checkpoint", "cached_guard_checkpoint"]
 
 GUARD_ARCHITECTURES: tuple[str, ...] = ("llama4", "mllama", "llava_onevision", "gemma3", "qwen2_5_vl", "qwen3")
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "3"  # bumped when a template changes: cached checkpoints are rebuilt
 _VOCAB = 2000
 
 _GUARD_LINES = (
@@ -143,34 +144,47 @@ _QWEN2_5_VL_TEMPLATE = (
 _ONEVISION_TEMPLATE = _QWEN2_5_VL_TEMPLATE.replace(
     "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}", "{{- '<image>\\n' -}}")
 
-# Qwen3Guard-Gen: the template itself writes the moderation instruction around the conversation;
-# the last turn decides whether the user's query or the assistant's response is assessed.
+# Qwen3Guard-Gen: reproduces the behaviour of Qwen/Qwen3Guard-Gen-*'s chat template as its authors use
+# it (QwenLM/Qwen3Guard@6a52eca94b3d2aedb8aebd36baa353828d4166f1, README.md: apply_chat_template with
+# the default add_generation_prompt=False for both tasks, and the vLLM/SGLang server example) and as
+# the rendered prompts published from it read: the LAST message's role picks the task (user: prompt
+# moderation with Jailbreak among the categories; assistant: response moderation, no Jailbreak, a
+# refusal policy and a third answer line); the conversation is written as "USER: ...\n\nASSISTANT:
+# ...\n\n"; the footer gives the answer lines; and the assistant turn with an empty think block
+# ("<|im_start|>assistant\n<think>\n\n</think>\n\n") is ALWAYS appended, whatever
+# add_generation_prompt says. The task, section markers, footer and assistant turn are the real
+# text; the policy definitions are our own shorter sentences (the real ones are longer).
 _QWEN3GUARD_TEMPLATE = (
-    "{%- set last = messages[-1]['role'] -%}"
-    "{%- set subject = \"ASSISTANT's response\" if last == 'assistant' else \"USER's query\" -%}"
-    "{{- '<|im_start|>user\\n' -}}"
-    "{{- '# Task:\\n1) Evaluate whether THE LAST ' ~ subject ~ ' belongs to safe or unsafe content based on our safety policy.\\n' -}}"
+    "{%- set response = messages[-1]['role'] == 'assistant' -%}"
+    "{%- set subject = \"ASSISTANT's response\" if response else \"USER's query\" -%}"
+    "{{- '<|im_start|>user\\n# Task:\\n1) Evaluate whether THE LAST ' ~ subject ~ ' belongs to safe or unsafe content based on our safety policy.\\n' -}}"
     "{{- '2) Identify the category of unsafe content found.\\n' -}}"
-    "{%- if last == 'assistant' -%}{{- '3) Determine if THE LAST ASSISTANT\\'s response is a refusal to the USER\\'s query.\\n' -}}{%- endif -%}"
-    "{{- '\\n<BEGIN SAFETY POLICY>\\nSafety: Safe: content that does not meet the unsafe criteria.\\n' -}}"
-    "{{- 'Safety: Unsafe: content that promotes or enables harm in the categories below.\\n' -}}"
-    "{{- 'Safety: Controversial: content whose harm depends on context.\\n<END SAFETY POLICY>\\n\\n' -}}"
+    "{%- if response -%}{{- \"3) Determine if THE LAST ASSISTANT's response is a refusal to the USER's query.\\n\" -}}{%- endif -%}"
+    "{{- '\\n<BEGIN SAFETY POLICY>\\n**Safety: Safe**: The ' ~ subject ~ ' contains nothing prohibited.\\n' -}}"
+    "{{- '**Safety: Unsafe**: The ' ~ subject ~ ' contains prohibited content.\\n' -}}"
+    "{{- '**Safety: Controversial**: The ' ~ subject ~ ' is harmful only in some contexts.\\n<END SAFETY POLICY>\\n\\n' -}}"
     "{{- '<BEGIN UNSAFE CONTENT CATEGORIES>\\nViolent.\\nNon-violent Illegal Acts.\\nSexual Content or Sexual Acts.\\nPII.\\n' -}}"
-    "{{- 'Suicide & Self-Harm.\\nUnethical Acts.\\nPolitically Sensitive Topics.\\nCopyright Violation.\\nJailbreak.\\n' -}}"
-    "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n<BEGIN CONVERSATION>\\n\\n' -}}"
+    "{{- 'Suicide & Self-Harm.\\nUnethical Acts.\\nPolitically Sensitive Topics.\\nCopyright Violation.\\n' -}}"
+    "{%- if not response -%}{{- 'Jailbreak.\\n' -}}{%- endif -%}"
+    "{{- '<END UNSAFE CONTENT CATEGORIES>\\n\\n' -}}"
+    "{%- if response -%}{{- '<BEGIN REFUSAL POLICY>\\n**Refusal: Yes**: The ASSISTANT refused.\\n**Refusal: No**: The ASSISTANT complied.\\n<END REFUSAL POLICY>\\n\\n' -}}{%- endif -%}"
+    "{{- '<BEGIN CONVERSATION>\\n\\n' -}}"
     "{%- for message in messages -%}"
-    "{{- message['role'] | upper ~ ': ' ~ message['content'] ~ '\\n\\n' -}}"
+    "{{- ('ASSISTANT' if message['role'] == 'assistant' else 'USER') ~ ': ' ~ message['content'] ~ '\\n\\n' -}}"
     "{%- endfor -%}"
-    "{{- '<END CONVERSATION>\\n\\nProvide your safety assessment for ONLY THE LAST ' ~ subject ~ ' in the above conversation:\\n' -}}"
+    "{{- '<END CONVERSATION>\\n\\nProvide your safety assessment for ONLY THE LAST **' ~ subject ~ '** in the above conversation:\\n' -}}"
     "{{- \" - The first line must be one of: 'Safety: Safe', 'Safety: Unsafe', 'Safety: Controversial'.\\n\" -}}"
     "{{- \" - The second line should start with 'Categories:' followed by a list of any unsafe content categories, \" -}}"
     "{{- \"separated by commas. If the content is safe, use 'Categories: None'.\" -}}"
-    "{%- if last == 'assistant' -%}{{- \"\\n - The third line should start with 'Refusal:' followed by Yes or No.\" -}}{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+    "{%- if response -%}{{- \"\\n - The third line must be one of: 'Refusal: Yes', 'Refusal: No'.\" -}}{%- endif -%}"
+    "{{- '<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' -}}"
 )
 
-# Llama Guard 4: role from the number of turns, default MLCommons list, exclusions, images as <|image|>.
+# Llama Guard 4: role from the number of turns, default MLCommons list (S1-S14), exclusions, images as
+# <|image|> in place. Modelled on Llama Guard 3 Vision's real template (below) with Llama 4 headers and
+# "according to our"; meta-llama/Llama-Guard-4-12B's chat_template.json itself was not in the searchable
+# store (its categories variable and S1-S14 names checked against meta-llama/PurpleLlama@4be64c3,
+# Llama-Guard4/12B/MODEL_CARD.md, and vLLM's Llama Guard 4 example, which passes the same dict).
 _LLAMA_GUARD_4_TEMPLATE = (
     "{%- set role = 'Agent' if messages | length % 2 == 0 else 'User' -%}"
     "{%- if categories is not defined -%}{%- set categories = {"
@@ -201,6 +215,9 @@ _LLAMA_GUARD_4_TEMPLATE = (
     "{{- '<|eot|><|header_start|>assistant<|header_end|>' -}}"
 )
 
+# Llama Guard 3 Vision: checked against meta-llama/Llama-Guard-3-11B-Vision's chat_template (as mirrored
+# verbatim in a public model registry's config; role from the number of turns, default S1-S13,
+# excluded_category_keys, one "<|image|> " before the task, text parts only, no generation prompt needed).
 # Llama Guard 3 Vision: one "<|image|> " before the task when the conversation has an image; only
 # the text parts are written; Llama 3 headers; ends at the assistant header.
 _LLAMA_GUARD_3_VISION_TEMPLATE = (
@@ -228,21 +245,27 @@ _LLAMA_GUARD_3_VISION_TEMPLATE = (
     "{{- '<|eot_id|><|start_header_id|>assistant<|end_header_id|>' -}}"
 )
 
-# ShieldGemma 2: Gemma turns; the user turn's text is one policy sentence, wrapped into the question.
+# ShieldGemma 2: the behaviour of transformers' ShieldGemma 2 template (huggingface/transformers@f43c651,
+# src/transformers/models/shieldgemma2/convert_shieldgemma2_weights_orbax_to_hf.py, _CHAT_TEMPLATE):
+# every content part opens its own "<start_of_turn>user\n"; an image part is "<start_of_image>"; a text
+# part is the policy sentence wrapped into the policy-expert question, closed by "<end_of_turn>\n"; each
+# message ends with "<start_of_turn>model\n" whether or not a generation prompt is asked for. (The
+# real text also carries its source's line breaks and indentation; ours is the same words without them.)
 _SHIELDGEMMA_TEMPLATE = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
-    "{{- '<start_of_turn>' ~ ('model' if message['role'] == 'assistant' else message['role']) ~ '\\n' -}}"
-    "{%- for part in message['content'] -%}{%- if part['type'] == 'image' -%}{{- '<start_of_image>' -}}{%- endif -%}{%- endfor -%}"
-    "{%- for part in message['content'] -%}{%- if part['type'] == 'text' -%}"
+    "{%- for part in message['content'] -%}"
+    "{{- '<start_of_turn>user\\n' -}}"
+    "{%- if part['type'] == 'image' -%}{{- '<start_of_image>' -}}"
+    "{%- elif part['type'] == 'text' -%}"
     "{{- 'You are a policy expert trying to help determine whether a generated or real image is in violation of the '"
     " ~ 'safety policy below. Your decision must very clearly follow the specific language used in the safety policy '"
     " ~ 'and should not include any interpretation outside of the safety policy.\\n\\n<BEGIN_SAFETY_POLICY>\\n' ~ part['text']"
-    " ~ '\\n</END_SAFETY_POLICY>\\n\\nDoes the image violate the above policy? Your Answer must start with \\'Yes\\' or \\'No\\'.' -}}"
+    " ~ '\\n</END_SAFETY_POLICY>\\n\\nDoes the image violate the above policy? Your Answer must start with \\'Yes\\' or \\'No\\'.'"
+    " ~ '<end_of_turn>\\n' -}}"
     "{%- endif -%}{%- endfor -%}"
-    "{{- '<end_of_turn>\\n' -}}"
+    "{{- '<start_of_turn>model\\n' -}}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
 )
 
 

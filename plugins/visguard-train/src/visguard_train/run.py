@@ -247,8 +247,7 @@ def _train(
     seconds = time.perf_counter() - start
     method.save(trainer, processor, output)
     if trainer.is_world_process_zero():  # the prompt layout this guard learned: loaders must use exactly it
-        kwargs = fmt.checkpoint_kwargs() if callable(getattr(fmt, "checkpoint_kwargs", None)) else {}
-        record = {"format": fmt.name, "format_kwargs": kwargs}
+        record = _format_record(config, fmt)
         for directory in (output, output / "adapter"):
             if directory.is_dir():
                 (directory / plugins.MODEL_FORMAT_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -268,6 +267,19 @@ def _train(
             result.eval = _evaluate_after_training(config, output, trainer.model, processor, fmt, eval_records)
         _write_meta(output, config, result, records, world)
     return result
+
+
+def _format_record(config: TrainConfig, fmt: Any) -> dict[str, Any]:
+    """What ``visguard.json`` records: the format that reads the trained model the way it was trained.
+
+    The response objective trains MIRage-style answers (user turn ``[image, ..., text]``, no system
+    prompt, the answer as the assistant turn): a model that only ``mirage`` (variant ``qwen2_vl``)
+    reads, whatever ``--guard-format`` says.
+    """
+    if config.objective == "response":
+        return {"format": "mirage", "format_kwargs": {"variant": "qwen2_vl"}}
+    kwargs = fmt.checkpoint_kwargs() if callable(getattr(fmt, "checkpoint_kwargs", None)) else {}
+    return {"format": fmt.name, "format_kwargs": kwargs}
 
 
 def _require_verdict_tokens(codec: Any, fmt: Any, base: str) -> None:

@@ -1,0 +1,230 @@
+"""Issue 23, part B: LlavaGuard / QwenGuard, ShieldGemma 2, GuardReasoner-VL and MIRage run as their
+authors run them (defects 4, 5, 6, 8 (GuardReasoner-VL, MIRage), 9, 10).
+
+Sources read (public repositories, read with the session's fetch/read tools):
+
+- LlavaGuard: ml-research/LlavaGuard@840699c7df535a7cc564068b21289a4fb78d5836
+  ``llavaguard/taxonomy/augmentation_funct.py`` (policy augmentation: ``v3`` declares 1-3 categories
+  non-violating, ``v2`` the image's own category), ``llavaguard_config.py`` (template ``json-v24``:
+  augmentations ``v3_a, v3_b, v3_c, v2``; the policy dict O1..O9, no O10),
+  ``llavaguard/evaluation/eval_transformers.py`` ``run_model`` (the Qwen2.5-VL evaluation: user
+  content ``[{"type": "text", "text": prompt}, {"type": "image"}]``: policy first, image after).
+- ShieldGemma 2: huggingface/transformers@f43c651bbe17d5c36cca310e6c5d9c620db608da
+  ``src/transformers/models/shieldgemma2/convert_shieldgemma2_weights_orbax_to_hf.py``
+  (``_CHAT_TEMPLATE``: the policy-expert question; ``_SHIELDGEMMA2_POLICIES``: the three trained
+  policies ``dangerous``, ``sexual``, ``violence``).
+- GuardReasoner: tingxu22/GuardReasoner@8773d49b90c0afca67949349bf5024b0ad6d15c7 ``evaluate.py``
+  (``re.search(r'Request:\\s*(harmful|unharmful)', pred, re.IGNORECASE)`` over the output, no tags).
+  The GuardReasoner-VL repository (yueliu1999/GuardReasoner-VL) could not be fetched here; its
+  ``harmless`` / ``none`` spellings are taken from issue 23's reading of it.
+- MIS inference script: ``max_new_tokens=1024`` (issue 23; the MIS repository was not fetched here).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from visguard import Category, GuardRequest, Policy, UnsupportedRequestError
+from visguard.core.errors import BackendError
+from visguard.default_plugins.guardreasoner_format import GuardReasonerFormat
+from visguard.default_plugins.llavaguard_format import LlavaGuardFormat, QwenGuardFormat, policy_text
+from visguard.default_plugins.mirage_format import MirageFormat, parse_mirage_answer
+from visguard.default_plugins.shieldgemma_format import ShieldGemmaFormat, policies
+
+MIS = Policy()
+
+
+def _request(n_images: int = 1, text: str = "", response: str | None = None) -> GuardRequest:
+    imgs = [Image.new("RGB", (32, 32), (10 * i, 90, 200)) for i in range(n_images)]
+    return GuardRequest.build(imgs, text, response)
+
+
+# ---------------------------------------------------------------- defect 4: LlavaGuard's stock policy
+
+def test_llavaguard_default_prompt_is_its_stock_policy():
+    text = policy_text(MIS)
+    assert "non-violating" not in text  # O9 is violating, as in the stock policy
+    assert "O10" not in text and "Privacy" not in text  # no invented category
+    assert text.count("Should not:") == 9
+    assert '"O9: Disasters or Emergencies"|"NA: None applying"' in text
+
+
+def test_llavaguard_narrow_policies_stay_within_the_training_augmentation():
+    # v3 declared 1-3 categories non-violating: Erotic leaves O3, O4 and O9 out
+    text = policy_text(MIS.without_categories("Erotic"))
+    assert text.count("is declared as non-violating") == 3
+    # naming the O9 category asks it (violating), without an O11 beside a non-violating O9
+    text = policy_text(MIS.with_categories("Disasters or Emergencies"))
+    assert "O11" not in text and "O10" not in text and "non-violating" not in text
+    fmt = LlavaGuardFormat()
+    with pytest.raises(UnsupportedRequestError, match="at most 3"):
+        fmt.check_policy(Policy(categories=(Category(name="Erotic"),)))  # 7 left out
+    with pytest.raises(UnsupportedRequestError, match="no O-code"):
+        fmt.check_policy(MIS.with_categories(Category(name="Gambling", description="betting")))
+
+
+# ---------------------------------------------------------------- defect 5: QwenGuard's message order
+
+def test_qwenguard_puts_the_policy_first_and_the_image_after():
+    (user,) = QwenGuardFormat().build(_request(1), MIS, mode="fast").messages
+    assert [p["type"] for p in user["content"]] == ["text", "image"]  # eval_transformers.py run_model
+    assert user["content"][0]["text"] == policy_text(MIS)
+    (llava,) = LlavaGuardFormat().build(_request(1), MIS, mode="fast").messages
+    assert [p["type"] for p in llava["content"]] == ["image", "text"]
+
+
+# ---------------------------------------------------------------- defect 6: ShieldGemma 2
+
+def test_shieldgemma_default_runs_only_its_three_trained_policies():
+    assert [key for key, _, _ in policies(MIS)] == ["dangerous", "sexual", "violence"]
+    assert len(ShieldGemmaFormat().plan(_request(1), MIS, mode="fast").prompts) == 3
+    # a custom category is the user's explicit opt-in to a written policy
+    custom = MIS.with_categories(Category(name="Gambling", description="betting on games"))
+    assert [key for key, _, _ in policies(custom)][-1] == "Gambling"
+
+
+class _Rendering:
+    """A backend stand-in that renders with a given chat template (what the transformers backend does)."""
+
+    def __init__(self, template: str) -> None:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        self.template = _compile_jinja_template(template)
+
+    def render(self, prompt):
+        return self.template.render(messages=prompt.messages, bos_token="<bos>", add_generation_prompt=True)
+
+
+_PLAIN_GEMMA3 = (  # a Gemma 3 style template without the policy-expert question (a re-saved checkpoint)
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<start_of_image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+    "<end_of_turn>\n{% endfor %}<start_of_turn>model\n"
+)
+
+
+def test_shieldgemma_refuses_a_checkpoint_whose_template_lost_the_policy_expert_prompt():
+    from visguard_testing.guard_checkpoints import _SHIELDGEMMA_TEMPLATE
+
+    from visguard.default_plugins.shieldgemma_format import check_template
+
+    fmt = ShieldGemmaFormat()
+    fmt.check_backend(_Rendering(_SHIELDGEMMA_TEMPLATE))  # the fixture behaves as the real template
+    with pytest.raises(BackendError, match="policy-expert template"):
+        fmt.check_backend(_Rendering(_PLAIN_GEMMA3))
+    with pytest.raises(BackendError):
+        check_template("<bos><start_of_turn>user\nNo Dangerous Content<end_of_turn>\n")
+
+
+def test_shieldgemma_fixture_template_renders_as_the_real_one():
+    """The gemma3 fixture's template against the behaviour of transformers' ShieldGemma 2 template
+    (huggingface/transformers@f43c651, _CHAT_TEMPLATE): one user turn opened per content part,
+    the policy wrapped, the model turn always opened. Compared without whitespace (the real text
+    keeps its source's indentation)."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    from visguard_testing.guard_checkpoints import _SHIELDGEMMA_TEMPLATE
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "POLICY"}]}]
+    out = _compile_jinja_template(_SHIELDGEMMA_TEMPLATE).render(messages=messages, bos_token="<bos>")
+    assert out.startswith("<bos><start_of_turn>user\n<start_of_image><start_of_turn>user\nYou are a policy expert")
+    assert "<BEGIN_SAFETY_POLICY>\nPOLICY\n</END_SAFETY_POLICY>" in out
+    assert out.endswith("Your Answer must start with 'Yes' or 'No'.<end_of_turn>\n<start_of_turn>model\n")
+    # no add_generation_prompt: the real template opens the model turn anyway
+    assert _compile_jinja_template(_SHIELDGEMMA_TEMPLATE).render(
+        messages=messages, bos_token="<bos>", add_generation_prompt=False).endswith("<start_of_turn>model\n")
+
+
+# ---------------------------------------------------------------- defect 8: GuardReasoner-VL's parser
+
+@pytest.mark.parametrize(
+    ("text", "stage", "label"),
+    [
+        ("<think>A photo of a park.</think>\n<result>\nRequest: harmless\nResponse: None\n</result>", "input", "safe"),
+        ("<think>x</think>\n<result>\nRequest: unharmful\nResponse: None\n</result>", "output", "safe"),
+        ("<think>Weapons.</think>\nRequest: harmful\nResponse: unharmful", "input", "unsafe"),  # no tags
+        ("Request: harmful", "input", "unsafe"),  # evaluate.py searches the output, tags or not
+        ("<think>x</think>< result >\nRequest: harmful\n</ result >", "input", "unsafe"),  # spaced tags
+        ("<think>x</think><result >Request:unharmful</result>", "input", "safe"),
+        ("<think>x</think>\n<result>\nREQUEST: HARMFUL\n</result>", "input", "unsafe"),  # re.IGNORECASE
+    ],
+)
+def test_guardreasoner_reads_what_its_authors_evaluation_reads(text, stage, label):
+    parsed = GuardReasonerFormat().parse_stage(text, stage)
+    assert parsed.label == label, parsed.error
+    assert text[parsed.verdict_offset :].lower().startswith(
+        {"unsafe": "harmful", "safe": ("unharmful", "harmless", "none")}[label])
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("<think>The user wants to hurt someone. Request: harmful maybe", "cut off inside <think>"),
+        ("<think>done</think> no labels here", "no 'Request:' label"),
+        ("<think>x</think><result>Request: maybe</result>", "Request label 'maybe'"),
+    ],
+)
+def test_guardreasoner_still_refuses_what_has_no_label(text, error):
+    parsed = GuardReasonerFormat().parse(text, MIS)
+    assert parsed.label is None and error in parsed.error
+
+
+# ---------------------------------------------------------------- defect 8: MIRage categories, defect 9
+
+@pytest.mark.parametrize(
+    ("answer", "label", "category"),
+    [
+        # answers in the shape of the MIS paper's examples (perception, risk, safe reply); written here
+        ("The first image shows an electrical outlet and the second a metal fork. Putting the fork into the "
+         "outlet could electrocute you and seriously injure yourself. I can't help with that; please stay safe.",
+         "unsafe", "Self-Harm"),
+        ("The first image shows a place of worship and the second a cartoon. Creating a cartoon mocking this "
+         "religion would be disrespectful and hurtful to its followers. I'd suggest a respectful piece instead.",
+         "unsafe", "Hate"),
+        ("Image 1 shows a kitchen scale and image 2 some powder. Cooking meth is illegal and dangerous.",
+         "unsafe", "Illegal Activity"),
+        ("The first image shows a scaffold on a construction site and the second a worker without a helmet. "
+         "Climbing it this way is a serious fall hazard. Wear a harness and a helmet, and follow site rules.",
+         "unsafe", None),
+    ],
+)
+def test_mirage_category_keywords_read_mis_style_answers(answer, label, category):
+    parsed = parse_mirage_answer(answer, MIS)
+    assert parsed.label == label
+    if category is not None:
+        assert parsed.category == category
+
+
+def test_mirage_method_is_not_meth():
+    answer = ("Image 1 shows a chemistry set and image 2 a beaker. This method of mixing the liquids is a "
+              "dangerous way to cause injury to others.")
+    assert parse_mirage_answer(answer, MIS).category != "Illegal Activity"
+
+
+def test_mirage_generation_budget_is_the_mis_scripts():
+    fmt = MirageFormat()
+    plan = fmt.plan(_request(2, "how do I use these?"), Policy(mode="reason"), mode="reason")
+    assert plan.max_new_tokens == 1024  # MIS inference script, SamplingParams(max_tokens=1024)
+    explicit = fmt.plan(_request(2, "q"), Policy(mode="reason", max_new_tokens=256), mode="reason")
+    assert explicit.max_new_tokens == 256
+    assert MirageFormat(max_new_tokens=2048).plan(_request(1, "q"), Policy(mode="reason"), mode="reason").max_new_tokens == 2048
+
+
+# ---------------------------------------------------------------- defect 10: visguard train --objective response
+
+def test_response_objective_records_the_mirage_format():
+    pytest.importorskip("visguard_train")
+    from visguard_train.config import TrainConfig
+    from visguard_train.run import _format_record
+
+    from visguard.plugins import get
+
+    config = TrainConfig(data="d", base="b", output="o", objective="response")
+    record = _format_record(config, get("formats", config.guard_format)())
+    assert record == {"format": "mirage", "format_kwargs": {"variant": "qwen2_vl"}}
+    fmt = get("formats", record["format"])(**record["format_kwargs"])
+    assert isinstance(fmt, MirageFormat) and fmt.variant == "qwen2_vl"
+    guard = TrainConfig(data="d", base="b", output="o", objective="guard")
+    assert _format_record(guard, get("formats", guard.guard_format)())["format"] == "visguard"
+    json.dumps(record)
