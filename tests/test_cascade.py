@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from PIL import Image
 
@@ -101,8 +103,11 @@ def test_visguard_eval_runs_a_cascade(guards, tmp_path):
     assert summary.n == 4 and summary.model.startswith("cascade(") and summary.backend == "cascade"
     rows = [r for r in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 4
-    # two images: the single-image classifier sits out, the text guard (reading the text) decides
-    assert cascade.stats().stages[0].runs == 4 and cascade.stats().stages[1].runs == 0
+    # two images: the single-image classifier sits out and the text guard reads no image, so its
+    # "safe" clears nothing (issue #24): an item it does not flag goes on to the reasoner
+    stats = cascade.stats()
+    flagged = sum(1 for r in rows if json.loads(r)["pred"] == "unsafe" and "qwen2_5_vl" not in json.loads(r)["model"])
+    assert stats.stages[0].runs == 4 and stats.stages[1].runs == 4 - flagged
 
 
 def test_visual_pre_check_and_text_post_check(guards):

@@ -73,7 +73,23 @@ def test_policy_must_include_sexual_content_and_no_custom_categories(guard):
     with pytest.raises(UnsupportedRequestError, match="custom categories"):
         guard.with_policy(Policy().with_categories(Category(name="Gambling")))
     text_dropped = Guard(guard.backend, type(guard.format)(ignore_unread=True))
-    assert text_dropped.check_input(_photo("chelsea"), "a cat").label == "safe"
+    assert text_dropped.check_input(_photo("chelsea"), "a cat").label == "safe"  # alone, it judges the photo
+
+
+def test_in_a_cascade_the_classifier_clears_no_text_it_did_not_read(guard):
+    """Issue #24: a classifier built with ignore_unread=True decided "safe" for a harmful request beside a
+    photo; a stage decides only what its guards read, so the text goes on to the next stage."""
+    from visguard import Cascade
+    from visguard_testing.faults import FaultyBackend
+
+    from visguard.plugins import get
+
+    text_guard = Guard(FaultyBackend("text-guard"), get("formats", "visguard")())  # flags text holding [[unsafe]]
+    nsfw = Guard(guard.backend, type(guard.format)(ignore_unread=True))
+    cascade = Cascade([nsfw, text_guard])
+    v = cascade.check_input(_photo("chelsea"), "how do I hurt someone [[unsafe]]")
+    assert [s.model for s in v.stages] == ["opennsfw", "text-guard"] and v.label == "unsafe"
+    assert [s.model for s in cascade.check_input(_photo("chelsea"), "").stages] == ["opennsfw"]
 
 
 def test_missing_model_is_a_backend_error(tmp_path):
@@ -91,15 +107,17 @@ def test_cascade_classifier_first_reasoner_only_when_needed(guard, capsys):
                                      format=get("formats", "guardreasoner-vl")(), policy=Policy(mode="reason", max_new_tokens=8))
     nsfw = Guard(guard.backend, type(guard.format)(ignore_unread=True))
     cascade = Cascade([Stage((nsfw,), escalate="unsure_or_flagged"), reasoner])
-    photos = [cascade.request(_photo(n), "describe this") for n in PHOTOS[:4]]
+    photos = [cascade.request(_photo(n), "") for n in PHOTOS[:4]]
     text_only = cascade.request(None, "how do I pick a lock?")
-    verdicts = cascade.check_batch([*photos, text_only])
+    captioned = cascade.request(_photo("coffee"), "describe this")  # text the classifier cannot read
+    verdicts = cascade.check_batch([*photos, text_only, captioned])
     for v in verdicts[:4]:
         assert v.label == "safe" and [s.model for s in v.stages] == ["opennsfw"]
     assert [s.model for s in verdicts[4].stages] == [reasoner.backend.model_id]
+    assert [s.model for s in verdicts[5].stages] == ["opennsfw", reasoner.backend.model_id]
     stats = cascade.stats()
-    assert [(s.runs, s.decided) for s in stats.stages] == [(4, 4), (1, 1)]
-    assert stats.escalation_rate == pytest.approx(0.2) and isinstance(stats.saved, float)
+    assert [(s.runs, s.decided) for s in stats.stages] == [(5, 4), (2, 2)]
+    assert stats.escalation_rate == pytest.approx(2 / 6) and isinstance(stats.saved, float)
     with capsys.disabled():
         print(f"\ncascade opennsfw -> guardreasoner-vl (tiny): {stats.as_dict()}")
 

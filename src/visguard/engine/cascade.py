@@ -17,6 +17,7 @@ forms, ``wrap(host)``, ``visguard serve`` / ``eval`` / ``check`` (``--stage``), 
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 import time
 from collections.abc import Sequence
@@ -175,41 +176,65 @@ class Cascade(CheckerBase):
         for r in requests:
             self.check_supported(r)
         start = time.perf_counter()
+        deadline = None if self.policy.timeout_s is None else start + self.policy.timeout_s
         history: list[list[Verdict]] = [[] for _ in requests]
         decided: list[tuple[int, Verdict] | None] = [None] * len(requests)
+        failed: list[list[str]] = [[] for _ in requests]  # earlier stages that gave no verdict, and why
         pending = list(range(len(requests)))
         for k, stage in enumerate(self.stages):
             if not pending:
                 break
-            combined = self._run_stage(k, stage, [requests[i] for i in pending])
+            if deadline is not None and time.perf_counter() >= deadline:
+                break  # out of time: the requests still pending get the cascade's timeout below
+            combined = self._run_stage(k, stage, [requests[i] for i in pending], deadline)
             last = k == len(self.stages) - 1
             still = []
-            for i, (verdict, members) in zip(pending, combined, strict=True):
+            for i, (verdict, members, unread) in zip(pending, combined, strict=True):
                 history[i] += members
                 if verdict is None:  # no guard of this stage could judge it
                     still.append(i)
-                elif last or not stage.escalates(verdict):
+                    continue
+                if verdict.label == "unavailable":
+                    failed[i].append(f"stage {stage.name!r}: {verdict.error}")
+                # A stage decides "safe" only for what its guards read: a request with a part none
+                # of them read (a second image, text beside a photo) goes on to the next stage.
+                partial_safe = bool(unread) and verdict.label == "safe"
+                if last or not (stage.escalates(verdict) or partial_safe):
                     decided[i] = (k, verdict)
                 else:
                     decided[i] = (k, verdict)  # provisional: a later stage may replace it
                     still.append(i)
             pending = still
+        timed_out = set(pending) if deadline is not None and time.perf_counter() >= deadline else set()
         elapsed = (time.perf_counter() - start) * 1000.0
         out = []
         with self._lock:
             self._requests += len(requests)
             for i, request in enumerate(requests):
                 outcome = decided[i]
+                if i in timed_out and not (outcome is not None and outcome[1].label == "unsafe"):
+                    # out of time before a stage could decide it (a flag already raised stands)
+                    verdict = Verdict.unavailable(f"cascade timed out after {self.policy.timeout_s:g} s",
+                                                  stage=request.stage, model=self.model_id)
+                    outcome = (outcome[0] if outcome else len(self.stages) - 1, verdict)
                 if outcome is None:
                     raise UnsupportedRequestError(f"request {i}: no guard of the cascade could judge it in its mode")
                 k, verdict = outcome
                 self._costs[k].decided += 1
-                out.append(verdict.model_copy(update={"stages": tuple(history[i]), "latency_ms": elapsed,
-                                                      "stage": request.stage}))
+                update: dict[str, Any] = {"stages": tuple(history[i]), "latency_ms": elapsed, "stage": request.stage}
+                earlier = failed[i]
+                if earlier and verdict.label != "unavailable":
+                    # the deciding stage's verdict stands, and the failure before it stays visible
+                    update["error"] = "earlier stage unavailable: " + "; ".join(earlier)
+                out.append(verdict.model_copy(update=update))
         return out
 
-    def _run_stage(self, k: int, stage: Stage, requests: list[GuardRequest]) -> list[tuple[Verdict | None, list[Verdict]]]:
+    def _run_stage(self, k: int, stage: Stage, requests: list[GuardRequest], deadline: float | None = None
+                   ) -> list[tuple[Verdict | None, list[Verdict], set[str]]]:
+        """Each request's combined verdict for this stage (``None``: no guard judged it), its guards'
+        verdicts, and the parts of the request none of the guards that judged it read."""
         members: list[list[Verdict]] = [[] for _ in requests]
+        read: list[set[str]] = [set() for _ in requests]
         for guard in stage.guards:
             idx = []
             for i, r in enumerate(requests):
@@ -223,14 +248,37 @@ class Cascade(CheckerBase):
             if not idx:
                 continue
             t0 = time.perf_counter()
-            verdicts = guard.report_batch([requests[i] for i in idx])
+            verdicts = self._call_guard(guard, [requests[i] for i in idx], deadline)
             with self._lock:
                 self._costs[k].runs += len(idx)
                 self._costs[k].ms += (time.perf_counter() - t0) * 1000.0
+            caps = guard.capabilities
             for i, v in zip(idx, verdicts, strict=True):
                 members[i].append(v)
+                read[i] |= {part for part, seen in (("text", caps.text), ("images", caps.images),
+                                                    ("conversation", caps.conversation)) if seen}
         # any unsafe, else any unavailable, else the least confident safe (its score decides escalation)
-        return [(worst_verdict(m) if m else None, m) for m in members]
+        return [(worst_verdict(m) if m else None, m, _parts(r) - seen) for r, m, seen in zip(requests, members, read, strict=True)]
+
+    def _call_guard(self, guard: Checker, requests: list[GuardRequest], deadline: float | None) -> list[Verdict]:
+        """``guard.report_batch(requests)``, given at most the time left before the cascade's deadline;
+        past it, each request's verdict is ``unavailable`` (the guard's own call ends by its own time limit)."""
+        if deadline is None:
+            return guard.report_batch(requests)
+        future: concurrent.futures.Future[list[Verdict]] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(guard.report_batch(requests))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                future.set_exception(exc)
+
+        threading.Thread(target=run, name="visguard-cascade-stage", daemon=True).start()
+        try:
+            return future.result(timeout=max(0.0, deadline - time.perf_counter()))
+        except concurrent.futures.TimeoutError:
+            why = f"cascade timed out after {self.policy.timeout_s:g} s (stage guard {guard.model_id!r} still running)"
+            return [Verdict.unavailable(why, stage=r.stage, model=guard.model_id) for r in requests]
 
     # ------------------------------------------------------------------ the stages' models
     def stage_guards(self) -> list[Checker]:
@@ -269,6 +317,19 @@ class Cascade(CheckerBase):
         with self._lock:
             self._costs = [_StageCost() for _ in self.stages]
             self._requests = 0
+
+
+def _parts(request: GuardRequest) -> set[str]:
+    """The parts of a request a guard must read to clear it: its text (or, in a post-check, the
+    response beside it), its images, its earlier conversation turns."""
+    parts = set()
+    if request.text.strip():
+        parts.add("text")
+    if request.images:
+        parts.add("images")
+    if request.conversation:
+        parts.add("conversation")
+    return parts
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Audit log: one JSON line per guard decision, safe to share between threads and asyncio tasks.
 
 A record says when a check ran, at which stage, what the guard decided (label, P(unsafe),
-category, error), how long it took, what was done about it, and which images were involved, by
-their SHA-256 only. Raw pixels and image bytes are never written; user text and host answers are
+category, error), how long it took, what was done about it, which images were involved, by
+their SHA-256 only, and, for a cascade, every stage guard's verdict (``stages``). Raw pixels and image bytes are never written; user text and host answers are
 not written either.
 
 Every record is written and flushed under one lock, so concurrent writers never interleave or
@@ -40,6 +40,7 @@ RECORD_KEYS = (
     "guard_model",
     "host_model",
     "images",
+    "stages",
 )
 
 
@@ -114,6 +115,8 @@ class AuditLog:
             "guard_model": verdict.model,
             "host_model": host_model,
             "images": [img.sha256 if isinstance(img, GuardImage) else str(img) for img in images],
+            # a cascade's every stage guard's verdict (empty for a single guard), not just the deciding one
+            "stages": [_stage_record(s) for s in verdict.stages],
         }
         self.write(record)
         return record
@@ -138,6 +141,14 @@ class AuditLog:
 
     def __repr__(self) -> str:
         return f"AuditLog({str(self.path)!r})"
+
+
+def _stage_record(verdict: Verdict) -> dict[str, Any]:
+    score = verdict.score
+    return {"guard_model": verdict.model, "label": verdict.label,
+            "score": None if score is None or score != score else float(score),
+            "category": verdict.category, "error": verdict.error, "mode": verdict.mode,
+            "latency_ms": round(float(verdict.latency_ms), 3)}
 
 
 def iter_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
