@@ -98,8 +98,8 @@ class Translation:
 
 #: visguard category -> model codes. The mapping is by meaning, so it is many-to-many.
 TABLE: Mapping[str, Translation] = {
-    "Illegal Activity": Translation(("S2",), ("O5", "O6"), ("dangerous",), ("Non-violent Illegal Acts",)),
-    "Violent": Translation(("S1", "S9"), ("O2", "O8"), ("violence", "dangerous"), ("Violent",)),
+    "Illegal Activity": Translation(("S2", "S3"), ("O5", "O6"), ("dangerous",), ("Non-violent Illegal Acts",)),
+    "Violent": Translation(("S1", "S3", "S9"), ("O2", "O8"), ("violence", "dangerous"), ("Violent",)),
     "Hate": Translation(("S10",), ("O1",), (), ("Unethical Acts",)),
     "Self-Harm": Translation(("S11",), ("O7",), ("dangerous",), ("Suicide & Self-Harm",)),
     "Privacy": Translation(("S7",), (), (), ("PII",)),
@@ -122,6 +122,105 @@ _OWN_NAMES: Mapping[str, Mapping[str, str]] = {
     "shieldgemma": {k: k for k in SHIELDGEMMA},
     "qwen3guard": {c.lower(): c for c in QWEN3GUARD},
 }
+
+
+#: Codes a prompt keeps whatever broad categories a policy removes (Llama Guard's S4 child sexual
+#: exploitation and S9 indiscriminate weapons, chemical / biological / nuclear included): removing
+#: "Erotic" or "Violent" never turns them off; a format leaves them out only where its user names them.
+SEVERE: Mapping[str, tuple[str, ...]] = {"mlcommons": ("S4", "S9")}
+
+#: Other names the model cards give MLCommons codes (the chat templates use :data:`MLCOMMONS`'s).
+_MLCOMMONS_CARD_NAMES: Mapping[str, str] = {
+    "S3": "Sex-Related Crimes", "S4": "Child Sexual Exploitation", "S11": "Suicide & Self-Harm",
+    "S14": "Code Interpreter Abuse (text only)",
+}
+
+#: The model codes a verdict reports as a visguard (MIS) category: only codes that mean the same
+#: thing. Every other code reports under the model's own name (S4 "Child Exploitation", never
+#: "Erotic"; Qwen3Guard's "Unethical Acts", never "Hate"), so no answer is read as a narrower or
+#: different harm than the model named. docs/formats.md ("Fidelity per family") shows the table.
+REPORT_AS: Mapping[str, Mapping[str, str]] = {
+    "mlcommons": {"S1": "Violent", "S2": "Illegal Activity", "S7": "Privacy", "S10": "Hate", "S11": "Self-Harm",
+                  "S12": "Erotic"},
+    "qwen3guard": {"violent": "Violent", "non-violent illegal acts": "Illegal Activity",
+                   "sexual content or sexual acts": "Erotic", "pii": "Privacy", "suicide & self-harm": "Self-Harm"},
+}
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.replace("_", " ").split()).strip(" .").lower()
+
+
+def native_code(category: Category, scheme: str) -> str | None:
+    """The model's own code that ``category`` names: by code (``"S5"``) or by the model's name
+    (``"Defamation"``, ``"Child Sexual Exploitation"``, ``"Unethical Acts"``), any case; else ``None``."""
+    key = _norm(category.name)
+    for code, name in _OWN_NAMES[scheme].items():
+        if key in (code, _norm(name)):
+            return code.upper() if scheme == "mlcommons" else name
+    if scheme == "mlcommons":
+        for code, name in _MLCOMMONS_CARD_NAMES.items():
+            if key == _norm(name):
+                return code
+    return None
+
+
+def is_stock(policy: Policy) -> bool:
+    """Whether ``policy`` has visguard's default categories (by name): a format then runs the
+    model's own stock policy, exactly as its authors prompt it."""
+    return sorted(c.name.lower() for c in policy.categories) == sorted(c.name.lower() for c in MIS_CATEGORIES)
+
+
+def asked_codes(policy: Policy, scheme: str, *, drop: Iterable[str] = ()) -> tuple[list[str], list[Category]]:
+    """The model codes a prompt asks about for ``policy``, conservatively, and the categories without one.
+
+    A category that names a model code (``"S5"``, ``"Defamation"``) asks for that code; a visguard
+    (MIS) category asks for every code of its :data:`TABLE` row, so a code shared by several rows
+    (S3) stays while any of them is in the policy; the :data:`SEVERE` codes are always asked unless
+    ``drop`` names them (the one way to leave out child sexual exploitation or weapons of mass
+    destruction). Returns ``(codes in the model's order, categories with no code)``.
+    """
+    wanted: set[str] = set()
+    unmapped: list[Category] = []
+    for cat in policy.categories:
+        code = native_code(cat, scheme)
+        name = _mis_name(cat)
+        codes = (code,) if code else (TABLE[name].codes(scheme) if name else ())
+        if codes:
+            wanted.update(codes)
+        else:
+            unmapped.append(cat)
+    dropped = {d.strip().upper() for d in drop}
+    wanted.update(c for c in SEVERE.get(scheme, ()) if c.upper() not in dropped)
+    wanted = {c for c in wanted if c.upper() not in dropped}
+    order = {"mlcommons": list(MLCOMMONS), "qwen3guard": list(QWEN3GUARD)}[scheme]
+    return [c for c in order if c in wanted], unmapped
+
+
+def reported_category(code: str, scheme: str, policy: Policy | None = None,
+                      extra: Mapping[str, str] | None = None) -> str:
+    """The category name a verdict reports for a model's code (``mlcommons`` and ``qwen3guard``).
+
+    In order: a code the format added for a custom category (``extra``: code -> name); the policy's
+    own category that names the code natively; the visguard category of :data:`REPORT_AS` (spelled
+    as the policy spells it); else the model's own name for the code (an unknown code as given).
+    """
+    key = _norm(code)
+    for k, v in (extra or {}).items():
+        if _norm(k) == key:
+            return v
+    if policy is not None:
+        for cat in policy.categories:
+            native = native_code(cat, scheme)
+            if native is not None and _norm(native) == key:
+                return cat.name
+    mis = {_norm(k): v for k, v in REPORT_AS.get(scheme, {}).items()}.get(key)
+    if mis is not None:
+        for cat in policy.categories if policy is not None else ():
+            if cat.name.lower() == mis.lower():
+                return cat.name
+        return mis
+    return _OWN_NAMES[scheme].get(key, code.strip())
 
 
 def is_mis(category: Category) -> bool:

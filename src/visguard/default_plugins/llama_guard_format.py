@@ -1,11 +1,22 @@
 """Llama Guard 4 (and Llama Guard 3 Vision) guard format: MLCommons S-codes, ``safe`` / ``unsafe`` + codes.
 
 The model's own chat template writes the task, the category list and the conversation; this format
-only sends the conversation as typed parts (a plain string renders an empty conversation) plus the
-template variables ``excluded_category_keys`` (a policy narrower than the default list) or
-``categories`` (custom categories, added as S15, S16 ...). The answer is ``safe``, or ``unsafe`` and a
-line of comma-separated codes. The template ends at the assistant header and the model often writes
-blank lines first, so fast mode generates a few tokens and reads the verdict wherever it appears.
+only sends the conversation as typed parts (a plain string renders an empty conversation) plus, for a
+policy other than the default, the template variables ``excluded_category_keys`` or ``categories``:
+
+- The default policy runs the model's **stock policy**: no template variables, so the template's own
+  list (S1-S14 for Llama Guard 4, S1-S13 for 3 Vision) is asked, exactly as Meta prompts it.
+- Any other policy is translated conservatively (:func:`visguard.core.taxonomy.asked_codes`): a
+  category named after an S-code (``"S5"``, ``"Defamation"``) asks for that native code; a visguard
+  (MIS) category asks for every code of its row; S4 (child sexual exploitation) and S9 (indiscriminate
+  weapons) stay unless the format's ``drop`` names them. Categories with no S-code are added as S15,
+  S16 ... through ``categories``.
+
+The answer is ``safe``, or ``unsafe`` and a line of comma-separated codes, reported by
+:func:`~visguard.core.taxonomy.reported_category` (S4 as "Child Exploitation", never "Erotic"). The
+template ends at the assistant header and the model often writes blank lines first, so fast mode
+generates a few tokens, reads the verdict wherever it appears, and takes P(unsafe) from the verdict
+word's first token (Meta's model card: threshold that probability); the policy's threshold decides.
 """
 
 from __future__ import annotations
@@ -15,7 +26,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from visguard.core.policy import Policy
-from visguard.core.taxonomy import MLCOMMONS, category_for, codes_for
+from visguard.core.taxonomy import MLCOMMONS, asked_codes, is_stock, reported_category
 from visguard.core.types import GuardRequest
 from visguard.engine.format import (
     Capabilities,
@@ -31,32 +42,49 @@ _FIRST_CUSTOM = 15
 _WORD_RE = re.compile(r"\A\s*(?P<word>[A-Za-z]+)[ \t]*(?P<rest>[^\n]*)")
 
 
-def custom_codes(policy: Policy) -> dict[str, str]:
-    """Codes S15, S16 ... given to the policy's categories that have no MLCommons counterpart."""
-    _, unmapped = codes_for(policy, "mlcommons")
+def custom_codes(policy: Policy, drop: Iterable[str] = ()) -> dict[str, str]:
+    """Codes S15, S16 ... given to the policy's categories that have no MLCommons code."""
+    if is_stock(policy):
+        return {}
+    _, unmapped = asked_codes(policy, "mlcommons", drop=drop)
     return {f"S{_FIRST_CUSTOM + i}": cat.name for i, cat in enumerate(unmapped)}
 
 
-def template_kwargs(policy: Policy, *, with_images: bool) -> dict[str, Any]:
-    """The chat-template variables that make the model check exactly the policy's categories."""
-    codes, unmapped = codes_for(policy, "mlcommons")
-    codes = [c for c in codes if not (with_images and c == "S14")]  # S14 is text-only
+def template_kwargs(policy: Policy, *, drop: Iterable[str] = ()) -> dict[str, Any]:
+    """The chat-template variables that make the model check the policy's categories.
+
+    Empty for the default policy (the template's own stock list); else ``excluded_category_keys``
+    (every S-code not asked), or ``categories`` when the policy has categories without an S-code.
+    """
+    drop = tuple(drop)
+    if is_stock(policy) and not drop:
+        return {}
+    codes, unmapped = asked_codes(policy, "mlcommons", drop=drop)
     if not unmapped:
         return {"excluded_category_keys": [c for c in MLCOMMONS if c not in codes]}
     categories = {c: MLCOMMONS[c] for c in codes}
-    for (code, _), cat in zip(custom_codes(policy).items(), unmapped, strict=True):
+    for code, cat in zip(custom_codes(policy, drop), unmapped, strict=True):
         desc = f" {cat.description.rstrip('.')}." if cat.description else ""
         categories[code] = f"{cat.name}.{desc}"
     return {"categories": categories, "excluded_category_keys": []}
 
 
 class LlamaGuardFormat(GuardFormat):
-    """Llama Guard 4: text plus any number of images; judges requests and responses."""
+    """Llama Guard 4: text plus any number of images; judges requests and responses.
+
+    Args:
+        drop: S-codes never asked about, whatever the policy (the one way to leave out the severe
+            codes S4 and S9, which removing a broad category keeps).
+    """
 
     name = "llama-guard-4"
     capabilities: ClassVar[Capabilities] = Capabilities(modes=("fast",), fast_tokens=16)
     verdict_prefix = ""
     verdict_words = {"safe": ("safe",), "unsafe": ("unsafe",)}
+
+    def __init__(self, *, drop: Iterable[str] = (), ignore_unread: bool = False) -> None:
+        super().__init__(ignore_unread=ignore_unread)
+        self.drop = tuple(str(c).strip().upper() for c in drop)
 
     def build(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
@@ -73,7 +101,7 @@ class LlamaGuardFormat(GuardFormat):
             verdict_prefix=self.verdict_prefix,
             verdict_words=dict(self.verdict_words),
             mode=mode,
-            template_kwargs=template_kwargs(policy, with_images=bool(request.images)),
+            template_kwargs=template_kwargs(policy, drop=self.drop),
         )
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
@@ -89,11 +117,11 @@ class LlamaGuardFormat(GuardFormat):
         if not rest:
             tail = text[match.end():].lstrip("\n")
             rest = tail.split("\n", 1)[0].strip() if tail else ""
-        extra = custom_codes(policy)
+        extra = custom_codes(policy, self.drop)
         names: list[str] = []
         for code in (c.strip() for c in rest.split(",")):
             if code:
-                name = category_for(code, "mlcommons", policy, extra)
+                name = reported_category(code, "mlcommons", policy, extra)
                 if name not in names:
                     names.append(name)
         return ParsedOutput(label="unsafe", category=names[0] if names else None, categories=tuple(names), verdict_offset=offset)

@@ -9,6 +9,18 @@ Works with vLLM's OpenAI server, SGLang, TGI and hosted APIs. Images travel as `
   spellings found among the N returned candidates, as the transformers backend computes it over the
   verdict tokens' logits (the full-vocabulary normaliser cancels out).
 
+  A candidate token stands for a spelling when the spelling starts with it (its first piece: a
+  server lists tokens, and a tokenizer may split ``" Unsafe"`` into ``" Un"`` + ``"safe"``), as the
+  transformers backend scores the first token of each spelling; a candidate that starts spellings
+  of both labels (a bare space) or is only whitespace says nothing and is left out.
+
+  *Prompts whose template picks the task from the last role* (``GuardPrompt.prefill_as_message``
+  false: Qwen3Guard). A prefilled assistant message would turn a prompt check into a response
+  check, so the conversation is sent alone (``add_generation_prompt: true``, the template's own
+  assistant turn), the model writes the prefix itself in a few greedy tokens (``max_tokens=8``,
+  per-token ``top_logprobs``), and the score is read at the verdict word's first token after the
+  prefix. An answer that does not start with the prefix fails the check (``unavailable``).
+
   *Approximation when a spelling is missing from the top N.* Its probability is then unknown but no
   larger than the smallest listed one. A missing ``unsafe`` spelling is counted at that upper bound
   and a missing ``safe`` spelling at 0, so a truncated list can only *raise* the score: the result
@@ -30,6 +42,7 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import os
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -41,6 +54,10 @@ from visguard.engine.format import GuardPrompt
 from visguard.hookspecs import hookimpl
 from visguard.integrations.openai.client import ApiClient
 from visguard.integrations.openai.wire import WireError, completion_choice, content_text, image_part
+
+
+#: generated tokens for a prefix the model writes itself ("Safety:" + the verdict word's first piece, with room)
+_PREFIX_TOKENS = 8
 
 
 class OpenAIBackend(Backend):
@@ -170,6 +187,8 @@ class OpenAIBackend(Backend):
         return self._map(self._score_one, prompts)
 
     def _score_one(self, prompt: GuardPrompt) -> float:
+        if prompt.assistant_prefix and not prompt.prefill_as_message:
+            return self._score_written_prefix(prompt)
         data = self.post("/chat/completions", self.score_request(prompt))
         try:
             content = data["choices"][0]["logprobs"]["content"]
@@ -180,6 +199,39 @@ class OpenAIBackend(Backend):
         if score is None:
             listed = [c.get("token") for c in candidates]
             raise BackendError(f"no verdict spelling among the top {len(candidates)} candidates {listed!r}")
+        return score
+
+    def written_prefix_request(self, prompt: GuardPrompt) -> dict[str, Any]:
+        """The request body of a fast-mode check whose prefix the model writes itself (see the module docstring)."""
+        body: dict[str, Any] = {
+            "model": self.model_id,
+            "messages": self.messages(prompt, prefill=False),
+            "max_tokens": _PREFIX_TOKENS,
+            "temperature": 0.0,
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+            **self.extra_body,
+            "add_generation_prompt": True,
+            "continue_final_message": False,
+        }
+        return _with_template_kwargs(body, prompt)
+
+    def _score_written_prefix(self, prompt: GuardPrompt) -> float:
+        data = self.post("/chat/completions", self.written_prefix_request(prompt))
+        try:
+            choice = completion_choice(data)
+            text = content_text(choice["message"].get("content")) or ""
+        except WireError as exc:
+            raise self.client.error(str(exc)) from exc
+        head = re.match(r"\s*" + re.escape(prompt.assistant_prefix) + r"[ \t]*", text)
+        if head is None or head.end() >= len(text):
+            raise BackendError(f"the guard did not answer with {prompt.assistant_prefix!r} and a verdict "
+                               f"(it wrote {text[:40]!r}); no fast score")
+        steps = ((choice.get("logprobs") or {}).get("content")) or []
+        score = _generation(text, steps, prompt.verdict_words).score_at(head.end())
+        if score is None:
+            raise BackendError("guard server returned no usable top_logprobs at the verdict word "
+                               "(no verdict spelling listed, or tokens that do not spell the text)")
         return score
 
     def generate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:
@@ -224,9 +276,10 @@ def verdict_probability(
 ) -> float | None:
     """P(unsafe) from one position's ``top_logprobs`` list (see the module docstring for the rule).
 
-    A candidate stands for a spelling when its token text equals the spelling exactly (the server does
-    not say how it tokenizes, so a spelling split into several tokens is never matched by a piece of it;
-    formats choose verdict words that are single tokens). Each candidate counts once.
+    A candidate stands for a spelling when the spelling starts with its token text: the whole word,
+    or the first piece of a word the tokenizer splits (the server does not say how it tokenizes; the
+    transformers backend scores the same first token). A candidate that is only whitespace, or that
+    starts spellings of both labels, is left out. Each candidate counts once.
 
     Returns:
         The (upper-bound) restricted-softmax score, or ``None`` when no spelling is listed.
@@ -239,15 +292,22 @@ def verdict_probability(
     if not probs:
         return None
     floor = min(probs.values())
+    spellings = {label: tuple(dict.fromkeys(verdict_words.get(label, ()))) for label in ("safe", "unsafe")}
     mass: dict[str, float] = {"safe": 0.0, "unsafe": 0.0}
-    found_any = False
-    for label in ("safe", "unsafe"):
-        for word in dict.fromkeys(verdict_words.get(label, ())):
-            if word in probs:
-                found_any = True
-                mass[label] += probs[word]
-            elif label == "unsafe":
-                mass[label] += floor  # upper bound of an unlisted candidate: never lowers the score
+    found: set[str] = set()
+    for tok, p in probs.items():
+        if not tok.strip():
+            continue
+        owners = {label for label, words in spellings.items() if any(w.startswith(tok) for w in words)}
+        if len(owners) != 1:
+            continue
+        label = owners.pop()
+        mass[label] += p
+        found.update(w for w in spellings[label] if w.startswith(tok))
+    found_any = bool(found)
+    for word in spellings["unsafe"]:
+        if word not in found:
+            mass["unsafe"] += floor  # upper bound of an unlisted candidate: never lowers the score
     total = mass["safe"] + mass["unsafe"]
     if not found_any or total <= 0.0:
         return None

@@ -4,9 +4,18 @@ Qwen3Guard-Gen reads text only; its chat template writes the moderation instruct
 plain conversation (the user's request and, for a post-check, the assistant's answer). It is the
 cheap check of a host's answer in a post-check or a cascade: build it with ``ignore_unread=True`` to
 judge the text of a request that also carries images. The answer is ``Safety: Safe|Unsafe|
-Controversial``, ``Categories: ...`` and, for responses, ``Refusal: Yes|No``. ``strict=True``
-(default) counts Controversial as unsafe, ``strict=False`` as safe. Its categories are fixed: a
-policy with custom categories is refused.
+Controversial``, ``Categories: ...`` and, for responses, ``Refusal: Yes|No``, read as the authors'
+README and evaluation code read it (QwenLM/Qwen3Guard@6a52eca, README.md and eval/eval_gen.py): the
+first ``Safety: (Safe|Unsafe|Controversial)`` anywhere in the answer, and every category name after
+it. ``strict=True`` (default, as their evaluation counts it) reads Controversial as unsafe,
+``strict=False`` as safe. Categories are reported by
+:func:`~visguard.core.taxonomy.reported_category` ("Unethical Acts" stays "Unethical Acts"). Its
+categories are fixed: a policy with categories outside MIS and its own is refused.
+
+The template picks prompt or response moderation from the last message's role and always ends with
+its own assistant turn (``<|im_start|>assistant\n<think>\n\n</think>\n\n``), so fast mode puts
+``Safety:`` after the rendered prompt (transformers) and never sends it as a prefilled assistant
+message (``GuardPrompt.prefill_as_message`` is false: the ``openai`` backend lets the model write it).
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from collections.abc import Iterable
 from typing import ClassVar
 
 from visguard.core.policy import Policy
-from visguard.core.taxonomy import category_for, refuse_custom
+from visguard.core.taxonomy import QWEN3GUARD, refuse_custom, reported_category
 from visguard.core.types import GuardRequest
 from visguard.engine.format import (
     Capabilities,
@@ -28,9 +37,11 @@ from visguard.engine.format import (
 )
 from visguard.hookspecs import hookimpl
 
-_SAFETY_RE = re.compile(r"^[ \t]*Safety[ \t]*:[ \t]*(?P<word>[A-Za-z]+)", re.IGNORECASE | re.MULTILINE)
-_CATEGORIES_RE = re.compile(r"^[ \t]*Categories[ \t]*:[ \t]*(?P<value>[^\n]*)", re.IGNORECASE | re.MULTILINE)
-_REFUSAL_RE = re.compile(r"^[ \t]*Refusal[ \t]*:[ \t]*(?P<word>[A-Za-z]+)", re.IGNORECASE | re.MULTILINE)
+# The authors' patterns (README.md, extract_label_categories_refusal): case-sensitive, anywhere.
+_SAFETY_RE = re.compile(r"Safety: (?P<word>Safe|Unsafe|Controversial)")
+_CATEGORY_RE = re.compile("|".join(re.escape(c) for c in (*QWEN3GUARD, "None")))
+_REFUSAL_RE = re.compile(r"Refusal: (?P<word>Yes|No)")
+_CATEGORIES_RE = re.compile(r"Categories:[ \t]*(?P<value>[^\n]*)")
 
 
 class Qwen3GuardFormat(GuardFormat):
@@ -55,7 +66,7 @@ class Qwen3GuardFormat(GuardFormat):
         }
 
     def check_policy(self, policy: Policy) -> None:
-        refuse_custom(policy, self.name)
+        refuse_custom(policy, self.name, known=QWEN3GUARD)
 
     def build(
         self, request: GuardRequest, policy: Policy, *, mode: PromptMode, special_tokens: Iterable[str] = ()
@@ -70,23 +81,26 @@ class Qwen3GuardFormat(GuardFormat):
             verdict_prefix=self.verdict_prefix,
             verdict_words=dict(self.verdict_words),
             mode=mode,
+            prefill_as_message=False,
         )
 
     def parse(self, text: str, policy: Policy) -> ParsedOutput:
         match = _SAFETY_RE.search(text)
         if match is None:
-            return ParsedOutput(label=None, error="unparseable guard output: no 'Safety:' line")
+            return ParsedOutput(label=None, error="unparseable guard output: no 'Safety: Safe|Unsafe|Controversial'")
         word = match.group("word").lower()
-        if word not in ("safe", "unsafe", "controversial"):
-            return ParsedOutput(label=None, error=f"unparseable guard output: unknown safety label {match.group('word')!r}")
         unsafe = word == "unsafe" or (word == "controversial" and self.strict)
         names: list[str] = []
-        cats = _CATEGORIES_RE.search(text, match.end())
-        if cats is not None and unsafe:
-            for raw in cats.group("value").split(","):
-                raw = raw.strip().rstrip(".")
+        if unsafe:
+            refusal_at = _REFUSAL_RE.search(text, match.end())
+            tail = text[match.end(): refusal_at.start() if refusal_at else len(text)]
+            line = _CATEGORIES_RE.search(tail)
+            # the Categories line item by item (a name outside the list is kept, never dropped), else
+            # every category name in the answer, as the authors' findall reads it
+            found = [c.strip().rstrip(".") for c in line.group("value").split(",")] if line else _CATEGORY_RE.findall(tail)
+            for raw in found:
                 if raw and raw.lower() != "none":
-                    name = category_for(raw, "qwen3guard", policy)
+                    name = reported_category(raw, "qwen3guard", policy)
                     if name not in names:
                         names.append(name)
         notes = [f"Safety: {match.group('word')}"]
