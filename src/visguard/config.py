@@ -456,6 +456,8 @@ def _line_of(text: str, loc: Sequence[Any]) -> int | None:
             if m.group(1) == "[[":
                 counts[tuple(path)] = counts.get(tuple(path), -1) + 1
                 table = [*path, counts[tuple(path)]]
+                if target == path and fallback is None:  # the array itself: its first table
+                    fallback = (len(path), number)
             else:
                 table = path
             if target[: len(table)] == table and (fallback is None or len(table) > fallback[0]):

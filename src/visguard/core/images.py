@@ -46,7 +46,7 @@ from visguard.core.errors import ImageInputError
 class ImageLimits(BaseModel):
     """Limits applied at the image boundary (:func:`load_images`; a :class:`~visguard.core.policy.Policy` carries one)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_images: int = Field(default=8, ge=0)
     max_pixels: int = Field(default=4096 * 4096, gt=0, description="width * height of one image")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -357,6 +358,27 @@ class CheckerBase(abc.ABC):
     def allows(self, verdict: Verdict) -> bool:
         """Whether a verdict lets the request through: :meth:`Policy.action` says pass, flag or degraded."""
         return allows(self, verdict)  # the module function
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str], name: str | None = None) -> Checker:
+        """The guard or cascade a configuration file describes (:mod:`visguard.config`), built as a
+        Python user would (``Guard.from_pretrained``, ``Cascade``); ``name`` picks one of several.
+
+        ``Guard.from_config`` refuses a file whose target is a cascade (and ``Cascade.from_config``
+        one that is a single guard); ``CheckerBase.from_config`` takes either.
+
+        Raises:
+            ConfigError: the file cannot be used (before any model is loaded).
+            InputError: the target is not a ``cls``.
+        """
+        from visguard.config import load_config  # the configuration layer sits above the engine
+
+        checker = load_config(path).build(name)
+        if not isinstance(checker, cls):
+            checker.close()
+            raise InputError(f"{path} describes a {type(checker).__name__}, not a {cls.__name__}: "
+                             "use CheckerBase.from_config, or name another with use = \"NAME\"")
+        return checker
 
     def wrap(self, host: Any, **options: Any) -> GuardedModel:
         """Put this checker around a host model: pre-check, host answer, post-check, streaming.
