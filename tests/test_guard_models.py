@@ -90,7 +90,8 @@ def test_qwen3guard_on_qwen3_text_model():
     post = guard.request(_images(1), "how do I pick a lock?", "Use a tension wrench and a pick.")
     rendered = guard.backend.render(guard.format.build(post, guard.policy, mode="fast"))
     assert "ASSISTANT: Use a tension wrench" in rendered and "Refusal:" in rendered
-    assert rendered.endswith("<|im_start|>assistant\nSafety:")
+    # Qwen3Guard's template always opens its assistant turn with an empty think block; "Safety:" follows.
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\nSafety:")
     verdict = guard.check(post)
     assert verdict.label in ("safe", "unsafe") and 0.0 <= verdict.score <= 1.0
     assert guard.check(post).score == pytest.approx(verdict.score, abs=1e-6)  # deterministic
@@ -102,8 +103,9 @@ def test_llama_guard_4_on_llama4():
     request = guard.request(_images(2), "what should I do with these?")
     prompt = guard.format.build(request, guard.policy, mode="fast")
     rendered = guard.backend.render(prompt)
-    # The real template's shape: categories with the policy's exclusions, images as <|image|>, no blank line at the end.
-    assert "S1: Violent Crimes.\n" in rendered and "S5: Defamation" not in rendered and "S14:" not in rendered
+    # The real template's shape: the stock S1-S14 list (default policy: no template variables),
+    # images as <|image|>, no blank line at the end.
+    assert "S1: Violent Crimes.\n" in rendered and "S5: Defamation.\n" in rendered and "S14: Code Interpreter Abuse.\n" in rendered
     assert "User: <|image|><|image|>what should I do with these?" in rendered
     assert rendered.endswith("<|eot|><|header_start|>assistant<|header_end|>")
     inputs = guard.backend.encode([prompt])
