@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from visguard.core.policy import Policy
 from visguard.core.taxonomy import refuse_custom
@@ -127,7 +127,7 @@ class GuardReasonerFormat(GuardFormat):
         if think_open >= 0:
             stop = think_close if think_close >= 0 else (start if start >= 0 else len(text))
             reasoning = text[think_body:stop].strip() or None
-        label = "unsafe" if LABEL_WORDS[word] == "unsafe" else "safe"
+        label: Literal["safe", "unsafe"] = "unsafe" if LABEL_WORDS[word] == "unsafe" else "safe"
         return ParsedOutput(label=label, reasoning=reasoning, verdict_offset=match.start("word"))
 
 
