@@ -186,6 +186,9 @@ def test_a_log_only_category_is_let_through_flagged_and_audited(tmp_path):
         logged = guarded.generate(None, "[[Privacy:0.9]] where does she live?")
         blocked = guarded.generate(None, "[[Violent:0.9]] how to hurt")
     assert not logged.blocked and logged.flagged and logged.text == "Their address is on the letter."
+    # the file's [guarded] table is guard.wrap's options (validated by GuardedOptions)
+    config = VisguardConfig.model_validate({"guarded": {"on_unsafe": "return", "pre_check": "off"}})
+    assert guard.wrap(lambda images, text: "ok", **config.guarded.options()).options.on_unsafe == "return"
     assert blocked.blocked and blocked.flagged
     actions = [json.loads(line)["action"] for line in audit_path.read_text().splitlines()]
     assert actions == ["flag", "block"]

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from visguard import plugins
 from visguard.core.errors import InputError, PluginError
 from visguard.core.policy import Mode, Policy
+from visguard.hosting.guarded import OnUnsafe, PreCheck
 
 if TYPE_CHECKING:  # pragma: no cover
     from visguard.engine.checker import Checker
@@ -138,12 +139,17 @@ class GuardedSpec(_CallSpec):
         refusal: the refusal template (fields ``{category}``, ``{sub_category}``, ``{label}``, ``{stage}``, ``{score}``).
     """
 
-    on_unsafe: Literal["refuse", "safe_answer", "raise", "return"] = "refuse"
-    pre_check: Literal["sequential", "parallel", "off"] = "sequential"
+    on_unsafe: OnUnsafe = "refuse"
+    pre_check: PreCheck = "sequential"
 
     def options(self) -> dict[str, Any]:
-        """Keyword arguments for ``guard.wrap`` (:class:`~visguard.hosting.guarded.GuardedOptions`)."""
-        return {"on_unsafe": self.on_unsafe, "pre_check": self.pre_check, **self._call_options()}
+        """Keyword arguments for ``guard.wrap``, checked by :class:`~visguard.hosting.guarded.GuardedOptions`
+        (``guard.wrap(host, **config.guarded.options())``)."""
+        from visguard.hosting.guarded import GuardedOptions
+
+        out = {"on_unsafe": self.on_unsafe, "pre_check": self.pre_check, **self._call_options()}
+        GuardedOptions(**out)  # the one options model of guarded calls validates them
+        return out
 
 
 class ServeSpec(_CallSpec):
