@@ -209,18 +209,25 @@ def test_bearer_token_auth(guard):
         server.stop()
 
 
-def test_concurrency_limit_answers_429(guard):
-    server = serve(guard, max_concurrency=1)
+def test_concurrency_limit_answers_429():
+    # A slow check holds the only slot (a slow *body* holds none: it is read before a slot is taken,
+    # see tests/test_endpoint_transparent.py::test_slow_senders_hold_no_concurrency_slot).
+    from visguard_testing.backends import KeywordBackend, keyword_guard
+
     release = threading.Event()
 
-    def slow_body():  # holds the only slot until released
-        yield b'{"text": "hello",'
-        release.wait(30)
-        yield b' "images": []}'
+    class SlowBackend(KeywordBackend):
+        def score(self, prompts):
+            release.wait(30)
+            return super().score(prompts)
+
+    guard, _ = keyword_guard("bomb")
+    guard = Guard(SlowBackend("bomb"), guard.format, guard.policy)
+    server = serve(guard, max_concurrency=1)
 
     first: list[httpx.Response] = []
     worker = threading.Thread(target=lambda: first.append(httpx.post(
-        server.url + "/v1/guard/check", content=slow_body(), headers={"content-type": "application/json"}, timeout=60)))
+        server.url + "/v1/guard/check", json={"text": "hello", "images": []}, timeout=60)))
     worker.start()
     try:
         deadline = time.monotonic() + 10
@@ -258,7 +265,8 @@ def test_health_readiness_and_metrics(permissive, guard):
     orphan = serve(guard, dead)
     try:
         ready = httpx.get(orphan.url + "/readyz")
-        assert ready.status_code == 503 and "unreachable" in ready.json()["reason"]
+        assert ready.status_code == 503 and ready.json()["reason"] == "the upstream model is not answering"
+        assert "127.0.0.1" not in ready.text  # unauthenticated: the upstream's address is not shown
     finally:
         orphan.stop()
 

@@ -5,12 +5,15 @@ cascade) and, optionally, a host (an upstream OpenAI-compatible server or a loca
 
 - ``POST /v1/guard/check``: ``{"images": [data URLs or image_url parts], "text": ..., "response":
   ..., "mode": ...}`` -> the :class:`~visguard.core.types.Verdict` as JSON (HTTP 200 whatever the label).
-- ``POST /v1/chat/completions``: OpenAI-compatible and guarded through
+- ``POST /v1/chat/completions``: with an OpenAI-compatible upstream, a transparent passthrough
+  (:mod:`visguard.integrations.openai.server.proxy`: the request and the answer unchanged except what
+  the guard blocks). With a local host, guarded through
   :class:`~visguard.hosting.guarded.GuardedModel`: pre-check, the host's answer, post-check (re-checked
   as a stream grows). A blocked call gets a well-formed completion whose content is the refusal,
   ``finish_reason: "content_filter"`` (or, with ``on_unsafe="error"``, HTTP 400 with code
   ``content_filter``). Every completion (and a stream's last chunk) carries a ``visguard`` field:
-  the verdicts, whether and why it was blocked, timings and the request id. The decision is also
+  whether and why it was blocked, the verdicts' labels, scores and categories, and the request id
+  (:func:`~visguard.integrations.openai.server.proxy.public_decision`). The decision is also
   in ``x-visguard-*`` response headers (:func:`decision_headers`; a stream's headers carry the
   pre-check), and ``usage`` holds the host's token counts when the host reports them.
 - ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`` (the upstream answers),
@@ -26,12 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Literal
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,7 +46,9 @@ from visguard.engine.checker import Checker
 from visguard.hosting.audit import AuditLog
 from visguard.hosting.guarded import GuardedModel, GuardedResult
 from visguard.hosting.hosts import Host, TokenUsage, resolve_host
+from visguard.core.redact import redact
 from visguard.integrations.openai.server.common import (
+    SSE_HEADERS,
     ApiError,
     bearer_ok,
     chunk_builder,
@@ -54,10 +60,23 @@ from visguard.integrations.openai.server.common import (
     sse_response,
     streamed_usage,
 )
+from visguard.integrations.openai.client import ApiClient
 from visguard.integrations.openai.server.metrics import ServeMetrics
+from visguard.integrations.openai.server.proxy import (
+    ChatProxy,
+    Judge,
+    Upstream,
+    guard_error,
+    load_request_images,
+    parse_json_body,
+    public_decision,
+    public_verdict,
+    request_object,
+)
 from visguard.integrations.openai.wire import (
     SSE_DONE,
     AssistantMessage,
+    TextPart,
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
@@ -67,6 +86,8 @@ from visguard.integrations.openai.wire import (
     Usage,
     generation_options,
 )
+
+_log = logging.getLogger(__name__)
 
 #: paths behind the gate (auth, size, concurrency)
 GATED_PREFIX = "/v1/"
@@ -94,6 +115,10 @@ class ServeSettings(BaseModel):
         audit: path of a JSONL audit log (:class:`~visguard.hosting.audit.AuditLog`): one line per decision,
             ``/v1/guard/check`` and every check of a chat call (a raise too), with image hashes
             and no texts; ``None``: no audit log.
+        read_timeout_s: how long a client may take to send a whole request body (slower: HTTP 408).
+            Bodies are read before a ``max_concurrency`` slot is taken, so slow senders hold none.
+        max_request_pixels: width x height summed over one request's images, read from the image
+            headers before anything is decoded (more: HTTP 400); ``None``: no per-request budget.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -111,6 +136,8 @@ class ServeSettings(BaseModel):
     refusal: str | None = None
     ready_timeout_s: float = Field(default=2.0, gt=0)
     audit: str | None = None
+    read_timeout_s: float = Field(default=30.0, gt=0)
+    max_request_pixels: int | None = Field(default=2 * 4096 * 4096, ge=1)
 
 
 class GuardCheckBody(BaseModel):
@@ -179,6 +206,7 @@ def create_app(
             options["refusal"] = settings.refusal
         guarded = GuardedModel(guard, resolved, **options)
     model_name = settings.model_name or (resolved.model_id if resolved is not None else "") or "visguard"
+    proxy = _chat_proxy(guard, resolved, settings, audit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -191,6 +219,7 @@ def create_app(
     app = FastAPI(title="visguard serve", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.guard = guard
     app.state.guarded = guarded
+    app.state.proxy = proxy
     app.state.host = resolved
     app.state.settings = settings
     app.state.metrics = metrics
@@ -208,7 +237,9 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         ok, reason = await probe.check()
-        body = {"status": "ready" if ok else "not ready", "guard": guard.model_id, "model": app.state.model_name}
+        # unauthenticated: names only, never a credential or a path on this server (item 5 of issue 24)
+        body = {"status": "ready" if ok else "not ready", "guard": public_name(guard.model_id),
+                "model": public_name(app.state.model_name)}
         if reason:
             body["reason"] = reason
         return JSONResponse(body, status_code=200 if ok else 503)
@@ -240,10 +271,21 @@ def create_app(
         return JSONResponse(verdict.model_dump(mode="json"), headers=headers)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> JSONResponse | StreamingResponse:
+    async def chat_completions(http: Request) -> JSONResponse | StreamingResponse:
+        data = request_object(parse_json_body(await http.body()), ("model", "messages"))
         if guarded is None:
             raise ApiError(404, "this server guards no host model (start it with --upstream or --host-model); "
                              "use POST /v1/guard/check", code="no_host")
+        if data["model"] != app.state.model_name:
+            raise ApiError(404, f"the model {str(data['model'])[:100]!r} does not exist; this server serves "
+                                f"{app.state.model_name!r}", code="model_not_found", param="model")
+        if proxy is not None:
+            return await _proxy_chat(proxy, data, metrics)
+        try:
+            body = ChatCompletionRequest.model_validate(data)
+        except ValueError as exc:  # pydantic.ValidationError
+            raise ApiError(400, f"invalid request: {str(exc).splitlines()[0]}", param="messages") from exc
+        await _pixel_budget(body, settings.max_request_pixels)
         chat = await read_chat(body, app.state.model_name, guard.policy.limits)
         images, text = chat.images, chat.prompt_text()
         gen = generation_options(body, guarded.host)
@@ -261,7 +303,7 @@ def create_app(
                             finish_reason="content_filter" if result.blocked else "stop")],
             usage=Usage.of(usage),
         )
-        summary = result.summary()
+        summary = public_decision(result.summary())  # labels, scores, categories: full verdicts go to the audit log
         return JSONResponse({**completion.model_dump(mode="json"), "visguard": summary},
                             headers=decision_headers(summary))
 
@@ -269,6 +311,102 @@ def create_app(
 
 
 # ---------------------------------------------------------------------------------- chat helpers
+
+
+def _chat_proxy(guard: Checker, host: Host | None, settings: ServeSettings, audit: AuditLog | None) -> ChatProxy | None:
+    """The transparent passthrough when the host is an OpenAI-compatible server (it has an ApiClient)."""
+    client = getattr(host, "client", None)
+    served = getattr(host, "served_model", None)
+    if host is None or not isinstance(client, ApiClient) or not callable(served):
+        return None
+    judge = Judge(guard, on_unsafe=settings.on_unsafe, post_check=settings.post_check, refusal=settings.refusal,
+                  audit=audit, host_model=host.model_id, limits=guard.policy.limits,
+                  max_request_pixels=settings.max_request_pixels)
+    return ChatProxy(judge, Upstream(client, served), stream_check_every=settings.stream_check_every)
+
+
+async def _proxy_chat(proxy: ChatProxy, data: dict[str, Any], metrics: ServeMetrics) -> JSONResponse | StreamingResponse:
+    """One chat completion through the transparent passthrough (see :mod:`.proxy`)."""
+    try:
+        request, decision, replacement = await proxy.prepare(data)
+    except (GuardrailViolation, GuardUnavailableError) as exc:
+        metrics.guarded.labels("blocked" if isinstance(exc, GuardrailViolation) else "error").inc()
+        raise _decision_error(exc) from exc
+    stream = data.get("stream") is True
+    n = data.get("n", 1)
+    expected = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    if replacement is not None:
+        metrics.guarded.labels("blocked").inc()
+        summary = decision.summary()
+        if stream:
+            return StreamingResponse(proxy.refused_stream(data, replacement, decision),
+                                     media_type="text/event-stream", headers={**SSE_HEADERS, **decision_headers(summary)})
+        return JSONResponse(proxy.refused(data, replacement, decision), headers=decision_headers(summary))
+    if stream:
+        lines, aclose = await proxy.open(data, decision)
+        known = {"request_id": decision.request_id, "blocked": False,
+                 "input_verdict": public_verdict(decision.input_verdict)}
+
+        async def events() -> AsyncIterator[str]:
+            async for event in proxy.stream(lines, aclose, request, decision, expected):
+                yield event
+            metrics.guarded.labels(_decision_outcome(decision)).inc()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **decision_headers(known)})
+    try:
+        answer = await proxy.complete(data, request, decision)
+    except (GuardrailViolation, GuardUnavailableError) as exc:
+        metrics.guarded.labels("blocked" if isinstance(exc, GuardrailViolation) else "error").inc()
+        raise _decision_error(exc) from exc
+    metrics.guarded.labels(_decision_outcome(decision)).inc()
+    return JSONResponse(answer, headers=decision_headers(answer["visguard"]))
+
+
+def _decision_outcome(decision: Any) -> str:
+    if decision.blocked:
+        return "blocked"
+    if decision.flagged:
+        return "flagged"
+    return "degraded" if decision.degraded else "passed"
+
+
+def _decision_error(exc: GuardrailViolation | GuardUnavailableError) -> ApiError:
+    error = guard_error(exc)
+    error.headers.update(_verdict_headers(exc.verdict))
+    return error
+
+
+async def _pixel_budget(body: ChatCompletionRequest, limit: int | None) -> None:
+    """HTTP 400 when the request's images hold more pixels than ``limit`` (read from their headers)."""
+    if limit is None:
+        return
+    urls = [part.image_url.url for m in body.messages if isinstance(m.content, list)
+            for part in m.content if not isinstance(part, TextPart)]
+    try:
+        await asyncio.to_thread(_budget_only, urls, limit)
+    except InputError as exc:
+        raise ApiError(400, str(exc), param="messages") from exc
+
+
+def _budget_only(urls: list[str], limit: int) -> None:
+    from visguard.integrations.openai.server.proxy import image_size
+
+    total = sum(w * h for w, h in (image_size(u) or (0, 0) for u in urls))
+    if total > limit:
+        raise InputError(f"the request's images hold {total} pixels, more than the limit of {limit}")
+
+
+def public_name(name: str | None) -> str:
+    """A model name fit for an unauthenticated answer: no credentials, no path on this server."""
+    text = redact(str(name or ""))
+    if "://" in text:
+        return text.split("://", 1)[0] + "://…"  # a URL: its scheme only (hosts and keys stay private)
+    if "/" in text or "\\" in text:
+        path = text.replace("\\", "/").rstrip("/")
+        looks_local = text.startswith(("/", ".", "~")) or ":\\" in text or path.count("/") > 1
+        return path.rsplit("/", 1)[-1] if looks_local else text  # hub ids (org/name) stay
+    return text
 
 
 def decision_headers(decision: Mapping[str, Any]) -> dict[str, str]:
@@ -294,16 +432,21 @@ def decision_headers(decision: Mapping[str, Any]) -> dict[str, str]:
             out[f"x-visguard-{key}"] = "true" if decision[key] else "false"
     for key in ("reason", "stage"):
         if decision.get(key):
-            out[f"x-visguard-{key}"] = str(decision[key])
+            out[f"x-visguard-{key}"] = header_value(decision[key])
     for stage in ("input", "output"):
         verdict = decision.get(f"{stage}_verdict")
         if verdict:
-            out[f"x-visguard-{stage}-label"] = verdict["label"]
+            out[f"x-visguard-{stage}-label"] = header_value(verdict["label"])
             if verdict.get("score") is not None:
                 out[f"x-visguard-{stage}-score"] = f"{verdict['score']:.6g}"
-            if verdict.get("category"):  # header values are latin-1: keep them ASCII
-                out[f"x-visguard-{stage}-category"] = str(verdict["category"]).encode("ascii", "replace").decode()
+            if verdict.get("category"):
+                out[f"x-visguard-{stage}-category"] = header_value(verdict["category"])
     return out
+
+
+def header_value(value: Any, limit: int = 200) -> str:
+    """``value`` fit for an HTTP header: printable ASCII only (NUL, CR, LF, controls and non-ASCII become ``?``)."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in str(value)[:limit]).strip()
 
 
 def _verdict_headers(verdict: Verdict) -> dict[str, str]:
@@ -324,17 +467,15 @@ def _outcome(result: GuardedResult) -> str:
 def _chat_error(exc: Exception, metrics: ServeMetrics) -> ApiError:
     if isinstance(exc, GuardrailViolation):
         metrics.guarded.labels("blocked").inc()
-        return ApiError(400, str(exc), type="content_filter", code="content_filter",
-                          extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}},
-                          headers=_verdict_headers(exc.verdict))
+        return _decision_error(exc)
     metrics.guarded.labels("error").inc()
     if isinstance(exc, GuardUnavailableError):
-        return ApiError(503, str(exc), type="server_error", code="guard_unavailable",
-                          extra={"visguard": {"blocked": True, "verdict": exc.verdict.model_dump(mode="json")}},
-                          headers=_verdict_headers(exc.verdict))
+        return _decision_error(exc)
     if isinstance(exc, InputError):
         return ApiError(400, str(exc), param="messages")
-    return ApiError(502, f"host failed: {type(exc).__name__}: {exc}", type="server_error", code="host_error")
+    # the host's error text may quote the upstream's answer (unchecked text, credentials): log it, send none
+    _log.warning("host failed: %s", redact(f"{type(exc).__name__}: {exc}"))
+    return ApiError(502, "the host model failed; see the server log", type="server_error", code="host_error")
 
 
 async def _stream_response(
@@ -374,7 +515,7 @@ async def _sse(stream: Any, first: str | None, model: str, metrics: ServeMetrics
         result: GuardedResult = stream.result
         metrics.guarded.labels(_outcome(result)).inc()
         last = chunk(Delta(), "content_filter" if result.blocked else "stop")
-        yield sse_data({**last, "visguard": result.summary()})
+        yield sse_data({**last, "visguard": public_decision(result.summary())})
         if usage is not None:
             yield sse_data(chunk(None, usage=usage))
     except Exception as exc:  # noqa: BLE001 - the status line is sent; report in-band, then end the stream
@@ -401,7 +542,12 @@ class _ReadyProbe:
         now = time.monotonic()
         if self._last is None or now - self._last[0] >= 1.0:
             try:
-                reason = await asyncio.wait_for(self.host.aready(), self.timeout_s)
+                detail = await asyncio.wait_for(self.host.aready(), self.timeout_s)
+                # /readyz is unauthenticated: the host's error may quote the upstream (credentials,
+                # paths); it goes to the log, the answer says only what failed
+                if detail is not None:
+                    _log.warning("not ready: %s", redact(detail))
+                reason = None if detail is None else "the upstream model is not answering"
             except TimeoutError:
                 reason = f"upstream did not answer within {self.timeout_s:g} s"
             self._last = (now, reason)
@@ -459,6 +605,27 @@ class _Gate:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await self._too_large(scope, receive, send)
             return
+        # Read the whole (bounded) body first, within read_timeout_s and before taking a concurrency
+        # slot: a client trickling bytes (slowloris) holds no slot and is cut off (408).
+        body = bytearray()
+        deadline = time.monotonic() + self.settings.read_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except TimeoutError:
+                self.metrics.rejected.labels("slow_body").inc()
+                err = ApiError(408, f"the request body did not arrive within {self.settings.read_timeout_s:g} s",
+                               code="request_timeout", headers={"Connection": "close"})
+                await err.response()(scope, receive, send)
+                return
+            if message["type"] == "http.disconnect":
+                return
+            body.extend(message.get("body", b""))
+            if len(body) > limit:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
         if self.inflight >= self.settings.max_concurrency:
             self.metrics.rejected.labels("overloaded").inc()
             err = ApiError(429, f"too many concurrent requests (limit {self.settings.max_concurrency}); retry shortly",
@@ -468,17 +635,6 @@ class _Gate:
         self.inflight += 1
         self.metrics.inflight.inc()
         try:
-            body = bytearray()
-            while True:  # read the whole (bounded) body first: chunked uploads are limited too
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                body.extend(message.get("body", b""))
-                if len(body) > limit:
-                    await self._too_large(scope, receive, send)
-                    return
-                if not message.get("more_body", False):
-                    break
             replayed = False
 
             async def replay() -> dict[str, Any]:
@@ -499,4 +655,5 @@ class _Gate:
         await err.response()(scope, receive, send)
 
 
-_KNOWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/guard/check", "/v1/chat/completions"})
+_KNOWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/guard/check", "/v1/chat/completions",
+                          "/v1/responses", "/v1/moderations"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visguard.core.errors import InputError
 from visguard.core.images import ImageLimits
@@ -34,6 +36,8 @@ from visguard.integrations.openai.wire import (
     split_messages,
     sse_event,
 )
+
+_log = logging.getLogger(__name__)
 
 #: headers of every server-sent-event response (no caching, no proxy buffering)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -62,7 +66,23 @@ class ApiError(Exception):
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer :class:`ApiError` and request-validation failures (HTTP 400) with OpenAI error bodies."""
+    """Answer every error with an OpenAI error body: :class:`ApiError`, request-validation failures
+    (400), FastAPI's own HTTP errors (unknown path 404, wrong method 405 ...), a body nested too
+    deep for the JSON parser (400) and anything unexpected (500, naming no internal text)."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return ApiError(exc.status_code, message, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        return ApiError(400, "the request body nests too deep").response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        _log.exception("unexpected error serving %s", request.url.path)
+        return ApiError(500, "internal server error", type="server_error").response()
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:

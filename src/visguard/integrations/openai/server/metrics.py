@@ -6,10 +6,10 @@ Names (all prefixed ``visguard_``):
 - ``verdicts_total{stage,label}``: their verdicts (``label``: safe | unsafe | unavailable).
 - ``check_latency_seconds{stage}``: histogram, from the check's arrival at the batcher to its verdict.
 - ``check_batch_size``: histogram of the batches sent to the guard backend.
-- ``guarded_requests_total{outcome}``: chat completions: passed | blocked | flagged | degraded | error.
+- ``guarded_requests_total{outcome}``: chat completions and responses: passed | blocked | flagged | degraded | error.
 - ``http_requests_total{path,status}`` and ``http_request_latency_seconds{path}``: every HTTP request.
 - ``http_inflight_requests``: gated requests (``/v1/...``) being served now.
-- ``http_rejected_total{reason}``: unauthorized (401) | too_large (413) | overloaded (429).
+- ``http_rejected_total{reason}``: unauthorized (401) | too_large (413) | slow_body (408) | overloaded (429).
 """
 
 from __future__ import annotations
