@@ -159,3 +159,23 @@ def test_a_checkpoint_saved_by_another_class_is_refused_not_run_with_random_weig
     AutoProcessor.from_pretrained(gemma3).save_pretrained(tmp_path)
     with pytest.raises(BackendError, match="missing from the checkpoint.*ShieldGemma2ForImageClassification"):
         Guard.from_pretrained(str(tmp_path), format="shieldgemma2")
+
+
+def test_shieldgemma2_refuses_a_checkpoint_resaved_without_its_policy_expert_template(tmp_path):
+    """Issue 23: re-saved with a plain Gemma 3 template, the policy sentence would reach the model
+    bare; building the guard fails with one typed error instead of scoring the wrong prompt."""
+    import shutil
+
+    from visguard_testing.guard_checkpoints import cached_guard_checkpoint
+
+    from visguard.core.errors import BackendError
+
+    src = cached_guard_checkpoint("gemma3")
+    shutil.copytree(src, tmp_path / "resaved")
+    (tmp_path / "resaved" / "chat_template.jinja").write_text(
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>user\n{% for p in m['content'] %}"
+        "{% if p['type'] == 'image' %}<start_of_image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+        "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    with pytest.raises(BackendError, match="policy-expert template"):
+        Guard.from_pretrained(str(tmp_path / "resaved"), format="shieldgemma2")
+    Guard.from_pretrained(str(src), format="shieldgemma2")  # the fixture's own template passes

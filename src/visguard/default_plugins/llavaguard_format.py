@@ -2,9 +2,10 @@
 
 LlavaGuard rates one image against a written policy: no user question, no response. The prompt is
 the policy text, categories O1..O9 each with what content "should not" and "can" show, and the image
-(LlavaGuard: image first, as its ``-hf`` model cards; QwenGuard: the policy text first and the image
-after it, as the authors' evaluation code for the Qwen2.5-VL variants,
-ml-research/LlavaGuard@840699c llavaguard/evaluation/eval_transformers.py ``run_model``).
+(LlavaGuard: image first, as the authors' transformers notebook, ml-research/LlavaGuard@840699c
+``scripts/inference/tranformers.ipynb``; QwenGuard: the policy text first and the image after it, as
+the authors' evaluation code for the Qwen2.5-VL variants, same commit,
+``llavaguard/evaluation/eval_transformers.py`` ``run_model``).
 
 Policies, kept inside what the models were trained on (ml-research/LlavaGuard@840699c,
 ``llavaguard/taxonomy/augmentation_funct.py``, template ``json-v24``: augmentations ``v2`` and ``v3``):

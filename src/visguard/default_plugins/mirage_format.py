@@ -53,7 +53,7 @@ Variant = Literal["qwen2_vl", "internvl", "internvl_hf"]
 VerdictSource = Literal["followup", "text"]
 
 #: Generation budget of MIRage's answer: ``max_new_tokens=1024`` of the MIS inference script
-#: (MIS repository, ``evaluation/inference_vllm.py``, ``SamplingParams``).
+#: (DripNowhy/MIS@5e77a63 ``evaluation/inference_vllm.py``: ``SamplingParams(temperature=0.0, max_tokens=1024)``).
 MIS_MAX_NEW_TOKENS = 1024
 _POLICY_DEFAULT_TOKENS = Policy.model_fields["max_new_tokens"].default
 
