@@ -122,6 +122,13 @@ def test_shieldgemma_refuses_a_checkpoint_whose_template_lost_the_policy_expert_
     with pytest.raises(BackendError):
         check_template("<bos><start_of_turn>user\nNo Dangerous Content<end_of_turn>\n")
 
+    class _Codec:  # the vLLM backend: rendering through backend.codec
+        codec = _Rendering(_PLAIN_GEMMA3)
+
+    with pytest.raises(BackendError, match="policy-expert template"):
+        fmt.check_backend(_Codec())
+    fmt.check_backend(object())  # a remote server: nothing to render, nothing refused
+
 
 def test_shieldgemma_fixture_template_renders_as_the_real_one():
     """The gemma3 fixture's template against the behaviour of transformers' ShieldGemma 2 template

@@ -80,6 +80,8 @@ class ShieldGemmaFormat(GuardFormat):
         from PIL import Image
 
         render = getattr(backend, "render", None)
+        if not callable(render):  # the vLLM backend renders through its HF prompt codec
+            render = getattr(getattr(backend, "codec", None), "render", None)
         if not callable(render):
             return  # a remote server renders its own template: nothing to probe here
         probe = GuardPrompt(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _PROBE}]}],
