@@ -16,6 +16,8 @@ cascade) and, optionally, a host (an upstream OpenAI-compatible server or a loca
   (:func:`~visguard.integrations.openai.server.proxy.public_decision`). The decision is also
   in ``x-visguard-*`` response headers (:func:`decision_headers`; a stream's headers carry the
   pre-check), and ``usage`` holds the host's token counts when the host reports them.
+- ``POST /v1/moderations``: OpenAI's moderation endpoint answered by the guard
+  (:mod:`visguard.integrations.openai.server.moderations`).
 - ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`` (the upstream answers),
   ``GET /metrics`` (Prometheus, see :mod:`visguard.integrations.openai.server.metrics`).
 
@@ -62,6 +64,7 @@ from visguard.integrations.openai.server.common import (
 )
 from visguard.integrations.openai.client import ApiClient
 from visguard.integrations.openai.server.metrics import ServeMetrics
+from visguard.integrations.openai.server.moderations import moderate
 from visguard.integrations.openai.server.proxy import (
     ChatProxy,
     Judge,
@@ -269,6 +272,13 @@ def create_app(
             raise ApiError(503, str(GuardUnavailableError(verdict)), type="server_error", code="guard_unavailable",
                            extra={"visguard": verdict.model_dump(mode="json")}, headers=headers)
         return JSONResponse(verdict.model_dump(mode="json"), headers=headers)
+
+    @app.post("/v1/moderations")
+    async def moderations(http: Request) -> JSONResponse:
+        answer = await moderate(guard, parse_json_body(await http.body()), limits=guard.policy.limits,
+                                max_request_pixels=settings.max_request_pixels, audit=audit,
+                                model_name=public_name(guard.model_id))
+        return JSONResponse(answer)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(http: Request) -> JSONResponse | StreamingResponse:
