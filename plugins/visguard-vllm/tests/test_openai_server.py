@@ -181,10 +181,12 @@ def test_candidate_matching_rules():
 
     e = [math.exp(-k) for k in (1, 2, 3, 4)]
     assert verdict_probability(listed, words) == pytest.approx((e[1] + e[2]) / sum(e))
-    # Only exact token texts count: a piece of a spelling (" un", " ") stands for nothing.
+    # The first piece of a spelling counts for it (" un" of " unsafe": the transformers backend's
+    # first-token rule); a piece that starts spellings of both labels (" ") stands for nothing.
     pieces = [{"token": " safe", "logprob": -1.0}, {"token": " un", "logprob": -0.5}, {"token": " Unsafe", "logprob": -1.0},
               {"token": " ", "logprob": -0.5}]
-    assert verdict_probability(pieces, words) == pytest.approx(2 / 3)  # " unsafe" unlisted: counted at the floor
+    p_un, p_1 = math.exp(-0.5), math.exp(-1.0)
+    assert verdict_probability(pieces, words) == pytest.approx((p_un + p_1) / (p_1 + p_un + p_1))
     # Unlisted unsafe spellings count at the smallest listed probability, unlisted safe ones at 0.
     partial = [{"token": " safe", "logprob": -1.0}, {"token": "x", "logprob": -3.0}]
     assert verdict_probability(partial, words) == pytest.approx(2 * e[2] / (e[0] + 2 * e[2]))
