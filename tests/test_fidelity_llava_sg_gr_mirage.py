@@ -240,3 +240,29 @@ def test_response_objective_records_the_mirage_format():
     guard = TrainConfig(data="d", base="b", output="o", objective="guard")
     assert _format_record(guard, get("formats", guard.guard_format)())["format"] == "visguard"
     json.dumps(record)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_response_trained_model_loads_with_the_mirage_format(tmp_path, tiny_cache):
+    """End to end: ``visguard train --objective response`` (one step) writes a visguard.json that
+    ``Guard.from_pretrained`` reads as ``mirage``, the format that asks a response-trained model
+    the way it was trained (before: ``visguard``, a verdict-line prompt it never learnt)."""
+    pytest.importorskip("visguard_train")
+    from click.testing import CliRunner
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
+    from visguard_testing.synthetic import write_mis_train_layout
+
+    from visguard import Guard
+    from visguard.cli import _register_plugin_commands, cli
+
+    base = str(cached_tiny_checkpoint("qwen2_vl", cache_dir=tiny_cache, hidden_size=32, num_layers=1))
+    root = write_mis_train_layout(tmp_path / "mis", 2, seed=2)
+    out = tmp_path / "resp"
+    _register_plugin_commands()
+    res = CliRunner().invoke(cli, ["train", "--device", "cpu", "--cpu-threads", "1", "--data", str(root), "--base", base,
+                                   "--output", str(out), "--objective", "response", "--batch-size", "2", "--max-steps", "1"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert json.loads((out / "visguard.json").read_text()) == {"format": "mirage", "format_kwargs": {"variant": "qwen2_vl"}}
+    guard = Guard.from_pretrained(str(out), device="cpu")
+    assert isinstance(guard.format, MirageFormat) and guard.format.variant == "qwen2_vl"
