@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers.utils.chat_template_utils import render_jinja_template
+from visguard_testing import guard_checkpoints as gc
 
 from visguard import Backend, Category, Guard, Policy
 from visguard.default_plugins.llama_guard_format import LlamaGuard3VisionFormat, LlamaGuardFormat
@@ -36,7 +37,6 @@ from visguard.default_plugins.openai_backend import verdict_probability
 from visguard.default_plugins.qwen3guard_format import Qwen3GuardFormat
 from visguard.engine.backend import Generation
 from visguard.integrations.openai.server.upstream import ServerThread
-from visguard_testing import guard_checkpoints as gc
 
 MIS = Policy()
 

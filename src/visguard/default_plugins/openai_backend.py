@@ -55,7 +55,6 @@ from visguard.hookspecs import hookimpl
 from visguard.integrations.openai.client import ApiClient
 from visguard.integrations.openai.wire import WireError, completion_choice, content_text, image_part
 
-
 #: generated tokens for a prefix the model writes itself ("Safety:" + the verdict word's first piece, with room)
 _PREFIX_TOKENS = 8
 
