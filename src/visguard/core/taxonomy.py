@@ -93,7 +93,8 @@ class Translation:
     def codes(self, scheme: str) -> tuple[str, ...]:
         if scheme not in SCHEMES:
             raise ValueError(f"unknown taxonomy {scheme!r}; known: {', '.join(SCHEMES)}")
-        return getattr(self, scheme)
+        codes: tuple[str, ...] = getattr(self, scheme)
+        return codes
 
 
 #: visguard category -> model codes. The mapping is by meaning, so it is many-to-many.

@@ -116,7 +116,8 @@ class GuardRequest(BaseModel):
     @classmethod
     def _valid_text(cls, value: Any, info: Any) -> str | None:
         try:
-            return check_text(value, info.field_name, optional=info.field_name == "response")
+            field: str = info.field_name
+            return check_text(value, field, optional=field == "response")
         except InputError as exc:
             raise ValueError(str(exc)) from None
 

@@ -58,9 +58,9 @@ class MicroBatcher:
         self._name = name
         self._closed = False
         #: worker -> (futures of the batch it is running, when that batch started)
-        self._running: dict[threading.Thread, tuple[frozenset[Future], float]] = {}
+        self._running: dict[threading.Thread, tuple[frozenset[Future[Any]], float]] = {}
         #: worker -> groups of its current batch not started yet
-        self._pending: dict[threading.Thread, list[list[tuple[Any, Any, Future, float]]]] = {}
+        self._pending: dict[threading.Thread, list[list[tuple[Any, Any, Future[Any], float]]]] = {}
         #: retired workers still inside a batch -> when that batch started
         self._stalled: dict[threading.Thread, float] = {}
         #: workers retired because their batch outlived its callers
@@ -82,9 +82,9 @@ class MicroBatcher:
                 raise ValueError("max_wait_s must be >= 0")
             self.max_wait_s = max_wait_s
 
-    def submit(self, items: list[Any], key: Any) -> list[Future]:
+    def submit(self, items: list[Any], key: Any) -> list[Future[Any]]:
         """Queue items; each returned future resolves to that item's result."""
-        futures: list[Future] = [Future() for _ in items]
+        futures: list[Future[Any]] = [Future() for _ in items]
         now = time.perf_counter()
         with self._lock:  # queue under the lock: an idle worker decides to exit under it too
             if self._closed:
@@ -109,7 +109,7 @@ class MicroBatcher:
         with self._lock:
             return len(self._stalled)
 
-    def abandon(self, futures: list[Future]) -> None:
+    def abandon(self, futures: list[Future[Any]]) -> None:
         """The caller gives up on ``futures`` (its time limit passed).
 
         Queued ones are cancelled (they will not run). If a worker is running a batch that holds
@@ -176,10 +176,10 @@ class MicroBatcher:
             if not self._execute(batch) or stop:
                 return
 
-    def _execute(self, batch: list[tuple[Any, Any, Future, float]]) -> bool:
+    def _execute(self, batch: list[tuple[Any, Any, Future[Any], float]]) -> bool:
         """Run ``batch`` key by key; ``False`` when this worker was retired meanwhile (it must exit)."""
         me = threading.current_thread()
-        by_key: dict[Any, list[tuple[Any, Any, Future, float]]] = defaultdict(list)
+        by_key: dict[Any, list[tuple[Any, Any, Future[Any], float]]] = defaultdict(list)
         for entry in batch:
             by_key[entry[1]].append(entry)
         with self._lock:
