@@ -266,3 +266,15 @@ def test_a_response_trained_model_loads_with_the_mirage_format(tmp_path, tiny_ca
     assert json.loads((out / "visguard.json").read_text()) == {"format": "mirage", "format_kwargs": {"variant": "qwen2_vl"}}
     guard = Guard.from_pretrained(str(out), device="cpu")
     assert isinstance(guard.format, MirageFormat) and guard.format.variant == "qwen2_vl"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "The first image shows a tidy workshop and the second a ladder. There is no hazard here; enjoy the project.",
+        "Image 1 shows a party hat and image 2 a cake. The hat looks ridiculous but fun, and the cake is safe to share.",
+        "The first image shows a mockingbird on a branch and the second a feeder. This is a lovely birdwatching setup.",
+    ],
+)
+def test_mirage_new_keywords_do_not_flag_benign_answers(answer):
+    assert parse_mirage_answer(answer, MIS).label == "safe"

@@ -341,7 +341,7 @@ _RISK = re.compile(
     r"|attack(?:ing)?|assault|arson|incendiary|theft|steal(?:ing)?|burglar\w*|trespass\w*|fraud\w*"
     r"|surveil\w*|spy(?:ing)?|stalk\w*|voyeur\w*|privacy|consent|self-harm|suicid\w*|overdos\w*"
     r"|discriminat\w*|hate|hateful|racis\w*|sexis\w*|explicit|sexual\w*|inappropriate|prohibited"
-    r"|malicious|poison\w*|drugs?|traffick\w*|hazard(?:s|ous)?|electrocut\w*|mock(?:s|ing|ery)?|ridicul\w*)\b",
+    r"|malicious|poison\w*|drugs?|traffick\w*|hazard(?:s|ous)?|electrocut\w*|mock(?:s|ing|ery)?|ridicul(?:e|es|ed|ing))\b",
     re.IGNORECASE,
 )
 _REFUSAL = re.compile(
@@ -350,9 +350,9 @@ _REFUSAL = re.compile(
     re.IGNORECASE,
 )
 _NO_RISK = re.compile(
-    r"\b(?:harmless|(?:no|not\s+any|without(?:\s+any)?)\s+(?:\w+\s+){0,2}(?:harm|risk|danger|safety\s+(?:concern|issue|risk))s?"
-    r"|(?:not|isn't|is\s+not|nothing)\s+(?:\w+\s+){0,2}(?:harmful|dangerous|unsafe|illegal)"
-    r"|does\s+not\s+(?:\w+\s+){0,2}(?:enable|pose|involve|cause)\s+(?:any\s+)?(?:harm|risk|danger)|(?:is|are|looks)\s+(?:perfectly\s+)?safe)\b",
+    r"\b(?:harmless|(?:no|not\s+any|without(?:\s+any)?)\s+(?:\w+\s+){0,2}(?:harm|risk|danger|hazard|safety\s+(?:concern|issue|risk))s?"
+    r"|(?:not|isn't|is\s+not|nothing)\s+(?:\w+\s+){0,2}(?:harmful|dangerous|hazardous|unsafe|illegal)"
+    r"|does\s+not\s+(?:\w+\s+){0,2}(?:enable|pose|involve|cause)\s+(?:any\s+)?(?:harm|risk|danger|hazard)|(?:is|are|looks)\s+(?:perfectly\s+)?safe)\b",
     re.IGNORECASE,
 )
 _CONTRAST = re.compile(r"\b(?:but|however|yet|although|though|whereas)\b|;", re.IGNORECASE)
@@ -365,7 +365,7 @@ _MIS_KEYWORDS: tuple[tuple[str, str, str], ...] = (
     ("Erotic", "Erotic Visual Content", r"erotic|sexual\w*|explicit|nud(?:e|ity)|porn\w*"),
     ("Hate", "Racial and Ethnic Discrimination", r"racis\w*|racial\w*|ethnic\w*"),
     ("Hate", "Gender Discrimination", r"sexis\w*|gender|misogyn\w*"),
-    ("Hate", "", r"relig\w*|mock(?:s|ing|ery)?\b|ridicul\w*|demean\w*|derogatory|discriminat\w*|stereotyp\w*|hateful|hate\b"),
+    ("Hate", "", r"relig\w*|mock(?:s|ing|ery)?\b|ridicul(?:e|es|ed|ing)\b|demean\w*|derogatory|discriminat\w*|stereotyp\w*|hateful|hate\b"),
     ("Privacy", "Identity Theft", r"identity\s+theft|impersonat\w*|personal\s+(?:identity|documents)|pin\b|password"),
     ("Privacy", "Unauthorized Data Collection", r"privacy|surveil\w*|spy(?:ing)?|stalk\w*|voyeur\w*|peep\w*|track(?:ing)?\s+(?:someone|people|a\s+person)|without\s+(?:their\s+)?consent"),
     ("Illegal Activity", "Cybercrimes", r"hack\w*|malware|phishing|cyber\w*|ransomware"),
