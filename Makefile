@@ -52,7 +52,7 @@ $(VLLM_VENV)/.installed: pyproject.toml plugins/visguard-vllm/pyproject.toml plu
 	$(VLLM_ENV) $(VLLM_PY) -c "import vllm, visguard_vllm; print('vllm', vllm.__version__, 'ok')"
 	touch $@
 
-.PHONY: install install-vllm demo test test-core test-load test-vllm test-latest constraints bench lint chromium docs
+.PHONY: install install-vllm demo test test-core test-load test-vllm test-latest constraints bench lint typecheck chromium docs
 install: $(VENV)/.installed
 install-vllm: $(VLLM_VENV)/.installed
 
@@ -62,7 +62,7 @@ demo: $(VENV)/.installed
 
 test: test-core test-load test-vllm
 
-test-core: $(VENV)/.installed chromium
+test-core: $(VENV)/.installed chromium lint typecheck
 	$(PY) -m pytest -q
 
 # The loopback load test (32 clients, 30 s; marker `load`, deselected from test-core): about 1.5 minutes.
@@ -89,3 +89,7 @@ docs: $(VENV)/.installed
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src plugins tests examples
+
+# mypy on src/visguard with pyproject's [tool.mypy] settings (stricter for core/ and engine/).
+typecheck: $(VENV)/.installed
+	$(PY) -m mypy
