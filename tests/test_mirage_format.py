@@ -345,10 +345,11 @@ def _host(images, text):
 def test_wrap_answers_a_blocked_request_with_the_safe_answer(images):
     from visguard.hosting.guarded import DEFAULT_REFUSAL, UNNAMED_CATEGORY
 
-    guard = Guard(ScriptedBackend([HARMFUL], scores=[0.95]), MirageFormat(), Policy(mode="reason"))
+    # the safe answer is post-checked (MIRage answers again, the follow-up scores it 0.1) before it is shown
+    guard = Guard(ScriptedBackend([HARMFUL, HARMFUL], scores=[0.95, 0.1]), MirageFormat(), Policy(mode="reason"))
     r = guard.wrap(_host, on_unsafe="safe_answer").generate(images[:2], "use 1 on 2")
     assert r.blocked and r.stage == "input" and r.answered_by_guard
-    assert r.text == HARMFUL == r.refusal and not r.host_called
+    assert r.text == HARMFUL == r.refusal and not r.host_called and r.output_checks == 1
     # refuse (the default) ignores the safe answer
     guard = Guard(ScriptedBackend([HARMFUL], scores=[0.95]), MirageFormat(), Policy(mode="reason"))
     r = guard.wrap(_host).generate(images[:2], "use 1 on 2")
@@ -366,7 +367,8 @@ def test_wrap_answers_a_blocked_request_with_the_safe_answer(images):
 def test_post_check_safe_answer_replaces_the_host_answer(images):
     # pre-check: MIRage answers benignly and scores safe; post-check: it answers again, then judges
     # the host's answer unsafe: its own answer replaces the host's.
-    guard = Guard(ScriptedBackend([BENIGN, HARMFUL], scores=[0.1, 0.9]), MirageFormat(), Policy(mode="reason"))
+    # (the safe answer's own post-check: MIRage answers a third time, the follow-up scores it 0.1)
+    guard = Guard(ScriptedBackend([BENIGN, HARMFUL, HARMFUL], scores=[0.1, 0.9, 0.1]), MirageFormat(), Policy(mode="reason"))
     r = guard.wrap(_host, on_unsafe="safe_answer").generate(images[:2], "use 1 on 2")
     assert r.blocked and r.stage == "output" and r.text == HARMFUL and r.host_called
     assert r.output_verdict.safe_answer == HARMFUL and r.input_verdict.label == "safe"
@@ -382,7 +384,8 @@ def test_server_proxy_answers_with_the_safe_answer(images):
     from visguard.integrations.openai.server.app import ServeSettings, create_app
     from visguard.integrations.openai.server.upstream import ServerThread
 
-    guard = Guard(ScriptedBackend([HARMFUL], scores=[0.95]), MirageFormat(), Policy(mode="reason"))
+    # the safe answer passes its own post-check (MIRage answers again, scored 0.1) before it is shown
+    guard = Guard(ScriptedBackend([HARMFUL, HARMFUL], scores=[0.95, 0.1]), MirageFormat(), Policy(mode="reason"))
     app = create_app(guard, _host, settings=ServeSettings(on_unsafe="safe_answer", max_wait_ms=0))
     with ServerThread(app) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")

@@ -119,3 +119,110 @@ def test_12_an_audit_record_keeps_every_stage_verdict(tmp_path):
     assert [(s["guard_model"], s["label"]) for s in first["stages"]] == [("broken", "unavailable"), ("second", "safe")]
     assert "broken" in first["error"]
     assert threading.active_count() >= 1
+
+
+# ------------------------------------------------------------------ 2. a safe answer is an answer
+
+
+class _Scripted(FaultyBackend):
+    """Generations and scores the test writes, in order (the decision logic is under test)."""
+
+    def __init__(self, answers: list[str], scores: list[float]) -> None:
+        super().__init__("mirage-scripted")
+        self.answers, self.scores = list(answers), list(scores)
+
+    def score(self, prompts):  # type: ignore[no-untyped-def]
+        return [self.scores.pop(0) for _ in prompts]
+
+    def generate(self, prompts, *, max_new_tokens):  # type: ignore[no-untyped-def]
+        from visguard.engine.backend import Generation
+
+        return [Generation(text=self.answers.pop(0)) for _ in prompts]
+
+
+# MIRage's answer shape (perception, reasoning, answer): see tests/test_mirage_format.py
+_COMPLIES = ("The first image shows a knife and the second a sleeping person. Here is how: <script>steal()</script> "
+             "step 1, take the knife; step 2, approach quietly.")
+_REFUSES = ("The first image shows a knife and the second a sleeping person. Using one on the other would be a "
+            "violent attack. I can't help with that, but I'm happy to help with cooking.")
+
+
+def _mirage(answers: list[str], scores: list[float]) -> Guard:
+    from visguard.default_plugins.mirage_format import MirageFormat
+
+    return Guard(_Scripted(answers, scores), MirageFormat(), Policy(mode="reason"))
+
+
+def _knife_host(images: Any, text: str) -> str:
+    return "Step 1: take the knife."
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_2_a_safe_answer_that_fails_its_own_check_is_replaced_by_the_refusal(tmp_path, streaming):
+    from visguard import AuditLog
+    from visguard.hosting.guarded import DEFAULT_REFUSAL, UNNAMED_CATEGORY
+
+    # pre-check: unsafe (0.95) with a "safe answer" that complies; its own post-check: unsafe (0.9)
+    guard = _mirage([_COMPLIES, _COMPLIES], [0.95, 0.9])
+    with AuditLog(tmp_path / "a.jsonl") as log:
+        model = guard.wrap(_knife_host, on_unsafe="safe_answer", audit=log)
+        if streaming:
+            stream = model.stream([_img(), _img()], "use 1 on 2")
+            text = "".join(stream)
+            r = stream.result
+            assert r is not None and text == r.text
+        else:
+            r = model.generate([_img(), _img()], "use 1 on 2")
+    assert r.blocked and not r.answered_by_guard and r.text == DEFAULT_REFUSAL.format(category=UNNAMED_CATEGORY)
+    assert "<script>" not in r.text and r.output_checks == 1
+    assert r.safe_answer_verdict is not None and r.safe_answer_verdict.label == "unsafe"
+    records = AuditLog.read(tmp_path / "a.jsonl")
+    assert [(x["stage"], x["action"]) for x in records] == [("input", "block"), ("output", "block")]
+
+
+def test_2_a_safe_answer_that_passes_its_check_is_shown_and_audited(tmp_path):
+    from visguard import AuditLog
+
+    guard = _mirage([_REFUSES, _REFUSES], [0.95, 0.05])
+    with AuditLog(tmp_path / "a.jsonl") as log:
+        r = guard.wrap(_knife_host, on_unsafe="safe_answer", audit=log).generate([_img(), _img()], "use 1 on 2")
+    assert r.blocked and r.answered_by_guard and r.text == _REFUSES and r.output_checks == 1
+    assert r.safe_answer_verdict is not None and r.safe_answer_verdict.label == "safe"
+    assert [(x["stage"], x["action"]) for x in AuditLog.read(tmp_path / "a.jsonl")] == [("input", "block"), ("output", "pass")]
+
+
+async def _agenerate(model: Any) -> Any:
+    return await model.agenerate([_img(), _img()], "use 1 on 2")
+
+
+def test_2_async_too():
+    import asyncio
+
+    guard = _mirage([_COMPLIES, _COMPLIES], [0.95, 0.9])
+    r = asyncio.run(_agenerate(guard.wrap(_knife_host, on_unsafe="safe_answer")))
+    assert r.blocked and not r.answered_by_guard and "<script>" not in r.text and r.output_checks == 1
+
+
+def test_2_the_proxy_refuses_a_safe_answer_that_fails_its_check():
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from visguard.integrations.openai.server.app import ServeSettings, create_app
+
+    guard = _mirage([_COMPLIES, _COMPLIES], [0.95, 0.9])
+    parts = []
+    for img in (_img(), _img((0, 0, 200))):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        parts.append({"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
+    body = {"model": "_knife_host", "messages": [{"role": "user", "content": [*parts, {"type": "text", "text": "use 1 on 2"}]}]}
+    app = create_app(guard, _knife_host, settings=ServeSettings(on_unsafe="safe_answer", max_wait_ms=0))
+    with TestClient(app) as client:
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    content = reply["choices"][0]["message"]["content"]
+    assert "<script>" not in content and "step 1" not in content.lower()
+    assert "knife" not in str(reply.get("visguard"))  # neither the host's nor the guard's answer leaks

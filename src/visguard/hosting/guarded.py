@@ -72,7 +72,9 @@ class GuardedOptions(BaseModel):
         post_check: check the host's answer (default on); streams are re-checked as they grow.
         on_unsafe: ``refuse`` (default: replace the answer with ``refusal``), ``safe_answer``
             (replace it with the guard's own safe, helpful reply, :attr:`Verdict.safe_answer`, e.g.
-            MIRage's answer in reason mode; ``refusal`` when the verdict carries none), ``raise``
+            MIRage's answer in reason mode; the safe answer is an answer: it is post-checked
+            and audited like the host's, and ``refusal`` replaces it when that check does not pass
+            or the verdict carries none), ``raise``
             (:class:`GuardrailViolation`) or ``return`` (act on nothing: the host's answer and the
             verdicts are returned, ``flagged``, for the caller to decide).
         refusal: the replacement for a blocked answer: a ``str.format`` template with the fields
@@ -138,7 +140,8 @@ class GuardedResult(BaseModel):
         response: the host's complete answer; ``None`` when the host was not called, its output
             was discarded, or the call was blocked.
         blocked: the host's answer was withheld and replaced by ``refusal``.
-        answered_by_guard: ``refusal`` is the guard's own safe answer (``on_unsafe="safe_answer"``).
+        answered_by_guard: ``refusal`` is the guard's own safe answer (``on_unsafe="safe_answer"``),
+            which passed its own post-check (``safe_answer_verdict``).
         flagged: a check objected (``unsafe``, or ``unavailable`` under ``on_error="block"``);
             with ``on_unsafe="return"`` a call is flagged but not blocked.
         reason: why it was flagged: ``unsafe`` or ``unavailable`` (``None`` when not flagged).
@@ -147,7 +150,10 @@ class GuardedResult(BaseModel):
         degraded: a check was ``unavailable`` and ``on_error="allow"`` let the call through.
         input_verdict: the pre-check verdict (``None`` when the pre-check is off).
         output_verdict: the last post-check verdict (``None`` when no post-check ran).
-        output_checks: how many post-checks ran (streams: one per checkpoint).
+        output_checks: how many post-checks ran (streams: one per checkpoint; the check of a
+            guard's safe answer included).
+        safe_answer_verdict: the post-check of the guard's safe answer (``on_unsafe="safe_answer"``,
+            ``None`` when there was none to check).
         host_called: the host was asked to answer (parallel mode: also when it was cancelled
             before it produced anything).
         host_cancelled: the host was told to stop before it finished.
@@ -169,6 +175,7 @@ class GuardedResult(BaseModel):
     input_verdict: Verdict | None = None
     output_verdict: Verdict | None = None
     output_checks: int = 0
+    safe_answer_verdict: Verdict | None = None
     host_called: bool = False
     host_cancelled: bool = False
     request_id: str = ""
@@ -356,10 +363,22 @@ class GuardedModel:
                 if call.may_release(checked=due is not None):
                     yield from call.release()
             if call.blocked:
+                if call.safe_answer is not None:  # the guard's own answer is an answer: check it first
+                    call.on_safe_answer(*self._check_safe_answer(call))
                 yield from call.refuse()
             call.finish()
         finally:
             call.stop_host()
+
+    def _check_safe_answer(self, call: _Call) -> tuple[Verdict, float]:
+        start = time.perf_counter()
+        verdict = report_answer(self.guard, call.request, call.safe_answer or "")
+        return verdict, _ms_since(start)
+
+    async def _acheck_safe_answer(self, call: _Call) -> tuple[Verdict, float]:
+        start = time.perf_counter()
+        verdict = await asyncio.to_thread(report_answer, self.guard, call.request, call.safe_answer or "")
+        return verdict, _ms_since(start)
 
     def _pre_worker(self, call: _Call, events: queue.SimpleQueue[tuple[str, Any]]) -> None:
         start = time.perf_counter()
@@ -422,6 +441,8 @@ class GuardedModel:
                     for piece in call.release():
                         yield piece
             if call.blocked:
+                if call.safe_answer is not None:  # as in _drive
+                    call.on_safe_answer(*await self._acheck_safe_answer(call))
                 for piece in call.refuse():
                     yield piece
             call.finish()
@@ -593,6 +614,8 @@ class _Call:
         self.stage: Stage | None = None
         self.refusal: str | None = None
         self.answered_by_guard = False
+        self.safe_answer: str | None = None  # the guard's own answer, shown only once it passed a check
+        self.safe_answer_verdict: Verdict | None = None
         # timings
         self.pre_ms: float | None = None
         self.post_ms: float | None = None
@@ -690,7 +713,8 @@ class _Call:
         if not self.flagged:
             self.flagged, self.reason, self.stage = True, reason, verdict.stage
             self.refusal = self._refusal_text(verdict, reason)
-            self.answered_by_guard = self.refusal == verdict.safe_answer and verdict.safe_answer is not None
+            if self.options.on_unsafe == "safe_answer" and reason == "unsafe" and verdict.safe_answer:
+                self.safe_answer = verdict.safe_answer  # replaces the refusal once its own check passes
         on_unsafe = self.options.on_unsafe
         if on_unsafe == "return" or action == "flag":  # flag: a log-only category, let through flagged
             self._audit(verdict, "flag", partial)
@@ -703,9 +727,18 @@ class _Call:
         self.blocked = True
         return False
 
+    def on_safe_answer(self, verdict: Verdict, elapsed_ms: float) -> None:
+        """The post-check of the guard's safe answer: it replaces the refusal only when it passes
+        (``unavailable`` is no pass here, whatever ``on_error`` says: the refusal is always safe)."""
+        self.safe_answer_verdict = verdict
+        self.output_checks += 1
+        self.post_ms = (self.post_ms or 0.0) + elapsed_ms
+        passed = self.model.guard.policy.action(verdict) == "pass"
+        self._audit(verdict, "pass" if passed else "block", False)
+        if passed:
+            self.refusal, self.answered_by_guard = self.safe_answer, True
+
     def _refusal_text(self, verdict: Verdict, reason: BlockReason) -> str:
-        if self.options.on_unsafe == "safe_answer" and reason == "unsafe" and verdict.safe_answer:
-            return verdict.safe_answer
         template = self.options.unavailable_message if reason == "unavailable" else self.options.refusal
         if callable(template):
             return str(template(verdict))
@@ -783,6 +816,7 @@ class _Call:
             input_verdict=self.input_verdict,
             output_verdict=self.output_verdict,
             output_checks=self.output_checks,
+            safe_answer_verdict=self.safe_answer_verdict,
             host_called=self.host_start is not None,
             host_cancelled=self.host_cancelled,
             request_id=self.request_id,
