@@ -259,6 +259,7 @@ def test_llama_guard_runs_its_stock_policy_and_removes_categories_conservatively
     assert {"S5", "S6", "S13"} <= set(native) and not any(int(c[1:]) >= 15 for c in native)
     # Only naming a severe code leaves it out.
     assert "S4" not in listed(MIS.without_categories("Erotic"), fmt.__class__(drop=("S4",)))
+    assert listed(MIS, fmt.__class__(drop=("S9",))) == [c for c in stock if c != "S9"]  # stock less the named code
 
 
 def _req():

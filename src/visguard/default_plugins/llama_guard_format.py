@@ -57,8 +57,8 @@ def template_kwargs(policy: Policy, *, drop: Iterable[str] = ()) -> dict[str, An
     (every S-code not asked), or ``categories`` when the policy has categories without an S-code.
     """
     drop = tuple(drop)
-    if is_stock(policy) and not drop:
-        return {}
+    if is_stock(policy):  # the template's own list, less what ``drop`` names
+        return {"excluded_category_keys": [c for c in MLCOMMONS if c in drop]} if drop else {}
     codes, unmapped = asked_codes(policy, "mlcommons", drop=drop)
     if not unmapped:
         return {"excluded_category_keys": [c for c in MLCOMMONS if c not in codes]}
