@@ -98,6 +98,12 @@ TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
 
+PNG = png_url()
+
+#: the same tool in the Responses API's shape (openai/types/responses/function_tool_param.py)
+TOOLS_RESPONSES = [{"type": "function", "name": "get_weather", "description": "weather of a city", "strict": False,
+                    "parameters": TOOLS[0]["function"]["parameters"]}]
+
 CONVERSATION = [
     {"role": "system", "content": "You are a pirate."},
     {"role": "developer", "content": "Answer in one line."},

@@ -16,6 +16,8 @@ cascade) and, optionally, a host (an upstream OpenAI-compatible server or a loca
   (:func:`~visguard.integrations.openai.server.proxy.public_decision`). The decision is also
   in ``x-visguard-*`` response headers (:func:`decision_headers`; a stream's headers carry the
   pre-check), and ``usage`` holds the host's token counts when the host reports them.
+- ``POST /v1/responses``: the Responses API through the upstream, guarded the same way
+  (:mod:`visguard.integrations.openai.server.responses`).
 - ``POST /v1/moderations``: OpenAI's moderation endpoint answered by the guard
   (:mod:`visguard.integrations.openai.server.moderations`).
 - ``GET /v1/models``, ``GET /healthz`` (liveness), ``GET /readyz`` (the upstream answers),
@@ -65,6 +67,7 @@ from visguard.integrations.openai.server.common import (
 from visguard.integrations.openai.client import ApiClient
 from visguard.integrations.openai.server.metrics import ServeMetrics
 from visguard.integrations.openai.server.moderations import moderate
+from visguard.integrations.openai.server.responses import ResponsesProxy
 from visguard.integrations.openai.server.proxy import (
     ChatProxy,
     Judge,
@@ -210,6 +213,8 @@ def create_app(
         guarded = GuardedModel(guard, resolved, **options)
     model_name = settings.model_name or (resolved.model_id if resolved is not None else "") or "visguard"
     proxy = _chat_proxy(guard, resolved, settings, audit)
+    responses_proxy = ResponsesProxy(proxy.judge, proxy.upstream, stream_check_every=settings.stream_check_every) \
+        if proxy is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -272,6 +277,17 @@ def create_app(
             raise ApiError(503, str(GuardUnavailableError(verdict)), type="server_error", code="guard_unavailable",
                            extra={"visguard": verdict.model_dump(mode="json")}, headers=headers)
         return JSONResponse(verdict.model_dump(mode="json"), headers=headers)
+
+    @app.post("/v1/responses", response_model=None)
+    async def responses(http: Request) -> JSONResponse | StreamingResponse:
+        data = request_object(parse_json_body(await http.body()), ("model", "input"))
+        if responses_proxy is None:
+            raise ApiError(404, "the Responses API needs an OpenAI-compatible upstream (start with --upstream)",
+                           code="no_host")
+        if data["model"] != app.state.model_name:
+            raise ApiError(404, f"the model {str(data['model'])[:100]!r} does not exist; this server serves "
+                                f"{app.state.model_name!r}", code="model_not_found", param="model")
+        return await _proxy_responses(responses_proxy, data, metrics)
 
     @app.post("/v1/moderations")
     async def moderations(http: Request) -> JSONResponse:
@@ -365,6 +381,39 @@ async def _proxy_chat(proxy: ChatProxy, data: dict[str, Any], metrics: ServeMetr
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={**SSE_HEADERS, **decision_headers(known)})
     try:
+        answer = await proxy.complete(data, request, decision)
+    except (GuardrailViolation, GuardUnavailableError) as exc:
+        metrics.guarded.labels("blocked" if isinstance(exc, GuardrailViolation) else "error").inc()
+        raise _decision_error(exc) from exc
+    metrics.guarded.labels(_decision_outcome(decision)).inc()
+    return JSONResponse(answer, headers=decision_headers(answer["visguard"]))
+
+
+async def _proxy_responses(proxy: ResponsesProxy, data: dict[str, Any],
+                           metrics: ServeMetrics) -> JSONResponse | StreamingResponse:
+    """One Responses API call through the passthrough (see :mod:`.responses`)."""
+    try:
+        request, decision, replacement = await proxy.prepare(data)
+        stream = data.get("stream") is True
+        if replacement is not None:
+            metrics.guarded.labels("blocked").inc()
+            headers = decision_headers(decision.summary())
+            if stream:
+                return StreamingResponse(proxy.refused_stream(data, replacement, decision),
+                                         media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+            return JSONResponse(proxy.refused(data, replacement, decision), headers=headers)
+        if stream:
+            lines, aclose = await proxy.open(data, decision)
+            known = {"request_id": decision.request_id, "blocked": False,
+                     "input_verdict": public_verdict(decision.input_verdict)}
+
+            async def events() -> AsyncIterator[str]:
+                async for event in proxy.stream(lines, aclose, data, request, decision):
+                    yield event
+                metrics.guarded.labels(_decision_outcome(decision)).inc()
+
+            return StreamingResponse(events(), media_type="text/event-stream",
+                                     headers={**SSE_HEADERS, **decision_headers(known)})
         answer = await proxy.complete(data, request, decision)
     except (GuardrailViolation, GuardUnavailableError) as exc:
         metrics.guarded.labels("blocked" if isinstance(exc, GuardrailViolation) else "error").inc()
