@@ -296,9 +296,13 @@ def test_bad_files_are_one_line_errors_with_file_key_path_and_line_before_any_mo
 
 
 def test_validate_reports_every_error_and_show_masks_secrets(tmp_path, monkeypatch):
-    two = _write(tmp_path, LOADS_BADLY + "colour = 1\n[policy]\nthreshold = 2\n")
-    result = CliRunner().invoke(cli, ["config", "validate", str(two)])
-    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 2, result.stderr
+    three = _write(tmp_path, LOADS_BADLY + "colour = 1\n[policy]\nthreshold = 2\n"
+                   "[[cascades.c.stages]]\nguards = [\"nope\"]\n")
+    result = CliRunner().invoke(cli, ["config", "validate", str(three)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 3, result.stderr
+    assert [re.search(r":(\d+): (\S+):", line).groups() for line in lines] == [
+        ("7", "policy.threshold"), ("5", "guards.g.colour"), ("9", "cascades.c.stages[0].guards")]
 
     monkeypatch.setenv("UPSTREAM_API_KEY", "sk-very-secret")
     monkeypatch.setenv("VISGUARD_TOKEN", "token-very-secret")

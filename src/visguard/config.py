@@ -364,15 +364,46 @@ def load_config(path: str | os.PathLike[str], *, check_env: bool = True) -> Visg
         for err in exc.errors():
             loc = tuple(err["loc"])
             issues.append((_dotted(loc), _line_of(text, loc), _expected(err)))
+        issues.extend(_raw_issues(text, data, check_env=check_env))  # every error at once
         raise ConfigError(file, issues) from exc
-    issues.extend(_semantic_issues(config, text, data, check_env=check_env))
+    issues.extend(_raw_issues(text, data, check_env=check_env))
+    issues.extend(_semantic_issues(config, text))
     if issues:
         raise ConfigError(file, issues)
     return config
 
 
-def _semantic_issues(config: VisguardConfig, text: str, data: Mapping[str, Any], *, check_env: bool
-                     ) -> list[tuple[str, int | None, str]]:
+def _raw_issues(text: str, data: Mapping[str, Any], *, check_env: bool) -> list[tuple[str, int | None, str]]:
+    """Checks that need only the parsed TOML (so they are reported with the schema's errors too):
+    stages naming undefined guards, secrets written into the file, unset environment variables."""
+    issues: list[tuple[str, int | None, str]] = []
+
+    def add(loc: tuple[Any, ...], msg: str) -> None:
+        issues.append((_dotted(loc), _line_of(text, loc), msg))
+
+    guards = data.get("guards") if isinstance(data.get("guards"), Mapping) else {}
+    cascades = data.get("cascades") if isinstance(data.get("cascades"), Mapping) else {}
+    for cname, cascade in cascades.items():
+        stages = cascade.get("stages") if isinstance(cascade, Mapping) else None
+        for i, stage in enumerate(stages if isinstance(stages, list) else []):
+            names = stage.get("guards") if isinstance(stage, Mapping) else None
+            for guard in names if isinstance(names, list) else []:
+                if isinstance(guard, str) and guard not in guards:
+                    add(("cascades", cname, "stages", i, "guards"),
+                        f"names guard {guard!r}, which is not defined; expected one of {sorted(guards)}")
+    for path, key, value in _walk(data):
+        if _SECRET_KEY.search(key) and not key.endswith("_env") and value not in (None, ""):
+            add(path, "secrets never go in the file: name an environment variable instead "
+                      f"({key}_env = \"NAME\")")
+    if check_env:
+        for path, key, value in _walk(data):
+            if key.endswith("_env") and isinstance(value, str) and not os.environ.get(value):
+                add(path, f"expected the environment variable {value} to be set (it is unset or empty)")
+    return issues
+
+
+def _semantic_issues(config: VisguardConfig, text: str) -> list[tuple[str, int | None, str]]:
+    """Checks on the validated models: stage bands, names, ``use``, plugin names."""
     issues: list[tuple[str, int | None, str]] = []
 
     def add(loc: tuple[Any, ...], msg: str) -> None:
@@ -380,10 +411,6 @@ def _semantic_issues(config: VisguardConfig, text: str, data: Mapping[str, Any],
 
     for cname, cascade in config.cascades.items():
         for i, stage in enumerate(cascade.stages):
-            for guard in stage.guards:
-                if guard not in config.guards:
-                    add(("cascades", cname, "stages", i, "guards"),
-                        f"names guard {guard!r}, which is not defined; expected one of {sorted(config.guards)}")
             low, high = stage.band
             if not 0.0 <= low <= high <= 1.0:
                 add(("cascades", cname, "stages", i, "band"), f"expected 0 <= low <= high <= 1, got {list(stage.band)}")
@@ -403,14 +430,6 @@ def _semantic_issues(config: VisguardConfig, text: str, data: Mapping[str, Any],
                 key = "backend" if kind == "backends" else "format"
                 add(("guards", gname, key), f"expected a registered {key} plugin {sorted(plugins.registry(kind))}, "
                                             f"got {value!r}")
-    for path, key, value in _walk(data):
-        if _SECRET_KEY.search(key) and not key.endswith("_env") and value not in (None, ""):
-            add(path, "secrets never go in the file: name an environment variable instead "
-                      f"({key}_env = \"NAME\")")
-    if check_env:
-        for path, key, value in _walk(data):
-            if key.endswith("_env") and isinstance(value, str) and not os.environ.get(value):
-                add(path, f"expected the environment variable {value} to be set (it is unset or empty)")
     return issues
 
 
