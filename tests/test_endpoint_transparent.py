@@ -435,3 +435,42 @@ def test_decoded_pixels_per_request_are_bounded(upstream):
         assert upstream[1].received == []
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------- LangChain through the proxy
+
+
+def chat_openai(server: ServerThread, **kw):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(base_url=server.url + "/v1", api_key="unused", model=UPSTREAM_MODEL, max_retries=0, **kw)
+
+
+def get_weather(city: str) -> str:
+    """Weather of a city."""
+    return "sunny"
+
+
+def test_langchain_chat_openai_bind_tools_through_the_proxy(proxy, upstream):
+    upstream[1].script(completion(tool_choice("{\"city\": \"Paris\"}")))
+    message = chat_openai(proxy[0]).bind_tools([get_weather]).invoke("weather in Paris?")
+    assert message.tool_calls[0]["name"] == "get_weather" and message.tool_calls[0]["args"] == {"city": "Paris"}
+    sent = upstream[1].bodies()[0]
+    assert sent["tools"][0]["function"]["name"] == "get_weather"
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+    upstream[1].script(completion(tool_choice("{\"city\": \"bomb\"}")))
+    blocked = chat_openai(proxy[0]).bind_tools([get_weather]).invoke("weather?")
+    assert blocked.tool_calls == [] and blocked.response_metadata["finish_reason"] == "content_filter"
+
+
+def test_langchain_chat_openai_responses_api_through_the_proxy(proxy, upstream):
+    from test_responses_api import function_call, message, response
+
+    upstream[1].script(response(message("Checking."), function_call("{\"city\": \"Paris\"}")))
+    model = chat_openai(proxy[0], use_responses_api=True).bind_tools([get_weather])
+    answer = model.invoke("weather in Paris?")
+    assert answer.tool_calls[0]["args"] == {"city": "Paris"}
+    assert upstream[1].bodies("/responses")[0]["tools"][0]["name"] == "get_weather"
+    upstream[1].script(response(function_call("{\"city\": \"bomb\"}")))
+    blocked = model.invoke("weather?")
+    assert blocked.tool_calls == [] and "bomb" not in str(blocked.content)
