@@ -381,8 +381,9 @@ def _raw_issues(text: str, data: Mapping[str, Any], *, check_env: bool) -> list[
     def add(loc: tuple[Any, ...], msg: str) -> None:
         issues.append((_dotted(loc), _line_of(text, loc), msg))
 
-    guards = data.get("guards") if isinstance(data.get("guards"), Mapping) else {}
-    cascades = data.get("cascades") if isinstance(data.get("cascades"), Mapping) else {}
+    raw_guards, raw_cascades = data.get("guards"), data.get("cascades")
+    guards: Mapping[str, Any] = raw_guards if isinstance(raw_guards, Mapping) else {}
+    cascades: Mapping[str, Any] = raw_cascades if isinstance(raw_cascades, Mapping) else {}
     for cname, cascade in cascades.items():
         stages = cascade.get("stages") if isinstance(cascade, Mapping) else None
         for i, stage in enumerate(stages if isinstance(stages, list) else []):
