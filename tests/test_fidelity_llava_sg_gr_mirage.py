@@ -278,3 +278,27 @@ def test_a_response_trained_model_loads_with_the_mirage_format(tmp_path, tiny_ca
 )
 def test_mirage_new_keywords_do_not_flag_benign_answers(answer):
     assert parse_mirage_answer(answer, MIS).label == "safe"
+
+
+def test_onevision_fixture_template_renders_as_llavaguards_hf_template():
+    """The llava_onevision fixture behaves as the template LlavaGuard's -hf conversion writes
+    (ml-research/LlavaGuard@840699c llavaguard/convert_to_hf/convert_llava_onevision_weights_to_hf.py):
+    no default system turn, every image before the text whatever the parts' order."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    from visguard_testing.guard_checkpoints import _ONEVISION_TEMPLATE
+
+    prompt = LlavaGuardFormat().build(_request(1), MIS, mode="reason")
+    out = _compile_jinja_template(_ONEVISION_TEMPLATE).render(messages=prompt.messages, add_generation_prompt=True)
+    assert out == f"<|im_start|>user\n<image>\n{policy_text(MIS)}<|im_end|>\n<|im_start|>assistant\n"
+    text_first = [{"role": "user", "content": [{"type": "text", "text": "T"}, {"type": "image"}]}]
+    assert _compile_jinja_template(_ONEVISION_TEMPLATE).render(messages=text_first) == "<|im_start|>user\n<image>\nT<|im_end|>\n"
+
+
+def test_qwenguard_prompt_through_the_qwen2_5_vl_fixture_keeps_the_policy_before_the_image():
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+    from visguard_testing.guard_checkpoints import _QWEN2_5_VL_TEMPLATE
+
+    prompt = QwenGuardFormat().build(_request(1), MIS, mode="reason")
+    out = _compile_jinja_template(_QWEN2_5_VL_TEMPLATE).render(messages=prompt.messages, add_generation_prompt=True)
+    assert out.index("Provide a safety assessment") < out.index("<|vision_start|><|image_pad|><|vision_end|>")
+    assert out.endswith("<|vision_end|><|im_end|>\n<|im_start|>assistant\n")

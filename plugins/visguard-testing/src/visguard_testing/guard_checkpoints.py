@@ -13,7 +13,8 @@ classes, a byte-level BPE tokenizer trained locally, nothing downloaded), for th
     after its own (one ``<|image|>`` before the task, text parts only, Llama 3 headers).
 ``llava_onevision``
     ``LlavaOnevisionForConditionalGeneration`` (Qwen2 text, SigLIP vision) + ``LlavaOnevisionProcessor``,
-    as LlavaGuard v1.2 (``-hf`` weights): ChatML template with ``<image>`` placeholders.
+    as LlavaGuard v1.2 (``-hf`` weights): template that behaves as LlavaGuard's ``-hf`` one (ChatML, every
+    ``<image>`` before the text, no default system turn).
 ``gemma3``
     ``Gemma3ForConditionalGeneration`` + ``Gemma3Processor``, as ShieldGemma 2: template that behaves
     as transformers' ShieldGemma 2 template (a user turn per content part, each policy sentence
@@ -41,7 +42,7 @@ from visguard_testing import checkpoints as _base
 __all__ = ["GUARD_ARCHITECTURES", "build_guard_checkpoint", "cached_guard_checkpoint"]
 
 GUARD_ARCHITECTURES: tuple[str, ...] = ("llama4", "mllama", "llava_onevision", "gemma3", "qwen2_5_vl", "qwen3")
-FORMAT_VERSION = "3"  # bumped when a template changes: cached checkpoints are rebuilt
+FORMAT_VERSION = "4"  # bumped when a template changes: cached checkpoints are rebuilt
 _VOCAB = 2000
 
 _GUARD_LINES = (
@@ -140,9 +141,24 @@ _QWEN2_5_VL_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
 
-# LLaVA-OneVision (Qwen2 ChatML): "<image>" per image part, before the text (LlavaGuard -hf).
-_ONEVISION_TEMPLATE = _QWEN2_5_VL_TEMPLATE.replace(
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}", "{{- '<image>\\n' -}}")
+# LLaVA-OneVision (LlavaGuard -hf): the behaviour of the template LlavaGuard's conversion script gives
+# its -hf checkpoints (ml-research/LlavaGuard@840699c7df535a7cc564068b21289a4fb78d5836,
+# llavaguard/convert_to_hf/convert_llava_onevision_weights_to_hf.py, chat_template; the same as
+# transformers' LLaVA-OneVision conversion): "<|im_start|>{role}\n", then every image part as
+# "<image>\n" before any text (whatever the parts' order), then the text parts, "<|im_end|>\n";
+# no default system turn; "<|im_start|>assistant\n" as the generation prompt.
+_ONEVISION_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' ~ message['role'] ~ '\\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] if part['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{%- for part in message['content'] if part['type'] == 'text' -%}{{- part['text'] -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
 
 # Qwen3Guard-Gen: reproduces the behaviour of Qwen/Qwen3Guard-Gen-*'s chat template as its authors use
 # it (QwenLM/Qwen3Guard@6a52eca94b3d2aedb8aebd36baa353828d4166f1, README.md: apply_chat_template with
