@@ -212,6 +212,17 @@ def test_a_cascade_from_a_config_file_is_checked_by_visguard_check(tmp_path):
     assert f"--threshold 0.95 overrides policy.threshold of {path}" in loose.stderr
 
 
+def test_command_line_mode_overrides_a_guards_own_mode_in_the_file(tmp_path):
+    text = FAULTY_CASCADE.split("[guards.second]")[0].replace('use = "two"', "") + 'mode = "reason"\n'
+    path = _write(tmp_path, text)
+    runner = CliRunner()
+    own = runner.invoke(cli, ["check", "--config", str(path), "--text", "[[unsafe]] x", "--json"])
+    assert own.exit_code == 1 and json.loads(own.stdout)["mode"] == "reason", own.output
+    fast = runner.invoke(cli, ["check", "--config", str(path), "--mode", "fast", "--text", "[[unsafe]] x", "--json"])
+    assert fast.exit_code == 1 and json.loads(fast.stdout)["mode"] == "fast", fast.output
+    assert f"--mode fast overrides guards.*.mode of {path}" in fast.stderr
+
+
 def test_a_cascade_from_a_config_file_is_evaluated_by_visguard_eval(tmp_path):
     data = tmp_path / "data.jsonl"
     rows = [{"id": "plain", "text": "hello there", "label": "safe"},

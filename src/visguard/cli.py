@@ -152,8 +152,8 @@ def checker_from(config: VisguardConfig | None, ctx: click.Context, file: str | 
                  stages: tuple[str, ...], *, policy: Policy, backend: str, format_name: str | None,
                  backend_args: tuple[str, ...] = (), ignore_unread: bool = False, **shorthands: Any) -> Checker:
     """The checker of a command: ``--model`` / ``--stage`` (:func:`load_checker`), else the file's
-    guard or cascade (:meth:`VisguardConfig.build`) with ``policy``; ``--device`` and
-    ``--backend-arg``, when given, apply to every guard of the file."""
+    guard or cascade (:meth:`VisguardConfig.build`) with ``policy``; ``--device``,
+    ``--backend-arg`` and ``--mode``, when given, apply to every guard of the file (each said on stderr)."""
     if config is None or model or stages:
         if config is not None:
             click.echo(f"visguard: {'--model' if model else '--stage'} overrides the guards of {file}", err=True)
@@ -169,6 +169,9 @@ def checker_from(config: VisguardConfig | None, ctx: click.Context, file: str | 
         guards = {n: g.model_copy(update={"options": {**g.options, **extra}}) for n, g in guards.items()}
     if ignore_unread:
         guards = {n: g.model_copy(update={"ignore_unread": True}) for n, g in guards.items()}
+    if "mode" in ctx.params and given(ctx, "mode") and any(g.mode for g in guards.values()):
+        say_override("mode", ctx.params["mode"], "guards.*.mode", file)  # --mode wins over a guard's own
+        guards = {n: g.model_copy(update={"mode": None}) for n, g in guards.items()}
     return config.model_copy(update={"guards": guards}).build(policy=policy)
 
 
