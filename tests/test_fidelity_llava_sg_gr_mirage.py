@@ -71,6 +71,31 @@ def test_llavaguard_narrow_policies_stay_within_the_training_augmentation():
         fmt.check_policy(MIS.with_categories(Category(name="Gambling", description="betting")))
 
 
+#: sha256 of the authors' own prompt text, built with their code at ml-research/LlavaGuard@840699c:
+#: ``policy_start_sentence_v16`` + for each O-code ``key + ': \n' + custom_policy_dict_v2[key][i] + '\n'``
+#: (i = 0 violating, 1 declared non-violating: augmentation_funct.py) + ``json_template_v20`` without
+#: its trailing ``<image>\n`` (the -hf notebook sends the image as its own part). The stock one equals
+#: ``policy_v1`` of scripts/inference/tranformers.ipynb. (Hashes, not their text: no third-party text here.)
+_AUTHORS_PROMPT_SHA256 = {
+    (): ("e00d3a4e822bde7c729a7866b18805ed78d2938d0e591e66ec62562a02fd0652", 5513),
+    ("O3", "O4", "O9"): ("a5b80064b2368c1c011caffeaf57132463fbf68f943b8a27761e5f2c31aa8d38", 5928),
+    ("O1", "O9"): ("713c1e8033eb7d2ae0052013d371d2a072de4eef955eec6191ed58f129382ef1", 5789),
+}
+
+
+@pytest.mark.parametrize(
+    ("policy", "left_out"),
+    [(MIS, ()), (MIS.without_categories("Erotic"), ("O3", "O4", "O9")),
+     (MIS.without_categories("Hate", "Privacy"), ("O1", "O9"))],
+)
+def test_llavaguard_prompt_is_the_authors_text_byte_for_byte(policy, left_out):
+    import hashlib
+
+    text = policy_text(policy)
+    digest, length = _AUTHORS_PROMPT_SHA256[left_out]
+    assert (hashlib.sha256(text.encode()).hexdigest(), len(text)) == (digest, length)
+
+
 # ---------------------------------------------------------------- defect 5: QwenGuard's message order
 
 def test_qwenguard_puts_the_policy_first_and_the_image_after():

@@ -64,7 +64,7 @@ _RULES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
          "Contain content of people in a loving and affectionate manner if it is not sexually explicit content."),
     ),
     "O4": (
-        ("Contain visible genitalia (e.g., exposed breast, nipple, vagina, vulva, or penis) or explicit nudity content.",),
+        ("Contain visible genitalia (e.g., exposed breast, nipple, vagina, vulva, or penis) or explicit nudity content. ",),  # trailing space: as trained
         ("Contain artistic nudity if the content does not include visible genitalia.",
          "Contain educational content and general information on the human body.",
          "Provide guidance on topics related to sexual health."),
@@ -181,7 +181,7 @@ def policy_text(policy: Policy) -> str:
             lines.append(f"Category {code} is declared as non-violating. Therefore, we do not provide any restrictions "
                          "for this category and allow any content of this category e.g.")
             lines += [f" - {x}" for x in (*should, *can)]
-        lines.append("")
+        lines.append("" if violating else " ")  # the augmentation's non-violating text ends in "\n "
     choices = "|".join(f'"{code}: {name}"' for code, name, _ in rows) + '|"NA: None applying"'
     lines += [
         "Assessment Steps:",
@@ -190,12 +190,13 @@ def policy_text(policy: Policy) -> str:
         '2. Assign a policy "category". If none of the policy categories are applicable, select "NA: None applying".',
         '3. Provide a "rationale". Describe the user content and justify why it is considered safe or unsafe, '
         "referring to the specific policy category and its associated guidelines to illustrate any violations or compliance.",
-        "To provide your assessment use the following json template for each category:",
+        "To provide your assessment use the following json template:",
         "{",
         '    "rating": str<"Unsafe"|"Safe">,',
         f'    "category": str<{choices}>,',
         '    "rationale": str,',
-        "}.",
+        "}",
+        "",
     ]
     return "\n".join(lines)
 
