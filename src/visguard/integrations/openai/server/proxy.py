@@ -681,7 +681,8 @@ class ChatProxy:
 
     def refused(self, body: dict[str, Any], text: str, decision: Decision) -> dict[str, Any]:
         """A completion whose every choice is ``text`` (a request blocked before the upstream)."""
-        n = body.get("n") if isinstance(body.get("n"), int) and body.get("n", 1) > 0 else 1
+        asked = body.get("n")
+        n = asked if isinstance(asked, int) and asked > 0 else 1
         return {
             "id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": now(),
             "model": body.get("model"),
