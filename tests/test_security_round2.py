@@ -226,3 +226,112 @@ def test_2_the_proxy_refuses_a_safe_answer_that_fails_its_check():
     content = reply["choices"][0]["message"]["content"]
     assert "<script>" not in content and "step 1" not in content.lower()
     assert "knife" not in str(reply.get("visguard"))  # neither the host's nor the guard's answer leaks
+
+
+# ------------------------------------------------------------------ 5. credentials in headers and key shapes
+
+# Key shapes from the issuers' documentation: Hugging Face user access tokens ("hf_" + 34 letters and
+# digits, https://huggingface.co/docs/hub/security-tokens), GitHub tokens ("ghp_" + 36,
+# https://github.blog/2021-04-05-behind-githubs-new-authentication-token-formats/), AWS access key ids
+# ("AKIA" + 16, the example id of https://docs.aws.amazon.com/IAM/latest/UserGuide/id_credentials_access-keys.html).
+# The values below are made up in those shapes.
+LEAKS = [
+    ("upstream said: x-api-key: k3yVALUE99 is not valid", "k3yVALUE99"),
+    ("request headers {'x-api-key': 'k3y-123-abc'}", "k3y-123-abc"),
+    ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "dXNlcjpwYXNzd29yZA=="),
+    ('"authorization": "Token abcdef12345"', "abcdef12345"),
+    ("token hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567 rejected", "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567"),
+    ("ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789 has no scope", "ghp_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"),
+    ("aws AKIAZZZZ55555EXAMPLE denied", "AKIAZZZZ55555EXAMPLE"),
+    ("config:\n  api_key: abcd1234efgh\n  model: m", "abcd1234efgh"),
+    ("OpenAI(api_key='zzzz9999', base_url='http://h')", "zzzz9999"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\n-----END RSA PRIVATE KEY-----", "MIIEowIBAAKCAQEA7"),
+    ("key file: -----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAA", "b3BlbnNzaC1rZXktdjEAAAA"),
+]
+
+
+@pytest.mark.parametrize(("text", "secret"), LEAKS)
+def test_5_credentials_in_headers_and_key_shapes_are_redacted(text, secret):
+    from visguard.core.redact import MASK, redact
+
+    out = redact(text)
+    assert secret not in out and MASK in out
+
+
+def _echo_headers_server() -> Any:
+    """A loopback server that answers 401 quoting every request header back (as some proxies do)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            body = ("denied; you sent " + "; ".join(f"{k}: {v}" for k, v in self.headers.items())).encode()
+            self.send_response(401)
+            self.send_header("content-type", "text/plain")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST  # noqa: N815
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_5_keys_given_as_backend_headers_reach_no_verdict_error_or_audit_line(tmp_path):
+    from visguard import AuditLog
+
+    server = _echo_headers_server()
+    custom = "zq-custom-credential-77"
+    try:
+        guard = Guard.from_pretrained("m", backend="openai", base_url=f"http://127.0.0.1:{server.server_port}/v1",
+                                      api_key_env=None, max_retries=0,
+                                      headers={"x-api-key": "k3yVALUE99", "Authorization": "Basic dXNlcjpwYXNz",
+                                               "X-Tenant-Auth": custom})
+        verdict = guard.check_input(None, "hello")
+        assert verdict.label == "unavailable" and "denied" in (verdict.error or "")
+        with AuditLog(tmp_path / "a.jsonl") as log:
+            log.record_verdict(verdict, request_id="r", images=[], action="block")
+        for text in (verdict.error or "", (tmp_path / "a.jsonl").read_text()):
+            for secret in ("k3yVALUE99", "dXNlcjpwYXNz", custom):
+                assert secret not in text, text
+    finally:
+        server.shutdown()
+
+
+# ------------------------------------------------------------------ 6. redaction never rewrites recorded data
+
+
+def test_6_no_false_positives_and_the_401_message_stays_readable():
+    from visguard.core.redact import redact
+    from visguard.integrations.openai.server.common import ApiError
+
+    for text in ("press key=Enter to go on", "Bearer bonds pay interest", "model sk-learn-regressor-v2",
+                 "the ring bearer Frodo", "invalid or missing bearer token", "api_key: see docs"):
+        assert redact(text) == text
+    assert ApiError(401, "invalid or missing bearer token").detail.message == "invalid or missing bearer token"
+
+
+def test_6_eval_item_ids_and_questions_are_recorded_exactly_and_resume_exactly_once(tmp_path):
+    import json
+
+    from visguard.eval.benchmarks import EvalItem
+    from visguard.eval.runner import evaluate_guard
+
+    questions = ["who is the ring bearer Frodo?", "press key=Enter", "api_key: abcd1234efgh is my key",
+                 "bearer bonds", "sk-learn-regressor-v2 is a model", "hello"]
+    items = [EvalItem(id=f"img{n}.png?token={n}", images=(), text=q, label="safe") for n, q in enumerate(questions)]
+    out = tmp_path / "run"
+    guard = _guard()
+    for run in range(3):
+        summary = evaluate_guard(guard, items, out_dir=out, progress=False, plots=False)
+        assert summary["n"] == 6
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert len(rows) == 6, f"run {run}: {len(rows)} rows"
+        assert [r["id"] for r in rows] == [i.id for i in items]
+        assert [r["text"] for r in rows] == questions
+    assert summary["resumed"] == 6

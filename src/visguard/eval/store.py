@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from visguard.core.errors import InputError
-from visguard.core.redact import redact_fields
+from visguard.core.redact import redact_errors, redact_fields
 
 try:  # POSIX advisory locks; elsewhere the lock is skipped
     import fcntl
@@ -182,7 +182,9 @@ class ResultStore:
             raise ValueError("a result row needs a string 'id'")
         if rid in self.done:
             return
-        row = redact_fields(dict(row))  # error texts may quote URLs with credentials
+        # error texts may quote URLs with credentials; the item's data (id, question, answer) is kept
+        # exactly as given, so a rerun finds the same ids and resumes instead of running them again
+        row = redact_errors(dict(row))
         data = (json.dumps(row, ensure_ascii=False, default=str) + "\n").encode("utf-8")
         view = memoryview(data)
         while view:

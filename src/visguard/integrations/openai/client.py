@@ -107,7 +107,10 @@ class ApiClient:
     # ------------------------------------------------------------------ errors
     def error(self, message: str) -> BackendError:
         """A :class:`BackendError` naming this server, with credentials removed."""
-        return BackendError(redact(f"{self.what} {self.root} {message}", [self._key]))
+        # the key and every caller-given header value (--backend-arg headers=...: x-api-key, Basic ...)
+        secrets = [self._key, *(v for k, v in self.headers.items() if k.lower() not in ("accept", "user-agent", "content-type"))]
+        secrets += [v.split(None, 1)[1] for v in secrets if v and len(v.split(None, 1)) == 2]  # "Basic <token>"
+        return BackendError(redact(f"{self.what} {self.root} {message}", secrets))
 
     def _status_error(self, response: httpx.Response) -> BackendError:
         detail = response.text[:_ERROR_BODY_CHARS]
