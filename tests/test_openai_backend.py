@@ -153,15 +153,19 @@ def test_rate_limited_requests_are_retried_until_served(reference, upstream, two
     """`visguard serve` with one slot in front of the upstream: its real 429 makes the backend back off."""
     gate_app = create_app(reference, upstream, settings=ServeSettings(max_concurrency=1), host_options={"model": MODEL})
     release = threading.Event()
+    gate_guard = gate_app.state.guard
+    report_batch = gate_guard.report_batch
 
-    def slow_body():  # holds the only slot
-        yield b'{"text": "hold",'
-        release.wait(30)
-        yield b' "images": []}'
+    def held_first(requests, **kw):  # the first check holds the only slot (a slow body holds none)
+        if requests[0].text == "hold":
+            release.wait(30)
+        return report_batch(requests, **kw)
+
+    gate_guard.report_batch = held_first
 
     with ServerThread(gate_app) as server:
-        holder = threading.Thread(target=lambda: httpx.post(server.url + "/v1/guard/check", content=slow_body(),
-                                                            headers={"content-type": "application/json"}, timeout=60))
+        holder = threading.Thread(target=lambda: httpx.post(server.url + "/v1/guard/check", timeout=60,
+                                                            json={"text": "hold", "images": []}))
         holder.start()
         deadline = time.monotonic() + 10
         while "visguard_http_inflight_requests 1.0" not in httpx.get(server.url + "/metrics").text:

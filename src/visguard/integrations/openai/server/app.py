@@ -76,6 +76,7 @@ from visguard.integrations.openai.server.proxy import (
     load_request_images,
     parse_json_body,
     public_decision,
+    public_name,
     public_verdict,
     request_object,
 )
@@ -454,18 +455,6 @@ def _budget_only(urls: list[str], limit: int) -> None:
     total = sum(w * h for w, h in (image_size(u) or (0, 0) for u in urls))
     if total > limit:
         raise InputError(f"the request's images hold {total} pixels, more than the limit of {limit}")
-
-
-def public_name(name: str | None) -> str:
-    """A model name fit for an unauthenticated answer: no credentials, no path on this server."""
-    text = redact(str(name or ""))
-    if "://" in text:
-        return text.split("://", 1)[0] + "://…"  # a URL: its scheme only (hosts and keys stay private)
-    if "/" in text or "\\" in text:
-        path = text.replace("\\", "/").rstrip("/")
-        looks_local = text.startswith(("/", ".", "~")) or ":\\" in text or path.count("/") > 1
-        return path.rsplit("/", 1)[-1] if looks_local else text  # hub ids (org/name) stay
-    return text
 
 
 def decision_headers(decision: Mapping[str, Any]) -> dict[str, str]:

@@ -64,7 +64,7 @@ MAX_JSON_DEPTH = 64
 PUBLIC_VERDICT_FIELDS = ("label", "score", "category", "sub_category", "stage")
 #: decision fields a client sees
 PUBLIC_DECISION_FIELDS = ("blocked", "flagged", "reason", "stage", "degraded", "request_id", "output_checks",
-                          "host_called")
+                          "host_called", "answered_by_guard")
 
 _SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"')\]\u201d\u2019]*(?:\s|$)|\n")
 _ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant",
@@ -273,7 +273,22 @@ def public_verdict(verdict: Verdict | Mapping[str, Any] | None) -> dict[str, Any
     if verdict is None:
         return None
     data = verdict.model_dump(mode="json") if isinstance(verdict, Verdict) else dict(verdict)
-    return {k: data.get(k) for k in PUBLIC_VERDICT_FIELDS}
+    out = {k: data.get(k) for k in PUBLIC_VERDICT_FIELDS}
+    if data.get("stages"):  # a cascade: each stage's guard and its public verdict
+        out["stages"] = [{**(public_verdict(s) or {}), "model": public_name(s.get("model"))} for s in data["stages"]]
+    return out
+
+
+def public_name(name: str | None) -> str:
+    """A model name fit for an unauthenticated answer: no credentials, no path on this server."""
+    text = redact(str(name or ""))
+    if "://" in text:
+        return text.split("://", 1)[0] + "://…"  # a URL: its scheme only (hosts and keys stay private)
+    if "/" in text or "\\" in text:
+        path = text.replace("\\", "/").rstrip("/")
+        looks_local = text.startswith(("/", ".", "~")) or ":\\" in text or path.count("/") > 1
+        return path.rsplit("/", 1)[-1] if looks_local else text  # hub ids (org/name) stay
+    return text
 
 
 def public_decision(decision: Mapping[str, Any]) -> dict[str, Any]:
@@ -317,6 +332,7 @@ class Decision:
     input_verdict: Verdict | None = None
     output_checks: int = 0
     host_called: bool = False
+    answered_by_guard: bool = False
     choices: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -324,7 +340,7 @@ class Decision:
         out: dict[str, Any] = {
             "blocked": self.blocked, "flagged": self.flagged, "reason": self.reason, "stage": self.stage,
             "degraded": self.degraded, "request_id": self.request_id, "output_checks": self.output_checks,
-            "host_called": self.host_called, "input_verdict": public_verdict(self.input_verdict),
+            "host_called": self.host_called, "answered_by_guard": self.answered_by_guard, "input_verdict": public_verdict(self.input_verdict),
         }
         if self.choices:  # the first blocked choice's verdict, else the first choice's
             ordered = [{"index": i, **c} for i, c in sorted(self.choices.items())]
@@ -414,6 +430,7 @@ class Judge:
                                           action="pass" if check.label == "safe" else "block",
                                           host_model=self.host_model)
             if check.label == "safe":
+                decision.answered_by_guard = True
                 return verdict.safe_answer
         return refusal_text(verdict, self.refusal)
 
