@@ -24,7 +24,7 @@ import openai
 import pytest
 from PIL import Image
 from recording_upstream import UPSTREAM_MODEL, sse_lines, start_recording_upstream
-from visguard_testing.backends import KeywordBackend, keyword_guard
+from visguard_testing.backends import KeywordBackend
 
 from visguard.integrations.openai.server.app import ServeSettings, create_app, decision_headers
 from visguard.integrations.openai.server.upstream import ServerThread

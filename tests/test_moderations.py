@@ -21,7 +21,11 @@ from visguard_testing.backends import keyword_guard
 from visguard import Policy
 from visguard.core.types import Verdict
 from visguard.integrations.openai.server.app import ServeSettings, create_app
-from visguard.integrations.openai.server.moderations import OPENAI_CATEGORY_NAMES, moderation_result, openai_category
+from visguard.integrations.openai.server.moderations import (
+    OPENAI_CATEGORY_NAMES,
+    moderation_result,
+    openai_category,
+)
 from visguard.integrations.openai.server.upstream import ServerThread
 
 

@@ -20,7 +20,6 @@ import openai
 import pytest
 from recording_upstream import UPSTREAM_MODEL, responses_sse, start_recording_upstream
 from test_endpoint_transparent import PNG, SECRET, TOOLS_RESPONSES, Sent, start_proxy
-
 from visguard_testing.backends import KeywordBackend
 
 

@@ -53,7 +53,7 @@ _PUBLIC = ("label", "score", "category", "sub_category", "stage")
 
 
 def _can_end(hook: Callable[..., Any]) -> Callable[..., Any]:
-    hook.__can_jump_to__ = ["end"]  # type: ignore[attr-defined] - what hook_config(can_jump_to=["end"]) sets
+    hook.__can_jump_to__ = ["end"]  # type: ignore[attr-defined]  # what hook_config(can_jump_to=["end"]) sets
     return hook
 
 
@@ -131,7 +131,7 @@ def _public(verdict: Verdict) -> dict[str, Any]:
     return {k: data.get(k) for k in _PUBLIC}
 
 
-class GuardMiddleware(_Base):  # type: ignore[misc, valid-type]
+class GuardMiddleware(_Base):
     """Guard each model call of a LangChain v1 agent (see the module doc).
 
     Args:

@@ -45,12 +45,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from visguard.core.errors import GuardrailViolation, GuardUnavailableError, InputError
 from visguard.core.policy import Mode
+from visguard.core.redact import redact
 from visguard.core.types import Verdict
 from visguard.engine.checker import Checker
 from visguard.hosting.audit import AuditLog
 from visguard.hosting.guarded import GuardedModel, GuardedResult
 from visguard.hosting.hosts import Host, TokenUsage, resolve_host
-from visguard.core.redact import redact
+from visguard.integrations.openai.client import ApiClient
 from visguard.integrations.openai.server.common import (
     SSE_HEADERS,
     ApiError,
@@ -64,32 +65,30 @@ from visguard.integrations.openai.server.common import (
     sse_response,
     streamed_usage,
 )
-from visguard.integrations.openai.client import ApiClient
 from visguard.integrations.openai.server.metrics import ServeMetrics
 from visguard.integrations.openai.server.moderations import moderate
-from visguard.integrations.openai.server.responses import ResponsesProxy
 from visguard.integrations.openai.server.proxy import (
     ChatProxy,
     Judge,
     Upstream,
     guard_error,
-    load_request_images,
     parse_json_body,
     public_decision,
     public_name,
     public_verdict,
     request_object,
 )
+from visguard.integrations.openai.server.responses import ResponsesProxy
 from visguard.integrations.openai.wire import (
     SSE_DONE,
     AssistantMessage,
-    TextPart,
     ChatCompletion,
     ChatCompletionRequest,
     Choice,
     Delta,
     ModelCard,
     ModelList,
+    TextPart,
     Usage,
     generation_options,
 )
