@@ -474,3 +474,17 @@ def test_langchain_chat_openai_responses_api_through_the_proxy(proxy, upstream):
     upstream[1].script(response(function_call("{\"city\": \"bomb\"}")))
     blocked = model.invoke("weather?")
     assert blocked.tool_calls == [] and "bomb" not in str(blocked.content)
+
+
+def test_served_model_name_is_mapped_to_the_upstreams(upstream):
+    server, _ = start_proxy(upstream[0].url, model_name="public-name")
+    try:
+        upstream[1].script(completion(text_choice("ok")))
+        sent = Sent()
+        client(server, sent).chat.completions.create(model="public-name", messages=[{"role": "user", "content": "hi"}],
+                                                     extra_body={"vendor_field": [1, 2]})
+        received = upstream[1].bodies()[0]
+        assert received["model"] == UPSTREAM_MODEL
+        assert {**received, "model": "public-name"} == sent.bodies[0]
+    finally:
+        server.stop()

@@ -448,8 +448,12 @@ class Upstream:
         self.client = client
         self.served_model = served_model
 
-    def _body(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        return {**body, "model": self.served_model()}
+    async def _body(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        try:  # the first call may ask the upstream's /models (blocking I/O: off the event loop)
+            model = await asyncio.to_thread(self.served_model)
+        except Exception as exc:  # noqa: BLE001 - reported without the upstream's text
+            raise self._failed(exc) from exc
+        return {**body, "model": model}
 
     def _status(self, status: int) -> ApiError:
         log.warning("upstream %s answered HTTP %d", redact(self.client.root), status)
@@ -465,10 +469,11 @@ class Upstream:
 
     async def post(self, path: str, body: Mapping[str, Any]) -> Any:
         """POST ``body`` and return the answer's JSON (any JSON: the caller checks its shape)."""
+        payload = await self._body(body)
         try:
             async with httpx.AsyncClient(headers=self.client.headers,
                                          timeout=httpx.Timeout(self.client.timeout_s)) as http:
-                response = await http.post(self.client.url(path), json=self._body(body))
+                response = await http.post(self.client.url(path), json=payload)
         except httpx.HTTPError as exc:
             raise self._failed(exc) from exc
         if response.status_code >= 400:
@@ -481,11 +486,11 @@ class Upstream:
 
     async def open_stream(self, path: str, body: Mapping[str, Any]) -> tuple[AsyncIterator[str], Callable[[], Any]]:
         """Open a stream: ``(lines, aclose)``; a refused or failed start is an :class:`ApiError`."""
+        payload = await self._body(body)
         http = httpx.AsyncClient(headers={**self.client.headers, "Accept": "text/event-stream"},
                                  timeout=httpx.Timeout(self.client.timeout_s))
         try:
-            response = await http.send(http.build_request("POST", self.client.url(path), json=self._body(body)),
-                                       stream=True)
+            response = await http.send(http.build_request("POST", self.client.url(path), json=payload), stream=True)
         except httpx.HTTPError as exc:
             await http.aclose()
             raise self._failed(exc) from exc
