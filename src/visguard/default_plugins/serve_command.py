@@ -86,7 +86,8 @@ def serve(ctx: click.Context, model: str | None, stages: tuple[str, ...], config
           log_level: str) -> None:
     """Serve a guard over HTTP, optionally as a guarded OpenAI-compatible proxy.
 
-    Endpoints: POST /v1/guard/check, POST /v1/chat/completions (with --upstream or --host-model),
+    Endpoints: POST /v1/guard/check, POST /v1/moderations, POST /v1/chat/completions (with --upstream
+    or --host-model; with --upstream a transparent passthrough), POST /v1/responses (with --upstream),
     GET /v1/models, /healthz, /readyz, /metrics. See docs/serving.md.
 
     \b
