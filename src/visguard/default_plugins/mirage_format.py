@@ -408,7 +408,11 @@ def parse_mirage_answer(text: str, policy: Policy) -> ParsedOutput:
     reasoning = " ".join(s for s in reasoning_parts if not (_REFUSAL.search(s) and not _RISK.search(_risk_clause(s)))) or None
     safe_answer = answer if complete else None
     if risky:
-        category, sub = _category(" ".join(risky), policy)
+        # A risk sentence often points back ("This type of content can be harmful") at the sentence
+        # before it, which names what the risk is about (a religion, an outlet): read both.
+        about = [i for i, sent in enumerate(sentences) if sent in risky]
+        context = sorted({j for i in about for j in (i - 1, i) if j >= 0})
+        category, sub = _category(" ".join(sentences[j] for j in context), policy)
         return ParsedOutput(label="unsafe", category=category, sub_category=sub, reasoning=reasoning, safe_answer=safe_answer)
     if benign or complete:
         return ParsedOutput(label="safe", reasoning=reasoning, safe_answer=safe_answer)
