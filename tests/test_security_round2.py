@@ -335,3 +335,58 @@ def test_6_eval_item_ids_and_questions_are_recorded_exactly_and_resume_exactly_o
         assert [r["id"] for r in rows] == [i.id for i in items]
         assert [r["text"] for r in rows] == questions
     assert summary["resumed"] == 6
+
+
+# ------------------------------------------------------------------ 8, 9. the transformers backend's prefix cache
+
+
+@pytest.fixture(scope="module")
+def tiny_backends(qwen_path) -> Any:
+    import torch
+
+    from visguard.default_plugins.transformers_backend import TransformersBackend
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield (TransformersBackend(qwen_path, device="cpu", kv_cache_mb=0), TransformersBackend(qwen_path, device="cpu"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _strip() -> Image.Image:
+    img = Image.new("RGB", (120, 30), (200, 30, 30))  # aspect ratio 4: padded by the boundary
+    img.paste(Image.new("RGB", (30, 30), (0, 0, 250)), (0, 0))
+    return img
+
+
+def test_9_one_image_under_two_aspect_limits_is_two_cache_entries(tiny_backends):
+    from visguard.core.images import ImageLimits
+
+    plain, cached = tiny_backends
+
+    def guard(backend: Any, ratio: float) -> Guard:
+        return Guard(backend, VisguardFormat(), Policy(limits=ImageLimits(max_aspect_ratio=ratio)))
+
+    expected = guard(plain, 3).check_input(_strip(), "what is this?").score
+    guard(cached, 2).check_input(_strip(), "what is this?")  # padded to 120x60 and cached
+    got = guard(cached, 3).check_input(_strip(), "what is this?").score  # padded to 120x40
+    assert got == pytest.approx(expected, abs=1e-6)  # before: the first policy's pixels (0.49660 for 0.49614)
+
+
+def test_8_requests_of_different_cache_salts_share_no_cached_prefix(tiny_backends):
+    from visguard.engine.guard import cache_salt
+
+    _, cached = tiny_backends
+    cached.kv_cache.clear()
+    guard = Guard(cached, VisguardFormat())
+    tenant_a = guard.request(_img(), "a long shared question about this picture").model_copy(update={"cache_salt": "tenant-a"})
+    guard.check(tenant_a)
+    before = dict(cached.cache_stats)
+    guard.check(tenant_a.model_copy(update={"cache_salt": "tenant-b"}))  # the same prompt, another tenant
+    assert cached.cache_stats["prompt_hits"] == before["prompt_hits"]
+    # not even the policy prefix: each tenant's static prefix is its own entry
+    assert {"tenant-a", "tenant-b"} <= {salt for salt, _ in cached._static}
+    with cache_salt("tenant-a"):  # the salt of the context, for requests that name none
+        guard.check(guard.request(_img(), "a long shared question about this picture"))
+    assert cached.cache_stats["prompt_hits"] > before["prompt_hits"]  # the same tenant hits its own entry

@@ -103,6 +103,9 @@ class GuardRequest(BaseModel):
         conversation: earlier turns, ``[{"role": "user"|"assistant"|"system"..., "content": str}]``;
             the format quotes them into the guard prompt as context (at most
             :data:`MAX_CONVERSATION_TURNS` turns, :data:`MAX_TEXT_CHARS` characters in all).
+        cache_salt: isolates this request's cached prompt prefixes (KV caches) from requests with
+            another salt, like vLLM's ``cache_salt``: a tenant (e.g. the hash of an API key) never
+            hits, and so never times, another tenant's cached prefix. ``""``: the shared space.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
@@ -111,6 +114,7 @@ class GuardRequest(BaseModel):
     text: str = ""
     response: str | None = None
     conversation: tuple[dict[str, str], ...] = ()
+    cache_salt: str = ""
 
     @field_validator("text", "response", mode="before")
     @classmethod

@@ -110,7 +110,8 @@ class TransformersBackend(Backend):
             # A sliding-window layer's cache keeps only its last window of keys (Gemma 3): a stored prefix
             # longer than the window cannot be continued, so these models run without prefix reuse.
             self.kv_cache = None
-        self._static: dict[str, tuple[Any, list[tuple[Any, Any]]] | None] = {}
+        # static prefixes by (cache salt, prefix text): tenants with different salts share nothing
+        self._static: dict[tuple[str, str], tuple[Any, list[tuple[Any, Any]]] | None] = {}
         #: tokens taken from caches / computed by scoring forwards, prompts served from each kind of cache, and
         #: generated rows whose caches the store kept for their follow-ups
         self.cache_stats = {"reused_tokens": 0, "computed_tokens": 0, "static_hits": 0, "prompt_hits": 0,
@@ -322,7 +323,8 @@ class TransformersBackend(Backend):
         last_image = int(image_pos[-1, 0]) if len(image_pos) else -1
 
         start, layers, kind = 0, None, None
-        static = self._static_entry(batch[0], texts[0])
+        # one salt's static prefix serves only rows of that salt
+        static = self._static_entry(batch[0], texts[0]) if len({p.cache_salt for p in batch}) == 1 else None
         if static is not None:
             static_ids, static_layers = static
             n = len(static_ids)
@@ -485,17 +487,18 @@ class TransformersBackend(Backend):
         text = self.codec.static_prefix(prompt, rendered)
         if text is None:
             return None
-        if text not in self._static:
+        key = (prompt.cache_salt, text)
+        if key not in self._static:
             if len(self._static) >= 16:  # a handful of policies per model; drop the oldest beyond that
                 self._static.pop(next(iter(self._static)))
             ids = torch.tensor(self.tokenizer(text)["input_ids"], dtype=torch.long)
             if len(ids) == 0:
-                self._static[text] = None
+                self._static[key] = None
                 return None
             out = self.model(input_ids=ids[None].to(self.device), use_cache=True, logits_to_keep=1)
             cache = _output_cache(out)
-            self._static[text] = (ids, _cache_tensors(cache))
-        return self._static[text]
+            self._static[key] = (ids, _cache_tensors(cache))
+        return self._static[key]
 
     def _position_ids(self, ids: Any, mask: Any, inputs: dict[str, Any]) -> Any:
         """Explicit positions for models whose own depend on state (Qwen2-VL's mrope and ``rope_deltas``).
@@ -518,9 +521,18 @@ class TransformersBackend(Backend):
 
     @staticmethod
     def _image_key(prompt: GuardPrompt) -> tuple:
+        """The prefix-store key of a prompt's cached entries: its cache salt (requests of different
+        salts never share an entry), then per image its content hash and the size and mode of the
+        pixels the model sees. The content hash is of the encoded bytes, but the pixels also depend
+        on how the boundary shaped them (``ImageLimits.max_aspect_ratio`` pads to a size that
+        depends on it; a format may resize): the size tells two shapings of one image apart."""
+        shaped = [repr((img.mode, img.size)) for img in prompt.images]
         if prompt.image_keys and len(prompt.image_keys) == len(prompt.images):
-            return tuple(prompt.image_keys)
-        return tuple(hashlib.sha256(img.tobytes() + repr((img.mode, img.size)).encode()).hexdigest() for img in prompt.images)
+            images = tuple(f"{key}:{shape}" for key, shape in zip(prompt.image_keys, shaped, strict=True))
+        else:
+            images = tuple(hashlib.sha256(img.tobytes() + shape.encode()).hexdigest()
+                           for img, shape in zip(prompt.images, shaped, strict=True))
+        return (prompt.cache_salt, *images)
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[GuardPrompt], *, max_new_tokens: int) -> list[Generation]:

@@ -113,6 +113,9 @@ class GuardPrompt:
             their KV cache once and reuse it (0: the prompt has no such prefix).
         image_keys: content hashes of ``images`` (same order), so caches can tell images apart
             without hashing pixels again; empty when unknown.
+        cache_salt: the request's :attr:`~visguard.core.types.GuardRequest.cache_salt`, set by the
+            guard on every prompt of a plan (follow-ups included); backends key every cached
+            prefix holding request content on it.
         prefill_as_message: whether a backend whose server renders the chat template (``openai``)
             may send ``assistant_prefix`` as a prefilled assistant message. ``False`` for a model
             whose template picks its task from the last message's role (Qwen3Guard): such a
@@ -131,6 +134,7 @@ class GuardPrompt:
     static_parts: int = 0
     image_keys: tuple[str, ...] = ()
     prefill_as_message: bool = True
+    cache_salt: str = ""
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,11 @@ model-, format- and backend-specific; ``check*`` / ``allows`` / ``wrap`` come fr
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 from visguard import plugins
@@ -230,11 +233,12 @@ class Guard(CheckerBase):
         """
         self.format.check_request(request, mode)
         specials = self.backend.special_tokens
+        salt = request.cache_salt or _CACHE_SALT.get()
         try:
             if mode != "adaptive":
-                return (self.format.plan(request, self.policy, mode=mode, special_tokens=specials),)
-            fast = self.format.plan(request, self.policy, mode="fast", special_tokens=specials)
-            reason = self.format.plan(request, self.policy, mode="reason", special_tokens=specials)
+                return (_salted(self.format.plan(request, self.policy, mode=mode, special_tokens=specials), salt),)
+            fast = _salted(self.format.plan(request, self.policy, mode="fast", special_tokens=specials), salt)
+            reason = _salted(self.format.plan(request, self.policy, mode="reason", special_tokens=specials), salt)
             return (reason,) if fast.read == "score" and not self.backend.supports_scores else (fast, reason)
         except InputError:
             raise
@@ -433,6 +437,35 @@ class Guard(CheckerBase):
             for i, result in zip(unsure, self._execute([checks[i][1] for i in unsure], "adaptive", prior), strict=True):
                 out[i] = result
         return out  # type: ignore[return-value]
+
+
+_CACHE_SALT: contextvars.ContextVar[str] = contextvars.ContextVar("visguard_cache_salt", default="")
+
+
+@contextlib.contextmanager
+def cache_salt(salt: str) -> Iterator[None]:
+    """Check every request planned inside the block with this cache salt (where the request names
+    none): its cached prompt prefixes are shared only with requests of the same salt (see
+    :attr:`~visguard.core.types.GuardRequest.cache_salt`). A server sets one per API key around a
+    call: guarded calls plan their checks in the caller's context (worker threads copy it)."""
+    token = _CACHE_SALT.set(str(salt))
+    try:
+        yield
+    finally:
+        _CACHE_SALT.reset(token)
+
+
+def _salted(plan: CheckPlan, salt: str) -> CheckPlan:
+    """``plan`` with ``salt`` on every prompt it runs, follow-ups included."""
+    if not salt:
+        return plan
+    follow = plan.followup
+    return dataclasses.replace(
+        plan,
+        prompts=tuple(dataclasses.replace(p, cache_salt=salt) for p in plan.prompts),
+        followup=None if follow is None else lambda text: (
+            None if (prompt := follow(text)) is None else dataclasses.replace(prompt, cache_salt=salt)),
+    )
 
 
 def _is_probability(score: Any) -> bool:

@@ -456,8 +456,10 @@ def _custom_code_model(model: str, revision: str | None, *, with_vision: bool = 
 class KVCacheStore:
     """A bounded, thread-safe LRU of key/value caches of scored prompts and generations, for prefix reuse.
 
-    Each entry is one token sequence (a prompt, or a prompt and the tokens generated after it), the
-    content key of its images and its per-layer ``(keys, values)`` tensors (batch 1). :meth:`lookup`
+    Each entry is one token sequence (a prompt, or a prompt and the tokens generated after it), its
+    key (the request's cache salt, then the content key of its images: see the transformers
+    backend's ``_image_key``) and its per-layer ``(keys, values)`` tensors (batch 1). An entry is
+    found only by a lookup with an equal key: requests of different cache salts never share one. :meth:`lookup`
     returns the entry sharing the longest token prefix with a new prompt of the same images: a
     post-check continues from its pre-check (the images and the request), a stream's re-check from
     the previous re-check, a follow-up verdict question from the generation it follows (as far as
