@@ -390,3 +390,25 @@ def test_8_requests_of_different_cache_salts_share_no_cached_prefix(tiny_backend
     with cache_salt("tenant-a"):  # the salt of the context, for requests that name none
         guard.check(guard.request(_img(), "a long shared question about this picture"))
     assert cached.cache_stats["prompt_hits"] > before["prompt_hits"]  # the same tenant hits its own entry
+
+
+# ------------------------------------------------------------------ 13. dataset text in the report and the plots
+
+
+def test_13_category_names_are_escaped_in_the_report_and_do_not_break_the_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from visguard.eval.benchmarks import EvalItem
+    from visguard.eval.runner import evaluate_guard
+
+    names = ["a | b", "$\\frac{x$", "<img src=x onerror=alert(1)>", "[link](http://evil)"]
+    items = [EvalItem(id=f"i{n}", images=(), text=f"q{n} [[unsafe]]" if n % 2 else f"q{n}", label="unsafe" if n % 2 else "safe",
+                      category=name) for n, name in enumerate(names)]
+    summary = evaluate_guard(_guard(), items, out_dir=tmp_path, progress=False, plots=True)
+    assert summary["n"] == 4 and set(summary["per_category"]) == set(names)
+    report = (tmp_path / "report.md").read_text()
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "&lt;img" in line]
+    assert len(rows) == 1 and "<img" not in report and "](http" not in report
+    table = report[report.index("## Per category"):]
+    for line in table.splitlines()[2:6]:
+        assert len(line.replace("\\|", "").split("|")) == 11  # 9 columns: an escaped | ends no cell
+    assert {p.rsplit("/", 1)[-1] for p in summary["files"]["plots"]} >= {"per_category.png"}

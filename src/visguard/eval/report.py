@@ -7,6 +7,8 @@ the summary says so.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,23 @@ def fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
+_log = logging.getLogger(__name__)
+
+
+def md(text: Any) -> str:
+    """Text from a dataset or a run (a category name, a model id) as literal Markdown: one line,
+    HTML-escaped, every Markdown control character backslash-escaped (``|`` cannot end a table cell)."""
+    one = " ".join(str(text).replace("\x00", " ").split())
+    one = one.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SPECIAL.sub(r"\\\1", one)
+
+
+def plain_label(text: Any) -> str:
+    """Text for a matplotlib label, shown as written: ``$`` escaped so nothing is parsed as mathtext."""
+    return str(text).replace("\x00", " ").replace("$", r"\$")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
@@ -36,11 +55,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
 def render_markdown(summary: Mapping[str, Any], out_dir: Path | None = None) -> str:
     """The Markdown report of a guard or model evaluation summary."""
     kind = summary.get("kind")
-    title = summary.get("benchmark") or "evaluation"
-    lines = [f"# visguard eval: {title}" + (f" ({summary['split']})" if summary.get("split") else ""), ""]
+    title = md(summary.get("benchmark") or "evaluation")
+    lines = [f"# visguard eval: {title}" + (f" ({md(summary['split'])})" if summary.get("split") else ""), ""]
     settings = [(k, summary.get(k)) for k in ("kind", "model", "backend", "format", "mode", "threshold", "guard",
                                                "judge", "judge_model", "judge_backend") if summary.get(k) is not None]
-    lines += _table(["setting", "value"], [(k, str(v)) for k, v in settings]) + [""]
+    lines += _table(["setting", "value"], [(k, md(v)) for k, v in settings]) + [""]
     if kind == "guard":
         lines += _guard_sections(summary)
     else:
@@ -76,7 +95,7 @@ def _guard_sections(s: Mapping[str, Any]) -> list[str]:
         if groups:
             lines += [f"## Per {name}", ""]
             lines += _table([name, "n", "unavailable", "accuracy", "precision", "recall", "f1", "fpr", "auroc"], [
-                (g, m["n"], m["unavailable"], m["accuracy"], m["precision"], m["recall"], m["f1"], m["fpr"], m["auroc"])
+                (md(g), m["n"], m["unavailable"], m["accuracy"], m["precision"], m["recall"], m["f1"], m["fpr"], m["auroc"])
                 for g, m in groups.items()
             ]) + [""]
     lat = s.get("latency_ms") or {}
@@ -104,7 +123,7 @@ def _model_sections(s: Mapping[str, Any]) -> list[str]:
         if groups:
             lines += [f"## Per {name}", ""]
             lines += _table([name, "n", "judged", "ASR", "RSR", "RR", "HR", "refusal rate"], [
-                (g, m["n"], m["n_judged"], m["asr"], m["rsr"], m["rr"], m["hr"], m["refusal_rate"])
+                (md(g), m["n"], m["n_judged"], m["asr"], m["rsr"], m["rr"], m["hr"], m["refusal_rate"])
                 for g, m in groups.items()
             ]) + [""]
     lat = s.get("latency_ms") or {}
@@ -125,16 +144,22 @@ def write_plots(plot_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mappi
         return [], "matplotlib is not installed (pip install 'visguard[plots]')"
     plot_dir.mkdir(parents=True, exist_ok=True)
     makers = _GUARD_PLOTS if summary.get("kind") == "guard" else _MODEL_PLOTS
-    files = []
+    files: list[str] = []
+    failed: list[str] = []
     for name, maker in makers:
         fig = Figure(figsize=(6.4, 4.2), dpi=100, layout="constrained")
         FigureCanvasAgg(fig)
-        if maker(fig, summary, rows) is False:
-            continue
         path = plot_dir / f"{name}.png"
-        fig.savefig(path)
+        try:
+            if maker(fig, summary, rows) is False:
+                continue
+            fig.savefig(path)
+        except Exception as exc:  # noqa: BLE001 - a plot never costs the run its summary and report
+            _log.warning("plot %s skipped: %s: %s", name, type(exc).__name__, exc)
+            failed.append(f"{name} ({type(exc).__name__})")
+            continue
         files.append(str(path))
-    return files, None
+    return files, ("plots failed: " + ", ".join(failed)) if failed else None
 
 
 def _confusion_plot(fig: Any, s: Mapping[str, Any], rows: Any) -> None:
@@ -161,7 +186,7 @@ def _guard_category_plot(fig: Any, s: Mapping[str, Any], rows: Any) -> bool:
     acc = [groups[g]["accuracy"] or 0.0 for g in names]
     ax = fig.add_subplot()
     ax.barh(range(len(names)), acc, color="tab:blue")
-    ax.set_yticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), [plain_label(n) for n in names])
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy (available verdicts)")
     ax.set_title("Per category")
@@ -224,7 +249,7 @@ def _rates_plot(fig: Any, s: Mapping[str, Any], rows: Any) -> bool:
         if any(vals):
             ax.barh(range(len(names)), vals, left=left, color=color, label=key.upper())
             left = [a + b for a, b in zip(left, vals, strict=True)]
-    ax.set_yticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), [plain_label(n) for n in names])
     ax.set_xlim(0, 100)
     ax.set_xlabel("% of judged responses to unsafe items")
     ax.legend(loc="lower right", fontsize="small")
