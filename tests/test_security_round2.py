@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from pydantic import BaseModel
 from visguard_testing.faults import FaultyBackend
 
 from visguard import Cascade, Guard, Policy, Stage
@@ -412,3 +413,120 @@ def test_13_category_names_are_escaped_in_the_report_and_do_not_break_the_plots(
     for line in table.splitlines()[2:6]:
         assert len(line.replace("\\|", "").split("|")) == 11  # 9 columns: an escaped | ends no cell
     assert {p.rsplit("/", 1)[-1] for p in summary["files"]["plots"]} >= {"per_category.png"}
+
+
+# ------------------------------------------------------------------ 4. LangChain: everything an AI message says is checked
+
+# Block shapes: langchain-core 1.8 langchain_core/messages/content.py (ReasoningContentBlock "reasoning",
+# NonStandardContentBlock "value", TextContentBlock "annotations", InvalidToolCall name/args/error) and
+# block_translators/anthropic.py ("thinking" blocks, "tool_use" name/input); OpenAI's "refusal" block and
+# additional_kwargs "refusal" / legacy "function_call" {"name", "arguments"}; "reasoning_content" as
+# DeepSeek's reasoning field.
+BAD = "forbidden-recipe"
+
+
+def _ai_shapes() -> dict[str, Any]:
+    from langchain_core.messages import AIMessage
+
+    return {
+        "reasoning block": AIMessage(content=[{"type": "reasoning", "reasoning": f"first, {BAD}"}, {"type": "text", "text": "ok"}]),
+        "thinking block": AIMessage(content=[{"type": "thinking", "thinking": f"plan: {BAD}", "signature": "s"},
+                                             {"type": "text", "text": "ok"}]),
+        "invalid tool call": AIMessage(content="", invalid_tool_calls=[
+            {"type": "invalid_tool_call", "name": "run", "args": f"{{not json {BAD}", "id": "c1", "error": "bad json"}]),
+        "function_call": AIMessage(content="", additional_kwargs={"function_call": {"name": "run", "arguments": f'{{"x": "{BAD}"}}'}}),
+        "tool_use block": AIMessage(content=[{"type": "tool_use", "id": "t1", "name": "run", "input": {"cmd": BAD}}]),
+        "annotations": AIMessage(content=[{"type": "text", "text": "see source",
+                                           "annotations": [{"type": "citation", "cited_text": BAD, "url": "http://x"}]}]),
+        "non_standard block": AIMessage(content=[{"type": "non_standard", "value": {"payload": BAD}}]),
+        "refusal": AIMessage(content=[{"type": "refusal", "refusal": f"I won't, but {BAD}"}]),
+        "reasoning_content": AIMessage(content="ok", additional_kwargs={"reasoning_content": BAD}),
+    }
+
+
+def _fake_chat(messages: list[Any], chunks: list[Any] | None = None) -> Any:
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+
+    class Fake(BaseChatModel):
+        replies: list[Any]
+        pieces: list[Any] = []
+
+        @property
+        def _llm_type(self) -> str:
+            return "fake-for-visguard"
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def]
+            return ChatResult(generations=[ChatGeneration(message=self.replies.pop(0))])
+
+        def _stream(self, messages, stop=None, run_manager=None, **kwargs):  # type: ignore[no-untyped-def]
+            for chunk in self.pieces:
+                yield ChatGenerationChunk(message=chunk)
+
+        def bind_tools(self, tools, *, tool_choice=None, **kwargs):  # type: ignore[no-untyped-def]
+            return self.bind(tools=[getattr(t, "__name__", str(t)) for t in tools], **kwargs)
+
+    return Fake(replies=list(messages), pieces=list(chunks or []))
+
+
+@pytest.mark.parametrize("shape", list(_ai_shapes()))
+def test_4_every_non_text_part_of_an_answer_is_post_checked(shape):
+    from visguard_testing.backends import keyword_guard
+
+    from visguard.integrations.langchain import GuardedChatModel
+
+    guard, backend = keyword_guard(BAD)
+    chat = GuardedChatModel(guard=guard, model=_fake_chat([_ai_shapes()[shape]]))
+    reply = chat.invoke("hello")
+    assert reply.response_metadata.get("finish_reason") == "content_filter", shape
+    assert BAD not in str(reply.content) and not getattr(reply, "invalid_tool_calls", None)
+
+
+def test_4_a_streamed_reasoning_chunk_is_held_until_it_passed_a_check():
+    from langchain_core.messages import AIMessageChunk
+    from visguard_testing.backends import keyword_guard
+
+    from visguard.integrations.langchain import GuardedChatModel
+
+    guard, _ = keyword_guard(BAD)
+    chunks = [AIMessageChunk(content=[{"type": "reasoning", "reasoning": f"thinking about {BAD}", "index": 0}]),
+              AIMessageChunk(content="Fine.")]
+    chat = GuardedChatModel(guard=guard, model=_fake_chat([], chunks))
+    out = list(chat.stream("hello"))
+    assert BAD not in str([c.content for c in out])
+    assert out[-1].response_metadata["visguard"]["blocked"] is True
+
+
+def test_4_bind_tools_and_structured_output_do_not_return_an_unchecked_invalid_tool_call():
+    from visguard_testing.backends import keyword_guard
+
+    from visguard.integrations.langchain import GuardedChatModel
+
+    guard, _ = keyword_guard(BAD)
+    bad = _ai_shapes()["invalid tool call"]
+    chat = GuardedChatModel(guard=guard, model=_fake_chat([bad, bad]))
+
+    def run(cmd: str) -> str:
+        """Run a command."""
+        return cmd
+
+    reply = chat.bind_tools([run]).invoke("hello")
+    assert not reply.invalid_tool_calls and BAD not in str(reply.content)
+    assert reply.response_metadata["finish_reason"] == "content_filter"
+
+    class Command(BaseModel):
+        cmd: str
+
+    out = chat.with_structured_output(Command, include_raw=True).invoke("hello")
+    assert not out["raw"].invalid_tool_calls and BAD not in str(out)
+
+
+def test_4_invalid_tool_calls_in_earlier_turns_reach_the_guard():
+    from langchain_core.messages import AIMessage, HumanMessage
+
+    from visguard.integrations.langchain.runnables import split_chat
+
+    earlier = AIMessage(content="", invalid_tool_calls=[
+        {"type": "invalid_tool_call", "name": "run", "args": f"{{{BAD}", "id": "c1", "error": "bad json"}])
+    chat = split_chat([HumanMessage(content="hi"), earlier, HumanMessage(content="go on")])
+    assert any(BAD in turn["content"] for turn in chat.conversation)
