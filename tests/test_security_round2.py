@@ -530,3 +530,67 @@ def test_4_invalid_tool_calls_in_earlier_turns_reach_the_guard():
         {"type": "invalid_tool_call", "name": "run", "args": f"{{{BAD}", "id": "c1", "error": "bad json"}])
     chat = split_chat([HumanMessage(content="hi"), earlier, HumanMessage(content="go on")])
     assert any(BAD in turn["content"] for turn in chat.conversation)
+
+
+def test_12_a_hung_transformers_forward_fails_the_next_check_fast_and_recovers(qwen_path):
+    import torch
+
+    from visguard.default_plugins.transformers_backend import TransformersBackend
+
+    torch.set_num_threads(1)
+    guard = Guard(TransformersBackend(qwen_path, device="cpu", kv_cache_mb=0), VisguardFormat(), Policy(timeout_s=0.3))
+    release, entered = threading.Event(), threading.Event()
+
+    def hang(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+        entered.set()
+        release.wait(120)
+        return output
+
+    handle = guard.backend.model.register_forward_hook(hang, with_kwargs=True)
+    try:
+        first = guard.check_input(None, "describe this")
+        assert first.label == "unavailable" and "timed out" in (first.error or "") and entered.is_set()
+        # the hung forward still holds the model lock: the next check is told so at once, instead of
+        # waiting out its own limit (before: "guard timed out after 5 s", the lock never free)
+        second = guard.with_policy(timeout_s=5).check_input(None, "describe this")
+        assert second.label == "unavailable" and "guard backend stalled" in (second.error or "")
+    finally:
+        handle.remove()
+        release.set()
+    with guard.batcher._lock:
+        stuck = list(guard.batcher._stalled)
+    for thread in stuck:
+        thread.join(60)
+    assert guard.with_policy(timeout_s=60).check_input(None, "describe this").label in ("safe", "unsafe")
+    guard.close()
+
+
+# ------------------------------------------------------------------ 11. a backend that breaks its contract
+
+
+class _Miscounting(FaultyBackend):
+    """Returns ``delta`` more (or fewer) scores and generations than it was given prompts."""
+
+    def __init__(self, delta: int) -> None:
+        super().__init__("miscounting")
+        self.delta = delta
+
+    def score(self, prompts):  # type: ignore[no-untyped-def]
+        return [0.1] * (len(prompts) + self.delta)
+
+    def generate(self, prompts, *, max_new_tokens):  # type: ignore[no-untyped-def]
+        from visguard.engine.backend import Generation
+
+        return [Generation(text="Verdict: safe\nCategory: none")] * (len(prompts) + self.delta)
+
+
+@pytest.mark.parametrize("delta", [1, 3, -1])
+@pytest.mark.parametrize("on_error", ["block", "allow", "raise"])
+@pytest.mark.parametrize("mode", ["fast", "reason", "adaptive"])
+def test_11_more_or_fewer_results_than_prompts_is_unavailable_under_every_on_error(delta, on_error, mode):
+    guard = Guard(_Miscounting(delta), VisguardFormat(), Policy(on_error=on_error, mode=mode))
+    verdicts = guard.report_batch([guard.request(None, "hello"), guard.request(None, "world")])
+    assert [v.label for v in verdicts] == ["unavailable", "unavailable"]
+    assert all("results for" in (v.error or "") for v in verdicts)
+    # acted on: blocked, let through flagged "degraded" (never as safe), or raised
+    assert {guard.policy.action(v) for v in verdicts} == {{"block": "block", "allow": "degraded", "raise": "raise"}[on_error]}

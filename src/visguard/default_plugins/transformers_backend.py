@@ -56,9 +56,19 @@ class TransformersBackend(Backend):
             (static prefixes are kept apart and always); 0 turns prefix, pre -> post and
             generation -> follow-up reuse off. Always off for models
             with sliding-window attention layers (Gemma 3), whose caches keep only the window.
+
+    One forward runs at a time, under the backend's lock (the model's own state, e.g. Qwen2-VL's
+    ``rope_deltas``, and the processor's tokenizer are not safe to share between threads). A
+    forward cannot be interrupted: a hung one keeps the lock until it returns, so no later check
+    on this backend can run meanwhile. ``serial = True`` tells the guard so: after the first
+    abandoned (timed-out) batch, later checks fail at once as ``unavailable`` ("guard backend
+    stalled") instead of each waiting out its own time limit; once the forward returns, checks are
+    served again (``tests/test_security_round2.py::test_12_*``).
     """
 
     name = "transformers"
+    #: one call at a time (see above): a stalled call blocks every later one
+    serial = True
 
     def __init__(
         self,

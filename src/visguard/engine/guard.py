@@ -72,6 +72,10 @@ class Guard(CheckerBase):
             # a tokenizer that cannot tell the verdict words apart fails here, once, not every check
             backend.check_verdict_words(format.verdict_prefix, format.verdict_words)
         self._batcher = shared_batcher(backend, max_batch=max_batch, max_wait_s=max_wait_ms / 1000.0)
+        if getattr(backend, "serial", False):
+            # a backend that runs one call at a time (a model lock): one stalled batch blocks every
+            # later one, so later checks fail fast with the reason instead of each timing out
+            self._batcher.max_stalled = 1
 
     # ------------------------------------------------------------------ construction
     @classmethod
