@@ -28,8 +28,10 @@ SIZES: dict[str, dict[str, Any]] = {
     "smoke": {"n_train": 16, "n_heldout": 12, "epochs": 1.0},
 }
 # Architecture and optimiser of the demo guard: 0.66 M parameters learn the rule in 2 epochs over
-# 1,600 items (fast + reason examples each).
-MODEL = {"arch": "qwen2_vl", "hidden_size": 64, "num_layers": 2, "image_size": 56}
+# 1,600 items (fast + reason examples each). ``max_pixels``: the guard's processor (saved with the
+# checkpoint) resizes every image to at most the training size, so larger images (examples/images/
+# are 112 px) reach the model as it saw them in training, in every consumer (check, Python, serve).
+MODEL = {"arch": "qwen2_vl", "hidden_size": 64, "num_layers": 2, "image_size": 56, "max_pixels": 56 * 56}
 # One torch thread: a model this small gains nothing from more, and they fight on a busy CPU. Warm-up
 # 0.1, not 0.03: with 0.03 fast-mode accuracy swung between 0.655 and 0.91 with the thread count (float
 # order; docs/training.md "Training quality"); with 0.1 the demo guard reached 0.915 fast, 0.960 reason.
@@ -80,25 +82,31 @@ def cache_root() -> Path:
     return Path(os.environ.get("VISGUARD_CACHE") or Path.home() / ".cache" / "visguard").expanduser()
 
 
+#: visguard modules whose code decides what the demo guard learns (with visguard_train and visguard_testing).
+FINGERPRINT_MODULES = (
+    "visguard.engine.format", "visguard.integrations.hf", "visguard.core.policy", "visguard.core.images",
+    "visguard.datasets", "visguard.core.types", "visguard.default_plugins.visguard_format",
+)
+
+
 def _code_fingerprint() -> str:
     """Hash of the code that decides what the trained guard is (training plugin, data, format, codec)."""
+    import importlib
+
     import torch
     import transformers
     import visguard_testing
     import visguard_train
 
-    import visguard
-
     files = sorted(Path(visguard_train.__file__).parent.glob("*.py"))
     files += sorted(Path(visguard_testing.__file__).parent.glob("*.py"))
-    core = Path(visguard.__file__).parent
-    # What shapes the training examples: prompts, targets, the chat codec, images, data layouts.
-    files += [core / name for name in ("format.py", "hf.py", "policy.py", "images.py", "datasets.py", "types.py")]
-    files += [core / "default_plugins" / "visguard_format.py"]
+    # What shapes the training examples: prompts, targets, the chat codec, images, data layouts. Named
+    # as modules, not paths: a module that moves is found where it went (a missing one is an ImportError,
+    # never a fingerprint that silently stops covering it).
+    files += [Path(importlib.import_module(name).__file__ or "") for name in FINGERPRINT_MODULES]
     digest = hashlib.sha256()
     for f in files:
-        if f.is_file():  # a module that moved away changes the digest by its absence
-            digest.update(f.name.encode() + f.read_bytes())
+        digest.update(f.name.encode() + f.read_bytes())
     digest.update(f"{torch.__version__}|{transformers.__version__}".encode())
     return digest.hexdigest()[:16]
 
@@ -127,7 +135,8 @@ def train_demo_guard(size: str, *, retrain: bool = False, echo: Callable[[str], 
     echo(f"      writing {params['n_train']} synthetic two-image training items to {data}")
     write_jsonl(data, params["n_train"], seed=0, size=MODEL["image_size"], name="train.jsonl")
     base = cached_tiny_checkpoint(MODEL["arch"], cache_dir=cache_root() / "tiny",
-                                  hidden_size=MODEL["hidden_size"], num_layers=MODEL["num_layers"])
+                                  hidden_size=MODEL["hidden_size"], num_layers=MODEL["num_layers"],
+                                  max_pixels=MODEL["max_pixels"])
     echo(f"      training from the random-weight {MODEL['arch']} checkpoint {base.name} "
          "(the code path of `visguard train`)")
     config = build_config(flag_values={
