@@ -3,8 +3,10 @@
     python examples/quickstart.py [IMAGE1 IMAGE2]
 
 The guard is $VISGUARD_EXAMPLE_GUARD (a hub id or a local path), by default the MIS-tuned
-Tuwhy/Qwen2-VL-7B-MIRage (a GPU helps). Offline, point it at the demo guard that `visguard demo`
-prints, or at any guard trained by `visguard train`.
+Tuwhy/Qwen2-VL-7B-MIRage (a GPU helps). Offline, point it at the demo guard (after `visguard demo`),
+or at any guard trained by `visguard train`:
+
+    VISGUARD_EXAMPLE_GUARD=$(visguard demo --print-guard-path) python examples/quickstart.py
 """
 
 import os

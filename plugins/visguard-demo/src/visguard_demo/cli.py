@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import click
 
 from visguard_demo.run import REAL_CHECKPOINT_LINE, SIZES
@@ -29,8 +26,11 @@ from visguard_demo.run import REAL_CHECKPOINT_LINE, SIZES
               help="Guard mode of the evaluation and the guarded requests (reason shows the guard's reasoning).")
 @click.option("--device", default="cpu", show_default=True, help="Device of the guard and the host: cpu, cuda ...")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--print-guard-path", is_flag=True,
+              help="Only print the directory of the trained demo guard of --size (e.g. for "
+                   "VISGUARD_EXAMPLE_GUARD) and exit; exit 2 when it is not trained yet for this code.")
 def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_format: str | None, host: str | None,
-         mode: str, device: str, no_progress: bool) -> None:
+         mode: str, device: str, no_progress: bool, print_guard_path: bool) -> None:
     """Train a small multi-image guard offline, guard a host VLM with it, and write an HTML report.
 
     \b
@@ -49,6 +49,17 @@ def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_
     \b
       {real}
     """
+    if print_guard_path:
+        from visguard.core.errors import InputError
+        from visguard_demo.run import cached_demo_guard
+
+        path = cached_demo_guard(size)
+        if path is None:
+            again = "visguard demo" + ("" if size == "standard" else f" --size {size}")
+            raise InputError(f"no {size} demo guard is trained for this code yet: `{again}` trains it")
+        click.echo(str(path))
+        return
+
     from visguard_demo.run import run_demo
 
     result = run_demo(out_dir, size=size, retrain=retrain, guard_model=guard_model, guard_format=guard_format,
@@ -65,15 +76,9 @@ def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_
     click.echo(f"\nheld-out: accuracy {acc if acc is None else f'{acc:.3f}'}, AUROC "
                f"{auroc if auroc is None else f'{auroc:.3f}'} on {s.get('n')} items ({s.get('mode')} mode)")
     click.echo(f"done in {result.seconds:.0f} s. Report: {result.report.resolve()}")
-    click.echo(f"Try the guard yourself: visguard check --model {result.guard} IMAGE1 IMAGE2 --text '...'")
-    if result.trained:
-        # Everything is written. After an in-process training run, a native thread left by the
-        # training stack (seen with transformers 5.24 / torch 2.14 on CPU) can abort interpreter
-        # teardown ("terminate called without an active exception", exit 134) although the demo
-        # succeeded; end the process here instead, with the streams flushed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    click.echo("\nNext steps (bash, from this directory):")
+    for comment, command in result.next_steps:
+        click.echo(f"  # {comment}\n  {command}")
 
 
 demo.help = (demo.help or "").replace("{real}", REAL_CHECKPOINT_LINE)
