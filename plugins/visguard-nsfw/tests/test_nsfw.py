@@ -79,9 +79,9 @@ def test_policy_must_include_sexual_content_and_no_custom_categories(guard):
 def test_in_a_cascade_the_classifier_clears_no_text_it_did_not_read(guard):
     """Issue #24: a classifier built with ignore_unread=True decided "safe" for a harmful request beside a
     photo; a stage decides only what its guards read, so the text goes on to the next stage."""
-    from visguard import Cascade
     from visguard_testing.faults import FaultyBackend
 
+    from visguard import Cascade
     from visguard.plugins import get
 
     text_guard = Guard(FaultyBackend("text-guard"), get("formats", "visguard")())  # flags text holding [[unsafe]]
