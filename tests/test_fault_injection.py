@@ -99,6 +99,32 @@ def test_a_failing_request_does_not_fail_the_requests_batched_with_it(fault, mod
     assert guard.backend.faults[fault] >= 2  # the whole batch, then the faulty request alone
 
 
+@pytest.mark.parametrize("fault", QUICK_FAULTS)
+def test_a_cascade_stage_fault_escalates_and_stays_visible(fault):
+    """Issue #24: a failing first stage escalates; the next stage decides and the failure is named
+    in the final verdict (and kept in its stages); a cascade whose only stage fails is unavailable."""
+    from visguard import Cascade
+
+    cascade = Cascade([faulty_guard(fault), faulty_guard()])
+    verdict = cascade.check_input(None, "a harmless request")
+    assert verdict.label == "safe" and [s.label for s in verdict.stages] == ["unavailable", "safe"]
+    assert verdict.error and "earlier stage unavailable" in verdict.error
+    alone = Cascade([faulty_guard(fault)]).check_input(None, "a harmless request")
+    assert alone.label == "unavailable" and not Cascade([faulty_guard(fault)]).allows(alone)
+
+
+def test_a_cascade_stage_hang_ends_at_the_cascades_own_limit():
+    from visguard import Cascade
+
+    hung = faulty_guard("hang", timeout_s=30)
+    try:
+        verdict = Cascade([hung, faulty_guard()], policy=Policy(timeout_s=0.3)).check_input(None, "x")
+        assert verdict.label == "unavailable" and "cascade timed out" in verdict.error
+    finally:
+        hung.backend.release.set()
+        _join_stalled(hung)
+
+
 def test_a_failed_load_is_a_typed_error():
     with pytest.raises(BackendError, match="injected load failure"):
         faulty_guard("load")
