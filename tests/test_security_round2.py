@@ -594,3 +594,43 @@ def test_11_more_or_fewer_results_than_prompts_is_unavailable_under_every_on_err
     assert all("results for" in (v.error or "") for v in verdicts)
     # acted on: blocked, let through flagged "degraded" (never as safe), or raised
     assert {guard.policy.action(v) for v in verdicts} == {{"block": "block", "allow": "degraded", "raise": "raise"}[on_error]}
+
+
+# ------------------------------------------------------------------ 3. LangChain's metadata: labels, scores, categories
+
+_QUOTES = ("The answer explains the attack: 'Step 1: take the knife.' Complying would enable violence against a "
+           "sleeping person.")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_3_langchain_response_metadata_carries_the_public_decision_only(streaming):
+    from langchain_core.callbacks import BaseCallbackHandler
+    from langchain_core.messages import AIMessage, AIMessageChunk
+
+    from visguard.hosting.public import PUBLIC_DECISION_FIELDS, PUBLIC_VERDICT_FIELDS
+    from visguard.integrations.langchain import GuardedChatModel
+    from visguard.integrations.langchain.runnables import RESULT_EVENT
+
+    class Events(BaseCallbackHandler):
+        def __init__(self) -> None:
+            self.results: list[Any] = []
+
+        def on_custom_event(self, name, data, **kw):  # type: ignore[no-untyped-def]
+            if name == RESULT_EVENT:
+                self.results.append(data)
+
+    # the post-check (a reasoning guard) blocks the host's answer and its reasoning quotes it
+    guard = _mirage([_QUOTES], [0.95])
+    chat = GuardedChatModel(guard=guard, model=_fake_chat([AIMessage(content="Step 1: take the knife.")],
+                                                          [AIMessageChunk(content="Step 1: take the knife.")]),
+                            pre_check="off")
+    events = Events()
+    config = {"callbacks": [events]}
+    reply = list(chat.stream("how?", config=config))[-1] if streaming else chat.invoke("how?", config=config)
+    meta = reply.response_metadata["visguard"]
+    assert meta["blocked"] is True and meta["stage"] == "output"
+    assert "knife" not in str(meta)  # before: output_verdict.raw / reasoning quoted the blocked answer
+    assert set(meta) <= set(PUBLIC_DECISION_FIELDS) | {"input_verdict", "output_verdict"}
+    assert set(meta["output_verdict"]) == set(PUBLIC_VERDICT_FIELDS) and meta["output_verdict"]["label"] == "unsafe"
+    if not streaming:  # the operator keeps the full verdict: its own callback handlers get GuardedResult.summary()
+        assert [r["output_verdict"]["reasoning"] for r in events.results] == [_QUOTES]

@@ -189,8 +189,9 @@ class GuardedResult(BaseModel):
     def summary(self) -> dict[str, Any]:
         """The decision as JSON-ready data: every field except the texts ``text`` and ``response``.
 
-        What ``visguard serve`` puts in a completion's ``visguard`` field and the LangChain
-        guarded chat model in ``response_metadata["visguard"]``.
+        The operator's full view (raw output, reasoning, safe answer, timings). Clients get
+        :func:`visguard.hosting.public.public_decision` of it: ``visguard serve``'s ``visguard``
+        field and the LangChain guarded chat model's ``response_metadata["visguard"]``.
         """
         return self.model_dump(mode="json", exclude={"text", "response"})
 

@@ -13,8 +13,9 @@
   standard and ``source_type`` blocks, Anthropic-style blocks).
 
 Decisions are surfaced as custom callback events (``visguard_verdict`` per verdict,
-``visguard_result`` per guarded call) and, for the guarded chat model, in the answer's
-``response_metadata["visguard"]``.
+``visguard_result`` per guarded call: the full verdicts, to the operator's own callback handlers) and,
+for the guarded chat model, in the answer's ``response_metadata["visguard"]`` (labels, scores and
+categories only: :func:`~visguard.hosting.public.public_decision`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from visguard.core.policy import Mode
 from visguard.core.types import GuardRequest, Verdict
 from visguard.engine.checker import Checker, allows, enforce
 from visguard.hosting.guarded import GuardedModel, GuardedOptions, GuardedResult
+from visguard.hosting.public import public_decision
 from visguard.integrations.langchain.messages import answer_text
 from visguard.integrations.openai.wire import SplitChat
 
@@ -264,8 +266,11 @@ class GuardedChatModel(BaseChatModel):
     its answer (text and tool-call arguments) and returns the wrapped model's own message, a
     refusal ``AIMessage`` (``response_metadata["finish_reason"] == "content_filter"``), or
     raises :class:`GuardrailViolation`, per ``on_unsafe``. The decision is in
-    ``response_metadata["visguard"]`` (:meth:`GuardedResult.summary`; a stream carries it on
-    its last chunk) and is sent as custom callback events.
+    ``response_metadata["visguard"]``: the client-facing shape ``visguard serve`` sends too
+    (:func:`~visguard.hosting.public.public_decision` of :meth:`GuardedResult.summary`: labels, scores,
+    categories; no raw output, reasoning, safe answer or timings, which may quote blocked content). A
+    stream carries it on its last chunk. The full verdicts (:meth:`GuardedResult.summary`) are sent
+    as custom callback events to the caller's own handlers.
 
     Streams never yield text before a check of everything up to it passed; a stream blocked on
     the way ends with a chunk holding the refusal. ``bind_tools`` and
@@ -448,7 +453,7 @@ class GuardedChatModel(BaseChatModel):
 
 def _answer(result: GuardedResult, record: list[Any]) -> BaseMessage:
     """The message a guarded call returns: the wrapped model's own, or the refusal."""
-    metadata = {"visguard": result.summary()}
+    metadata = {"visguard": public_decision(result.summary())}  # labels, scores, categories only
     if result.blocked:
         return AIMessage(content=result.text, response_metadata={**metadata, "finish_reason": "content_filter"})
     if not record:
@@ -490,7 +495,8 @@ class _Released:
         """The chunks left once the stream ended (text-free ones only), then the decision."""
         rest = [] if result.blocked else [c for c in self.record[self.next :] if not answer_text(c)]
         self.next = len(self.record)
-        last = AIMessageChunk(content="", response_metadata={"visguard": result.summary()}, chunk_position="last")
+        last = AIMessageChunk(content="", response_metadata={"visguard": public_decision(result.summary())},
+                              chunk_position="last")
         return [*rest, last]
 
 

@@ -13,7 +13,7 @@ cascade) and, optionally, a host (an upstream OpenAI-compatible server or a loca
   ``finish_reason: "content_filter"`` (or, with ``on_unsafe="error"``, HTTP 400 with code
   ``content_filter``). Every completion (and a stream's last chunk) carries a ``visguard`` field:
   whether and why it was blocked, the verdicts' labels, scores and categories, and the request id
-  (:func:`~visguard.integrations.openai.server.proxy.public_decision`). The decision is also
+  (:func:`~visguard.hosting.public.public_decision`). The decision is also
   in ``x-visguard-*`` response headers (:func:`decision_headers`; a stream's headers carry the
   pre-check), and ``usage`` holds the host's token counts when the host reports them.
 - ``POST /v1/responses``: the Responses API through the upstream, guarded the same way

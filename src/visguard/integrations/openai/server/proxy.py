@@ -53,6 +53,11 @@ from visguard.hosting.guarded import (
     STREAM_REFUSAL_SEPARATOR,
     UNNAMED_CATEGORY,
 )
+from visguard.hosting.public import PUBLIC_DECISION_FIELDS as PUBLIC_DECISION_FIELDS  # re-exported
+from visguard.hosting.public import PUBLIC_VERDICT_FIELDS as PUBLIC_VERDICT_FIELDS
+from visguard.hosting.public import public_decision as public_decision
+from visguard.hosting.public import public_name as public_name
+from visguard.hosting.public import public_verdict
 from visguard.integrations.openai.client import ApiClient
 from visguard.integrations.openai.server.common import ApiError
 
@@ -60,12 +65,6 @@ log = logging.getLogger(__name__)
 
 #: deepest JSON nesting a request body may have (deeper: HTTP 400 before parsing the rest)
 MAX_JSON_DEPTH = 64
-#: verdict fields a client sees (``raw``, ``reasoning`` and ``safe_answer`` stay in the audit log)
-PUBLIC_VERDICT_FIELDS = ("label", "score", "category", "sub_category", "stage")
-#: decision fields a client sees
-PUBLIC_DECISION_FIELDS = ("blocked", "flagged", "reason", "stage", "degraded", "request_id", "output_checks",
-                          "host_called", "answered_by_guard")
-
 _SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"')\]\u201d\u2019]*(?:\s|$)|\n")
 _ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant",
           "tool": "tool", "function": "tool"}
@@ -266,40 +265,6 @@ def judged_chat(messages: Any) -> Judged:
 
 
 # ---------------------------------------------------------------------------------- decisions
-
-
-def public_verdict(verdict: Verdict | Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """A verdict as a client sees it: label, score, category, sub-category, stage."""
-    if verdict is None:
-        return None
-    data = verdict.model_dump(mode="json") if isinstance(verdict, Verdict) else dict(verdict)
-    out = {k: data.get(k) for k in PUBLIC_VERDICT_FIELDS}
-    if data.get("stages"):  # a cascade: each stage's guard and its public verdict
-        out["stages"] = [{**(public_verdict(s) or {}), "model": public_name(s.get("model"))} for s in data["stages"]]
-    return out
-
-
-def public_name(name: str | None) -> str:
-    """A model name fit for an unauthenticated answer: no credentials, no path on this server."""
-    text = redact(str(name or ""))
-    if "://" in text:
-        return text.split("://", 1)[0] + "://…"  # a URL: its scheme only (hosts and keys stay private)
-    if "/" in text or "\\" in text:
-        path = text.replace("\\", "/").rstrip("/")
-        looks_local = text.startswith(("/", ".", "~")) or ":\\" in text or path.count("/") > 1
-        return path.rsplit("/", 1)[-1] if looks_local else text  # hub ids (org/name) stay
-    return text
-
-
-def public_decision(decision: Mapping[str, Any]) -> dict[str, Any]:
-    """A decision (:meth:`GuardedResult.summary` or the proxy's) without texts, raw output or timings."""
-    out: dict[str, Any] = {k: decision[k] for k in PUBLIC_DECISION_FIELDS if k in decision}
-    for key in ("input_verdict", "output_verdict", "verdict"):
-        if key in decision:
-            out[key] = public_verdict(decision[key])
-    if "choices" in decision:
-        out["choices"] = [public_decision(c) for c in decision["choices"]]
-    return out
 
 
 def refusal_text(verdict: Verdict, template: str | Callable[[Verdict], str] | None) -> str:
