@@ -1,22 +1,25 @@
-"""GuardMiddleware for LangChain v1 agents (issue 25).
+"""GuardMiddleware in LangChain v1's real agent loop (issue 25).
 
-The `langchain` v1 package (`create_agent`) and langgraph are not installed in this repository's
-environment (only langchain-core 1.8 and langchain-openai), so the agent loop is reproduced here as
-`create_agent` runs it (langchain-ai/langchain, libs/langchain_v1/langchain/agents/factory.py at
-01b781e): before_model -> model -> after_model -> tools -> ..., a hook's "jump_to": "end" ends the run,
-and state updates are merged by message id as add_messages does. The test with the real
-`create_agent` runs where langchain v1 is installed. Chat models are langchain-core's fakes; the guard
-is a rule-based keyword guard (visguard_testing) that also flags one image by its pixels.
+Every run goes through ``langchain.agents.create_agent`` (langchain 1.5.2, pinned in constraints.txt;
+the loop is langchain-ai/langchain, libs/langchain_v1/langchain/agents/factory.py: before_model ->
+model -> after_model -> tools -> before_model ..., a hook's ``"jump_to": "end"`` ends the run when the
+hook declares ``__can_jump_to__``). The chat model is langchain-core's ``FakeMessagesListChatModel``
+with ``bind_tools`` (create_agent binds the tools) and a record of every call; the tools record their
+calls. The guard is a rule-based keyword guard (visguard_testing) that also flags one image by its pixels.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+from typing import Any
 
 import pytest
+from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import FakeMessagesListChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
 from PIL import Image
 from visguard_testing.backends import KeywordBackend, pixel_sha256
 
@@ -25,6 +28,7 @@ from visguard.default_plugins.visguard_format import VisguardFormat
 from visguard.integrations.langchain.middleware import GuardMiddleware
 
 UNSAFE_IMAGE = Image.new("RGB", (24, 24), (255, 0, 0))
+SAFE_IMAGE = Image.new("RGB", (24, 24), (0, 0, 255))
 
 
 class ImageAndKeywordBackend(KeywordBackend):
@@ -36,10 +40,30 @@ class ImageAndKeywordBackend(KeywordBackend):
         return [1.0 if any(pixel_sha256(i) == bad for i in p.images) else s for p, s in zip(prompts, by_text, strict=True)]
 
 
+class RecordingChatModel(FakeMessagesListChatModel):
+    """langchain-core's scripted chat model, with the ``bind_tools`` create_agent needs and a record
+    of the messages of every call."""
+
+    calls: list[list[Any]] = []
+    bound_tools: list[str] = []
+
+    def bind_tools(self, tools, **kwargs):
+        self.bound_tools = [getattr(t, "name", None) for t in tools]
+        return self
+
+    def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+        self.calls = [*self.calls, list(messages)]
+        return super()._generate(messages, stop=stop, run_manager=run_manager, **kwargs)
+
+
 def data_url(img: Image.Image) -> str:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_request(img: Image.Image, text: str = "what should I do with this?") -> HumanMessage:
+    return HumanMessage(content=[{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": data_url(img)}}])
 
 
 @pytest.fixture
@@ -48,84 +72,90 @@ def guard_and_backend():
     return Guard(backend, VisguardFormat(), Policy()), backend
 
 
-class Tool:
-    def __init__(self) -> None:
-        self.calls: list[dict] = []
+def weather_tool(answer: str = "sunny"):
+    calls: list[dict] = []
 
-    def __call__(self, args: dict) -> str:
-        self.calls.append(args)
-        return "sunny"
+    @tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append({"city": city})
+        return answer
 
-
-def merge(state: dict, update: dict | None) -> bool:
-    """Apply a hook's update as add_messages does (same id: replaced); True when it ends the run."""
-    if not update:
-        return False
-    for message in update.get("messages", []):
-        ids = [m.id for m in state["messages"]]
-        if message.id is not None and message.id in ids:
-            state["messages"][ids.index(message.id)] = message
-        else:
-            state["messages"].append(message)
-    return update.get("jump_to") == "end"
-
-
-def run_agent(model, tool: Tool, middleware: GuardMiddleware, messages: list) -> dict:
-    state = {"messages": list(messages)}
-    for _ in range(6):
-        if merge(state, middleware.before_model(state, None)):
-            break
-        answer = model.invoke(state["messages"])
-        state["messages"].append(answer)
-        if merge(state, middleware.after_model(state, None)):
-            break
-        last = state["messages"][-1]
-        if not last.tool_calls:
-            break
-        for call in last.tool_calls:
-            state["messages"].append(ToolMessage(tool(call["args"]), tool_call_id=call["id"]))
-    return state
+    return get_weather, calls
 
 
 def tool_call_answer(args: dict, id_: str = "ai-1") -> AIMessage:
     return AIMessage(content="", id=id_, tool_calls=[{"name": "get_weather", "args": args, "id": "call_1", "type": "tool_call"}])
 
 
-def test_safe_agent_run_calls_the_tool_and_answers(guard_and_backend):
+def blocked(message: Any, stage: str) -> bool:
+    meta = message.response_metadata.get("visguard", {})
+    return meta.get("blocked") is True and meta.get("stage") == stage and message.tool_calls == []
+
+
+def test_safe_request_and_tool_call_pass_unchanged(guard_and_backend):
     guard, backend = guard_and_backend
-    model = FakeMessagesListChatModel(responses=[tool_call_answer({"city": "Paris"}), AIMessage("Sunny.", id="ai-2")])
-    tool = Tool()
-    state = run_agent(model, tool, GuardMiddleware(guard), [SystemMessage("be brief"), HumanMessage("weather in Paris?")])
-    assert tool.calls == [{"city": "Paris"}] and state["messages"][-1].content == "Sunny."
-    checked = [text for stage, text, _ in backend.seen]
-    assert "Tool: sunny" in checked  # the tool result going into the second call was pre-checked
+    model = RecordingChatModel(responses=[tool_call_answer({"city": "Paris"}), AIMessage("Sunny.", id="ai-2")])
+    get_weather, calls = weather_tool()
+    agent = create_agent(model, tools=[get_weather], middleware=[GuardMiddleware(guard)])
+    request = image_request(SAFE_IMAGE, "weather in Paris, like in this picture?")
+    result = agent.invoke({"messages": [SystemMessage("be brief"), request]})
+    assert model.bound_tools == ["get_weather"]
+    assert calls == [{"city": "Paris"}]  # the tool ran with the model's arguments
+    first, second = model.calls
+    assert [m.content for m in first] == ["be brief", request.content]  # the request reached the model unchanged
+    tool_result = second[-1]
+    assert isinstance(tool_result, ToolMessage) and tool_result.content == "sunny" and tool_result.tool_call_id == "call_1"
+    messages = result["messages"]
+    assert messages[2].tool_calls == tool_call_answer({"city": "Paris"}).tool_calls  # the safe tool call, unchanged
+    assert messages[-1].content == "Sunny." and "visguard" not in messages[-1].response_metadata
+    checked = [(stage, text) for stage, text, _ in backend.seen]
+    # each model call was pre-checked (the tool result going into the second), each answer post-checked
+    assert [stage for stage, _ in checked] == ["input", "output", "input", "output"]
+    assert "Tool: sunny" in checked[2][1]
+    assert "[tool call get_weather(" in checked[1][1] and "Paris" in checked[1][1]
+    assert backend.images_seen[0] == [pixel_sha256(SAFE_IMAGE)]
 
 
-def test_an_unsafe_image_request_never_reaches_the_model(guard_and_backend):
+@pytest.mark.parametrize("block", ["image_url", "image"])
+def test_an_unsafe_image_request_never_reaches_the_model(guard_and_backend, block):
     guard, _ = guard_and_backend
-    model = FakeMessagesListChatModel(responses=[AIMessage("a description", id="ai-1")])
-    request = HumanMessage(content=[{"type": "text", "text": "what should I do with this?"},
-                                    {"type": "image_url", "image_url": {"url": data_url(UNSAFE_IMAGE)}}])
-    state = run_agent(model, Tool(), GuardMiddleware(guard), [request])
-    last = state["messages"][-1]
-    assert model.i == 0  # the fake model was never asked
-    assert last.response_metadata["visguard"]["blocked"] is True and last.response_metadata["visguard"]["stage"] == "input"
+    model = RecordingChatModel(responses=[AIMessage("a description", id="ai-1")])
+    get_weather, calls = weather_tool()
+    if block == "image_url":
+        request = image_request(UNSAFE_IMAGE)
+    else:  # LangChain's standard image block
+        request = HumanMessage(content=[{"type": "text", "text": "hi"}, {
+            "type": "image", "base64": data_url(UNSAFE_IMAGE).split(",", 1)[1], "mime_type": "image/png"}])
+    agent = create_agent(model, tools=[get_weather], middleware=[GuardMiddleware(guard)])
+    result = agent.invoke({"messages": [request]})
+    assert model.calls == [] and calls == []  # the model was never asked
+    last = result["messages"][-1]
+    assert blocked(last, "input") and len(result["messages"]) == 2
+    assert last.response_metadata["finish_reason"] == "content_filter"
     assert set(last.response_metadata["visguard"]["input_verdict"]) == {"label", "score", "category", "sub_category", "stage"}
-    # the same image in LangChain's standard image block is seen as well
-    block = {"type": "image", "base64": data_url(UNSAFE_IMAGE).split(",", 1)[1], "mime_type": "image/png"}
-    state = run_agent(model, Tool(), GuardMiddleware(guard), [HumanMessage(content=[{"type": "text", "text": "hi"}, block])])
-    assert state["messages"][-1].response_metadata["visguard"]["blocked"] is True and model.i == 0
 
 
 def test_an_unsafe_tool_call_is_replaced_and_the_tool_never_runs(guard_and_backend):
     guard, _ = guard_and_backend
-    model = FakeMessagesListChatModel(responses=[tool_call_answer({"recipe": "bomb"}), AIMessage("done", id="ai-2")])
-    tool = Tool()
-    state = run_agent(model, tool, GuardMiddleware(guard), [HumanMessage("help me")])
-    assert tool.calls == []
-    last = state["messages"][-1]
-    assert last.id == "ai-1" and last.tool_calls == [] and "bomb" not in str(last.content)
-    assert len(state["messages"]) == 2  # the answer was replaced, not appended to
+    model = RecordingChatModel(responses=[tool_call_answer({"city": "bomb town"}), AIMessage("done", id="ai-2")])
+    get_weather, calls = weather_tool()
+    agent = create_agent(model, tools=[get_weather], middleware=[GuardMiddleware(guard)])
+    result = agent.invoke({"messages": [HumanMessage("help me")]})
+    assert calls == [] and len(model.calls) == 1  # the tool never ran, the model was not asked again
+    messages = result["messages"]
+    assert len(messages) == 2  # the answer was replaced (same id), not appended to
+    assert messages[-1].id == "ai-1" and blocked(messages[-1], "output") and "bomb" not in str(messages[-1].content)
+
+
+def test_an_unsafe_tool_result_never_reaches_the_model(guard_and_backend):
+    guard, _ = guard_and_backend
+    model = RecordingChatModel(responses=[tool_call_answer({"city": "Paris"}), AIMessage("done", id="ai-2")])
+    get_weather, calls = weather_tool(answer="how to build a bomb")
+    agent = create_agent(model, tools=[get_weather], middleware=[GuardMiddleware(guard)])
+    result = agent.invoke({"messages": [HumanMessage("weather in Paris?")]})
+    assert calls == [{"city": "Paris"}] and len(model.calls) == 1
+    assert blocked(result["messages"][-1], "input")
 
 
 @pytest.mark.parametrize("answer", [
@@ -137,29 +167,106 @@ def test_an_unsafe_tool_call_is_replaced_and_the_tool_never_runs(guard_and_backe
 ], ids=["reasoning", "invalid-tool-call", "function-call", "thinking"])
 def test_non_text_output_is_post_checked(guard_and_backend, answer):
     guard, _ = guard_and_backend
-    model = FakeMessagesListChatModel(responses=[answer])
-    state = run_agent(model, Tool(), GuardMiddleware(guard), [HumanMessage("hi")])
-    assert "bomb" not in str(state["messages"][-1].content) and state["messages"][-1].tool_calls == []
+    agent = create_agent(RecordingChatModel(responses=[answer]), tools=[], middleware=[GuardMiddleware(guard)])
+    last = agent.invoke({"messages": [HumanMessage("hi")]})["messages"][-1]
+    assert last.id == "x" and blocked(last, "output") and "bomb" not in str(last.content)
+    assert "function_call" not in last.additional_kwargs and last.invalid_tool_calls == []
 
 
-def test_raise_policy_and_hook_declarations(guard_and_backend):
+def test_async_agent_blocks_the_same(guard_and_backend):
     guard, _ = guard_and_backend
-    middleware = GuardMiddleware(guard, on_unsafe="raise")
+    model = RecordingChatModel(responses=[tool_call_answer({"city": "bomb town"})])
+    get_weather, calls = weather_tool()
+    agent = create_agent(model, tools=[get_weather], middleware=[GuardMiddleware(guard)])
+    result = asyncio.run(agent.ainvoke({"messages": [HumanMessage("help me")]}))
+    assert calls == [] and blocked(result["messages"][-1], "output")
+    result = asyncio.run(agent.ainvoke({"messages": [image_request(UNSAFE_IMAGE)]}))
+    assert len(model.calls) == 1 and blocked(result["messages"][-1], "input")
+
+
+@pytest.mark.parametrize("unsafe", ["request", "tool-call"])
+def test_raise_policy_raises_out_of_the_agent(guard_and_backend, unsafe):
+    guard, _ = guard_and_backend
+    model = RecordingChatModel(responses=[tool_call_answer({"city": "bomb town" if unsafe == "tool-call" else "Paris"})])
+    get_weather, calls = weather_tool()
+    agent = create_agent(model, tools=[get_weather], middleware=[GuardMiddleware(guard, on_unsafe="raise")])
     with pytest.raises(GuardrailViolation):
-        middleware.before_model({"messages": [HumanMessage("a bomb")]}, None)
-    for hook in ("before_model", "after_model", "abefore_model", "aafter_model"):
-        assert getattr(GuardMiddleware, hook).__can_jump_to__ == ["end"]
+        agent.invoke({"messages": [HumanMessage("a bomb" if unsafe == "request" else "weather?")]})
+    assert calls == [] and len(model.calls) == (0 if unsafe == "request" else 1)
 
 
-def test_with_create_agent(guard_and_backend):
-    agents = pytest.importorskip("langchain.agents", reason="langchain v1 (create_agent) is not installed here")
+def test_both_hooks_can_end_the_run_in_the_compiled_graph(guard_and_backend):
     guard, _ = guard_and_backend
-    model = FakeMessagesListChatModel(responses=[tool_call_answer({"recipe": "bomb"})])
+    agent = create_agent(RecordingChatModel(responses=[AIMessage("x")]), tools=[weather_tool()[0]],
+                         middleware=[GuardMiddleware(guard)])
+    edges = {(e.source, e.target) for e in agent.get_graph().edges}
+    assert ("visguard.before_model", "__end__") in edges and ("visguard.after_model", "__end__") in edges
+    assert ("visguard.before_model", "model") in edges and ("visguard.after_model", "tools") in edges
 
-    def get_weather(recipe: str) -> str:
-        """Weather."""
-        raise AssertionError("the tool must not run")
 
-    agent = agents.create_agent(model, tools=[get_weather], middleware=[GuardMiddleware(guard)])
-    result = agent.invoke({"messages": [HumanMessage("help")]})
-    assert result["messages"][-1].tool_calls == []
+@pytest.mark.parametrize("strategy", ["tool", "provider"])
+def test_an_unsafe_structured_response_is_withheld(guard_and_backend, strategy):
+    """response_format: create_agent's model node puts the parsed answer in ``structured_response`` and,
+    with ToolStrategy, a ToolMessage after the model's AIMessage (factory.py, _handle_model_output);
+    the post-check must see that AIMessage and withhold the structured response."""
+    from langchain.agents.structured_output import ProviderStrategy, ToolStrategy
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        text: str
+
+    guard, _ = guard_and_backend
+    if strategy == "tool":
+        answer = AIMessage(content="", id="ai-1", tool_calls=[
+            {"name": "Answer", "args": {"text": "build a bomb"}, "id": "call_9", "type": "tool_call"}])
+        response_format = ToolStrategy(Answer)
+    else:
+        answer = AIMessage(content='{"text": "build a bomb"}', id="ai-1")
+        response_format = ProviderStrategy(Answer)
+    model = RecordingChatModel(responses=[answer])
+    agent = create_agent(model, tools=[], response_format=response_format, middleware=[GuardMiddleware(guard)])
+    result = agent.invoke({"messages": [HumanMessage("hi")]})
+    assert result.get("structured_response") is None
+    messages = result["messages"]
+    assert len(messages) == 2 and messages[-1].id == "ai-1" and blocked(messages[-1], "output")
+    assert "bomb" not in str(messages[-1].content)
+    # a safe structured response passes unchanged
+    safe = answer.model_copy(update={"content": '{"text": "fine"}'} if strategy == "provider" else {
+        "tool_calls": [{**answer.tool_calls[0], "args": {"text": "fine"}}]})
+    agent = create_agent(RecordingChatModel(responses=[safe]), tools=[], response_format=response_format,
+                         middleware=[GuardMiddleware(guard)])
+    assert agent.invoke({"messages": [HumanMessage("hi")]})["structured_response"] == Answer(text="fine")
+
+
+def test_two_guards_in_one_agent_by_name(guard_and_backend):
+    """create_agent refuses two middleware with one name: an input guard and an output guard need names."""
+    guard, backend = guard_and_backend
+    output_backend = ImageAndKeywordBackend("poison")
+    output_guard = Guard(output_backend, VisguardFormat(), Policy())
+    model = RecordingChatModel(responses=[AIMessage("add poison", id="ai-1")])
+    agent = create_agent(model, tools=[], middleware=[
+        GuardMiddleware(guard, check_output=False, name="input_guard"),
+        GuardMiddleware(output_guard, check_input=False, name="output_guard")])
+    result = agent.invoke({"messages": [HumanMessage("a recipe?")]})
+    assert blocked(result["messages"][-1], "output")
+    assert [s for s, _, _ in backend.seen] == ["input"] and [s for s, _, _ in output_backend.seen] == ["output"]
+    with pytest.raises(AssertionError, match="duplicate"):
+        create_agent(model, tools=[], middleware=[GuardMiddleware(guard), GuardMiddleware(output_guard)])
+
+
+def test_listed_last_the_guard_checks_a_tool_call_before_a_human_is_asked(guard_and_backend):
+    """after_model hooks run in reverse list order (factory.py): listed after HumanInTheLoopMiddleware,
+    the guard blocks an unsafe tool call before the approval interrupt; a safe one still interrupts."""
+    from langchain.agents.middleware import HumanInTheLoopMiddleware
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    guard, _ = guard_and_backend
+    get_weather, calls = weather_tool()
+    for city, interrupted in (("bomb town", False), ("Paris", True)):
+        model = RecordingChatModel(responses=[tool_call_answer({"city": city})])
+        agent = create_agent(model, tools=[get_weather], checkpointer=InMemorySaver(), middleware=[
+            HumanInTheLoopMiddleware(interrupt_on={"get_weather": True}), GuardMiddleware(guard)])
+        result = agent.invoke({"messages": [HumanMessage("weather?")]}, {"configurable": {"thread_id": city}})
+        assert bool(result.get("__interrupt__")) is interrupted
+        assert blocked(result["messages"][-1], "output") is not interrupted
+    assert calls == []

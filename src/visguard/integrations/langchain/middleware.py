@@ -12,9 +12,19 @@ existing id replaces it) and may end the run with ``"jump_to": "end"`` when the 
 - ``before_model``: pre-checks what goes into the model call: the images of every message, the last
   message's text (a tool result as ``Tool: ...``), every earlier message quoted as a turn (tool calls
   as ``[tool call name(arguments)]``). Blocked: the run ends with an ``AIMessage`` holding the refusal.
-- ``after_model``: post-checks the model's answer: text, reasoning / thinking blocks, refusals, tool
-  calls and invalid tool calls (names and arguments), legacy ``function_call``. Blocked: the answer is
-  replaced (same message id) by the refusal without tool calls, so no tool runs, and the run ends.
+- ``after_model``: post-checks the model's answer (the last assistant message: with
+  ``response_format=ToolStrategy(...)`` the model node adds a ToolMessage after it): text, reasoning /
+  thinking blocks, refusals, tool calls and invalid tool calls (names and arguments), legacy
+  ``function_call``. Blocked: the answer is replaced (same message id) by the refusal without tool
+  calls, so no tool runs, the messages after it are removed, ``structured_response`` is cleared, and
+  the run ends.
+
+``create_agent`` runs ``before_model`` hooks in list order and ``after_model`` hooks in reverse: list
+the guard last so that it checks the messages other middleware prepared and checks an answer before
+other ``after_model`` hooks (a human-approval interrupt) see it. Stream events (``stream_mode``
+``messages`` / ``updates`` / ``values``) carry the model node's answer before ``after_model`` runs;
+the final state is the guarded one. ``create_agent(system_prompt=...)`` is not in the state and is not
+checked.
 
 Policy actions as everywhere (:meth:`~visguard.core.policy.Policy.action`): ``pass`` / ``degraded``
 / ``flag`` go on; ``block`` refuses (``on_unsafe="refuse"``) or raises
@@ -22,8 +32,9 @@ Policy actions as everywhere (:meth:`~visguard.core.policy.Policy.action`): ``pa
 :class:`~visguard.core.errors.GuardUnavailableError`. The refusal's ``response_metadata["visguard"]``
 holds labels, scores and categories only; full verdicts go to the audit log.
 
-The class subclasses ``AgentMiddleware`` when the ``langchain`` (v1) package is installed; without it,
-it is a plain class with the same hook signatures (it needs langchain-core only).
+The class subclasses ``AgentMiddleware`` when the ``langchain`` (v1) package is installed (tested with
+langchain 1.5.2's ``create_agent``); without it, it is a plain class with the same hook signatures
+(it needs langchain-core only).
 """
 
 from __future__ import annotations
@@ -43,7 +54,7 @@ from visguard.hosting.guarded import DEFAULT_REFUSAL, DEFAULT_UNAVAILABLE_MESSAG
 try:  # LangChain v1 agents
     from langchain.agents.middleware import AgentMiddleware as _Base
 except ImportError:  # langchain-core only: the same hooks on a plain class
-    _Base = object
+    _Base = object  # type: ignore[misc,assignment]
 
 _ROLES = {"human": "user", "user": "user", "ai": "assistant", "assistant": "assistant", "system": "system",
           "developer": "developer", "tool": "tool", "function": "tool"}
@@ -143,13 +154,17 @@ class GuardMiddleware(_Base):
         refusal: a template with ``{category}``, ``{sub_category}``, ``{label}``, ``{stage}``,
             ``{score}``, or a function ``verdict -> str``.
         audit: an :class:`~visguard.hosting.audit.AuditLog` for every decision.
+        name: the middleware's name; ``create_agent`` needs distinct names for two guards in one agent.
     """
 
     def __init__(self, guard: Checker, *, check_input: bool = True, check_output: bool = True,
                  on_unsafe: Literal["refuse", "raise"] = "refuse",
-                 refusal: str | Callable[[Verdict], str] = DEFAULT_REFUSAL, audit: AuditLog | None = None) -> None:
+                 refusal: str | Callable[[Verdict], str] = DEFAULT_REFUSAL, audit: AuditLog | None = None,
+                 name: str = "visguard") -> None:
         if on_unsafe not in ("refuse", "raise"):
             raise InputError(f"on_unsafe must be 'refuse' or 'raise', got {on_unsafe!r}")
+        if not isinstance(name, str) or not name:
+            raise InputError(f"name must be a non-empty string, got {name!r}")
         if _Base is not object:
             super().__init__()
         self.guard = guard
@@ -158,11 +173,13 @@ class GuardMiddleware(_Base):
         self.on_unsafe = on_unsafe
         self.refusal = refusal
         self.audit = audit
+        self._name = name
         self.tools: list[Any] = []
 
     @property
     def name(self) -> str:
-        return "visguard"
+        """The middleware's name in the agent graph (nodes ``<name>.before_model`` / ``<name>.after_model``)."""
+        return self._name
 
     # ---- building requests
     def request(self, messages: Sequence[Any]) -> GuardRequest:
@@ -228,18 +245,33 @@ class GuardMiddleware(_Base):
 
     @_can_end
     def after_model(self, state: Mapping[str, Any], runtime: Any = None) -> dict[str, Any] | None:
-        """Post-check the model's answer (tool calls included); blocked: replace it, no tool runs."""
-        messages = state["messages"]
-        if not self.check_output or not messages or _role(messages[-1]) != "assistant":
+        """Post-check the model's answer (tool calls included); blocked: replace it, no tool runs.
+
+        The answer is the last assistant message: with ``response_format=ToolStrategy(...)`` the model
+        node adds a ToolMessage after it. Blocked: the answer is replaced (same id), the tool messages
+        after it are removed and ``structured_response`` is cleared.
+        """
+        messages = list(state["messages"])
+        if not self.check_output:
             return None
-        answer = messages[-1]
-        request = self.request(messages[:-1])
+        at = next((i for i in range(len(messages) - 1, -1, -1) if _role(messages[i]) == "assistant"), None)
+        if at is None:
+            return None
+        answer = messages[at]
+        request = self.request(messages[:at])
         request_id = uuid.uuid4().hex
         verdict = report_answer(self.guard, request, message_text(answer))
         if self._act(verdict, request, request_id):
             return None
-        return {"messages": [self._refusal(verdict, request_id, replaces=getattr(answer, "id", None))],
-                "jump_to": "end"}
+        from langchain_core.messages import RemoveMessage
+
+        update: dict[str, Any] = {
+            "messages": [self._refusal(verdict, request_id, replaces=getattr(answer, "id", None)),
+                         *(RemoveMessage(id=m.id) for m in messages[at + 1:] if getattr(m, "id", None))],
+            "jump_to": "end"}
+        if state.get("structured_response") is not None:
+            update["structured_response"] = None
+        return update
 
     @_can_end
     async def abefore_model(self, state: Mapping[str, Any], runtime: Any = None) -> dict[str, Any] | None:
