@@ -23,7 +23,7 @@ from langchain_core.tools import tool
 from PIL import Image
 from visguard_testing.backends import KeywordBackend, pixel_sha256
 
-from visguard import Guard, GuardrailViolation, Policy
+from visguard import Guard, GuardrailViolation, GuardUnavailableError, Policy
 from visguard.default_plugins.visguard_format import VisguardFormat
 from visguard.integrations.langchain.middleware import GuardMiddleware
 
@@ -270,3 +270,26 @@ def test_listed_last_the_guard_checks_a_tool_call_before_a_human_is_asked(guard_
         assert bool(result.get("__interrupt__")) is interrupted
         assert blocked(result["messages"][-1], "output") is not interrupted
     assert calls == []
+
+
+class BrokenBackend(ImageAndKeywordBackend):
+    """A guard whose scoring fails on the output check (e.g. the guard model crashed)."""
+
+    def score(self, prompts):
+        if any("bomb" not in str(p.messages) and "Sunny" in str(p.messages) for p in prompts):
+            raise RuntimeError("guard backend down")
+        return super().score(prompts)
+
+
+@pytest.mark.parametrize("on_error, outcome", [("block", "refused"), ("raise", "raised")])
+def test_a_failing_guard_never_lets_the_answer_through(on_error, outcome):
+    guard = Guard(BrokenBackend("bomb"), VisguardFormat(), Policy(on_error=on_error))
+    model = RecordingChatModel(responses=[AIMessage("Sunny.", id="ai-1")])
+    agent = create_agent(model, tools=[], middleware=[GuardMiddleware(guard)])
+    if outcome == "raised":
+        with pytest.raises(GuardUnavailableError):
+            agent.invoke({"messages": [HumanMessage("weather?")]})
+        return
+    last = agent.invoke({"messages": [HumanMessage("weather?")]})["messages"][-1]
+    assert blocked(last, "output") and last.response_metadata["visguard"]["reason"] == "unavailable"
+    assert "Sunny" not in str(last.content) and len(model.calls) == 1
