@@ -286,11 +286,15 @@ def cli() -> None:
 @backend_arg_option
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@click.option("--explain", is_flag=True,
+              help="Also score each image alone, the text alone and subsets of them (one batched pass) and "
+                   "say which carry the harm: a single image, the text, or only the combination (one guard, "
+                   "not a cascade; formats with a fast score and any image count).")
 @click.pass_context
 def check(ctx: click.Context, images: tuple[str, ...], model: str | None, stages: tuple[str, ...],
           config_file: str | None, text: str, response: str | None, mode: Mode | None, backend: str,
           format_name: str | None, threshold: float, max_new_tokens: int, backend_args: tuple[str, ...], device: str,
-          as_json: bool) -> None:
+          as_json: bool, explain: bool) -> None:
     """Check IMAGES (zero or more files) plus --text with a guard model (or a cascade: --stage, --config).
 
     Exit code: 0 safe, 1 unsafe, 2 unavailable (guard error or unparseable output) or bad input.
@@ -311,8 +315,14 @@ def check(ctx: click.Context, images: tuple[str, ...], model: str | None, stages
                          max_new_tokens=("max_new_tokens", max_new_tokens))
     # Inputs first: a bad image or text is reported before minutes of model loading.
     request = GuardRequest.build(list(images), text, response, limits=policy.limits)
+    if explain and stages:
+        raise click.UsageError("--explain attributes one guard's verdict: give --model, not --stage")
     guard = checker_from(config, ctx, config_file, model, stages, policy=policy, backend=backend,
                          format_name=format_name, backend_args=backend_args, device=device)
+    if explain:
+        from visguard.engine.attribution import explaining
+
+        guard = explaining(guard)  # a cascade (--config): refused, one line, exit 2
     verdict = enforce(guard, guard.report_batch([request]))[0]
     action = guard.policy.action(verdict)
     if as_json:
@@ -321,9 +331,26 @@ def check(ctx: click.Context, images: tuple[str, ...], model: str | None, stages
         _print_verdict(verdict)
         if config is not None:
             click.echo(f"{'action':<9}  {action}")
+        if explain:
+            _print_attribution(verdict, images)
     if verdict.label == "unavailable":
         sys.exit(EXIT_ERROR)
     sys.exit(EXIT_UNSAFE if action == "block" else EXIT_SAFE)
+
+
+def _print_attribution(verdict: Any, images: tuple[str, ...]) -> None:
+    """``--explain``: the summary line, then one row per scored subset (P(unsafe), parts)."""
+    found = verdict.attribution
+    if found is None:
+        click.echo("attribution  - (no attribution: the subsets were not scored)")
+        return
+    click.echo(f"attribution  {found.summary}: {found.detail}")
+    click.echo(f"  {'P(unsafe)':>9}  {'':<6}  subset")
+    for row in found.rows:
+        names = [f"image {i} ({os.path.basename(images[i])})" if i < len(images) else f"image {i}" for i in row.subset]
+        parts = " + ".join(names + (["text"] if row.includes_text else []))
+        mark = "unsafe" if row.score >= found.threshold else ""
+        click.echo(f"  {row.score:>9.4f}  {mark:<6}  {parts}")
 
 
 def _print_verdict(verdict: Any) -> None:

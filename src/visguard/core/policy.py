@@ -112,6 +112,11 @@ class Policy(BaseModel):
             check is ``unavailable`` and a batch still running is abandoned (its worker replaced,
             see :mod:`visguard.engine.batching`). ``None``: no limit (a hung backend then blocks the caller).
         limits: image-boundary limits.
+        explain: also attribute each verdict to its parts (``Verdict.attribution``: the fast
+            P(unsafe) of each image alone, the text alone and subsets of them, all in the same
+            batched scoring pass; see :mod:`visguard.engine.attribution`). Off by default; a
+            format that cannot score subsets refuses such a policy's checks
+            (:class:`~visguard.core.errors.UnsupportedRequestError`).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -124,6 +129,7 @@ class Policy(BaseModel):
     max_new_tokens: int = Field(default=512, ge=1)
     timeout_s: float | None = Field(default=DEFAULT_TIMEOUT_S, gt=0)
     limits: ImageLimits = ImageLimits()
+    explain: bool = False
 
     @field_validator("categories")
     @classmethod

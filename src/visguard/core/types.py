@@ -5,7 +5,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal, overload
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from visguard.core.errors import InputError
 from visguard.core.images import GuardImage, ImageInput, ImageLimits, load_images
@@ -167,6 +175,54 @@ class GuardRequest(BaseModel):
             raise InputError(_one_line_validation(exc)) from exc
 
 
+#: what drives an unsafe verdict (:attr:`Attribution.summary`): one image alone is unsafe, the text
+#: alone is, only a combination of parts is (no part alone), or nothing (the request is not unsafe)
+AttributionSummary = Literal["single image", "text", "combination only", "none"]
+
+
+class AttributionRow(BaseModel):
+    """The fast P(unsafe) of one part-subset of a request.
+
+    Attributes:
+        subset: indices (0-based, in the request's order) of the images the subset keeps.
+        includes_text: whether the subset keeps the request's text.
+        score: the guard's fast P(unsafe) of that subset, asked as a request of its own.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    subset: tuple[int, ...]
+    includes_text: bool
+    score: float = Field(ge=0.0, le=1.0)
+
+    @property
+    def name(self) -> str:
+        """``"image 0 + image 2 + text"``, ``"text"``, ``"image 1"``."""
+        parts = [f"image {i}" for i in self.subset] + (["text"] if self.includes_text else [])
+        return " + ".join(parts) or "(nothing)"
+
+
+class Attribution(BaseModel):
+    """Which parts of a request carry its harm (``Policy(explain=True)``; :mod:`visguard.engine.attribution`).
+
+    Attributes:
+        rows: the scored subsets, smallest first; the last is the whole request.
+        summary: what drives the verdict (:data:`AttributionSummary`).
+        images: the images the summary names: the unsafe image alone (``single image``), the
+            smallest unsafe subset's images (``combination only``), else empty.
+        threshold: the P(unsafe) threshold the summary was read with (the policy's).
+        detail: the summary as one line of text.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    rows: tuple[AttributionRow, ...]
+    summary: AttributionSummary
+    images: tuple[int, ...] = ()
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    detail: str = ""
+
+
 class Verdict(BaseModel):
     """A guard's structured decision.
 
@@ -192,6 +248,8 @@ class Verdict(BaseModel):
             wrote none (fast mode, formats that only judge, a cut-off answer).
         category_scores: P(unsafe) per harm category, where the format provides them (empty
             otherwise); :meth:`Policy.action` then decides per category (its thresholds and actions).
+        attribution: which images / the text carry the harm (``Policy(explain=True)``), else ``None``;
+            it explains, and never changes, the verdict.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -211,12 +269,21 @@ class Verdict(BaseModel):
     error: str | None = None
     safe_answer: str | None = None
     category_scores: dict[str, float] = Field(default_factory=dict)
+    attribution: Attribution | None = None
 
     @field_validator("error", "model")
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
         # error texts quote URLs and server answers: a verdict never carries a credential
         return None if value is None else redact(value)
+
+    @model_serializer(mode="wrap")
+    def _attribution_when_asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a verdict nobody asked to explain serialises as before: no "attribution" key
+        data: dict[str, Any] = handler(self)
+        if self.attribution is None:
+            data.pop("attribution", None)
+        return data
 
     @property
     def is_safe(self) -> bool:

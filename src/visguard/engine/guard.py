@@ -25,6 +25,7 @@ from visguard import plugins
 from visguard.core.errors import BackendError, InputError, InputTooLongError, PromptTooLongError
 from visguard.core.policy import Mode, Policy
 from visguard.core.types import GuardRequest, Verdict
+from visguard.engine import attribution
 from visguard.engine.backend import Backend
 from visguard.engine.batching import MicroBatcher, shared_batcher
 from visguard.engine.checker import BatchObserver, CheckerBase
@@ -153,10 +154,16 @@ class Guard(CheckerBase):
             InputError: an element is not a :class:`GuardRequest`.
             UnsupportedRequestError: the format cannot judge a request, or run in ``mode``.
             InputTooLongError: a request's prompt is longer than the guard model can take.
+
+        With ``policy.explain`` each verdict carries :attr:`Verdict.attribution`
+        (:func:`visguard.engine.attribution.report_explained`; a format that cannot score subsets
+        raises :class:`~visguard.core.errors.UnsupportedRequestError`).
         """
         requests = _checked_requests(requests)
         if not requests:
             return []
+        if self.policy.explain:  # Verdict.attribution: subsets scored in the same batched pass
+            return attribution.report_explained(self, requests, mode)
         mode = mode or self.policy.mode
         if mode not in ("fast", "reason", "adaptive"):
             raise InputError(f"unknown mode {mode!r}; expected fast, reason or adaptive")

@@ -118,6 +118,8 @@ class AuditLog:
             # a cascade's every stage guard's verdict (empty for a single guard), not just the deciding one
             "stages": [_stage_record(s) for s in verdict.stages],
         }
+        if verdict.attribution is not None:  # an explained check (Policy(explain=True)): its subsets' scores
+            record["attribution"] = verdict.attribution.model_dump(mode="json")
         self.write(record)
         return record
 

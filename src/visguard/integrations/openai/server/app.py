@@ -47,6 +47,7 @@ from visguard.core.errors import GuardrailViolation, GuardUnavailableError, Inpu
 from visguard.core.policy import Mode
 from visguard.core.redact import redact
 from visguard.core.types import Verdict
+from visguard.engine.attribution import explaining
 from visguard.engine.checker import Checker
 from visguard.hosting.audit import AuditLog
 from visguard.hosting.guarded import GuardedModel, GuardedResult
@@ -155,6 +156,8 @@ class GuardCheckBody(BaseModel):
         response: the host's answer, for a post-check.
         conversation: earlier turns, ``[{"role": ..., "content": str}]``.
         mode: ``fast`` / ``reason`` / ``adaptive`` (default: the server's policy).
+        explain: also return ``attribution`` (which images / the text carry the harm; one guard only,
+            see :mod:`visguard.engine.attribution`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -164,6 +167,7 @@ class GuardCheckBody(BaseModel):
     response: str | None = None
     conversation: list[dict[str, str]] = Field(default_factory=list)
     mode: Mode | None = None
+    explain: bool = False
 
 
 def create_app(
@@ -265,7 +269,8 @@ def create_app(
         try:
             request = await asyncio.to_thread(guard.request, body.images, body.text, body.response,
                                               conversation=body.conversation)
-            (verdict,) = await asyncio.to_thread(guard.report_batch, [request], mode=body.mode)
+            checker = explaining(guard) if body.explain else guard
+            (verdict,) = await asyncio.to_thread(checker.report_batch, [request], mode=body.mode)
         except InputError as exc:  # refused at the input boundary, or a request the format cannot judge
             raise ApiError(400, str(exc), param="images" if "image" in str(exc) else None) from exc
         rid = uuid.uuid4().hex

@@ -1,0 +1,229 @@
+"""Cross-image attribution (issue 27): ``Policy(explain=True)`` / ``visguard check --explain``.
+
+A scripted backend on the real ``visguard`` format scores each prompt by which images (told apart
+by colour) and whether the user's text it carries, so the summary logic is tested on known scores;
+the CLI test runs a tiny random-weight Qwen2-VL through the transformers backend.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from visguard import AuditLog, Backend, Guard, Policy
+from visguard.cli import cli
+from visguard.core.errors import UnsupportedRequestError
+from visguard.core.types import AttributionRow, GuardRequest, Verdict
+from visguard.default_plugins.llama_guard_format import LlamaGuardFormat
+from visguard.default_plugins.shieldgemma_format import ShieldGemmaFormat
+from visguard.default_plugins.visguard_format import VisguardFormat
+from visguard.engine.attribution import subsets, summarize
+from visguard.engine.cascade import Cascade
+from visguard.integrations.openai.server.app import ServeSettings, create_app
+from visguard.integrations.openai.server.upstream import ServerThread
+
+COLOURS = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (0, 200, 200)]
+_REQUEST = re.compile(r"<user_request>\n(.*)\n</user_request>", re.S)
+
+Rule = Callable[[frozenset[int], bool], float]
+
+
+class ScriptedBackend(Backend):
+    """P(unsafe) = ``rule(images seen (by colour index), text present)``; records every score call."""
+
+    name = "scripted"
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+        self.model_id = "scripted-guard"
+        self.calls: list[list[tuple[frozenset[int], bool]]] = []
+        self._lock = threading.Lock()
+
+    def score(self, prompts: Sequence[Any]) -> list[float]:
+        seen = []
+        for prompt in prompts:
+            text = _REQUEST.search(prompt.messages[-1]["content"][-1]["text"])
+            has_text = text is not None and text.group(1).strip() not in ("", "(no text)")
+            ids = frozenset(COLOURS.index(img.convert("RGB").getpixel((0, 0))) for img in prompt.images)
+            seen.append((ids, has_text))
+        with self._lock:
+            self.calls.append(seen)
+        return [self.rule(ids, t) for ids, t in seen]
+
+    def generate(self, prompts: Sequence[Any], *, max_new_tokens: int) -> list[Any]:
+        raise NotImplementedError("fast mode only")
+
+
+def _images(n: int) -> list[Image.Image]:
+    return [Image.new("RGB", (24, 24), COLOURS[i]) for i in range(n)]
+
+
+def _guard(rule: Rule, **policy: Any) -> tuple[Guard, ScriptedBackend]:
+    backend = ScriptedBackend(rule)
+    return Guard(backend, VisguardFormat(), Policy(mode="fast", explain=True, **policy)), backend
+
+
+def _check(guard: Guard, n: int, text: str = "use the first on the second") -> Verdict:
+    request = GuardRequest.build(_images(n), text)
+    (verdict,) = guard.report_batch([request])
+    return verdict
+
+
+# ------------------------------------------------------------------ enumeration
+@pytest.mark.parametrize(("n", "expected"), [(1, 3), (2, 7), (3, 15), (4, 11), (5, 13)])
+def test_subsets_are_all_for_up_to_three_images_and_leave_one_out_beyond(n, expected):
+    chosen = subsets(n, True)
+    assert len(chosen) == expected == len(set(chosen))
+    assert chosen[-1] == (tuple(range(n)), True)  # the whole request last
+    singles = [s for s in chosen if len(s[0]) + s[1] == 1]
+    assert sorted(singles) == sorted([((), True)] + [((i,), False) for i in range(n)])  # each part alone
+    if n <= 3:  # every non-empty subset of n images + the text
+        assert len(chosen) == 2 ** (n + 1) - 1
+    else:  # leave-one-out: the request without each image, and without the text
+        loo = [s for s in chosen if len(s[0]) + s[1] == n]
+        assert sorted(loo) == sorted([(tuple(j for j in range(n) if j != i), True) for i in range(n)]
+                                     + [(tuple(range(n)), False)])
+    assert subsets(n, False)[-1] == (tuple(range(n)), False)
+    assert all(not t for _, t in subsets(n, False))  # no text: no subset claims it
+
+
+# ------------------------------------------------------------------ one batched pass
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
+def test_an_explained_check_is_one_backend_score_call(n):
+    guard, backend = _guard(lambda ids, text: 0.9 if len(ids) == n and text else 0.1)
+    verdict = _check(guard, n)
+    assert len(backend.calls) == 1  # the request and every subset, one batch
+    assert len(backend.calls[0]) == len(subsets(n, True))
+    assert verdict.label == "unsafe" and verdict.score == pytest.approx(0.9)
+    rows = verdict.attribution.rows
+    assert [(r.subset, r.includes_text) for r in rows] == subsets(n, True)
+    # each row's score is the score of exactly the images and text it names
+    for row, (ids, text) in zip(rows, backend.calls[0], strict=True):
+        assert ids == frozenset(row.subset) and text == row.includes_text
+
+
+def test_without_explain_there_is_one_prompt_and_no_attribution():
+    backend = ScriptedBackend(lambda ids, text: 0.9)
+    guard = Guard(backend, VisguardFormat(), Policy(mode="fast"))
+    verdict = _check(guard, 2)
+    assert backend.calls == [[(frozenset({0, 1}), True)]]
+    assert verdict.attribution is None and "attribution" not in verdict.model_dump()
+
+
+# ------------------------------------------------------------------ summaries
+def test_harm_only_in_the_combination():
+    guard, _ = _guard(lambda ids, text: 0.95 if ids == {0, 1} and text else 0.05)
+    found = _check(guard, 2).attribution
+    assert found.summary == "combination only" and found.images == (0, 1)
+    assert "only the combination" in found.detail
+
+
+def test_one_image_alone_carries_it():
+    guard, _ = _guard(lambda ids, text: 0.9 if 1 in ids else 0.1)
+    verdict = _check(guard, 3)
+    assert verdict.label == "unsafe"
+    assert verdict.attribution.summary == "single image" and verdict.attribution.images == (1,)
+
+
+def test_the_text_alone_carries_it():
+    guard, _ = _guard(lambda ids, text: 0.8 if text else 0.2)
+    found = _check(guard, 2).attribution
+    assert found.summary == "text" and found.images == ()
+
+
+def test_a_safe_request_is_none_even_when_a_subset_scores_high():
+    guard, _ = _guard(lambda ids, text: 0.7 if ids == {0} and not text else 0.1)
+    verdict = _check(guard, 2)
+    assert verdict.label == "safe" and verdict.attribution.summary == "none"
+    assert "image 0 alone scores 0.70" in verdict.attribution.detail
+
+
+def test_summary_follows_the_policy_threshold():
+    rows = [AttributionRow(subset=(), includes_text=True, score=0.4),
+            AttributionRow(subset=(0,), includes_text=False, score=0.2),
+            AttributionRow(subset=(0,), includes_text=True, score=0.6)]
+    assert summarize(rows, 0.5).summary == "combination only"
+    assert summarize(rows, 0.3).summary == "text"
+    assert summarize(rows, 0.7).summary == "none"
+
+
+def test_a_failing_backend_is_unavailable_never_safe():
+    def rule(ids, text):
+        raise RuntimeError("device lost")
+
+    guard, _ = _guard(rule)
+    verdict = _check(guard, 2)
+    assert verdict.label == "unavailable" and "device lost" in verdict.error and verdict.attribution is None
+
+
+# ------------------------------------------------------------------ formats that cannot
+def test_formats_that_cannot_score_subsets_refuse_with_a_typed_error():
+    one_image = Guard(ScriptedBackend(lambda ids, text: 0.1), ShieldGemmaFormat(), Policy(explain=True))
+    with pytest.raises(UnsupportedRequestError, match="shieldgemma2.*cannot attribute.*one image per request"):
+        one_image.report_batch([GuardRequest.build(_images(1))])
+    generated = Guard(ScriptedBackend(lambda ids, text: 0.1), LlamaGuardFormat(), Policy(explain=True))
+    with pytest.raises(UnsupportedRequestError, match="cannot attribute.*no fast P\\(unsafe\\) score"):
+        generated.report_batch([GuardRequest.build(_images(1), "x")])
+
+
+def test_a_cascade_refuses_explain_clearly():
+    guard, _ = _guard(lambda ids, text: 0.1)
+    from visguard.engine.attribution import explaining
+
+    with pytest.raises(UnsupportedRequestError, match="one guard, not a Cascade"):
+        explaining(Cascade([guard]))
+
+
+# ------------------------------------------------------------------ CLI, server, audit
+def test_cli_explain_prints_the_table(qwen_path, tmp_path, one_torch_thread):
+    paths = []
+    for i, img in enumerate(_images(2)):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        img.save(paths[-1])
+    result = CliRunner().invoke(cli, ["check", "--model", qwen_path, "--mode", "fast", "--text", "x", *paths,
+                                      "--explain"])
+    assert result.exit_code in (0, 1), result.output
+    lines = result.output.splitlines()
+    summary = next(line for line in lines if line.startswith("attribution"))
+    assert re.match(r"attribution  (single image|text|combination only|none): ", summary)
+    table = [line for line in lines if re.match(r"\s+[01]\.\d{4}\s", line)]
+    assert len(table) == 7  # every subset of 2 images + the text
+    assert table[-1].endswith("image 0 (img0.png) + image 1 (img1.png) + text")
+    plain = CliRunner().invoke(cli, ["check", "--model", qwen_path, "--mode", "fast", "--text", "x", *paths])
+    assert "attribution" not in plain.output
+    cascade = CliRunner().invoke(cli, ["check", "--stage", qwen_path, "--text", "x", "--explain"])
+    assert cascade.exit_code == 2 and "--explain" in cascade.output
+
+
+def _data_url(i: int) -> str:
+    buf = io.BytesIO()
+    _images(i + 1)[i].save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_server_returns_attribution_when_asked_and_the_audit_keeps_it(tmp_path):
+    backend = ScriptedBackend(lambda ids, text: 0.9 if ids == {0, 1} and text else 0.1)
+    guard = Guard(backend, VisguardFormat(), Policy(mode="fast"))
+    path = tmp_path / "audit.jsonl"
+    body = {"images": [_data_url(0), _data_url(1)], "text": "put them together"}
+    with ServerThread(create_app(guard, settings=ServeSettings(audit=str(path)))) as server:
+        plain = httpx.post(server.url + "/v1/guard/check", json=body, timeout=60)
+        explained = httpx.post(server.url + "/v1/guard/check", json={**body, "explain": True}, timeout=60)
+    assert plain.status_code == 200 and "attribution" not in plain.json()
+    assert explained.status_code == 200, explained.text
+    found = explained.json()["attribution"]
+    assert found["summary"] == "combination only" and found["images"] == [0, 1] and len(found["rows"]) == 7
+    records = AuditLog.read(path)
+    assert "attribution" not in records[0]
+    assert records[1]["attribution"] == found
+    assert json.dumps(found)  # plain JSON
