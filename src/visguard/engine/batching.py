@@ -139,12 +139,21 @@ class MicroBatcher:
             self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
             self._thread.start()
 
-    def close(self) -> None:
-        """Stop the worker after the batches already queued."""
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stop the worker after the batches already queued, and wait (at most ``timeout`` s) for it to end.
+
+        Once ``close`` returns, the worker holds nothing: what it referenced is not released later on
+        a daemon thread, possibly while the interpreter shuts down (a torch tensor freed there takes
+        the GIL back during finalization and the process aborts with "terminate called without an
+        active exception"). A retired worker still stuck in a batch (:meth:`abandon`) is not waited for.
+        """
         with self._lock:
             self._closed = True
-            if self._thread is not None:
+            worker = self._thread
+            if worker is not None:
                 self._queue.put(_STOP)
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(timeout)
 
 
     def _loop(self) -> None:
@@ -175,6 +184,10 @@ class MicroBatcher:
                 batch.append(nxt)
             if not self._execute(batch) or stop:
                 return
+            # Let go of the batch before waiting for the next one: an idle worker must not keep its
+            # requests, their futures and (through the runner in each key) the guard and its model alive.
+            batch.clear()
+            first = nxt = None
 
     def _execute(self, batch: list[tuple[Any, Any, Future[Any], float]]) -> bool:
         """Run ``batch`` key by key; ``False`` when this worker was retired meanwhile (it must exit)."""

@@ -225,11 +225,14 @@ def _latency_plot(fig: Any, s: Mapping[str, Any], rows: Sequence[Mapping[str, An
         return False
     ax = fig.add_subplot()
     ax.hist(values, bins=30, color="tab:purple")
-    for q in ("p50", "p95", "p99"):
+    # Percentiles in the legend, not as text at the lines: p95 and p99 often sit together at the right
+    # edge, where labels overlap each other and the frame.
+    for q, style in (("p50", "--"), ("p95", "-."), ("p99", ":")):
         v = (s.get("latency_ms") or {}).get(q)
         if v is not None:
-            ax.axvline(v, linestyle="--", linewidth=1, color="black")
-            ax.text(v, ax.get_ylim()[1] * 0.95, q, rotation=90, va="top")
+            ax.axvline(v, linestyle=style, linewidth=1.2, color="black", label=f"{q} {v:.1f} ms")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
     ax.set_xlabel("ms")
     ax.set_ylabel("items")
     ax.set_title("Latency")
