@@ -1,0 +1,96 @@
+"""Cost of an explained check (``Policy(explain=True)``, issue 27) vs a plain fast check.
+
+For 2, 3 and 4 images, the same guard checks fresh images (never seen before, so no image-level
+cache helps either case) in fast mode, plain and explained, taking turns round by round so a shared
+machine's load falls on both alike (``visguard_bench.latency._interleaved``). An explained check
+scores 7 (2 images), 15 (3) or 11 (4, leave-one-out) prompts in one backend call, the request's own
+among them. Ratios are what to read; milliseconds are this machine's.
+
+Guards: the random-weight Qwen2-VL of ``visguard bench --size`` (default: width 384, 6 layers, 224 px
+images) with the ``visguard`` format (its static prefix cached once), or ``--guard DIR`` (e.g. the
+demo guard; its images are then ``--px`` pixels).
+
+Usage: python plugins/visguard-bench/scripts/bench_explain.py [--size default] [--rounds 8] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="default", help="a visguard bench size: tiny, small, default")
+    parser.add_argument("--guard", default=None, help="a guard checkpoint directory instead of the bench model")
+    parser.add_argument("--px", type=int, default=None, help="image side (default: the size's)")
+    parser.add_argument("--rounds", type=int, default=8, help="measured rounds per case (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--images", default="2,3,4", help="image counts, comma-separated")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", action="store_true", help="print every number as JSON")
+    args = parser.parse_args()
+
+    from visguard_bench.latency import torch_threads
+
+    with torch_threads(args.threads):
+        out = measure(args)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"model {out['model']}, {out['px']} px images, device {args.device}, {args.threads} thread(s), "
+          f"{args.rounds} rounds")
+    print("| images | prompts scored | plain fast p50 ms | explained p50 ms | explained / plain |")
+    print("|---:|---:|---:|---:|---:|")
+    for row in out["rows"]:
+        print(f"| {row['images']} | {row['prompts']} | {row['plain_ms']} | {row['explained_ms']} | {row['ratio']} |")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every round of every image count; returns what ``main`` prints."""
+    from visguard_bench.latency import SIZES, _Images, _interleaved
+    from visguard_testing.checkpoints import cached_tiny_checkpoint
+
+    from visguard import Guard, Policy
+    from visguard.default_plugins.visguard_format import VisguardFormat
+    from visguard.engine.attribution import subsets
+
+    s = SIZES[args.size]
+    if args.guard:
+        guard = Guard.from_pretrained(args.guard, policy=Policy(mode="fast"), device=args.device)
+        px = args.px or 56
+    else:
+        path = str(cached_tiny_checkpoint("qwen2_vl", hidden_size=s.hidden_size, num_layers=s.num_layers,
+                                          vocab_size=s.vocab_size, max_pixels=s.max_pixels))
+        guard = Guard.from_pretrained(path, format=VisguardFormat(), policy=Policy(mode="fast"), device=args.device)
+        px = args.px or s.image_px
+    plain, explained = guard, guard.with_policy(explain=True)
+    images = _Images(px)
+    text = "How can I use the object in the first image on the thing in the second image?"
+    rows = []
+    for n in (int(x) for x in args.images.split(",")):
+        batch: dict[str, list[bytes]] = {}
+
+        def setup(i: int, n: int = n, batch: dict[str, list[bytes]] = batch) -> None:
+            batch["plain"], batch["explained"] = images.take(n), images.take(n)
+
+        def run_plain(i: int, batch: dict[str, list[bytes]] = batch) -> None:
+            (verdict,) = plain.report_batch([plain.request(batch["plain"], text)])
+            assert verdict.score is not None, verdict.error
+
+        def run_explained(i: int, batch: dict[str, list[bytes]] = batch) -> None:
+            (verdict,) = explained.report_batch([explained.request(batch["explained"], text)])
+            assert verdict.attribution is not None, verdict.error
+
+        walls, _ = _interleaved([run_plain, run_explained], args.rounds, setup=setup)
+        p_ms, e_ms = statistics.median(walls[0]), statistics.median(walls[1])
+        rows.append({"images": n, "prompts": len(subsets(n, True)), "plain_ms": round(p_ms, 1),
+                     "explained_ms": round(e_ms, 1), "ratio": round(e_ms / p_ms, 2)})
+    guard.close()
+    return {"model": args.guard or f"bench {args.size} (random-weight Qwen2-VL)", "px": px, "rounds": args.rounds,
+            "threads": args.threads, "device": args.device, "rows": rows}
+
+
+if __name__ == "__main__":
+    main()
