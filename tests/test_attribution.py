@@ -227,3 +227,43 @@ def test_server_returns_attribution_when_asked_and_the_audit_keeps_it(tmp_path):
     assert "attribution" not in records[0]
     assert records[1]["attribution"] == found
     assert json.dumps(found)  # plain JSON
+
+
+# ------------------------------------------------------------------ eval --explain
+def test_eval_reports_how_often_the_combination_alone_carried_the_harm(tmp_path):
+    from pathlib import Path
+
+    from visguard.eval import evaluate_guard
+    from visguard.eval.benchmarks import EvalItem
+
+    paths = []
+    for i, img in enumerate(_images(3)):
+        paths.append(Path(tmp_path / f"img{i}.png"))
+        img.save(paths[-1])
+    # images 0+1 together are harmful (combination only); image 2 is harmful alone
+    guard, _ = _guard(lambda ids, text: 0.9 if {0, 1} <= ids or 2 in ids else 0.1)
+    items = [EvalItem(id="a", images=(paths[0], paths[1]), text="q", label="unsafe"),
+             EvalItem(id="b", images=(paths[0], paths[2]), text="q", label="unsafe"),
+             EvalItem(id="c", images=(paths[1],), text="q", label="safe"),
+             EvalItem(id="d", images=(paths[1], paths[0]), text="q", label="safe")]  # a false positive
+    summary = evaluate_guard(guard, items, out_dir=tmp_path / "out", progress=False, plots=False)
+    found = summary["attribution"]
+    assert found["unsafe_verdicts"] == 3
+    assert found["by_summary"] == {"combination only": 2, "single image": 1, "text": 0}
+    assert found["combination_only_share"] == pytest.approx(2 / 3)
+    assert found["combination_only_share_gold_unsafe"] == pytest.approx(1 / 2)
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["attribution"] == found
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "of 3 unsafe verdicts, 2 (0.6667) were attributed to the combination only, 1 to a single image" in report
+    plain_guard = Guard(guard.backend, VisguardFormat(), Policy(mode="fast"))
+    plain = evaluate_guard(plain_guard, items, progress=False, plots=False)
+    assert "attribution" not in plain
+
+
+def test_eval_cli_explain_refuses_what_it_cannot_explain():
+    from visguard import cli as cli_module
+
+    cli_module._register_plugin_commands()  # what the `visguard` entry point does first
+    result = CliRunner().invoke(cli, ["eval", "-B", "mis", "-d", ".", "--stage", "a", "--stage", "b", "--explain"])
+    assert result.exit_code == 2 and "--explain applies to the guard evaluation of one guard" in result.output

@@ -128,6 +128,9 @@ def register_commands(cli):
     @click.option("--no-plots", is_flag=True, help="Do not write PNG plots.")
     @click.option("--no-progress", is_flag=True, help="No progress bar.")
     @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+    @click.option("--explain", is_flag=True,
+                  help="Guard evaluation of one guard: attribute every verdict (check --explain) and report how "
+                       "often the harm lay in the combination only (summary.json 'attribution', report.md).")
     def eval_command(benchmark: str, data: str, split: str | None, model: str | None, stages: tuple[str, ...],
                      config_file: str | None, vs_guards: tuple[str, ...],
                      ignore_unread: bool, host_adapter: str | None,
@@ -136,7 +139,7 @@ def register_commands(cli):
                      format_name: str | None, threshold: float, batch_size: int, max_new_tokens: int, timeout_s: float,
                      host_max_new_tokens: int, backend_args: tuple[str, ...], host_args: tuple[str, ...],
                      device: str, base_url: str | None, restart: bool, no_plots: bool,
-                     no_progress: bool, as_json: bool) -> None:
+                     no_progress: bool, as_json: bool, explain: bool) -> None:
         """Evaluate a guard, or a (guarded) host VLM, on a local safety benchmark.
 
         \b
@@ -174,6 +177,9 @@ def register_commands(cli):
             raise click.UsageError("model evaluation (--host) needs --model, the host VLM")
         if kind == "model" and guard_model and stages:
             raise click.UsageError("give --guard (one guard) or --stage (a cascade), not both")
+        if explain and (kind == "model" or stages or vs_guards):
+            raise click.UsageError("--explain applies to the guard evaluation of one guard (--model), "
+                                   "not to --host, --stage or --vs")
         if stages and vs_guards:
             raise click.UsageError("--vs compares single guards: it does not take --stage")
         if kind == "model" and judge is None and not judge_model:
@@ -208,7 +214,12 @@ def register_commands(cli):
         if vs_guards:
             raise click.UsageError("--vs compares guards: it does not apply to model evaluation (--host)")
         if kind == "guard":
-            summary = evaluate_guard(load_guard(model), items, out_dir=out, batch_size=batch_size, mode=mode,
+            checker = load_guard(model)
+            if explain:
+                from visguard.engine.attribution import explaining
+
+                checker = explaining(checker)  # a --config cascade: refused, one line
+            summary = evaluate_guard(checker, items, out_dir=out, batch_size=batch_size, mode=mode,
                                      benchmark=benchmark, split=split, restart=restart,
                                      progress=not no_progress, plots=not no_plots)
         else:

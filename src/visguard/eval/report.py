@@ -98,12 +98,24 @@ def _guard_sections(s: Mapping[str, Any]) -> list[str]:
                 (md(g), m["n"], m["unavailable"], m["accuracy"], m["precision"], m["recall"], m["f1"], m["fpr"], m["auroc"])
                 for g, m in groups.items()
             ]) + [""]
+    lines += _attribution_line(s.get("attribution"))
     lat = s.get("latency_ms") or {}
     lines += ["## Latency", "", "Wall time of the `check_batch` call that produced each verdict (per request when "
               "`--batch-size 1`).", ""]
     lines += _table(["p50 ms", "p95 ms", "p99 ms", "mean ms", "throughput items/s"],
                     [(lat.get("p50"), lat.get("p95"), lat.get("p99"), lat.get("mean"), s.get("throughput_items_per_s"))])
     return lines + [""]
+
+
+def _attribution_line(a: Mapping[str, Any] | None) -> list[str]:
+    """``eval --explain``: how often an unsafe verdict's harm lay in the combination only."""
+    if not a:
+        return []
+    n, by = a["unsafe_verdicts"], a["by_summary"]
+    return [f"**Attribution** (`--explain`): of {n} unsafe verdicts, {by['combination only']} "
+            f"({fmt(a['combination_only_share'])}) were attributed to the combination only, {by['single image']} to "
+            f"a single image, {by['text']} to the text alone (gold-unsafe items only: "
+            f"{fmt(a['combination_only_share_gold_unsafe'])} combination only).", ""]
 
 
 def _model_sections(s: Mapping[str, Any]) -> list[str]:

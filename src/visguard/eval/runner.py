@@ -132,7 +132,30 @@ def summarize_guard_rows(rows: Sequence[Mapping[str, Any]], **meta: Any) -> Summ
     data["per_split"] = per_group(rows, "split", guard_metrics)
     data["latency_ms"] = latency_stats(r.get("latency_ms") for r in rows)
     data["throughput_items_per_s"] = len(rows) / guard_time_s if guard_time_s > 0 else None
+    if any("attribution" in r for r in rows):  # an explained run (Policy(explain=True), eval --explain)
+        data["attribution"] = attribution_stats(rows)
     return Summary(data)
+
+
+def attribution_stats(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What drove the unsafe verdicts of an explained run (rows' ``attribution``, see
+    :mod:`visguard.engine.attribution`): counts per summary and the share attributed to the
+    combination only, over the guard's unsafe verdicts and over those on gold-unsafe items."""
+    explained = [r for r in rows if r.get("attribution")]
+    flagged = [r for r in explained if r.get("pred") == "unsafe"]
+    hits = [r for r in flagged if r.get("label") == "unsafe"]
+    kinds = ("combination only", "single image", "text")
+
+    def share(group: Sequence[Mapping[str, Any]]) -> float | None:
+        return sum(1 for r in group if r["attribution"] == "combination only") / len(group) if group else None
+
+    return {
+        "explained": len(explained),
+        "unsafe_verdicts": len(flagged),
+        "by_summary": {k: sum(1 for r in flagged if r["attribution"] == k) for k in kinds},
+        "combination_only_share": share(flagged),
+        "combination_only_share_gold_unsafe": share(hits),
+    }
 
 
 def evaluate_guard(
@@ -187,6 +210,7 @@ def evaluate_guard(
         **{key: guard.describe().get(key) for key in ("model", "backend", "format")},
         "mode": mode,
         "threshold": guard.policy.threshold,
+        **({"explain": True} if getattr(guard.policy, "explain", False) else {}),
     }
     store: Any = ResultStore(out_dir, meta=meta, restart=restart) if out_dir is not None else _MemoryStore()
     with store:
@@ -217,6 +241,8 @@ def _guard_batch(guard: Checker, batch: Sequence[EvalItem], mode: Mode | None) -
             rows[i] = _guard_row(item, pred="unavailable", error=f"input refused: {exc}", mode=mode, model=guard.model_id)
     verdicts = guard.report_batch(requests, mode=mode) if requests else []  # recorded, never acted on
     for i, v in zip(where, verdicts, strict=True):
+        explained = {} if v.attribution is None else {"attribution": v.attribution.summary,
+                                                      "attribution_images": list(v.attribution.images)}
         rows[i] = _guard_row(
             batch[i],
             pred=v.label,
@@ -229,6 +255,7 @@ def _guard_batch(guard: Checker, batch: Sequence[EvalItem], mode: Mode | None) -
             mode=v.mode,
             model=v.model,
             raw=v.raw or None,
+            **explained,
         )
     return [rows[i] for i in range(len(batch))]
 
