@@ -267,3 +267,28 @@ def test_eval_cli_explain_refuses_what_it_cannot_explain():
     cli_module._register_plugin_commands()  # what the `visguard` entry point does first
     result = CliRunner().invoke(cli, ["eval", "-B", "mis", "-d", ".", "--stage", "a", "--stage", "b", "--explain"])
     assert result.exit_code == 2 and "--explain applies to the guard evaluation of one guard" in result.output
+
+
+def test_demo_report_shows_the_attribution_beside_the_images():
+    pytest.importorskip("visguard_demo", reason="the visguard-demo plugin is not installed")
+    from visguard_demo.report import _request_html
+
+    from visguard.engine.attribution import summarize
+
+    rows = [AttributionRow(subset=s, includes_text=t, score=0.9 if s == (0, 1) else 0.1) for s, t in subsets(2, True)]
+    found = summarize(rows, 0.5).model_dump(mode="json")
+    png = io.BytesIO()
+    _images(1)[0].save(png, format="PNG")
+    request = {"objects": ["knife", "person"], "images": [png.getvalue()] * 2, "text": "q", "truth": "unsafe",
+               "pre": None, "post": None, "host_called": False, "host_answer": None, "blocked": True,
+               "reason": "unsafe", "stage": "input", "shown": "no", "timings": {}, "attribution": found}
+    page = _request_html(1, request)
+    beside_images = page.split('<div class="thumbs">', 1)[1].split("<p><b>Request 1", 1)[0]
+    assert 'data-summary="combination only"' in beside_images
+    bars = re.findall(r'<tr class="(unsafe|safe)"><td>([^<]+)</td><td class="bar"><span style="width:(\d+)%"></span></td>'
+                      r"<td>([\d.]+)</td></tr>", page)
+    assert [(cls, name, width) for cls, name, width, _ in bars] == [
+        ("safe", "text", "10"), ("safe", "img 1", "10"), ("safe", "img 2", "10"), ("safe", "img 1 + text", "10"),
+        ("unsafe", "img 1 + img 2", "90"), ("safe", "img 2 + text", "10"), ("unsafe", "img 1 + img 2 + text", "90")]
+    request["attribution"] = None  # a guard that cannot attribute: no table, the rest as before
+    assert "attribution" not in _request_html(1, request)

@@ -55,6 +55,12 @@ details.why:not([open]) summary .less { display: none; }
 .unavailable-item { border: 1px solid #ddd; border-radius: 8px; padding: .8rem 1rem; margin: .8rem 0; display: grid;
                     grid-template-columns: 15rem 1fr; gap: 1rem; }
 pre.steps .comment { color: #5f6b7a; }
+table.attribution { border-collapse: collapse; font-size: 12px; margin-top: .5rem; width: 14.5rem; }
+table.attribution td { padding: .1rem .25rem; white-space: nowrap; }
+table.attribution .bar { width: 5rem; background: #f0f0f3; }
+table.attribution .bar span { display: block; height: .7rem; background: #7a8fb0; }
+table.attribution tr.unsafe .bar span { background: #c62828; }
+table.attribution caption { text-align: left; font-size: 12px; color: #333; caption-side: top; }
 @media (max-width: 52rem) {
   .request, .unavailable-item { grid-template-columns: 1fr; }
   table.verdicts td, table.verdicts th { display: inline-block; border-bottom: 0; padding: .15rem .4rem; }
@@ -161,6 +167,22 @@ def _request_note(r: dict[str, Any], *, demo_guard: bool, random_host: bool) -> 
     return f'<p class="note small">{_e(" ".join(notes))}</p>' if notes else ""
 
 
+def _attribution_html(a: dict[str, Any] | None) -> str:
+    """Bars of the guard's fast P(unsafe) per subset of the request (image 1 / 2, the text), the summary above."""
+    if not a:
+        return ""
+    bars = []
+    for row in a["rows"]:
+        name = " + ".join([f"img {k + 1}" for k in row["subset"]] + (["text"] if row["includes_text"] else []))
+        unsafe = row["score"] >= a["threshold"]
+        bars.append(f'<tr class="{"unsafe" if unsafe else "safe"}"><td>{_e(name)}</td>'
+                    f'<td class="bar"><span style="width:{100 * row["score"]:.0f}%"></span></td>'
+                    f'<td>{row["score"]:.2f}</td></tr>')
+    return (f'<table class="attribution" data-summary="{_e(a["summary"])}"><caption><b>What carries it:</b> '
+            f'{_e(a["summary"])} (fast P(unsafe) per subset, red: at or above {a["threshold"]:g})</caption>'
+            f'{"".join(bars)}</table>')
+
+
 def _request_html(i: int, r: dict[str, Any], *, demo_guard: bool = True, random_host: bool = True) -> str:
     figures = "".join(
         f'<figure><img class="thumb" alt="image {n}: {_e(obj)}" src="{_data_url(png)}">'
@@ -180,7 +202,8 @@ def _request_html(i: int, r: dict[str, Any], *, demo_guard: bool = True, random_
     return f"""
 <section class="request" id="request-{i}" data-blocked="{str(r['blocked']).lower()}" data-truth="{_e(r['truth'])}">
   <div class="thumbs">{figures}
-    <div class="small">ground truth of the synthetic pair: {_e(truth)}</div></div>
+    <div class="small">ground truth of the synthetic pair: {_e(truth)}</div>
+    {_attribution_html(r.get("attribution"))}</div>
   <div>
     <p><b>Request {i}:</b> {_e(r['text'])}</p>
     <table class="verdicts">

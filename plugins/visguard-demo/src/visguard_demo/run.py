@@ -211,6 +211,7 @@ def guard_requests(guard: Any, host: Any, requests: Sequence[tuple[tuple[str, st
         for i, ((a, b), text) in enumerate(tqdm(requests, desc="guarded requests", unit="request", disable=not progress)):
             images = [render_object(a, seed=20_000 + 2 * i), render_object(b, seed=20_001 + 2 * i)]
             result = guarded.generate(images, text)
+            attribution = _attribution(guard, images, text)
             pair = danger_for(a, b)
             rows.append({
                 "objects": [a, b],
@@ -227,8 +228,24 @@ def guard_requests(guard: Any, host: Any, requests: Sequence[tuple[tuple[str, st
                 "stage": result.stage,
                 "shown": result.text,
                 "timings": result.timings.model_dump(),
+                "attribution": attribution,
             })
     return rows
+
+
+def _attribution(guard: Any, images: Sequence[Any], text: str) -> dict[str, Any] | None:
+    """Which image (or the text) carries the harm: the guard's fast scores of each image alone, the
+    text alone and their subsets (``visguard.engine.attribution``); ``None`` where the guard's format
+    cannot score subsets (a cascade, a one-image format)."""
+    from visguard.core.errors import UnsupportedRequestError
+    from visguard.engine.attribution import explaining
+
+    try:
+        explained = explaining(guard)
+        (verdict,) = explained.report_batch([explained.request(list(images), text)], mode="fast")
+    except UnsupportedRequestError:
+        return None
+    return None if verdict.attribution is None else verdict.attribution.model_dump(mode="json")
 
 
 def run_demo(
