@@ -634,3 +634,136 @@ def test_3_langchain_response_metadata_carries_the_public_decision_only(streamin
     assert set(meta["output_verdict"]) == set(PUBLIC_VERDICT_FIELDS) and meta["output_verdict"]["label"] == "unsafe"
     if not streaming:  # the operator keeps the full verdict: its own callback handlers get GuardedResult.summary()
         assert [r["output_verdict"]["reasoning"] for r in events.results] == [_QUOTES]
+
+
+# ------------------------------------------------------------------ 8. visguard serve sets the cache salt
+
+
+def _data_url(img: Image.Image) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_8_serve_salts_the_cache_per_api_key_and_per_request(tiny_backends):
+    from fastapi.testclient import TestClient
+
+    from visguard.integrations.openai.server.app import ServeSettings, create_app
+
+    _, cached = tiny_backends
+    cached.kv_cache.clear()
+    cached._static.clear()
+    guard = Guard(cached, VisguardFormat())
+    app = create_app(guard, settings=ServeSettings(auth_token="key-a", auth_tokens=("key-b",), max_wait_ms=0))
+    body = {"images": [_data_url(_img())], "text": "a long shared question about this picture, asked twice"}
+
+    def reused(key: str, **extra: Any) -> tuple[int, int]:
+        """Prompt tokens this check took from caches, and its prompt hits (Backend.diagnostics)."""
+        before = cached.diagnostics()
+        r = client.post("/v1/guard/check", json={**body, **extra}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        after = cached.diagnostics()
+        return after.reused_tokens - before.reused_tokens, after.prompt_hits - before.prompt_hits
+
+    with TestClient(app) as client:
+        first, hits = reused("key-a")  # a fresh tenant reuses only the static prefix it computes itself
+        assert hits == 0
+        plan = guard.format.plan(guard.request(_img(), body["text"]), guard.policy, mode="fast",
+                                 special_tokens=cached.special_tokens)
+        static = cached.diagnostics(plan.prompts[0]).static_prefix_tokens
+        assert first == static
+        shared = reused("key-a")  # the same tenant again: its whole prompt from its own entry
+        assert shared[0] > first and shared[1] == 1
+        assert reused("key-b") == (first, 0)  # another key, the same prompt: nothing of key-a's entries
+        assert reused("key-b") == shared  # ... its own entry from here on
+        # a salt of the request's own: a fresh entry, and the same salt under another key another one
+        assert reused("key-a", cache_salt="session-1") == (first, 0)
+        assert reused("key-b", cache_salt="session-1") == (first, 0)
+        assert reused("key-a", cache_salt="session-1") == shared
+        bad = client.post("/v1/guard/check", json={**body, "cache_salt": "a/b"}, headers={"Authorization": "Bearer key-a"})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache_salt"
+        assert client.post("/v1/guard/check", json=body, headers={"Authorization": "Bearer key-c"}).status_code == 401
+
+
+class _SaltRecorder(FaultyBackend):
+    """Records the cache salt of every prompt it is given."""
+
+    def __init__(self) -> None:
+        super().__init__("salt-recorder")
+        self.salts: list[str] = []
+
+    def score(self, prompts):  # type: ignore[no-untyped-def]
+        self.salts += [p.cache_salt for p in prompts]
+        return super().score(prompts)
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_8_every_endpoint_passes_the_salt_to_the_guard(cascade):
+    from fastapi.testclient import TestClient
+
+    from visguard.integrations.openai.server.app import (
+        ServeSettings,
+        create_app,
+        request_cache_salt,
+        token_cache_salt,
+    )
+
+    backend = _SaltRecorder()
+    guard: Any = Guard(backend, VisguardFormat(), Policy(mode="fast"))
+    if cascade:  # a cascade with its own time limit runs each stage in a thread of its own
+        guard = Cascade([guard], policy=Policy(mode="fast", timeout_s=30))
+    app = create_app(guard, lambda images, text: "A fine answer.",
+                     settings=ServeSettings(auth_tokens=("key-a", "key-b"), max_wait_ms=0))
+    model = app.state.model_name
+    calls = {
+        "/v1/guard/check": {"text": "hello"},
+        "/v1/moderations": {"input": "hello"},
+        "/v1/chat/completions": {"model": model, "messages": [{"role": "user", "content": "hello"}]},
+    }
+    a, b = token_cache_salt("key-a"), token_cache_salt("key-b")
+    assert a != b and "key-a" not in a
+    with TestClient(app) as client:
+        for path, body in calls.items():
+            for key, extra, salt in [("key-a", {}, a), ("key-b", {}, b),
+                                     ("key-a", {"cache_salt": "s1"}, request_cache_salt(b'{"cache_salt": "s1"}', a))]:
+                backend.salts.clear()
+                r = client.post(path, json={**body, **extra}, headers={"Authorization": f"Bearer {key}"})
+                assert r.status_code == 200, (path, r.text)
+                assert backend.salts and set(backend.salts) == {salt}, (path, key, extra)
+    # without tokens the body's salt is used as given (vLLM's behaviour); none: no salt
+    assert request_cache_salt(b'{"cache_salt": "s1"}') == "s1" and request_cache_salt(b"{}") == ""
+
+
+def test_8_serve_takes_one_token_per_tenant_from_its_environment_variable(monkeypatch):
+    from visguard.config import ServeSpec
+
+    monkeypatch.setenv("VG_TEST_TOKENS", "key-a, key-b,")
+    settings = ServeSpec(auth_token_env="VG_TEST_TOKENS").settings()
+    assert settings.auth_tokens == ("key-a", "key-b") and "key-a" not in repr(settings)
+    monkeypatch.setenv("VG_TEST_TOKENS", "single")
+    assert ServeSpec(auth_token_env="VG_TEST_TOKENS").settings().auth_tokens == ("single",)
+
+
+@pytest.mark.parametrize("mode", ["fast", "reason"])
+def test_8_the_openai_backend_forwards_the_salt_as_vllms_cache_salt(mode):
+    from visguard.default_plugins.openai_backend import OpenAIBackend
+    from visguard.engine.guard import cache_salt
+
+    # vLLM's OpenAI server (vllm 0.32 entrypoints/openai/chat_completion/protocol.py) takes `cache_salt`
+    backend = OpenAIBackend("guard", base_url="http://127.0.0.1:9/v1", api_key_env=None)
+    bodies: list[dict[str, Any]] = []
+
+    def post(path: str, body: Any) -> dict[str, Any]:
+        bodies.append(dict(body))
+        raise RuntimeError("recorded, not sent")
+
+    backend.post = post  # type: ignore[method-assign]
+    guard = Guard(backend, VisguardFormat(), Policy(mode=mode))
+    with cache_salt("tenant-a"):
+        assert guard.report_batch([guard.request(None, "hello")])[0].label == "unavailable"
+    guard.report_batch([guard.request(None, "hello")])
+    assert [b.get("cache_salt") for b in bodies] == ["tenant-a", None]  # no salt: no field
+    guard.close()

@@ -166,7 +166,8 @@ class ServeSpec(_CallSpec):
         host_model: a local host model (path or hub id) to serve guarded, in process.
         host_options: the host's keyword arguments (no secrets).
         served_model_name: the model name chat clients use.
-        auth_token_env: environment variable with the bearer token clients must send.
+        auth_token_env: environment variable with the bearer token clients must send; several tokens
+            (one per tenant) comma-separated, each with its own cache salt (docs/serving.md).
         audit: path of the JSONL audit log.
         max_concurrency / max_body_mb: requests served at once (more: 429) / largest body (larger: 413).
         max_batch_size / max_wait_ms: micro-batching of checks.
@@ -195,12 +196,13 @@ class ServeSpec(_CallSpec):
         """The server's :class:`~visguard.integrations.openai.server.app.ServeSettings` (needs the serve extra)."""
         from visguard.integrations.openai.server.app import ServeSettings
 
-        token = os.environ.get(self.auth_token_env) if self.auth_token_env else None
+        value = os.environ.get(self.auth_token_env, "") if self.auth_token_env else ""
+        tokens = tuple(t.strip() for t in value.split(",") if t.strip())
         return ServeSettings(
             model_name=self.served_model_name or self.upstream_model
             or (os.path.basename(self.host_model.rstrip("/")) if self.host_model else None),
             max_concurrency=self.max_concurrency, max_body_bytes=int(self.max_body_mb * 1024 * 1024),
-            auth_token=token, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
+            auth_tokens=tokens, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
             on_unsafe=self.on_unsafe, pre_check=self.pre_check, post_check=self.post_check,
             stream_check_every=self.stream_check_every, refusal=self.refusal, ready_timeout_s=self.ready_timeout_s, audit=self.audit, **extra)
 

@@ -169,7 +169,7 @@ class OpenAIBackend(Backend):
         }
         if prompt.assistant_prefix:
             body.update({"continue_final_message": True, "add_generation_prompt": False})
-        return _with_template_kwargs(body, prompt)
+        return _with_cache_salt(_with_template_kwargs(body, prompt), prompt)
 
     def post(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST JSON (retried on connect errors, 429 and 5xx); the decoded response.
@@ -213,7 +213,7 @@ class OpenAIBackend(Backend):
             "add_generation_prompt": True,
             "continue_final_message": False,
         }
-        return _with_template_kwargs(body, prompt)
+        return _with_cache_salt(_with_template_kwargs(body, prompt), prompt)
 
     def _score_written_prefix(self, prompt: GuardPrompt) -> float:
         data = self.post("/chat/completions", self.written_prefix_request(prompt))
@@ -247,7 +247,7 @@ class OpenAIBackend(Backend):
         if self.step_logprobs:
             body.update({"logprobs": True, "top_logprobs": self.top_logprobs})
         body.update(prompt.request_options)
-        data = self.post("/chat/completions", _with_template_kwargs(body, prompt))
+        data = self.post("/chat/completions", _with_cache_salt(_with_template_kwargs(body, prompt), prompt))
         try:
             choice = completion_choice(data)
             text = content_text(choice["message"].get("content")) or ""
@@ -346,4 +346,13 @@ def _with_template_kwargs(body: dict[str, Any], prompt: GuardPrompt) -> dict[str
     """Send the format's chat-template variables as ``chat_template_kwargs`` (vLLM's field)."""
     if prompt.template_kwargs:
         body["chat_template_kwargs"] = {**body.get("chat_template_kwargs", {}), **prompt.template_kwargs}
+    return body
+
+
+def _with_cache_salt(body: dict[str, Any], prompt: GuardPrompt) -> dict[str, Any]:
+    """Send the prompt's cache salt as ``cache_salt`` (vLLM's OpenAI server field, vllm 0.32
+    ``ChatCompletionRequest.cache_salt``: the server's prefix cache is salted with it); none: no field,
+    so a server without the field never sees it."""
+    if prompt.cache_salt:
+        body["cache_salt"] = prompt.cache_salt
     return body

@@ -58,7 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover
               help="Requests served at once; more get HTTP 429.")
 @click.option("--max-body-mb", type=click.FloatRange(0.001), default=32.0, show_default=True,
               help="Largest request body; larger gets HTTP 413.")
-@click.option("--auth-token-env", default=None, help="Environment variable with the bearer token clients must send (401 otherwise).")
+@click.option("--auth-token-env", default=None, help="Environment variable with the bearer token clients must send (401 otherwise); "
+                   "several, comma-separated: one per tenant, each with its own guard cache salt.")
 @mode_option
 @threshold_option
 @click.option("--on-unsafe", type=click.Choice(["refuse", "safe_answer", "error"]), default="refuse", show_default=True,
@@ -130,7 +131,7 @@ def serve(ctx: click.Context, model: str | None, stages: tuple[str, ...], config
         spec = ServeSpec.model_validate({**config.serve.model_dump(), **changes})
     if spec.upstream and spec.host_model:
         raise click.UsageError("give --upstream or --host-model (serve.upstream or serve.host_model), not both")
-    if spec.auth_token_env and not os.environ.get(spec.auth_token_env):
+    if spec.auth_token_env and not os.environ.get(spec.auth_token_env, "").replace(",", "").strip():
         # asked for auth: never start open by mistake
         raise click.UsageError(f"--auth-token-env names {spec.auth_token_env}, which is unset or empty")
 

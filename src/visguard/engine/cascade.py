@@ -18,6 +18,7 @@ forms, ``wrap(host)``, ``visguard serve`` / ``eval`` / ``check`` (``--stage``), 
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import threading
 import time
 from collections.abc import Sequence
@@ -273,7 +274,9 @@ class Cascade(CheckerBase):
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
                 future.set_exception(exc)
 
-        threading.Thread(target=run, name="visguard-cascade-stage", daemon=True).start()
+        # the caller's context goes with it (the request's cache salt: engine.guard.cache_salt)
+        threading.Thread(target=contextvars.copy_context().run, args=(run,), name="visguard-cascade-stage",
+                         daemon=True).start()
         try:
             return future.result(timeout=max(0.0, deadline - time.perf_counter()))
         except concurrent.futures.TimeoutError:

@@ -24,15 +24,19 @@ cascade) and, optionally, a host (an upstream OpenAI-compatible server or a loca
   ``GET /metrics`` (Prometheus, see :mod:`visguard.integrations.openai.server.metrics`).
 
 Every ``/v1/...`` request passes one gate, in this order: bearer-token auth (401), body size (413),
-concurrency limit (429, with ``Retry-After``). Concurrent checks are micro-batched by the guard's
-own batcher (:mod:`visguard.engine.batching`). The server keeps no state between requests beyond metrics: run as
-many replicas as needed behind a load balancer (docs/serving.md).
+concurrency limit (429, with ``Retry-After``), and sets the request's cache salt (the body's
+``cache_salt``, under the bearer token's own salt; :func:`request_cache_salt`). Concurrent checks are
+micro-batched by the guard's own batcher (:mod:`visguard.engine.batching`). The server keeps no state
+between requests beyond metrics and the guard backend's prompt caches (salted per token and request;
+docs/serving.md, "What the cache shares"): run as many replicas as needed behind a load balancer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -49,6 +53,7 @@ from visguard.core.redact import redact
 from visguard.core.types import Verdict
 from visguard.engine.attribution import explaining
 from visguard.engine.checker import Checker
+from visguard.engine.guard import cache_salt
 from visguard.hosting.audit import AuditLog
 from visguard.hosting.guarded import GuardedModel, GuardedResult
 from visguard.hosting.hosts import Host, TokenUsage, resolve_host
@@ -109,6 +114,9 @@ class ServeSettings(BaseModel):
         max_concurrency: ``/v1/...`` requests served at once; more get HTTP 429.
         max_body_bytes: largest request body; larger gets HTTP 413.
         auth_token: when set, ``/v1/...`` requests need ``Authorization: Bearer <auth_token>`` (401).
+        auth_tokens: more accepted bearer tokens, one per tenant (any of ``auth_token`` and these).
+            With tokens set, each token's requests get their own cache salt (a hash of the token):
+            clients of different tokens share no cached prompt prefix of the guard.
         max_batch_size / max_wait_ms: micro-batching of checks (applied to the guard's batcher,
             which every guard on the same backend shares).
         on_unsafe: ``refuse`` (a completion with the refusal), ``safe_answer`` (a completion with the
@@ -134,6 +142,7 @@ class ServeSettings(BaseModel):
     max_concurrency: int = Field(default=64, ge=1)
     max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     auth_token: str | None = Field(default=None, repr=False)
+    auth_tokens: tuple[str, ...] = Field(default=(), repr=False)
     max_batch_size: int = Field(default=8, ge=1)
     max_wait_ms: float = Field(default=5.0, ge=0)
     on_unsafe: Literal["refuse", "safe_answer", "error"] = "refuse"
@@ -158,6 +167,7 @@ class GuardCheckBody(BaseModel):
         mode: ``fast`` / ``reason`` / ``adaptive`` (default: the server's policy).
         explain: also return ``attribution`` (which images / the text carry the harm; one guard only,
             see :mod:`visguard.engine.attribution`).
+        cache_salt: this request's cache salt, as vLLM's (read by the gate, see :func:`request_cache_salt`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -168,6 +178,7 @@ class GuardCheckBody(BaseModel):
     conversation: list[dict[str, str]] = Field(default_factory=list)
     mode: Mode | None = None
     explain: bool = False
+    cache_salt: str | None = None
 
 
 def create_app(
@@ -618,7 +629,8 @@ class _Gate:
         self.settings = settings
         self.metrics = metrics
         self.inflight = 0
-        self._token = settings.auth_token.encode() if settings.auth_token else None
+        tokens = ([settings.auth_token] if settings.auth_token else []) + [t for t in settings.auth_tokens if t]
+        self._tokens = [t.encode() for t in tokens]
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -645,13 +657,16 @@ class _Gate:
 
     async def _gated(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        if self._token is not None:
-            if not bearer_ok(headers.get("authorization"), self._token):
+        tenant = ""
+        if self._tokens:
+            matched = [t for t in self._tokens if bearer_ok(headers.get("authorization"), t)]  # every one compared
+            if not matched:
                 self.metrics.rejected.labels("unauthorized").inc()
                 err = ApiError(401, "invalid or missing bearer token", code="invalid_api_key",
                                  headers={"WWW-Authenticate": "Bearer"})
                 await err.response()(scope, receive, send)
                 return
+            tenant = token_cache_salt(matched[0])
         limit = self.settings.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -678,6 +693,11 @@ class _Gate:
                 return
             if not message.get("more_body", False):
                 break
+        try:
+            salt = request_cache_salt(bytes(body), tenant)
+        except ApiError as refused:
+            await refused.response()(scope, receive, send)
+            return
         if self.inflight >= self.settings.max_concurrency:
             self.metrics.rejected.labels("overloaded").inc()
             err = ApiError(429, f"too many concurrent requests (limit {self.settings.max_concurrency}); retry shortly",
@@ -696,7 +716,8 @@ class _Gate:
                     return {"type": "http.request", "body": bytes(body), "more_body": False}
                 return await receive()  # disconnect notifications for streaming responses
 
-            await self.app(scope, replay, send)
+            with cache_salt(salt):  # every check planned for this request (worker threads copy the context)
+                await self.app(scope, replay, send)
         finally:
             self.inflight -= 1
             self.metrics.inflight.dec()
@@ -705,6 +726,48 @@ class _Gate:
         self.metrics.rejected.labels("too_large").inc()
         err = ApiError(413, f"request body larger than {self.settings.max_body_bytes} bytes", code="request_too_large")
         await err.response()(scope, receive, send)
+
+
+#: vLLM's limits on a ``cache_salt`` (vllm 0.32, vllm/entrypoints/generate/base/protocol.py
+#: ``validate_cache_salt``: a non-empty string, at most 128 characters, none of ``@ / \\`` or NUL);
+#: control characters are refused here too (a salt may reach logs and another server's request)
+MAX_CACHE_SALT_CHARS = 128
+_SALT_FORBIDDEN = frozenset("@/\\\x00")
+
+
+def token_cache_salt(token: str | bytes) -> str:
+    """The cache salt of a bearer token's requests: a hash of the token (the token never leaves)."""
+    raw = token if isinstance(token, bytes) else token.encode()
+    return "key-" + hashlib.sha256(b"visguard cache salt\x00" + raw).hexdigest()[:32]
+
+
+def request_cache_salt(body: bytes, tenant: str = "") -> str:
+    """The cache salt of one request: the JSON body's top-level ``cache_salt`` (as vLLM's OpenAI server
+    accepts it on chat completions and responses; here on every ``/v1/...`` POST), under ``tenant``
+    (the bearer token's salt): with a token, the salt is a hash of both, so no client of one token
+    can name a salt that shares a cache with another token's requests. ``""``: no salt.
+
+    Raises:
+        ApiError: 400, ``cache_salt`` is not a non-empty string within vLLM's limits.
+    """
+    given: Any = None
+    if b'"cache_salt"' in body:  # parsed only when named (bodies may be megabytes of images)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            data = None  # the endpoint answers the malformed body
+        if isinstance(data, dict):
+            given = data.get("cache_salt")
+    if given is not None:
+        if (not isinstance(given, str) or not given or len(given) > MAX_CACHE_SALT_CHARS
+                or any(c in _SALT_FORBIDDEN or not c.isprintable() for c in given)):
+            raise ApiError(400, f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+                                "printable characters without @, / or \\", param="cache_salt")
+    if not tenant:
+        return given or ""
+    if not given:
+        return tenant
+    return "key-" + hashlib.sha256(f"{tenant}\x00{given}".encode()).hexdigest()[:32]
 
 
 _KNOWN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v1/models", "/v1/guard/check", "/v1/chat/completions",
