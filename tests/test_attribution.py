@@ -292,3 +292,18 @@ def test_demo_report_shows_the_attribution_beside_the_images():
         ("unsafe", "img 1 + img 2", "90"), ("safe", "img 2 + text", "10"), ("unsafe", "img 1 + img 2 + text", "90")]
     request["attribution"] = None  # a guard that cannot attribute: no table, the rest as before
     assert "attribution" not in _request_html(1, request)
+
+
+def test_in_reason_mode_the_verdict_is_the_reason_check_and_the_attribution_a_fast_pass():
+    class Reasoning(ScriptedBackend):
+        def generate(self, prompts, *, max_new_tokens):
+            from visguard.engine.backend import Generation
+
+            return [Generation(text="Verdict: unsafe\nCategory: Violent") for _ in prompts]
+
+    backend = Reasoning(lambda ids, text: 0.95 if ids == {0, 1} and text else 0.05)
+    guard = Guard(backend, VisguardFormat(), Policy(mode="reason", explain=True))
+    verdict = _check(guard, 2)
+    assert verdict.mode == "reason" and verdict.label == "unsafe" and verdict.category == "Violent"
+    assert verdict.attribution.summary == "combination only"
+    assert len(backend.calls) == 1 and len(backend.calls[0]) == 7  # the subsets: one score call

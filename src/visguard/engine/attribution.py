@@ -171,8 +171,8 @@ def report_explained(guard: Guard, requests: Sequence[GuardRequest], mode: Mode 
     for request in requests:
         guard.format.check_request(request, mode)
     planned = [_plans(guard, r) for r in requests]
-    plain = guard.with_policy(explain=False)
-    verdicts = None if mode == "fast" else plain.report_batch(requests, mode=mode)
+    # reason / adaptive: the verdict is that mode's own check; the attribution a second, fast pass
+    verdicts = None if mode == "fast" else guard.with_policy(explain=False).report_batch(requests, mode=mode)
     start = time.perf_counter()
     timeout = guard.policy.timeout_s
     runner = _Runner(guard)
