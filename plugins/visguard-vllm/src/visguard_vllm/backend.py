@@ -16,7 +16,9 @@
   every *whole* KV block before the response and costs about the response's tokens plus the
   partial last block. vLLM caches whole blocks only (``block_size``: 16 tokens on GPUs, 128 on
   CPUs by default; pass ``block_size=`` to change it). :attr:`VLLMBackend.stats` counts the cached
-  prompt tokens.
+  prompt tokens (:meth:`VLLMBackend.diagnostics`: ``reused_tokens`` / ``computed_tokens``).
+- A prompt's ``cache_salt`` (the request's tenant, see :attr:`visguard.core.types.GuardRequest.cache_salt`)
+  goes to vLLM as the prompt's ``cache_salt``: prompts of different salts share no KV block.
 - A prompt the engine cannot take (``max_model_len`` tokens or more, images included) is refused
   with :class:`~visguard.core.errors.PromptTooLongError` (its index and why) before the batch reaches
   the engine; each prompt is rendered once, and that text is both counted and sent.
@@ -30,7 +32,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from visguard.core.errors import BackendError, PromptTooLongError
-from visguard.engine.backend import Backend, Generation
+from visguard.engine.backend import Backend, BackendDiagnostics, Generation
 from visguard.engine.format import GuardPrompt
 from visguard.integrations.hf import HFPromptCodec, resolve_checkpoint, too_long_reason
 
@@ -117,7 +119,15 @@ class VLLMBackend(Backend):
         self.max_images = max_images
         self._lock = threading.Lock()
         self.stats = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0}
+        # vllm 0.32 v1/engine/llm_engine.py: LLMEngine.vllm_config.cache_config.enable_prefix_caching
+        config = getattr(getattr(getattr(llm, "llm_engine", None), "vllm_config", None), "cache_config", None)
+        self._prefix_caching = bool(getattr(config, "enable_prefix_caching", False))
         self._stop_ids = sorted(_stop_ids(llm, self.tokenizer))
+
+    def diagnostics(self, prompt: GuardPrompt | None = None) -> BackendDiagnostics:
+        """Prompt tokens taken from vLLM's prefix cache (``reused_tokens``) and computed, so far."""
+        total, cached = self.stats["prompt_tokens"], self.stats["cached_prompt_tokens"]
+        return BackendDiagnostics(caching=self._prefix_caching, reused_tokens=cached, computed_tokens=total - cached)
 
     @property
     def special_tokens(self) -> frozenset[str]:
@@ -140,6 +150,8 @@ class VLLMBackend(Backend):
         item: dict[str, Any] = {"prompt": rendered}
         if prompt.images:
             item["multi_modal_data"] = {"image": list(prompt.images)}
+        if prompt.cache_salt:  # vllm 0.32 inputs/llm.py: a prompt's cache_salt salts its prefix-cache blocks
+            item["cache_salt"] = prompt.cache_salt
         return item
 
     def _rendered(self, prompts: Sequence[GuardPrompt]) -> list[str]:
