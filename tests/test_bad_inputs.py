@@ -86,6 +86,9 @@ def _text_chunk_bomb() -> bytes:
 
 PNG = _encode(Image.new("RGB", (32, 24), (200, 40, 40)), "PNG")
 JPEG = _encode(Image.new("RGB", (32, 24), (40, 200, 40)), "JPEG")
+#: 4.4 megapixels: eight of them (35.3 MP) are over the server's request budget (2 x 4096 x 4096),
+#: each within one image's limit (issue #24 item 10: eight 4096 px PNGs in a 625 KB request)
+BIG = _encode(Image.new("RGB", (2100, 2100), (90, 90, 90)), "PNG")
 
 
 @dataclass(frozen=True)
@@ -180,6 +183,8 @@ CASES: list[Case] = [
     # ---- image counts
     Case("zero-images", (), expect="verdict"),
     Case("too-many-images", tuple(b(PNG) for _ in range(9)), expect="error"),
+    # the server refuses it from the image headers (400); in-process channels judge it
+    Case("eight-images-over-request-pixel-budget", tuple(b(BIG) for _ in range(8)), expect="either"),
     # ---- text
     Case("empty-text", (), text="", expect="verdict"),
     Case("text-over-limit", (), text="x" * 40_000, expect="error"),
@@ -192,6 +197,14 @@ CASES: list[Case] = [
     Case("bidi-and-zero-width", (), text="\u202eevil\u202c \u200b\ufeff", expect="verdict"),
     Case("response-lone-surrogate", (), response="ok\udfff", expect="error"),
     Case("response-over-limit", (), response="y" * 40_000, expect="error"),
+    Case("response-control-characters", (), response="ok\x00\r\nx-visguard-blocked: false\x1b[2J", expect="verdict"),
+    Case("conversation-control-characters", (), conversation=[{"role": "user", "content": "\x00\x07\x1b]0;t\x07"}],
+         expect="verdict"),
+    # texts the issue's redaction masked by mistake (#24 item 6): ordinary text, judged as given
+    Case("text-key-equals-enter", (), text="press key=Enter to continue", expect="verdict"),
+    Case("text-bearer-bonds", (), text="Are Bearer bonds still issued?", expect="verdict"),
+    Case("text-sklearn-model-name", (), text="sk-learn-regressor-v2 predicts prices", expect="verdict"),
+    Case("text-ring-bearer", (), text="the ring bearer Frodo, token=3 of 9", expect="verdict"),
     Case("conversation-bad-role", (), conversation=[{"role": "wizard", "content": "x"}], expect="error"),
     Case("conversation-not-a-list", (), conversation="earlier", expect="error"),
     # ---- wrong types
@@ -371,3 +384,43 @@ def test_outcome_table():
           f"({runs.count('error')} typed errors, {runs.count('verdict')} valid verdicts, 0 other outcomes)")
     for case_id, per in OUTCOMES.items():
         print(f"  {case_id:32} " + " ".join(f"{k}={v}" for k, v in per.items()))
+
+
+# ---------------------------------------------------------------------------------- issue 24 cases
+
+
+def test_the_server_refuses_images_over_its_request_pixel_budget(client):
+    """``/v1/guard/check`` bounds the pixels of a whole request from the image headers (issue #24 item 10;
+    before, only the chat, Responses and moderation endpoints did: eight large images were decoded)."""
+    body = {"images": [_data_url(BIG)] * 8, "text": "what is in the pictures?"}
+    r = client.post("/v1/guard/check", json=body)
+    assert r.status_code == 400, r.text
+    assert "pixels" in r.json()["error"]["message"] and r.json()["error"]["param"] == "images"
+    parts = [{"type": "image_url", "image_url": {"url": _data_url(BIG)}}] * 8  # the same as OpenAI parts
+    assert client.post("/v1/guard/check", json={**body, "images": parts}).status_code == 400
+
+
+def test_a_guard_category_with_control_characters_is_served():
+    """A guard that names a category with NUL, CR/LF and an escape sequence (issue #24 item 13): the
+    answer arrives, its x-visguard-* headers are printable ASCII and the JSON keeps the category."""
+    from visguard_testing.faults import FaultyBackend
+
+    from visguard.engine.backend import Generation
+    from visguard.plugins import get
+
+    class Naming(FaultyBackend):
+        def generate(self, prompts, *, max_new_tokens):  # type: ignore[no-untyped-def]
+            return [Generation(text="Verdict: unsafe\nCategory: Viol\x00ent\r\nSet-Cookie: a=b\x1b[2J")] * len(prompts)
+
+    guard = Guard(Naming("naming"), get("formats", "visguard")(), Policy(mode="reason"))
+    app = create_app(guard, lambda images, text: "fine", settings=None)
+    with TestClient(app) as http:
+        chat = http.post("/v1/chat/completions", json={"model": app.state.model_name,
+                                                       "messages": [{"role": "user", "content": "hi"}]})
+        check = http.post("/v1/guard/check", json={"text": "hi"})
+    assert chat.status_code == 200 and check.status_code == 200, (chat.text, check.text)
+    assert chat.json()["choices"][0]["finish_reason"] == "content_filter"
+    for name, value in chat.headers.items():
+        if name.startswith("x-visguard"):
+            assert all(" " <= ch <= "~" for ch in value), (name, value)
+    assert check.json()["label"] == "unsafe"

@@ -278,6 +278,8 @@ def create_app(
     @app.post("/v1/guard/check")
     async def guard_check(body: GuardCheckBody) -> JSONResponse:
         try:
+            if settings.max_request_pixels is not None:  # from the image headers, before anything is decoded
+                await asyncio.to_thread(_budget_only, [_part_url(i) for i in body.images], settings.max_request_pixels)
             request = await asyncio.to_thread(guard.request, body.images, body.text, body.response,
                                               conversation=body.conversation)
             checker = explaining(guard) if body.explain else guard
@@ -462,6 +464,14 @@ async def _pixel_budget(body: ChatCompletionRequest, limit: int | None) -> None:
         await asyncio.to_thread(_budget_only, urls, limit)
     except InputError as exc:
         raise ApiError(400, str(exc), param="messages") from exc
+
+
+def _part_url(item: str | Mapping[str, Any]) -> str:
+    """The URL of a data URL or an OpenAI ``image_url`` part (``""`` when it has none)."""
+    if isinstance(item, str):
+        return item
+    inner = item.get("image_url")
+    return str(inner.get("url", "") if isinstance(inner, Mapping) else inner or "")
 
 
 def _budget_only(urls: list[str], limit: int) -> None:
