@@ -180,9 +180,11 @@ def test_openai_fast_score_counts_the_first_piece_of_a_split_verdict_word():
     ("candidates", "want"),
     [
         ({" Un": 0.95, " Safe": 0.04, " Contro": 0.005}, 0.955 / 0.995),  # first pieces
-        # whole token and piece are both unsafe mass; the unlisted " Controversial" counts at the
-        # smallest listed probability (the upper bound): (0.5 + 0.2 + 0.2) / (0.9 + 0.3)
-        ({" Unsafe": 0.5, " Un": 0.2, " Safe": 0.3}, 0.75),
+        # the whole word listed as one token stands for its spelling; the shorter " Un" is another
+        # token (the transformers backend does not count it either: vLLM parity test in
+        # plugins/visguard-vllm/tests/test_openai_server.py); the unlisted " Controversial" counts at
+        # the smallest listed probability (the upper bound): (0.5 + 0.2) / (0.5 + 0.2 + 0.3)
+        ({" Unsafe": 0.5, " Un": 0.2, " Safe": 0.3}, 0.7),
         ({" ": 0.9, " Safe": 0.05, " Unsafe": 0.05, " Controversial": 0.01}, 0.06 / 0.11),  # a bare space says nothing
     ],
 )

@@ -149,7 +149,22 @@ def test_top_n_approximation_is_the_documented_upper_bound(server, reference, im
     safe_ids, unsafe_ids = backend.codec.verdict_token_ids("Verdict:", {"safe": (" safe", " Safe"), "unsafe": (" unsafe", " Unsafe")})
     listed = set(order)
     s = sum(2.718281828459045 ** logprobs[t] for t in safe_ids if t in listed)
-    u = sum(2.718281828459045 ** logprobs[t] if t in listed else floor for t in unsafe_ids)
+    # an unlisted unsafe spelling counts with its longest listed first piece, else at the floor
+    # (openai_backend.verdict_probability); whole safe spellings only
+    text = {t: backend.tokenizer.decode([t]) for t in order}
+    u, used = 0.0, {t for t in safe_ids + unsafe_ids if t in listed}
+    for t in unsafe_ids:
+        if t in listed:
+            u += 2.718281828459045 ** logprobs[t]
+            continue
+        word = backend.tokenizer.decode([t])
+        pieces = [c for c in order if c not in used and text[c].strip() and word.startswith(text[c])]
+        if pieces:
+            piece = max(pieces, key=lambda c: len(text[c]))
+            used.add(piece)
+            u += max(2.718281828459045 ** logprobs[piece], floor)
+        else:
+            u += floor
     assert got == pytest.approx(u / (s + u), abs=TOL)
     assert got >= exact - TOL  # never makes a request look safer than the exact restricted softmax
 

@@ -9,10 +9,11 @@ Works with vLLM's OpenAI server, SGLang, TGI and hosted APIs. Images travel as `
   spellings found among the N returned candidates, as the transformers backend computes it over the
   verdict tokens' logits (the full-vocabulary normaliser cancels out).
 
-  A candidate token stands for a spelling when the spelling starts with it (its first piece: a
-  server lists tokens, and a tokenizer may split ``" Unsafe"`` into ``" Un"`` + ``"safe"``), as the
-  transformers backend scores the first token of each spelling; a candidate that starts spellings
-  of both labels (a bare space) or is only whitespace says nothing and is left out.
+  A listed candidate that is a whole spelling counts for its label, as the transformers backend
+  scores each spelling's first token (vLLM parity: plugins/visguard-vllm/tests/test_openai_server.py).
+  An unlisted ``unsafe`` spelling counts with its longest listed first piece (a tokenizer may split
+  ``" Unsafe"`` into ``" Un"`` + ``"safe"``), else at the smallest listed probability; ``safe`` counts
+  from whole spellings only (see :func:`verdict_probability`), so the result never errs toward safe.
 
   *Prompts whose template picks the task from the last role* (``GuardPrompt.prefill_as_message``
   false: Qwen3Guard). A prefilled assistant message would turn a prompt check into a response
@@ -275,10 +276,13 @@ def verdict_probability(
 ) -> float | None:
     """P(unsafe) from one position's ``top_logprobs`` list (see the module docstring for the rule).
 
-    A candidate stands for a spelling when the spelling starts with its token text: the whole word,
-    or the first piece of a word the tokenizer splits (the server does not say how it tokenizes; the
-    transformers backend scores the same first token). A candidate that is only whitespace, or that
-    starts spellings of both labels, is left out. Each candidate counts once.
+    A listed candidate whose token text is a spelling counts for its label. An ``unsafe`` spelling
+    that is not listed counts with its longest listed first piece (a tokenizer that splits
+    ``" Unsafe"`` lists ``" Un"``; the server does not say how it tokenizes), else at the smallest
+    listed probability: an unlisted unsafe spelling only ever raises the score (the upper bound of
+    the module docstring). ``safe`` is counted from whole spellings only, so a piece never makes a
+    request look safer. Whitespace-only candidates count for nothing; each candidate counts once;
+    with no whole spelling listed there is no score.
 
     Returns:
         The (upper-bound) restricted-softmax score, or ``None`` when no spelling is listed.
@@ -292,25 +296,22 @@ def verdict_probability(
         return None
     floor = min(probs.values())
     spellings = {label: tuple(dict.fromkeys(verdict_words.get(label, ()))) for label in ("safe", "unsafe")}
-    mass: dict[str, float] = {"safe": 0.0, "unsafe": 0.0}
-    found: set[str] = set()
-    for tok, p in probs.items():
-        if not tok.strip():
-            continue
-        owners = {label for label, words in spellings.items() if any(w.startswith(tok) for w in words)}
-        if len(owners) != 1:
-            continue
-        label = owners.pop()
-        mass[label] += p
-        found.update(w for w in spellings[label] if w.startswith(tok))
-    found_any = bool(found)
+    mass = {label: sum(probs[w] for w in words if w in probs) for label, words in spellings.items()}
+    if not any(w in probs for words in spellings.values() for w in words):
+        return None
+    used = {w for words in spellings.values() for w in words if w in probs}
     for word in spellings["unsafe"]:
-        if word not in found:
+        if word in probs:
+            continue
+        pieces = [t for t in probs if t.strip() and t not in used and word.startswith(t)]
+        if pieces:
+            piece = max(pieces, key=len)
+            used.add(piece)
+            mass["unsafe"] += max(probs[piece], floor)
+        else:
             mass["unsafe"] += floor  # upper bound of an unlisted candidate: never lowers the score
     total = mass["safe"] + mass["unsafe"]
-    if not found_any or total <= 0.0:
-        return None
-    return mass["unsafe"] / total
+    return mass["unsafe"] / total if total > 0.0 else None
 
 
 def _generation(text: str, steps: Sequence[Mapping[str, Any]], verdict_words: Mapping[str, Sequence[str]]) -> Generation:
