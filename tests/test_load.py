@@ -10,7 +10,11 @@ streamed chat completions, each with an image, as fast as they are answered. Pro
   rejection counter agrees with what the clients saw);
 - every decision is audited exactly once: the audit log holds one record per guard check and, per
   chat call, one per check the call reports (pre-check plus post-checks), under the request id
-  the client got; no record for a refused request, none missing, none twice.
+  the client got; no record for a refused request, none missing, none twice;
+- slow senders (issue 24, item 10): during the last seconds of the run, 4 more clients send a
+  request's headers and then trickle its body one byte a second; while they are mid-body the
+  server's in-flight gauge is 0 (a trickling client holds none of the ``--max-concurrency`` slots,
+  it is cut off with 408 after ``read_timeout_s``).
 
 Marked ``load``: deselected by default, run by ``make test-load`` (part of ``make test``, so CI runs
 it). ``VISGUARD_LOAD_SECONDS`` shortens or lengthens the run; ``VISGUARD_LOAD_REPORT=FILE`` writes
@@ -157,6 +161,30 @@ async def _one(client: httpx.AsyncClient, kind: str, image: str, text: str) -> t
         return _decisions(summary) + (200, False)
 
 
+SLOW_SENDERS = 4
+
+
+async def _slow_sender(url: str, stop: asyncio.Event) -> None:
+    """Send a guard check's headers, then its body one byte a second until ``stop`` (slowloris)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"images": [], "text": "x" * 200}).encode()
+    writer.write(f"POST /v1/guard/check HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n".encode())
+    await writer.drain()
+    try:
+        for byte in body[:-1]:  # never the last byte: the request stays incomplete
+            writer.write(bytes([byte]))
+            await writer.drain()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+                return
+            except TimeoutError:
+                continue
+    finally:
+        writer.close()
+
+
 def _decisions(summary: dict) -> tuple[str, int]:
     return summary["request_id"], (summary["input_verdict"] is not None) + summary["output_checks"]
 
@@ -166,9 +194,24 @@ def test_32_clients_for_30_seconds(server):
     tally = _Tally()
     start = time.monotonic()
 
+    inflight_with_slow_senders: list[float] = []
+
     async def main() -> None:
         deadline = time.monotonic() + DURATION_S
+        stop = asyncio.Event()
+
+        async def slow_senders() -> None:
+            await asyncio.sleep(max(0.0, DURATION_S - 10.0))  # mid-body when the others finish
+            await asyncio.gather(*(_slow_sender(url, stop) for _ in range(SLOW_SENDERS)))
+
+        slow = asyncio.ensure_future(slow_senders())
         await asyncio.gather(*(_client(n, url, deadline, tally) for n in range(CLIENTS)))
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            text = (await client.get("/metrics")).text
+        gauge = re.search(r"^visguard_http_inflight_requests (\S+)$", text, re.M)
+        inflight_with_slow_senders.append(float(gauge.group(1)) if gauge else float("nan"))
+        stop.set()
+        await slow
 
     asyncio.run(main())
     elapsed = time.monotonic() - start
@@ -184,6 +227,7 @@ def test_32_clients_for_30_seconds(server):
     assert rejected and int(float(rejected.group(1))) == refused
     for kind in ("check", "chat", "stream"):
         assert tally.status[(kind, 200)] > 0, f"no {kind} request was served"
+    assert inflight_with_slow_senders == [0.0], f"slow senders held slots: {inflight_with_slow_senders}"
 
     records = AuditLog.read(audit)
     per_request = Counter(r["request_id"] for r in records)
@@ -198,6 +242,7 @@ def test_32_clients_for_30_seconds(server):
         "by_kind": {f"{k}:{s}": v for (k, s), v in sorted(tally.status.items())},
         "decisions_audited": len(records), "decisions_expected": sum(tally.expected.values()),
         "lost_or_duplicated": sum(abs(per_request[rid] - want) for rid, want in tally.expected.items()),
+        "slow_senders": SLOW_SENDERS, "inflight_while_slow_senders_mid_body": inflight_with_slow_senders[0],
     }
     print("load figures:", json.dumps(figures), file=sys.stderr)
     if os.environ.get("VISGUARD_LOAD_REPORT"):
