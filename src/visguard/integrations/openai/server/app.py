@@ -40,7 +40,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -369,47 +369,30 @@ def _chat_proxy(guard: Checker, host: Host | None, settings: ServeSettings, audi
     return ChatProxy(judge, Upstream(client, served), stream_check_every=settings.stream_check_every)
 
 
+#: how a passthrough streams an upstream answer: ``(lines, aclose, guard request, decision) -> events``
+StreamEvents = Callable[[Any, Any, Any, Any], AsyncIterator[str]]
+
+
 async def _proxy_chat(proxy: ChatProxy, data: dict[str, Any], metrics: ServeMetrics) -> JSONResponse | StreamingResponse:
     """One chat completion through the transparent passthrough (see :mod:`.proxy`)."""
-    try:
-        request, decision, replacement = await proxy.prepare(data)
-    except (GuardrailViolation, GuardUnavailableError) as exc:
-        metrics.guarded.labels("blocked" if isinstance(exc, GuardrailViolation) else "error").inc()
-        raise _decision_error(exc) from exc
-    stream = data.get("stream") is True
     n = data.get("n", 1)
     expected = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-    if replacement is not None:
-        metrics.guarded.labels("blocked").inc()
-        summary = decision.summary()
-        if stream:
-            return StreamingResponse(proxy.refused_stream(data, replacement, decision),
-                                     media_type="text/event-stream", headers={**SSE_HEADERS, **decision_headers(summary)})
-        return JSONResponse(proxy.refused(data, replacement, decision), headers=decision_headers(summary))
-    if stream:
-        lines, aclose = await proxy.open(data, decision)
-        known = {"request_id": decision.request_id, "blocked": False,
-                 "input_verdict": public_verdict(decision.input_verdict)}
-
-        async def events() -> AsyncIterator[str]:
-            async for event in proxy.stream(lines, aclose, request, decision, expected):
-                yield event
-            metrics.guarded.labels(_decision_outcome(decision)).inc()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, **decision_headers(known)})
-    try:
-        answer = await proxy.complete(data, request, decision)
-    except (GuardrailViolation, GuardUnavailableError) as exc:
-        metrics.guarded.labels("blocked" if isinstance(exc, GuardrailViolation) else "error").inc()
-        raise _decision_error(exc) from exc
-    metrics.guarded.labels(_decision_outcome(decision)).inc()
-    return JSONResponse(answer, headers=decision_headers(answer["visguard"]))
+    return await _passthrough(proxy, data, metrics,
+                              lambda lines, aclose, request, decision: proxy.stream(lines, aclose, request, decision,
+                                                                                    expected))
 
 
 async def _proxy_responses(proxy: ResponsesProxy, data: dict[str, Any],
                            metrics: ServeMetrics) -> JSONResponse | StreamingResponse:
     """One Responses API call through the passthrough (see :mod:`.responses`)."""
+    return await _passthrough(proxy, data, metrics,
+                              lambda lines, aclose, request, decision: proxy.stream(lines, aclose, data, request,
+                                                                                    decision))
+
+
+async def _passthrough(proxy: ChatProxy | ResponsesProxy, data: dict[str, Any], metrics: ServeMetrics,
+                       stream_events: StreamEvents) -> JSONResponse | StreamingResponse:
+    """Pre-check, then the refusal, the guarded stream or the guarded answer: one shape for both APIs."""
     try:
         request, decision, replacement = await proxy.prepare(data)
         stream = data.get("stream") is True
@@ -426,7 +409,7 @@ async def _proxy_responses(proxy: ResponsesProxy, data: dict[str, Any],
                      "input_verdict": public_verdict(decision.input_verdict)}
 
             async def events() -> AsyncIterator[str]:
-                async for event in proxy.stream(lines, aclose, data, request, decision):
+                async for event in stream_events(lines, aclose, request, decision):
                     yield event
                 metrics.guarded.labels(_decision_outcome(decision)).inc()
 
