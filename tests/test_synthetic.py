@@ -351,3 +351,50 @@ def test_write_jsonl(tmp_path: Path) -> None:
         with Image.open(tmp_path / rec["images"][1]) as im:
             assert im.tobytes() == syn.render_images(it, size=48)[1].tobytes()
         assert data
+
+
+def test_write_jsonl_subsets_are_safe_parts_in_the_shapes_attribution_scores(tmp_path: Path) -> None:
+    """``subsets=True``: after each item, its parts alone as safe requests, each exactly a request that
+    attribution builds (``visguard.engine.attribution.subset_request`` over ``subsets(2, True)``)."""
+    from visguard.datasets import read_jsonl
+    from visguard.engine.attribution import subset_request, subsets
+
+    from visguard.core.types import GuardRequest
+
+    plain = [json.loads(line) for line in syn.write_jsonl(tmp_path / "plain", 12, seed=3).read_text().splitlines()]
+    path = syn.write_jsonl(tmp_path / "aug", 12, seed=3, subsets=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    records = {r.id: r for r in read_jsonl(path)}
+    items = [r for r in rows if "/" not in r["id"]]
+    assert items == plain  # the two-image items are unchanged
+    attributed = {(s, t) for s, t in subsets(2, True) if len(s) + t < 3 and (s, t) != ((0, 1), False)}
+    assert {(idx, text) for _, idx, text in syn.SUBSET_KINDS} == attributed
+    for item in items:
+        parts = [r for r in rows if r["id"].startswith(item["id"] + "/")]
+        assert len(parts) == len(syn.SUBSET_KINDS)
+        full = GuardRequest.build([tmp_path / "aug" / p for p in item["images"]], item["text"])
+        for (kind, idx, with_text), part in zip(syn.SUBSET_KINDS, parts, strict=True):
+            assert part["id"] == f"{item['id']}/{kind}"
+            assert part["label"] == "safe" and part["category"] is None
+            assert part["target"].split("\n")[-2:] == ["Verdict: safe", "Category: none"]
+            expected = subset_request(full, idx, with_text)
+            got = records[part["id"]]
+            assert got.text == expected.text == (item["text"] if with_text else "")
+            assert [Path(p) for p in got.images] == [Path(tmp_path / "aug" / item["images"][k]) for k in idx]
+            assert len(expected.images) == len(got.images)
+            # the reasoning describes the images shown, numbered as the subset request numbers them
+            perceptions = [line for line in part["target"].split("\n") if line.startswith("Image ")]
+            assert len(perceptions) == len(idx)
+
+
+def test_write_jsonl_subsets_per_item_samples_the_kinds(tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in
+            syn.write_jsonl(tmp_path, 60, seed=0, subsets=True, subsets_per_item=1).read_text().splitlines()]
+    parts = [r for r in rows if "/" in r["id"]]
+    assert len(rows) == 120 and len(parts) == 60
+    assert all(rows[2 * i + 1]["id"].startswith(rows[2 * i]["id"] + "/") for i in range(60))
+    kinds = Counter(r["id"].split("/")[1] for r in parts)
+    assert set(kinds) == {k for k, _, _ in syn.SUBSET_KINDS}  # every kind drawn
+    assert {r["label"] for r in parts} == {"safe"}
+    with pytest.raises(ValueError, match="subsets_per_item"):
+        syn.write_jsonl(tmp_path, 2, subsets=True, subsets_per_item=6)

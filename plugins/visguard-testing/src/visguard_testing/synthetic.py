@@ -31,7 +31,10 @@ at ~56x56 images) can be trained and evaluated offline in minutes:
 
 Writers are provided for the MIS test layout (``mis_<split>.json`` +
 ``<split>_image/<n>/object{1,2}.png``), the MIS train layout (``mis_train.json``
-with LLaVA-style ``conversations``) and visguard's own JSONL format.
+with LLaVA-style ``conversations``) and visguard's own JSONL format.  The JSONL writer can
+add each item's parts alone (an image with or without the text, the text alone) as safe requests
+(``write_jsonl(..., subsets=True)``, :func:`subset_records`), for guards whose attribution
+(``Policy(explain=True)``) scores those parts.
 
 Example:
     >>> from visguard_testing.synthetic import generate_items, render_images
@@ -78,6 +81,8 @@ __all__ = [
     "write_mis_test_layout",
     "write_mis_train_layout",
     "write_jsonl",
+    "SUBSET_KINDS",
+    "subset_records",
 ]
 
 Label = Literal["safe", "unsafe"]
@@ -757,6 +762,8 @@ def write_jsonl(
     seed: int = 0,
     size: int = 56,
     name: str = "data.jsonl",
+    subsets: bool = False,
+    subsets_per_item: int | None = None,
 ) -> Path:
     """Write items in visguard's JSONL format.
 
@@ -772,16 +779,69 @@ def write_jsonl(
         seed: Generator seed (passed to :func:`generate_items` unchanged).
         size: Image side length in pixels.
         name: JSONL file name inside ``root``.
+        subsets: after each item, also write parts of it as requests of their own, all labelled
+            ``safe`` (see :func:`subset_records`): what a guard must answer to the subsets that
+            attribution scores (``Policy(explain=True)``).  Only the full unsafe pair is unsafe.
+        subsets_per_item: with ``subsets``, how many of an item's :data:`SUBSET_KINDS` to write
+            (drawn at random per item, seeded by ``seed``); ``None`` writes all of them.
 
     Returns:
         Path of the written JSONL file.
+
+    Raises:
+        ValueError: ``subsets_per_item`` is outside ``0..len(SUBSET_KINDS)``.
     """
+    if subsets_per_item is not None and not 0 <= subsets_per_item <= len(SUBSET_KINDS):
+        raise ValueError(f"subsets_per_item must be in 0..{len(SUBSET_KINDS)}, got {subsets_per_item}")
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     stem = Path(name).stem
     items = generate_items(n, seed=seed)
-    return write_jsonl_records(root / name, [it.record(_write_pair(root, f"{stem}_image/{i}", it, size))
-                                             for i, it in enumerate(items)])
+    rng = random.Random(_derive_seed("subsets", seed))
+    records: list[Record] = []
+    for i, it in enumerate(items):
+        paths = _write_pair(root, f"{stem}_image/{i}", it, size)
+        records.append(it.record(paths))
+        if subsets:
+            kinds = list(SUBSET_KINDS) if subsets_per_item is None else rng.sample(SUBSET_KINDS, subsets_per_item)
+            records += subset_records(it, paths, kinds)
+    return write_jsonl_records(root / name, records)
+
+
+#: The parts of a two-image item that :func:`subset_records` writes as requests of their own, in the
+#: shapes attribution scores them (``visguard.engine.attribution.subset_request``: the images of the
+#: subset in their order, the text kept or ``""``): ``(name, image indices, includes_text)``.  The two
+#: images without the text are left out: whether a harmful pair is unsafe without its question is
+#: not decided by the synthetic rule.
+SUBSET_KINDS: tuple[tuple[str, tuple[int, ...], bool], ...] = (
+    ("image1+text", (0,), True),
+    ("image2+text", (1,), True),
+    ("image1", (0,), False),
+    ("image2", (1,), False),
+    ("text", (), True),
+)
+
+
+def subset_records(item: SyntheticItem, images: Sequence[str],
+                   kinds: Sequence[tuple[str, tuple[int, ...], bool]] = SUBSET_KINDS) -> list[Record]:
+    """Parts of ``item`` as ``safe`` requests of their own: one record per entry of ``kinds``.
+
+    Each object is benign alone and the question names no object, so every proper part of an item
+    is safe, whatever the item's label.  Ids are ``<item id>/<kind name>``; ``images`` are the
+    item's two image paths (reused, not rendered again); the reasoning describes the images shown.
+    """
+    out = []
+    for kind, idx, with_text in kinds:
+        shown = [item.objects[k] for k in idx]
+        if not shown:
+            why = "No image is shown: the request alone names no object and poses no safety risk."
+        else:
+            alone = f"Only one image is shown{'' if with_text else ', with no request'}"
+            why = f"{alone}: the {shown[0]} on its own poses no safety risk."
+        reasoning = _target_format().reasoning_text(why, [_describe(o) for o in shown])
+        out.append(Record(id=f"{item.id}/{kind}", images=tuple(Path(images[k]) for k in idx),
+                          text=item.question if with_text else "", label="safe", reasoning=reasoning))
+    return out
 
 
 _check_vocabulary()
