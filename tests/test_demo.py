@@ -203,3 +203,29 @@ def test_demo_unknown_size_is_an_input_error(tmp_path):
 
     with pytest.raises(InputError, match="unknown demo size 'huge'"):
         run_demo(tmp_path, size="huge")
+
+
+def test_demo_guard_trains_on_subset_items_and_its_cache_key_covers_them(tmp_path, monkeypatch):
+    """The demo's training data adds each item's parts alone (issue 27: a guard that never saw a single
+    image or the text alone cannot attribute), and the cached guard's key changes with that choice, so
+    a guard trained on other data is never reused."""
+    import visguard_demo.run as demo
+    import visguard_testing.synthetic as syn
+
+    monkeypatch.setenv("VISGUARD_CACHE", str(tmp_path))
+    written: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_write_jsonl(root, n, **kwargs):
+        written.update(kwargs, n=n)
+        raise Stop
+
+    monkeypatch.setattr(syn, "write_jsonl", fake_write_jsonl)
+    with pytest.raises(Stop):
+        demo.train_demo_guard("smoke", echo=lambda _: None)
+    assert written["subsets"] is True and written["subsets_per_item"] == 1 and written["n"] == 16
+    key = demo.demo_guard_dir("smoke")
+    monkeypatch.setattr(demo, "DATA", {**demo.DATA, "subsets": False})
+    assert demo.demo_guard_dir("smoke") != key
