@@ -7,7 +7,9 @@ demo`` guard of ``--size``) checks each held-out item in fast mode with attribut
 - unsafe items the guard flags: the share attributed ``combination only`` (target >= 0.9), and the
   shares of ``single image`` / ``text``;
 - safe items: the share where no scored subset (either image alone, the text alone, any pair) is
-  unsafe, and the share the guard passes.
+  unsafe, and the share the guard passes;
+- the guard's plain accuracy on the held-out pairs (the request's own fast verdict) and, per scored
+  subset (``image 1``, ``text``, ``image 1 + text``, ...), its mean P(unsafe) on safe and unsafe items.
 
 The held-out items are the demo's (``write_mis_test_layout(..., {"heldout": n}, seed=7)``), so the
 numbers are on items the guard never trained on.
@@ -65,6 +67,7 @@ def main() -> None:
     guard.close()
 
     counts: dict[str, collections.Counter[str]] = {"unsafe": collections.Counter(), "safe": collections.Counter()}
+    subset_scores: dict[str, dict[str, list[float]]] = {"unsafe": {}, "safe": {}}
     for record, verdict in zip(records, verdicts, strict=True):
         found = verdict.attribution
         c = counts[record.label]
@@ -73,6 +76,8 @@ def main() -> None:
         if found is None:
             c["no attribution"] += 1
             continue
+        for row in found.rows:
+            subset_scores[record.label].setdefault(row.name, []).append(row.score)
         if verdict.label == "unsafe":
             c[f"flagged: {found.summary}"] += 1
         if not any(row.score >= found.threshold for row in found.rows):
@@ -84,6 +89,7 @@ def main() -> None:
     numbers = {
         "guard": str(guard_dir),
         "held_out_items": len(records),
+        "accuracy": (unsafe["verdict unsafe"] + safe["verdict safe"]) / len(records),
         "unsafe_items": unsafe["items"],
         "unsafe_flagged": flagged,
         "flagged_combination_only_share": unsafe["flagged: combination only"] / flagged if flagged else None,
@@ -94,11 +100,17 @@ def main() -> None:
         "safe_passed_share": safe["verdict safe"] / safe["items"],
         "safe_no_subset_unsafe_share": safe["no subset unsafe"] / safe["items"],
         "safe_no_proper_subset_unsafe_share": safe["no proper subset unsafe"] / safe["items"],
+        "mean_subset_score": {label: {name: round(sum(v) / len(v), 3) for name, v in by_name.items()}
+                              for label, by_name in subset_scores.items()},
     }
     if args.json:
         print(json.dumps(numbers, indent=2))
         return
     for key, value in numbers.items():
+        if isinstance(value, dict):
+            for label, by_name in value.items():
+                print(f"{key} ({label} items)".ljust(40), ", ".join(f"{n}: {v:.2f}" for n, v in by_name.items()))
+            continue
         print(f"{key:<40} {value if not isinstance(value, float) else f'{value:.3f}'}")
 
 
