@@ -34,7 +34,9 @@ def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_
     """Train a small multi-image guard offline, guard a host VLM with it, and write an HTML report.
 
     \b
-    1. writes synthetic two-image data (each image harmless alone, some pairs harmful together);
+    1. writes synthetic two-image data (each image harmless alone, some pairs harmful together),
+       each pair followed by one of its parts alone (an image, with or without the text, or the
+       text alone; labelled safe, so the guard's --explain attribution means something);
     2. trains the demo guard (a 0.66 M-parameter Qwen2-VL, cached under $VISGUARD_CACHE/demo),
        or reuses the cached one;
     3. evaluates it on held-out items in the MIS test layout (visguard eval's runner and plots,
