@@ -50,6 +50,8 @@ class TrainResult:
         train_seconds: wall time of ``Trainer.train``.
         final_loss: mean training loss reported by the ``Trainer``.
         eval: fast-mode metrics on ``eval_data`` (empty when not asked).
+        ranks: per process, in rank order: ``{"rank", "examples", "micro_batches"}`` it trained on in
+            this run (since the resume point after ``--resume``).
     """
 
     output: Path
@@ -61,6 +63,7 @@ class TrainResult:
     train_seconds: float = 0.0
     final_loss: float | None = None
     eval: dict[str, Any] = field(default_factory=dict)
+    ranks: list[dict[str, int]] = field(default_factory=list)
 
 
 def last_complete_checkpoint(folder: str | Path) -> Path | None:
@@ -81,6 +84,40 @@ def last_complete_checkpoint(folder: str | Path) -> Path | None:
             continue
         found.append((step, d))
     return max(found)[1] if found else None
+
+
+#: Where launchers put the number of processes: torchrun and ``accelerate launch`` (``WORLD_SIZE``) and the
+#: MPI launchers behind ``accelerate launch --cpu --mpirun_hostfile`` (Intel MPI, Open MPI, MVAPICH2): the
+#: variables accelerate itself reads (``accelerate.utils.environment.get_cpu_distributed_information``).
+WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched_world_size(environ: Any = None) -> int:
+    """The number of training processes the launcher started (1 without a launcher).
+
+    Raises:
+        InputError: ``accelerate launch`` was asked for several processes but started only this one
+            (with ``--cpu`` and no MPI hostfile, or without ``--multi_gpu`` on a machine with fewer than two
+            GPUs, it runs its one-process launcher, which still sets ``MASTER_ADDR``): refused rather than
+            trained alone.
+    """
+    env = os.environ if environ is None else environ
+    world = 1
+    for var in WORLD_SIZE_VARS:
+        if env.get(var):
+            try:
+                world = int(env[var])
+            except ValueError:
+                raise InputError(f"the launcher's {var}={env[var]!r} is not a number of processes") from None
+            break
+    if world == 1 and env.get("MASTER_ADDR") and "ACCELERATE_DYNAMO_BACKEND" in env:
+        raise InputError(
+            "accelerate launch started only this one process although it set MASTER_ADDR for several (with --cpu, "
+            "or without --multi_gpu on a machine with fewer than two GPUs, it runs one process): for N processes run "
+            "`accelerate launch --multi_gpu --num_processes N -m visguard_train ...` (add --device cpu on CPUs) "
+            "or `torchrun --nproc_per_node N -m visguard_train ...`; unset MASTER_ADDR to train in one process"
+        )
+    return world
 
 
 def batch_split(config: TrainConfig, world_size: int) -> tuple[int, int]:
@@ -120,7 +157,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     eval_records = load_records(config.eval_data, None) if config.eval_data else []
     from visguard_train.encode import example_specs
 
-    specs = example_specs(records, config.objective, config.guard_modes)
+    specs = example_specs(records, config.objective, config.guard_modes, _distilled_fast_labels(config, records))
 
     import torch
 
@@ -131,6 +168,16 @@ def run_training(config: TrainConfig) -> TrainResult:
         return _train(config, method, fmt, records, eval_records, specs)
     finally:
         torch.set_num_threads(threads)
+
+
+def _distilled_fast_labels(config: TrainConfig, records: list[TrainRecord]) -> list[Any] | None:
+    """``--distill``: the teacher's reason-mode verdicts, one per record (:mod:`visguard_train.distill`)."""
+    if config.distill is None:
+        return None
+    from visguard_train.distill import distilled_fast_labels
+
+    return distilled_fast_labels(config.distill, str(config.base), records, Path(config.output).expanduser(),
+                                 device=config.device, write=int(os.environ.get("RANK", "0")) == 0)
 
 
 def _train(
@@ -152,7 +199,7 @@ def _train(
         image_token_ids,
     )
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world_size()
     per_device, accum = batch_split(config, world)
     output = Path(config.output).expanduser()
     ckpt_dir = output / CHECKPOINTS
@@ -222,6 +269,8 @@ def _train(
         fsdp=config.fsdp or "",
         fsdp_config=config.fsdp_config,
     )
+    if args.world_size != world:  # the global batch was split for `world` processes: never train another split
+        raise InputError(f"the launcher's environment says {world} processes but the Trainer runs {args.world_size}")
     if resume_from is not None and args.should_save:
         _trim_log(output / LOG_FILE, int(resume_from.name.rsplit("-", 1)[1]))
     if args.should_save and resume_from is None:
@@ -245,6 +294,7 @@ def _train(
     start = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - start
+    ranks = _rank_summary(trainer)  # a collective: every process takes part
     method.save(trainer, processor, output)
     if trainer.is_world_process_zero():  # the prompt layout this guard learned: loaders must use exactly it
         record = _format_record(config, fmt)
@@ -261,12 +311,25 @@ def _train(
         num_examples=len(dataset),
         train_seconds=seconds,
         final_loss=train_out.training_loss,
+        ranks=ranks,
     )
     if trainer.is_world_process_zero():
         if eval_records and config.objective in ("guard", "mirage"):
             result.eval = _evaluate_after_training(config, output, trainer.model, processor, fmt, eval_records)
         _write_meta(output, config, result, records, world)
     return result
+
+
+def _rank_summary(trainer: Any) -> list[dict[str, int]]:
+    """What each process trained on (gathered from all of them when several run)."""
+    import torch.distributed as dist
+
+    own = {"rank": trainer.args.process_index, "examples": trainer.rank_examples, "micro_batches": trainer.rank_micro_batches}
+    if not (dist.is_available() and dist.is_initialized()):
+        return [own]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, own)
+    return sorted(gathered, key=lambda r: r["rank"])
 
 
 def _format_record(config: TrainConfig, fmt: Any) -> dict[str, Any]:
@@ -395,6 +458,7 @@ def _write_meta(output: Path, config: TrainConfig, result: TrainResult, records:
         "global_step": result.global_step,
         "resumed_from": result.resumed_from,
         "world_size": world,
+        "ranks": result.ranks,
         "train_seconds": round(result.train_seconds, 2),
         "final_loss": result.final_loss,
         "eval": result.eval,
@@ -462,6 +526,14 @@ def _trainer_class() -> type:
     from transformers import Trainer
 
     class VisguardTrainer(Trainer):  # type: ignore[misc]
+        rank_examples = 0  # examples and micro-batches this process trained on (visguard_train.json "ranks")
+        rank_micro_batches = 0
+
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> Any:
+            self.rank_examples += len(inputs["input_ids"])
+            self.rank_micro_batches += 1
+            return super().training_step(model, inputs, num_items_in_batch)
+
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
             target = model if model is not None else self.model
             ckpt = Path(resume_from_checkpoint)
