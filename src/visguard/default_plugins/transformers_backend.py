@@ -16,6 +16,8 @@ padding, and serialises model calls with a lock so one instance is safe to share
   Verdicts are the same as without the cache (tests compare the scores on four architectures).
 - ``generate``: greedy decoding; for every generated token, the same restricted softmax is kept so
   the verdict word's probability can be read wherever the format finds it. With the KV cache on,
+  the prefill continues from each row's longest cached prefix (the static prefix, or a stored prompt
+  with the same images: a fast pre-check's, an earlier generation's) and computes only the rest;
   each row's final cache (its prompt and the generated tokens fed back, left padding removed) goes
   into the same store, so a reason-mode follow-up verdict prompt (generation prompt + answer +
   question, e.g. ``mirage``) computes only what follows the answer. Reuse is token-exact: where the
@@ -122,10 +124,11 @@ class TransformersBackend(Backend):
             self.kv_cache = None
         # static prefixes by (cache salt, prefix text): tenants with different salts share nothing
         self._static: dict[tuple[str, str], tuple[Any, list[tuple[Any, Any]]] | None] = {}
-        #: tokens taken from caches / computed by scoring forwards, prompts served from each kind of cache, and
-        #: generated rows whose caches the store kept for their follow-ups
+        #: tokens taken from caches / computed by scoring forwards, prompts served from each kind of cache,
+        #: generated rows whose caches the store kept for their follow-ups, and prompt tokens taken from
+        #: caches / computed by generations' prefills (all counted only with the KV cache on)
         self.cache_stats = {"reused_tokens": 0, "computed_tokens": 0, "static_hits": 0, "prompt_hits": 0,
-                            "generations_kept": 0}
+                            "generations_kept": 0, "generation_reused_tokens": 0, "generation_computed_tokens": 0}
         forward = inspect.signature(self.model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         cfg = self.model.config
@@ -271,6 +274,8 @@ class TransformersBackend(Backend):
             reused_tokens=stats["reused_tokens"], computed_tokens=stats["computed_tokens"],
             static_hits=stats["static_hits"], prompt_hits=stats["prompt_hits"],
             generations_kept=stats["generations_kept"],
+            generation_reused_tokens=stats["generation_reused_tokens"],
+            generation_computed_tokens=stats["generation_computed_tokens"],
             prompt_tokens=total, static_prefix_tokens=static,
         )
 
@@ -552,11 +557,14 @@ class TransformersBackend(Backend):
         stop_ids = set(_as_list(self.model.generation_config.eos_token_id)) | {self.tokenizer.eos_token_id}
         with self._lock:
             prepared = self._prepare(prompts)
-        for group, _, cpu_inputs in prepared:
+        for group, texts, cpu_inputs in prepared:
             batch = [prompts[i] for i in group]
             safe_ids, unsafe_ids = self.codec.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
             with self._lock, torch.inference_mode():
-                inputs = self._to_device(cpu_inputs)
+                if self.kv_cache is not None:
+                    inputs, ids, mask = self._generation_inputs(batch, texts, cpu_inputs)
+                else:
+                    inputs, ids, mask = self._to_device(cpu_inputs), cpu_inputs["input_ids"], cpu_inputs["attention_mask"]
                 result = self.model.generate(
                     **inputs,
                     max_new_tokens=max_new_tokens,
@@ -565,20 +573,127 @@ class TransformersBackend(Backend):
                     output_logits=True,
                     pad_token_id=self.tokenizer.pad_token_id,
                 )
-                new_tokens = result.sequences[:, inputs["input_ids"].shape[1] :]
+                new_tokens = result.sequences[:, ids.shape[1] :]
                 stops = [next((k for k, t in enumerate(row) if t in stop_ids), len(row)) for row in new_tokens.tolist()]
                 if self.kv_cache is not None:
-                    self._keep_generation(batch, inputs, new_tokens, stops, result)
+                    self._keep_generation(batch, ids, mask, new_tokens, stops, result)
             step_probs = torch.stack([_unsafe_probability(step.float(), safe_ids, unsafe_ids) for step in result.logits], dim=1)
             for row, i in enumerate(group):
                 n = stops[row]
                 out[i] = self.codec.generation(new_tokens[row, :n].tolist(), step_probs[row, :n].tolist())
         return [g for g in out if g is not None]
 
-    def _keep_generation(self, batch: list[GuardPrompt], inputs: dict[str, Any], new_tokens: Any, stops: list[int],
+    def _generation_inputs(self, batch: list[GuardPrompt], texts: list[str], inputs: dict[str, Any]
+                           ) -> tuple[dict[str, Any], Any, Any]:
+        """``model.generate`` inputs (on the device) that continue from each row's longest cached prefix,
+        and the input ids and attention mask they lay out (on the CPU). Caller holds the lock.
+
+        A row continues from its own entry in the prefix store (a pre-check's or fast check's prompt with
+        the same images) or from the static prefix, whichever is longer. The rows' cached parts are
+        left-padded to the longest and handed to ``generate`` as its cache; their uncached parts are
+        left-padded after them, so every row generates at the last position and ``generate`` feeds only
+        the uncached part (it slices ``input_ids`` past the cache's length). Padding sits inside the row,
+        masked; positions count only unmasked tokens, as in a plain left-padded batch (Qwen2-VL's mrope
+        positions are given explicitly, computed over the whole row). Either every row's images are in
+        its cached part (no pixels are passed: nothing is encoded again) or none is (the pixels are
+        passed whole); a prefix that would split a row's images is cut before them.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        rows, width = ids.shape
+        lengths = [int(n) for n in mask.sum(dim=1)]
+        own = [ids[row, width - lengths[row] :] for row in range(rows)]  # each row's tokens, padding removed
+        spans = [self._image_span(own[row], bool(batch[row].images)) for row in range(rows)]
+        static = self._static_entry(batch[0], texts[0]) if len({p.cache_salt for p in batch}) == 1 else None
+        store = self._prefix_store()
+        covered: list[tuple[int, Any] | None] = []  # a cached prefix holding all of the row's images
+        before: list[tuple[int, Any]] = []  # the longest cached prefix before the row's first image
+        for row in range(rows):
+            first, last = spans[row]
+            hit = store.lookup(own[row], self._image_key(batch[row]), limit=lengths[row] - 1)
+            covered.append(hit if hit is not None and last is not None and hit[0] > last else None)
+            best: tuple[int, Any] = (0, None)
+            if static is not None:
+                n = len(static[0])
+                if n < lengths[row] and n <= first and bool((own[row][:n] == static[0]).all()):
+                    best = (n, static[1])
+            if hit is not None and min(hit[0], first) > best[0]:
+                n = min(hit[0], first)
+                best = (n, [(k[:, :, :n], v[:, :, :n]) for k, v in hit[1]])
+            before.append(best)
+        # no pixels at all when every row with images has them cached; rows without images take their longest prefix
+        skip_pixels = any(p.images for p in batch) and all(
+            covered[row] is not None or not batch[row].images for row in range(rows))
+        chosen: list[tuple[int, Any]] = []  # per row: (cached tokens, their layers or None)
+        for row in range(rows):
+            hit = covered[row]
+            chosen.append(hit if skip_pixels and hit is not None and hit[0] >= before[row][0] else before[row])
+        starts = [n for n, _ in chosen]
+        self.cache_stats["generation_reused_tokens"] += sum(starts)
+        self.cache_stats["generation_computed_tokens"] += sum(lengths) - sum(starts)
+        cached = max(starts)
+        if cached == 0:
+            return self._to_device(inputs), ids, mask
+
+        span = max(n - s for n, s in zip(lengths, starts, strict=True))
+
+        def relayout(tensor: Any, fill: int) -> Any:
+            """``tensor``'s rows in the new layout: cached part right-aligned at ``cached``, then the rest."""
+            laid = tensor.new_full((rows, cached + span), fill)
+            for row in range(rows):
+                n, s = lengths[row], starts[row]
+                part = tensor[row, width - n :]
+                laid[row, cached - s : cached] = part[:s]
+                laid[row, cached + span - (n - s) :] = part[s:]
+            return laid
+
+        pad_id = self.tokenizer.pad_token_id
+        laid_ids = relayout(ids, int(pad_id) if pad_id is not None else 0)
+        laid_mask = relayout(torch.ones_like(mask), 0)
+        model_inputs: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if key in ("input_ids", "attention_mask"):
+                continue
+            if key in ("mm_token_type_ids", "token_type_ids") and value.shape == ids.shape:
+                model_inputs[key] = relayout(value, 0)
+            elif not skip_pixels:
+                model_inputs[key] = value
+        positions = self._position_ids(laid_ids, laid_mask, {**inputs, **model_inputs})
+        model_inputs = self._to_device(model_inputs)
+        if positions is not None:
+            model_inputs["position_ids"] = positions.to(self.device)
+        template: list[tuple[Any, Any]] = next(row_layers for _, row_layers in chosen if row_layers is not None)
+        layers = []
+        for layer, (k0, v0) in enumerate(template):
+            k = k0.new_zeros((rows, k0.shape[1], cached, k0.shape[3]))
+            v = v0.new_zeros((rows, v0.shape[1], cached, v0.shape[3]))
+            for row, (n, row_layers) in enumerate(chosen):
+                if n:
+                    k[row, :, cached - n :] = row_layers[layer][0][0]
+                    v[row, :, cached - n :] = row_layers[layer][1][0]
+            layers.append((k, v))
+        model_inputs[self._cache_kwarg] = DynamicCache(layers)
+        model_inputs["input_ids"] = laid_ids.to(self.device)
+        model_inputs["attention_mask"] = laid_mask.to(self.device)
+        return model_inputs, laid_ids, laid_mask
+
+    def _image_span(self, row_ids: Any, has_images: bool) -> tuple[int, int | None]:
+        """``(first, last)`` index of a row's image tokens: ``(len, -1)`` without images, ``(0, None)`` when
+        the image token is unknown or absent (no cached prefix may then hold any part of the row)."""
+        if not has_images:
+            return len(row_ids), -1
+        if self._image_token is None:
+            return 0, None
+        pos = (row_ids == self._image_token).nonzero()
+        return (int(pos[0, 0]), int(pos[-1, 0])) if len(pos) else (0, None)
+
+    def _keep_generation(self, batch: list[GuardPrompt], ids: Any, mask: Any, new_tokens: Any, stops: list[int],
                          result: Any) -> None:
         """Store each row's generation cache (its prompt and the tokens fed back), unpadded, in the prefix store.
 
+        ``ids`` / ``mask``: the prompt layout ``generate`` ran (padding anywhere in a row, masked).
         A format's follow-up prompt (the generation prompt, the answer, a verdict question) then
         continues from it: :meth:`score` finds the longest cached prefix of the follow-up's own
         tokens, so where re-tokenising the answer gives other ids than the generated ones, reuse
@@ -593,19 +708,28 @@ class TransformersBackend(Backend):
         tensors = _cache_tensors(cache)
         if not tensors:
             return
-        ids, mask = inputs["input_ids"].cpu(), inputs["attention_mask"].cpu()
+        ids, mask = ids.cpu(), mask.cpu()
         width = ids.shape[1]
         fed = new_tokens.shape[1] - 1  # generated tokens whose keys and values were computed
         if fed < 0 or any(k.shape[2] != width + fed for k, _ in tensors):
             return  # not a cache of every token fed (a static or windowed cache): nothing exact to keep
         for row, prompt in enumerate(batch):
-            pad = width - int(mask[row].sum())  # left padding
-            if not bool(mask[row, pad:].all()):
-                continue  # not plain left padding: nothing exact to keep
             n = min(stops[row] + 1, fed)
-            row_ids = torch.cat([ids[row, pad:], new_tokens[row, :n].cpu()])
-            self.cache_stats["generations_kept"] += self._keep(row_ids, self._image_key(prompt), tensors, row, pad,
-                                                               width + n, copy=True)
+            slots = torch.cat([mask[row].nonzero()[:, 0], torch.arange(width, width + n)])
+            row_ids = torch.cat([ids[row][slots[: len(slots) - n]], new_tokens[row, :n].cpu()])
+            index = slots.to(tensors[0][0].device)
+            kept = [(k[row : row + 1].index_select(2, index), v[row : row + 1].index_select(2, index)) for k, v in tensors]
+            self.cache_stats["generations_kept"] += self._prefix_store().put(row_ids, self._image_key(prompt), kept)
+
+
+def _shared_items(a: list[Any], b: list[Any], limit: int) -> int:
+    """How many leading items ``a`` and ``b`` share, counting at most ``limit``."""
+    n = 0
+    for x, y in zip(a[:limit], b[:limit], strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _output_cache(out: Any) -> Any:

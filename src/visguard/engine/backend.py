@@ -53,11 +53,14 @@ class BackendDiagnostics:
             post, generation -> follow-up).
         cache_limit_bytes: bound of the per-prompt cache store (0: no store).
         cache_bytes: bytes the per-prompt store holds now.
-        reused_tokens: prompt tokens that scoring forwards took from caches.
+        reused_tokens: prompt tokens that scoring forwards took from caches (generations count apart).
         computed_tokens: prompt tokens that scoring forwards computed.
         static_hits: scoring forwards that continued from a cached static prefix.
         prompt_hits: scored prompts that continued from an earlier prompt's (or generation's) cache.
         generations_kept: generated rows whose final cache was kept for their follow-ups.
+        generation_reused_tokens: prompt tokens that generations' prefills took from caches (a static
+            prefix, a pre-check's or an earlier generation's prompt with the same images).
+        generation_computed_tokens: prompt tokens that generations' prefills computed.
         prompt_tokens: the given prompt's length in model tokens, images included (``None``: no
             prompt given, or the backend cannot count).
         static_prefix_tokens: of those, the static prefix this backend computes once and shares
@@ -72,6 +75,8 @@ class BackendDiagnostics:
     static_hits: int = 0
     prompt_hits: int = 0
     generations_kept: int = 0
+    generation_reused_tokens: int = 0
+    generation_computed_tokens: int = 0
     prompt_tokens: int | None = None
     static_prefix_tokens: int | None = None
 
