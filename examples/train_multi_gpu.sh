@@ -16,7 +16,7 @@ case "${1:-ddp}" in
       --data "$DATA" --base "$BASE" --output "$OUT" --preset mirage-qwen2vl --batch-size 128
     ;;
   deepspeed)  # ZeRO through a DeepSpeed config file (pip install 'visguard-train[deepspeed]')
-    accelerate launch --num_processes "$GPUS" -m visguard_train \
+    accelerate launch --multi_gpu --num_processes "$GPUS" -m visguard_train \
       --data "$DATA" --base "$BASE" --output "$OUT" --preset mirage-qwen2vl --batch-size 128 \
       --deepspeed "$(dirname "$0")/ds_zero3.json"
     ;;
