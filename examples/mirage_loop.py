@@ -13,6 +13,13 @@
    (b) The trained model as a *guard* through the `mirage` format (found from its `visguard.json`),
    `visguard eval` guard metrics on the held-out hard split, fast and reason mode.
 
+4. With $VISGUARD_LOOP_DISTILL=1 (off by default): a second run teaches the trained guard a fast
+   verdict from its own reasoning, `visguard train --objective mirage --base <step 2's model>
+   --distill self --loss-average example` ($VISGUARD_LOOP_DISTILL_EPOCHS, default 1): its reason mode
+   labels every training record, the fast verdict examples learn those labels, the answers and
+   follow-up verdicts keep training. The distilled guard is evaluated fast, reason and adaptive,
+   with each mode's cost relative to reason (guard seconds per item).
+
 Sizes: $VISGUARD_LOOP_TRAIN training items (default 1600), $VISGUARD_LOOP_EPOCHS (3),
 $VISGUARD_LOOP_LR (4e-3, for a from-scratch tiny model; use --preset mirage-qwen2vl for a real one),
 $VISGUARD_LOOP_HELDOUT held-out items (200), $VISGUARD_LOOP_HOST_ITEMS host-evaluated items (40).
@@ -67,11 +74,31 @@ for name, path in (("host_trained", str(model)), ("host_base", base)):
              "--out", str(out / name), "--restart", "--no-progress", "--no-plots")
     results[name] = summary(out / name, host_keys)
 
-guard_keys = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "unavailable")
-for mode in ("fast", "reason"):
-    visguard("eval", "-B", "mis", "-d", str(test_root), "-s", "hard", "-m", str(model), "--mode", mode,
-             "--max-new-tokens", "160", "--device", "cpu", "--out", str(out / f"guard_{mode}"), "--restart",
+guard_keys = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "unavailable", "throughput_items_per_s")
+
+
+def guard_eval(path: Path, mode: str, name: str) -> dict:
+    visguard("eval", "-B", "mis", "-d", str(test_root), "-s", "hard", "-m", str(path), "--mode", mode,
+             "--max-new-tokens", "160", "--device", "cpu", "--out", str(out / name), "--restart",
              "--no-progress", "--no-plots")
-    results[f"guard_{mode}"] = summary(out / f"guard_{mode}", guard_keys)
+    return summary(out / name, guard_keys)
+
+
+for mode in ("fast", "reason"):
+    results[f"guard_{mode}"] = guard_eval(model, mode, f"guard_{mode}")
+
+if os.environ.get("VISGUARD_LOOP_DISTILL") == "1":
+    distilled = out / "mirage-distilled"
+    visguard("train", "--data", str(train_root), "--base", str(model), "--output", str(distilled),
+             "--objective", "mirage", "--distill", "self", "--loss-average", "example", "--device", "cpu",
+             "--epochs", os.environ.get("VISGUARD_LOOP_DISTILL_EPOCHS", "1"), "--lr", lr, "--batch-size", "8",
+             "--seed", "0", "--save-steps", "100000", "--overwrite", "--cpu-threads", "1")
+    results["distill_train"] = json.loads((distilled / "visguard_train.json").read_text())["train_seconds"]
+    for mode in ("fast", "reason", "adaptive"):
+        results[f"distilled_{mode}"] = guard_eval(distilled, mode, f"distilled_{mode}")
+    reason_rate = results["distilled_reason"]["throughput_items_per_s"]
+    for mode in ("fast", "adaptive"):  # cost relative to reason mode: guard seconds per item
+        rate = results[f"distilled_{mode}"]["throughput_items_per_s"]
+        results[f"distilled_{mode}"]["cost_vs_reason"] = round(reason_rate / rate, 3) if rate and reason_rate else None
 
 print(json.dumps(results))

@@ -74,6 +74,8 @@ VARIANTS = {
                 about="visguard-example without gradient clipping"),
         Variant("visguard-example-fast", "visguard", ("fast",), options={"loss_average": "example"},
                 about="visguard-example, fast examples only"),
+        Variant("visguard-layout1", "visguard", options={"layout": 1},
+                about="visguard train on the visguard format's prompt layout 1 (images first, then the instructions)"),
     ]
 }
 DEFAULT_VARIANTS = ("visguard", "plain")
@@ -92,12 +94,22 @@ class Settings:
     hidden: int = 64
     layers: int = 2
     threads: int = 1
+    #: ``jsonl``: visguard JSONL (perception lines + short reasoning); ``mis``: the MIS layouts
+    #: (``mis_train.json`` with the MIS answer as the rationale; held-out: a ``mis_hard.json`` split)
+    data: str = "jsonl"
 
 
 # ----------------------------------------------------------------------------- data
 def make_data(workdir: Path, s: Settings) -> tuple[Path, Path]:
-    from visguard_testing.synthetic import write_jsonl
+    from visguard_testing.synthetic import write_jsonl, write_mis_test_layout, write_mis_train_layout
 
+    if s.data == "mis":
+        root = workdir / f"mis-{s.train}-{s.test}"
+        train, test = root / "mis_train.json", root / "mis_hard.json"
+        if not (train.is_file() and test.is_file()):
+            write_mis_train_layout(root, s.train, seed=1)
+            write_mis_test_layout(root, {"hard": s.test}, seed=0)  # other items, fresh images
+        return train, test
     root = workdir / f"data-{s.train}-{s.test}"
     train, test = root / "train.jsonl", root / "test.jsonl"
     if not (train.is_file() and test.is_file()):
@@ -117,11 +129,17 @@ def train_visguard(v: Variant, s: Settings, data: Path, out: Path) -> None:
     from visguard_train.config import build_config
     from visguard_train.run import run_training
 
+    options = dict(v.options)
+    layout = options.pop("layout", None)
+    if layout is not None:  # this child process only: the visguard format builds (and records) that layout
+        from visguard.default_plugins.visguard_format import VisguardFormat
+
+        VisguardFormat.__init__.__defaults__ = (layout,)
     config = build_config(flag_values={
         "data": str(data), "base": str(base_model(s)), "output": str(out), "device": "cpu",
         "epochs": s.epochs, "lr": s.lr, "batch_size": s.batch_size, "warmup_ratio": s.warmup_ratio,
         "weight_decay": s.weight_decay, "seed": s.seed, "guard_modes": v.modes, "save_steps": 10**9,
-        "logging_steps": 10**9, "overwrite": True, **v.options,
+        "logging_steps": 10**9, "overwrite": True, **options,
     })
     run_training(config)
 
@@ -250,18 +268,51 @@ def check_encoding(s: Settings, data: Path, n: int = 4) -> list[dict[str, Any]]:
     return rows
 
 
+def loss_shares(data: Path, s: Settings, objective: str = "guard") -> dict[str, Any]:
+    """How much of the training loss the fast verdict token carries, under each loss average.
+
+    Counts, over every training example of ``data``, the continuation tokens each example is trained on;
+    the fast verdict is the first continuation token of a ``fast`` example (the word after ``Verdict:``,
+    ``Safe``/``Unsafe`` for mirage). Under ``token`` averaging a token's weight is 1 / (all target
+    tokens); under ``example`` averaging it is 1 / (examples x the tokens of its own example).
+    """
+    from transformers import AutoProcessor
+    from visguard_train.data import load_records
+    from visguard_train.encode import ExampleBuilder, ExampleDataset, example_specs
+
+    from visguard import plugins
+    from visguard.integrations.hf import HFPromptCodec
+
+    processor = AutoProcessor.from_pretrained(base_model(s))
+    fmt = "mirage" if objective == "mirage" else "visguard"
+    specs = example_specs(load_records(data), objective, ("fast", "reason"))
+    dataset = ExampleDataset(specs, ExampleBuilder(HFPromptCodec(processor), plugins.get("formats", fmt)()))
+    lengths = [(spec.objective, spec.mode, len(dataset[i]["continuation_ids"])) for i, spec in enumerate(specs)]
+    total = sum(n for _, _, n in lengths)
+    fast = [n for o, m, n in lengths if o == "guard" and m == "fast"]
+    kinds: dict[str, list[int]] = {}
+    for o, m, n in lengths:
+        kinds.setdefault(f"{o}:{m}" if m else o, []).append(n)
+    return {"objective": objective, "examples": len(lengths), "target_tokens": total,
+            "mean_target_tokens": {k: round(sum(v) / len(v), 1) for k, v in kinds.items()},
+            "fast_verdict_share_token_average": round(len(fast) / total, 4),
+            "fast_verdict_share_example_average": round(sum(1 / n for n in fast) / len(lengths), 4)}
+
+
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(model_dir: Path, test: Path) -> dict[str, Any]:
     """Fast-mode accuracy and AUROC of a trained guard on held-out data, through visguard's Guard."""
+    from visguard_train.data import load_records
+
     from visguard import Guard
-    from visguard.datasets import read_jsonl
     from visguard.eval import EvalItem, evaluate_guard
 
     guard = Guard.from_pretrained(str(model_dir), device="cpu")
-    items = [EvalItem.of(r) for r in read_jsonl(test)]
+    items = [EvalItem.of(r) for r in load_records(test)]
     summary = evaluate_guard(guard, items, mode="fast", batch_size=16, progress=False, plots=False)
-    return {"accuracy": summary.accuracy, "auroc": summary.auroc, "n": summary.n,
-            "unavailable": summary.unavailable}
+    fp, tn = summary.confusion["fp"], summary.confusion["tn"]
+    return {"accuracy": summary.accuracy, "auroc": summary.auroc, "fpr": round(fp / max(fp + tn, 1), 3),
+            "n": summary.n, "unavailable": summary.unavailable}
 
 
 def run_one(name: str, s: Settings, workdir: Path) -> dict[str, Any]:
@@ -270,12 +321,12 @@ def run_one(name: str, s: Settings, workdir: Path) -> dict[str, Any]:
     torch.set_num_threads(s.threads)
     v = VARIANTS[name]
     train, test = make_data(workdir, s)
-    out = workdir / f"{name}-seed{s.seed}"
+    out = workdir / f"{name}-{s.data}{s.train}-t{s.threads}-seed{s.seed}"
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     (train_visguard if v.kind == "visguard" else train_plain)(v, s, train, out)
     seconds = time.perf_counter() - start
-    return {"variant": name, "seed": s.seed, "train_seconds": round(seconds, 1), **evaluate(out, test)}
+    return {"variant": name, "seed": s.seed, "threads": s.threads, "train_seconds": round(seconds, 1), **evaluate(out, test)}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -296,12 +347,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", type=int, default=d.hidden, help=f"hidden size of the tiny Qwen2-VL (default {d.hidden})")
     p.add_argument("--layers", type=int, default=d.layers, help=f"decoder layers of the tiny Qwen2-VL (default {d.layers})")
     p.add_argument("--threads", type=int, default=d.threads, help=f"torch threads per run (default {d.threads})")
+    p.add_argument("--data", choices=("jsonl", "mis"), default=d.data,
+                   help="jsonl: visguard JSONL (perception lines + short reasoning), held-out JSONL; mis: MIS train "
+                        "layout (the MIS answer as rationale), held-out MIS 'hard' split (default jsonl)")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each in its own process)")
     p.add_argument("--workdir", default="/tmp/visguard-train-vs-plain", help="data, models and results")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--list", action="store_true", help="list the variants and exit")
     p.add_argument("--check-encoding", action="store_true",
                    help="compare how both trainers batch the first training examples (tokens, targets, loss) and exit")
+    p.add_argument("--loss-shares", choices=("guard", "mirage"),
+                   help="print the share of the loss that the fast verdict token carries under token and example "
+                        "averaging, for this objective on the training data, and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     a = p.parse_args(argv)
     if a.list:
@@ -310,11 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     base = {k: getattr(a, k) for k in ("train", "test", "epochs", "lr", "batch_size", "warmup_ratio",
-                                       "weight_decay", "hidden", "layers", "threads")}
+                                       "weight_decay", "hidden", "layers", "threads", "data")}
     if a.check_encoding:
         rows = check_encoding(Settings(**base), make_data(workdir, Settings(**base))[0])
         print(json.dumps(rows, indent=2) if a.json else "\n".join(str(r) for r in rows))
         return 0 if all(r["same_tokens"] and r["same_targets"] for r in rows) else 1
+    if a.loss_shares:
+        print(json.dumps(loss_shares(make_data(workdir, Settings(**base))[0], Settings(**base), a.loss_shares)))
+        return 0
     if a.one:
         print(json.dumps(run_one(a.one, Settings(**base, seed=int(a.seeds)), workdir)))
         return 0

@@ -59,6 +59,10 @@ def _presets_help() -> str:
 @click.option("--loss-average", type=click.Choice(["token", "example"]),
               help="token (default): every target token weighs the same, so a long reason target outweighs "
                    "many fast verdicts; example: every example weighs the same.")
+@click.option("--distill", metavar="self|TEACHER",
+              help="Train the fast verdict on a teacher guard's reason-mode verdicts (TEACHER: a guard directory "
+                   "or hub id; self: --base, itself a reasoning guard); the other examples keep the data's labels. "
+                   "The verdicts go to OUTPUT/distill_labels.jsonl.")
 @click.option("--lr-scheduler", help="Learning-rate schedule: cosine (default), linear, constant ...")
 @click.option("--save-steps", type=click.IntRange(1), help="Write a checkpoint every N steps (default 500).")
 @click.option("--save-total-limit", type=click.IntRange(1), help="Keep at most N checkpoints (default 2).")

@@ -55,6 +55,9 @@ class TrainConfig(BaseModel):
         loss_average: ``token``: every target token of the batch weighs the same (an example with a
             long reason target weighs as much as many fast verdicts); ``example``: every example
             weighs the same (its mean token loss), whatever its target's length.
+        distill: train the fast verdict examples on a teacher guard's reason-mode verdicts
+            (:mod:`visguard_train.distill`): a guard directory or hub id, or ``self`` (the ``base``
+            model, itself a reasoning guard); the other examples keep the records' own labels.
         save_steps / save_total_limit: periodic checkpoints (under ``<output>/checkpoints``).
         logging_steps: how often the loss is logged (to the progress bar and ``train_log.jsonl``).
         seed: seed of initialisation-independent randomness (data order, dropout).
@@ -97,6 +100,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, ge=0)
     loss_average: Literal["token", "example"] = "token"
+    distill: str | None = None
     lr_scheduler: str = "cosine"
     save_steps: int = Field(default=500, ge=1)
     save_total_limit: int | None = Field(default=2, ge=1)
@@ -144,6 +148,8 @@ class TrainConfig(BaseModel):
             raise ValueError("merge applies to the lora trainer only")
         if self.guard_format is None:
             self.guard_format = "mirage" if self.objective == "mirage" else "visguard"
+        if self.distill is not None and (self.objective == "response" or "fast" not in self.guard_modes):
+            raise ValueError("distill teaches the fast verdict: it needs --objective guard or mirage and fast in guard_modes")
         return self
 
     def require_paths(self) -> None:

@@ -19,7 +19,7 @@ from visguard.core.types import GuardRequest
 from visguard.datasets import reasoning_of
 from visguard.engine.format import GuardPrompt
 from visguard_train.config import GuardMode, Objective
-from visguard_train.data import DatasetError, TrainRecord
+from visguard_train.data import DatasetError, Label, TrainRecord
 from visguard_train.trainable import FollowupTrainableFormat, TrainableFormat
 
 IGNORE_INDEX = -100
@@ -35,6 +35,9 @@ class ExampleSpec:
     objective: Objective | Literal["followup"]
     mode: GuardMode | None = None
     turn: int = 0
+    #: the verdict this example is trained on when it is not the record's own label: a distilled
+    #: fast verdict (the teacher's reason-mode verdict on the record, see :mod:`visguard_train.distill`)
+    label: Label | None = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,10 @@ class Example:
 
 
 def example_specs(
-    records: Sequence[TrainRecord], objective: Objective, guard_modes: Sequence[GuardMode] = ("fast", "reason")
+    records: Sequence[TrainRecord],
+    objective: Objective,
+    guard_modes: Sequence[GuardMode] = ("fast", "reason"),
+    fast_labels: Sequence[Label | None] | None = None,
 ) -> list[ExampleSpec]:
     """Expand records into example specs.
 
@@ -63,25 +69,32 @@ def example_specs(
     example (the guard format's verdict question after that answer) and, when ``fast`` is in
     ``guard_modes``, one ``fast`` guard example.
 
+    ``fast_labels`` (one per record, distillation): the fast examples are trained on these verdicts
+    instead of the records' labels (``None``: that record gives no fast example, e.g. the teacher's
+    verdict was unavailable); every other example keeps the record's own label.
+
     Raises:
         DatasetError: no record can be used for the objective (the message says what is missing).
     """
+    if fast_labels is not None and len(fast_labels) != len(records):
+        raise ValueError(f"fast_labels has {len(fast_labels)} entries for {len(records)} records")
     specs: list[ExampleSpec] = []
-    for rec in records:
+    for k, rec in enumerate(records):
+        fast_label = rec.label if fast_labels is None else fast_labels[k]
+        fast = ExampleSpec(rec, "guard", "fast", label=None if fast_labels is None else fast_label)
         if objective == "guard":
-            if rec.label is None:
-                continue
-            if "fast" in guard_modes:
-                specs.append(ExampleSpec(rec, "guard", "fast"))
-            if "reason" in guard_modes and (rec.reasoning or rec.rationale):
+            if "fast" in guard_modes and fast_label is not None:
+                specs.append(fast)
+            if rec.label is not None and "reason" in guard_modes and (rec.reasoning or rec.rationale):
                 specs.append(ExampleSpec(rec, "guard", "reason"))
         else:
             answers = [i for i, (role, _) in enumerate(rec.turns) if role == "assistant"]
             specs += [ExampleSpec(rec, "response", turn=i) for i in answers]
-            if objective == "mirage" and rec.label is not None and answers:
-                specs.append(ExampleSpec(rec, "followup", turn=answers[0]))
-                if "fast" in guard_modes:
-                    specs.append(ExampleSpec(rec, "guard", "fast"))
+            if objective == "mirage" and answers:
+                if rec.label is not None:
+                    specs.append(ExampleSpec(rec, "followup", turn=answers[0]))
+                if "fast" in guard_modes and fast_label is not None:
+                    specs.append(fast)
     if not specs:
         need = "a label (safe/unsafe)" if objective == "guard" else "an assistant answer (conversations / answer)"
         raise DatasetError(f"no record has {need}: nothing to train for objective {objective!r}")
@@ -110,12 +123,13 @@ class ExampleBuilder:
         rec = spec.record
         if spec.objective == "guard":
             request = GuardRequest.build(list(rec.images), rec.text, rec.response, limits=self.policy.limits)
-            assert spec.mode is not None and rec.label is not None
+            label = spec.label or rec.label
+            assert spec.mode is not None and label is not None
             prompt = self.format.build(request, self.policy, mode=spec.mode, special_tokens=self.codec.special_tokens)
             target = self.format.target(
                 request,
                 self.policy,
-                label=rec.label,
+                label=label,
                 mode=spec.mode,
                 category=rec.category,
                 sub_category=rec.sub_category,

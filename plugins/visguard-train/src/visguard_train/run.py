@@ -157,7 +157,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     eval_records = load_records(config.eval_data, None) if config.eval_data else []
     from visguard_train.encode import example_specs
 
-    specs = example_specs(records, config.objective, config.guard_modes)
+    specs = example_specs(records, config.objective, config.guard_modes, _distilled_fast_labels(config, records))
 
     import torch
 
@@ -168,6 +168,16 @@ def run_training(config: TrainConfig) -> TrainResult:
         return _train(config, method, fmt, records, eval_records, specs)
     finally:
         torch.set_num_threads(threads)
+
+
+def _distilled_fast_labels(config: TrainConfig, records: list[TrainRecord]) -> list[Any] | None:
+    """``--distill``: the teacher's reason-mode verdicts, one per record (:mod:`visguard_train.distill`)."""
+    if config.distill is None:
+        return None
+    from visguard_train.distill import distilled_fast_labels
+
+    return distilled_fast_labels(config.distill, str(config.base), records, Path(config.output).expanduser(),
+                                 device=config.device, write=int(os.environ.get("RANK", "0")) == 0)
 
 
 def _train(
