@@ -22,18 +22,22 @@ padding, and serialises model calls with a lock so one instance is safe to share
   into the same store, so a reason-mode follow-up verdict prompt (generation prompt + answer +
   question, e.g. ``mirage``) computes only what follows the answer. Reuse is token-exact: where the
   follow-up's own tokenisation of the answer parts from the generated ids, it continues from there.
-- Each batch is rendered and encoded once; a prompt whose encoding (images expanded) is longer than
+- Each batch is rendered and encoded once (a request's images preprocessed once: the image
+  processor's outputs for the same images are kept, a few batches' worth, for its post-check or
+  follow-up); a prompt whose encoding (images expanded) is longer than
   the model's ``max_position_embeddings`` is refused with
   :class:`~visguard.core.errors.PromptTooLongError` (its index and why) before the model runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import inspect
 import threading
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from visguard.core.errors import BackendError, PromptTooLongError
@@ -184,9 +188,26 @@ class TransformersBackend(Backend):
         kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
-        if prompts[0].images:
-            kwargs["images"] = [list(p.images) for p in prompts]
-        return dict(self.processor(**kwargs))
+        if not prompts[0].images:
+            return dict(self.processor(**kwargs))
+        kwargs["images"] = [list(p.images) for p in prompts]
+        pixels = self._pixel_cache()
+        if pixels is None:
+            return dict(self.processor(**kwargs))
+        with pixels.keyed(tuple(self._image_key(p) for p in prompts)):
+            return dict(self.processor(**kwargs))
+
+    def _pixel_cache(self) -> _PixelCache | None:
+        """The processor's image processor, wrapped (once) to serve the same images' outputs again
+        (``None``: the processor has none). Checks of one request (a pre-check and its post-check, a
+        generation and its follow-up) then preprocess its images once."""
+        inner = getattr(self.processor, "image_processor", None)
+        if inner is None:
+            return None
+        if not isinstance(inner, _PixelCache):
+            inner = _PixelCache(inner)
+            self.processor.image_processor = inner
+        return inner
 
     def _prepare(self, prompts: Sequence[GuardPrompt], padding_side: str | None = None
                  ) -> list[tuple[list[int], list[str], dict[str, Any]]]:
@@ -257,12 +278,13 @@ class TransformersBackend(Backend):
         if prompt is not None:
             with self._lock:  # the processor's tokenizer is not safe to share between threads
                 text = self.render(prompt)
-                kwargs: dict[str, Any] = {"text": [text], "return_tensors": "pt"}
-                if prompt.images:
-                    kwargs["images"] = [list(prompt.images)]
-                ids = self.processor(**kwargs)["input_ids"][0]
+                ids = self._processor_inputs([prompt], [text])["input_ids"][0]  # (a checked prompt's pixels are kept)
                 prefix = self.codec.static_prefix(prompt, text) if store is not None else None
-                prefix_ids = self.tokenizer(prefix)["input_ids"] if prefix else []
+                entry = self._static.get((prompt.cache_salt, prefix)) if prefix else None
+                if entry is not None:
+                    prefix_ids = entry[0].tolist()  # tokenized when it was cached
+                else:
+                    prefix_ids = self.tokenizer(prefix)["input_ids"] if prefix else []
             total, static = int(ids.shape[0]), 0
             n = len(prefix_ids)
             if 0 < n < total and ids[:n].tolist() == list(prefix_ids):  # as score() checks before reusing it
@@ -730,6 +752,69 @@ def _shared_items(a: list[Any], b: list[Any], limit: int) -> int:
             break
         n += 1
     return n
+
+
+class _PixelCache:
+    """A processor's image processor that remembers its last outputs by the images' prefix-store keys.
+
+    Inside :meth:`keyed` (this thread only: a processor may be shared with a host model in another
+    thread) a call for images preprocessed recently returns a copy of the same outputs (processors
+    pop entries from them, e.g. Idefics3's ``rows``) instead of preprocessing again; outside it, and
+    for anything not kept, every call goes to the wrapped processor. Attributes are the wrapped
+    processor's, read and set (a setting changed, e.g. ``do_resize``, drops every kept output).
+    Bounded by entries (``max_entries``): a request's pre-check and post-check, or a
+    generation and its follow-up, come close together.
+    """
+
+    _own = frozenset({"inner", "max_entries", "_entries", "_local", "_guard", "hits", "misses"})
+
+    def __init__(self, inner: Any, max_entries: int = 8) -> None:
+        self.inner = inner
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Any, Any] = OrderedDict()
+        self._local = threading.local()
+        self._guard = threading.Lock()
+        #: calls served from the kept outputs / passed to the wrapped processor
+        self.hits = 0
+        self.misses = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._own:
+            object.__setattr__(self, name, value)
+            return
+        setattr(self.inner, name, value)
+        with self._guard:
+            self._entries.clear()
+
+    @contextlib.contextmanager
+    def keyed(self, images_key: tuple) -> Iterator[None]:
+        self._local.key = images_key
+        try:
+            yield
+        finally:
+            self._local.key = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        images_key = getattr(self._local, "key", None)
+        if images_key is None:
+            return self.inner(*args, **kwargs)
+        key = (images_key, repr(sorted(kwargs.items())))
+        with self._guard:
+            kept = self._entries.get(key)
+            if kept is not None:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return copy.copy(kept)
+        out = self.inner(*args, **kwargs)
+        with self._guard:
+            self.misses += 1
+            self._entries[key] = copy.copy(out)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return out
 
 
 def _output_cache(out: Any) -> Any:
