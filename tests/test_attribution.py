@@ -307,3 +307,138 @@ def test_in_reason_mode_the_verdict_is_the_reason_check_and_the_attribution_a_fa
     assert verdict.mode == "reason" and verdict.label == "unsafe" and verdict.category == "Violent"
     assert verdict.attribution.summary == "combination only"
     assert len(backend.calls) == 1 and len(backend.calls[0]) == 7  # the subsets: one score call
+
+
+# ------------------------------------------------------------------ prefix reuse between subsets (transformers)
+# An explained check's subsets begin like one another: ``[instructions, image 1, text]`` and
+# ``[instructions, image 1]`` begin like the request ``[instructions, image 1, image 2, text]``. With its
+# KV cache on, the transformers backend runs the prompts that no longer prompt begins like first (the
+# roots), then the rest continuing from a root's cached prefix (TransformersBackend._phases,
+# KVCacheStore.lookup by image prefix). Token counts, never timings.
+
+
+def _noise(n: int, seed: int = 0) -> list[Image.Image]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def _tiny_models():
+    """(model, processor) per architecture, loaded once for this module's tests."""
+    from visguard.integrations.hf import load_image_text_model
+
+    loaded: dict[str, Any] = {}
+
+    def get(arch: str) -> tuple[Any, Any]:
+        if arch not in loaded:
+            from visguard_testing.checkpoints import cached_tiny_checkpoint
+
+            loaded[arch] = load_image_text_model(str(cached_tiny_checkpoint(arch)), device="cpu")
+        return loaded[arch]
+
+    return get
+
+
+def _hf_guard(models: Any, arch: str, kv_cache_mb: float) -> Guard:
+    from visguard.default_plugins.transformers_backend import TransformersBackend
+
+    model, processor = models(arch)
+    backend = TransformersBackend.from_objects(model, processor, model_id=arch, kv_cache_mb=kv_cache_mb)
+    return Guard(backend, VisguardFormat(), Policy(mode="fast", explain=True))
+
+
+def _uncached_tokens(guard: Guard, request: GuardRequest) -> int:
+    """Tokens the explained check computes when each subset runs from the static prefix alone (the
+    one-batch path before prefix reuse between subsets): each prompt's tokens after its static prefix."""
+    from visguard.engine.attribution import _plans
+
+    _, plans = _plans(guard, request)
+    return sum(guard.backend.diagnostics(plan.prompts[0]).request_tokens for plan in plans)
+
+
+@pytest.mark.parametrize(("arch", "n"), [("qwen2_vl", 2), ("qwen2_vl", 3), ("idefics3", 3), ("llava", 2)])
+def test_subsets_continuing_from_their_parents_score_as_without_any_cache(_tiny_models, one_torch_thread, arch, n):
+    request = GuardRequest.build(_noise(n), "use the first on the second")
+    (uncached,) = _hf_guard(_tiny_models, arch, 0).report_batch([request])
+    guard = _hf_guard(_tiny_models, arch, 256)
+    (cached,) = guard.report_batch([request])
+    assert [(r.subset, r.includes_text) for r in cached.attribution.rows] == subsets(n, True)
+    for a, b in zip(cached.attribution.rows, uncached.attribution.rows, strict=True):
+        assert a.score == pytest.approx(b.score, abs=1e-4), (a.name, a.score, b.score)
+    assert cached.score == pytest.approx(uncached.score, abs=1e-4)
+    stats = guard.backend.cache_stats
+    assert stats["prompt_hits"] >= 1  # some subsets continued from another subset's cache
+
+
+@pytest.mark.parametrize(("n", "child_images"), [(2, 5), (3, 16)])
+def test_an_explained_check_computes_only_the_tails_of_subsets_that_begin_like_another(
+        _tiny_models, one_torch_thread, n, child_images):
+    # Children (subsets whose images all lie in a root's prefix) hold 5 of the 8 image places of the 7
+    # prompts (2 images), 16 of 24 (3 images); none of their image tokens is computed again.
+    guard = _hf_guard(_tiny_models, "qwen2_vl", 256)
+    images = [img.resize((112, 112)) for img in _noise(n, seed=n)]
+    request = GuardRequest.build(images, "use the first on the second")
+    separately = _uncached_tokens(guard, request)
+    before = guard.backend.cache_stats["computed_tokens"]
+    (verdict,) = guard.report_batch([request])
+    computed = guard.backend.cache_stats["computed_tokens"] - before
+    assert verdict.attribution is not None
+    per_image = guard.backend.processor(text=["<|vision_start|><|image_pad|><|vision_end|>"],
+                                        images=[images[:1]], return_tensors="pt")["input_ids"].shape[1]
+    # measured: 2 images 314 of 429, 3 images 705 of 1041 (each image 16 + 2 tokens)
+    assert computed <= separately - child_images * per_image, (computed, separately, per_image)
+
+
+def _count_encoded_images(model: Any) -> list[int]:
+    """Images Qwen2-VL's vision tower encodes, per call (one ``grid_thw`` row per image)."""
+    counts: list[int] = []
+    model.model.visual.register_forward_pre_hook(
+        lambda module, args, kwargs: counts.append(int((kwargs.get("grid_thw") if "grid_thw" in kwargs else args[1]).shape[0])),
+        with_kwargs=True)
+    return counts
+
+
+@pytest.mark.parametrize(("n", "encoded"), [(2, 3), (3, 8)])
+def test_pixels_of_images_inside_a_cached_prefix_are_not_encoded_again(one_torch_thread, qwen_path, n, encoded):
+    # Only the roots' images are encoded: 2 images -> the request (2) and [image 2, text] (1), not the 8
+    # image places of the 7 prompts; 3 images -> the request (3), [1, 3, text] (2), [2, 3, text] (2),
+    # [3, text] (1), not the 24 of the 15 prompts. A subset whose images all sit in its parent's cached
+    # prefix ([1], [1, 2], [1, text] ...) passes no pixels to the model.
+    guard = Guard.from_pretrained(qwen_path, format=VisguardFormat(), policy=Policy(mode="fast", explain=True),
+                                  device="cpu")
+    counts = _count_encoded_images(guard.backend.model)
+    (verdict,) = guard.report_batch([GuardRequest.build(_noise(n, seed=10 + n), "put them together")])
+    assert verdict.attribution is not None
+    assert sum(counts) == encoded, counts
+    off = Guard.from_pretrained(qwen_path, format=VisguardFormat(), policy=Policy(mode="fast", explain=True),
+                                device="cpu", kv_cache_mb=0)
+    off_counts = _count_encoded_images(off.backend.model)
+    off.report_batch([GuardRequest.build(_noise(n, seed=10 + n), "put them together")])
+    assert sum(off_counts) == n * 2 ** n  # without the cache every subset encodes its own images
+
+
+def test_the_prefix_store_serves_a_prompt_of_other_images_only_as_far_as_its_images_agree():
+    import torch
+
+    from visguard.integrations.hf import KVCacheStore
+
+    IMG = 9  # the image token
+    store = KVCacheStore()
+    cached = torch.tensor([1, 2, IMG, IMG, 5, IMG, IMG, 6, 7, 8])  # [static, image a, image b, text]
+    layers = [(torch.arange(10.0).view(1, 1, 10, 1), torch.zeros(1, 1, 10, 1))]
+    store.put(cached, ("salt", "a", "b"), layers)
+    first_only = torch.tensor([1, 2, IMG, IMG, 5, 3, 3, 8])  # [static, image a, other text]
+    assert store.lookup(first_only, ("salt", "a"), limit=7) is None  # exact keys only, as before
+    n, got = store.lookup(first_only, ("salt", "a"), limit=7, image_token=IMG)
+    assert n == 5 and got[0][0].flatten().tolist() == [0, 1, 2, 3, 4]
+    other_first = torch.tensor([1, 2, IMG, IMG, 5, 3])  # image c where the entry has a: only the static part
+    assert store.lookup(other_first, ("salt", "c"), limit=5, image_token=IMG)[0] == 2
+    assert store.lookup(first_only, ("other salt", "a"), limit=7, image_token=IMG) is None  # salts never mix
+    # the same two images: the longest prefix; a third image in the prompt after them is not in the entry
+    both = torch.tensor([1, 2, IMG, IMG, 5, IMG, IMG, 6, IMG, IMG, 4])
+    assert store.lookup(both, ("salt", "a", "b", "d"), limit=10, image_token=IMG)[0] == 8
+    # a run the shared tokens would split (a longer image of other pixels) is cut before it
+    longer = torch.tensor([1, 2, IMG, IMG, IMG, 5])
+    assert store.lookup(longer, ("salt", "a"), limit=5, image_token=IMG)[0] == 2

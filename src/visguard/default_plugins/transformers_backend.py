@@ -13,6 +13,11 @@ padding, and serialises model calls with a lock so one instance is safe to share
   continues from that prompt's cache (:class:`~visguard.integrations.hf.KVCacheStore`, LRU, bounded in bytes).
   In a batch whose every row has its own cached prefix holding its images (follow-ups after a batched
   generation, post-checks after their pre-checks), each row continues from its own.
+  In an explained check (``Policy(explain=True)``, inside :meth:`prompts_sharing_prefixes`) the
+  subsets begin like one another: the prompts no other one begins like run first (the request,
+  ``[image 2, text]``, ``[text]`` for two images), then the rest continue from their caches, found by
+  image prefix (``[image 1]`` from the request's ``[static, image 1, ...]``), computing only their
+  tails and encoding none of their pixels.
   Verdicts are the same as without the cache (tests compare the scores on four architectures).
 - ``generate``: greedy decoding; for every generated token, the same restricted softmax is kept so
   the verdict word's probability can be read wherever the format finds it. With the KV cache on,
@@ -235,6 +240,68 @@ class TransformersBackend(Backend):
         return prepared
 
     # ------------------------------------------------------------------ running
+    @property
+    def _related(self) -> threading.local:
+        """Per-thread state of :meth:`prompts_sharing_prefixes` (made on first use)."""
+        local = self.__dict__.get("_related_local")
+        return local if local is not None else self.__dict__.setdefault("_related_local", threading.local())
+
+    @contextlib.contextmanager
+    def prompts_sharing_prefixes(self) -> Iterator[None]:
+        """This thread's :meth:`score` calls order their prompts by shared prefixes (:meth:`_phases`)."""
+        before = getattr(self._related, "on", False)
+        self._related.on = True
+        try:
+            yield
+        finally:
+            self._related.on = before
+
+    def _phases(self, prompts: Sequence[GuardPrompt]) -> list[list[int]]:
+        """Prompt indices in the order :meth:`score` runs them: ``[roots]`` or ``[roots, children]``.
+
+        A prompt is a child when a root begins like it: the same chat parts (salt, template
+        variables, roles, texts, images by content key) up to past the prompt's last image and past
+        its static prefix, e.g. an explained check's ``[instructions, image 1, text]`` and ``[instructions,
+        image 1]`` after the request ``[instructions, image 1, image 2, text]``. Roots are taken
+        longest first; children run after every root, so each finds its root's cache in the prefix
+        store (:meth:`KVCacheStore.lookup` by image prefix) and computes only its tail, its images'
+        pixels not encoded again. Which tokens are reused is decided there, token-exact; this order
+        only makes the reuse possible. No child: one phase, the order of ``prompts``.
+        """
+        if len(prompts) < 2:
+            return [list(range(len(prompts)))]
+        signatures = [self._parts_signature(p) for p in prompts]
+        roots: list[int] = []
+        children: list[int] = []
+        for j in sorted(range(len(prompts)), key=lambda i: (-len(signatures[i][0]), i)):
+            items, need = signatures[j]
+            if any(_shared_items(signatures[i][0], items, need) >= need for i in roots):
+                children.append(j)
+            else:
+                roots.append(j)
+        if not children:
+            return [list(range(len(prompts)))]
+        return [sorted(roots), sorted(children)]
+
+    def _parts_signature(self, prompt: GuardPrompt) -> tuple[list[Any], int]:
+        """A prompt's chat parts in order (what its rendering begins with, part by part) and how many
+        of them another prompt must share for this one to continue from it: past its last image
+        and past its static parts."""
+        keys = self._image_key(prompt)[1:]
+        items: list[Any] = [("salt", prompt.cache_salt, repr(sorted(prompt.template_kwargs.items())))]
+        need, image = len(items) + 1 + prompt.static_parts + 1, 0  # salt, first role, static parts, one more
+        for message in prompt.messages:
+            items.append(("role", message.get("role")))
+            content = message.get("content")
+            for part in content if isinstance(content, list) else [{"type": "text", "text": content}]:
+                if part.get("type") == "image" and image < len(keys):
+                    items.append(("image", keys[image]))
+                    image += 1
+                    need = max(need, len(items))
+                else:
+                    items.append(("part", repr(sorted(part.items()))))
+        return items, need
+
     def _groups(self, prompts: Sequence[GuardPrompt]) -> list[list[int]]:
         by_count: dict[int, list[int]] = defaultdict(list)
         for i, p in enumerate(prompts):
@@ -245,11 +312,27 @@ class TransformersBackend(Backend):
         return groups
 
     def score(self, prompts: Sequence[GuardPrompt]) -> list[float]:
+        """See :meth:`Backend.score`. With the KV cache on, inside :meth:`prompts_sharing_prefixes`,
+        prompts that begin like another prompt of the call (:meth:`_phases`: an explained check's
+        subsets) run after it, continuing from its cache."""
         import torch
 
         out: list[float] = [0.0] * len(prompts)
+        related = self.kv_cache is not None and getattr(self._related, "on", False)
+        phases = self._phases(prompts) if related else [list(range(len(prompts)))]
+        prepared: list[tuple[list[int], list[str], dict[str, Any]]] = []
+        too_long: dict[int, str] = {}
         with self._lock:  # the processor's tokenizer is not safe to share between threads
-            prepared = self._prepare(prompts, padding_side="right" if self.kv_cache is not None else None)
+            for phase in phases:  # every phase encoded (and its lengths checked) before any model call
+                try:
+                    encoded = self._prepare([prompts[i] for i in phase],
+                                            padding_side="right" if self.kv_cache is not None else None)
+                except PromptTooLongError as exc:
+                    too_long.update({phase[i]: why for i, why in exc.too_long.items()})
+                    continue
+                prepared += [([phase[i] for i in group], texts, inputs) for group, texts, inputs in encoded]
+        if too_long:
+            raise PromptTooLongError(too_long)
         for group, texts, inputs in prepared:
             batch = [prompts[i] for i in group]
             safe_ids, unsafe_ids = self.codec.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
@@ -367,15 +450,19 @@ class TransformersBackend(Backend):
             n = len(static_ids)
             if n < shortest and n <= first_image and bool((ids[:, :n] == static_ids).all()):
                 start, layers, kind = n, static_layers, "static_hits"
+        # inside prompts_sharing_prefixes, an entry of other images serves as far as its images agree
+        by_image = self._image_token if getattr(self._related, "on", False) else None
         if rows == 1:
-            hit = self._prefix_store().lookup(ids[0], keys[0], limit=shortest - 1)
-            if hit is not None and hit[0] > start:
+            hit = self._prefix_store().lookup(ids[0], keys[0], limit=shortest - 1, image_token=by_image)
+            # a hit holding all of the prompt's images (no pixels encoded) or none of them
+            if hit is not None and hit[0] > start and (hit[0] > last_image or hit[0] <= first_image):
                 start, layers, kind = hit[0], hit[1], "prompt_hits"
         else:
             # Each row's own cached prefix (a batch of follow-ups after a batch of generations, of
             # post-checks after their pre-checks): used when every row has one longer than the shared
             # prefix and holding all of its images, so no pixels are encoded and the rows may differ.
-            hits = [self._prefix_store().lookup(ids[row, : int(lengths[row])], keys[row], limit=int(lengths[row]) - 1)
+            hits = [self._prefix_store().lookup(ids[row, : int(lengths[row])], keys[row], limit=int(lengths[row]) - 1,
+                                                image_token=by_image)
                     for row in range(rows)]
             lasts = [self._last_image(ids[row], bool(batch[row].images)) for row in range(rows)]
             if all(hit is not None and last is not None and hit[0] > max(last, start)
@@ -815,6 +902,18 @@ class _PixelCache:
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
         return out
+
+
+def _shared_items(a: list[Any], b: list[Any], limit: int) -> int:
+    """How many leading items ``a`` and ``b`` share, counting at most ``limit``."""
+    n = 0
+    for x, y in zip(a[:limit], b[:limit], strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 
 
 def _output_cache(out: Any) -> Any:

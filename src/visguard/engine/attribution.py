@@ -8,7 +8,12 @@ subsets of its parts, each asked as a request of its own (the same response and 
 - 4 or more: each part alone, the request without each one part (leave-one-out), the request.
 
 All of them are the format's fast score plans, executed as ONE backend ``score`` call (one batch:
-the prompts share the format's cached static prefix), together with the request's own fast plan;
+the prompts share the format's cached static prefix), together with the request's own fast plan,
+inside :meth:`~visguard.engine.backend.Backend.prompts_sharing_prefixes`: a backend that can (the
+transformers backend with its KV cache on) runs the subsets that begin like no other first and
+continues the rest from their cached prefixes (``[image 1, text]`` and ``[image 1]`` from the
+request's ``[image 1, image 2, ...]``), so a subset computes its tail only and its images' pixels
+are not encoded again; other backends (vLLM, OpenAI-compatible servers) run the one call as any other;
 in ``fast`` mode that plan is the verdict itself, in ``reason`` / ``adaptive`` mode the verdict comes
 from the mode's own check and the attribution is a second, fast pass. :func:`summarize` reads the
 rows with the policy's threshold into :class:`~visguard.core.types.Attribution`: ``single image``
@@ -148,7 +153,8 @@ def _plans(guard: Guard, request: GuardRequest) -> tuple[list[Subset], list[Chec
 def _run(guard: Guard, items: list[list[CheckPlan]], mode: Any) -> list[Any]:
     """A batch of explained checks: every plan of every item in ONE ``_execute`` (one backend score call)."""
     flat = [plan for item in items for plan in item]
-    results = guard._execute(flat, "fast", fast_stage=True)
+    with guard.backend.prompts_sharing_prefixes():  # subsets continue from one another's prefixes
+        results = guard._execute(flat, "fast", fast_stage=True)
     out: list[Any] = []
     k = 0
     for item in items:

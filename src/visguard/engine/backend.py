@@ -9,6 +9,7 @@ from __future__ import annotations
 import bisect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from visguard.engine.format import GuardPrompt
@@ -148,6 +149,18 @@ class Backend(ABC):
         The default reports a backend without caches that cannot count tokens.
         """
         return BackendDiagnostics()
+
+    def prompts_sharing_prefixes(self) -> AbstractContextManager[None]:
+        """A context in which this thread's :meth:`score` calls hold prompts that begin like one
+        another (an explained check's subsets: ``[instructions, image 1]`` begins like
+        ``[instructions, image 1, image 2, text]``).
+
+        A backend that can continue one prompt from another's cached prefix orders each such call
+        for it (the transformers backend: the prompts no other begins like first, then the rest
+        from their caches); scores are the same either way. The default changes nothing: the call
+        runs as any other.
+        """
+        return nullcontext()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (connections, GPU memory)."""
