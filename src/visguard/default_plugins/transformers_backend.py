@@ -904,18 +904,6 @@ class _PixelCache:
         return out
 
 
-def _shared_items(a: list[Any], b: list[Any], limit: int) -> int:
-    """How many leading items ``a`` and ``b`` share, counting at most ``limit``."""
-    n = 0
-    for x, y in zip(a[:limit], b[:limit], strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-
-
 def _output_cache(out: Any) -> Any:
     """The key/value cache a forward or ``generate`` returned (``cache`` or ``past_key_values``), or ``None``."""
     return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
