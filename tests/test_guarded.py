@@ -302,7 +302,7 @@ def test_stream_checks_at_sentence_ends(image):
         yield from script
 
     kw_guard, backend = keyword_guard("forbidden")
-    stream = kw_guard.wrap(fast_host, stream_check_every=100).stream([image], TEXT)
+    stream = kw_guard.wrap(fast_host, stream_check_every=100, stream_check_min_pieces=1).stream([image], TEXT)
     assert list(stream) == ["One sentence.", " Then another one!", " And an end"]
     assert stream.result.output_checks == 3
     assert [text for stage, text, _ in backend.seen if stage == "output"] == [

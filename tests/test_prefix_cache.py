@@ -52,13 +52,17 @@ def _assert_caching_leaves_scores_unchanged(arch: str, path: str) -> None:
     one_by_one = [cached.check(r).score for r in requests]  # pre-check, then post-checks continuing from it
     cached.backend.kv_cache.clear()  # (static prefixes are kept apart)
     batched = [v.score for v in cached.check_batch(requests)]  # shared static prefix across a batch
+    # the stream's two earlier re-checks were replaced by the last one, which extends them (one entry a stream)
+    assert len(cached.backend.kv_cache) == len(requests) - 2
     before = dict(cached.backend.cache_stats)
     again = [v.score for v in cached.check_batch(requests)]  # each row continues from its own cached prompt
     assert one_by_one == pytest.approx(expected, abs=1e-4)
     assert batched == pytest.approx(expected, abs=1e-4)
     assert again == pytest.approx(expected, abs=1e-4)
     assert cached.backend.cache_stats["prompt_hits"] - before["prompt_hits"] == len(requests)
-    assert cached.backend.cache_stats["computed_tokens"] - before["computed_tokens"] == len(requests)  # the last token each
+    # the last token each, and the two replaced re-checks their question again (after the longest one's answer)
+    again_computed = cached.backend.cache_stats["computed_tokens"] - before["computed_tokens"]
+    assert len(requests) + 2 * 4 < again_computed < len(requests) + 2 * 48
     stats = cached.backend.cache_stats
     assert stats["prompt_hits"] >= 3  # every post-check continued from the pre-check or the last re-check
     assert stats["static_hits"] >= 2  # text-only prompts at least (LLaVA's template puts images first)
@@ -136,3 +140,63 @@ def test_trained_layout_is_used_or_refused(qwen_path, tmp_path):
     record.write_text(json.dumps({"format": "visguard", "format_kwargs": {"version": 9}}))
     with pytest.raises(InputError, match="prompt layout versions \\[1, 2\\], not 9"):
         Guard.from_pretrained(path, device="cpu")
+
+
+def _kv(n: int) -> list:
+    return [(torch.zeros(1, 1, n, 4), torch.zeros(1, 1, n, 4))]
+
+
+def test_kv_store_holds_one_growing_entry_for_a_stream():
+    """A stream's re-checks (request + answer so far + the same question) replace each other: one
+    entry, bytes linear in the answer. The old store kept every re-check (nested copies of the prefix)."""
+    store = KVCacheStore(max_bytes=1 << 30, max_entries=64)
+    request, question = torch.arange(50), torch.arange(900, 915)
+    answer = torch.arange(1000, 1410)
+    for n in range(10, 401, 10):  # 40 re-checks, 10 answer tokens more each time
+        ids = torch.cat([request, answer[:n], question])
+        assert store.put(ids, ("img",), _kv(len(ids)))
+        assert store.lookup(torch.cat([request, answer[: n + 10], question]), ("img",), limit=10_000)[0] == 50 + n
+    assert len(store) == 1
+    assert store.nbytes == 2 * 4 * 4 * (50 + 400 + 15)  # the last re-check alone
+    # a strict extension (a generation, then its follow-up question) replaces it too
+    longer = torch.cat([request, answer[:400], question, torch.tensor([7, 8])])
+    store.put(longer, ("img",), _kv(len(longer)))
+    assert len(store) == 1 and store.lookup(longer, ("img",), limit=10_000)[0] == len(longer)
+
+
+def test_kv_store_keeps_entries_it_does_not_extend():
+    store = KVCacheStore(max_bytes=1 << 30, max_entries=64)
+    a = torch.cat([torch.arange(50), torch.arange(1000, 1040), torch.arange(900, 915)])
+    b = torch.cat([torch.arange(50), torch.arange(2000, 2060), torch.arange(900, 915)])  # another stream, same images
+    store.put(a, ("img",), _kv(len(a)))
+    store.put(b, ("img",), _kv(len(b)))
+    other_images = torch.cat([a[:-15], torch.arange(3000, 3010), a[-15:]])
+    store.put(other_images, ("other",), _kv(len(other_images)))  # extends a, but of other images
+    shorter = a[:30]
+    store.put(shorter, ("img",), _kv(30))  # a prefix of a: shorter entries never replace longer ones
+    assert len(store) == 4
+    assert store.lookup(a, ("img",), limit=10_000)[0] == len(a)
+    assert store.lookup(b, ("img",), limit=10_000)[0] == len(b)
+    # a seam of up to EXTEND_SLACK tokens (the answer's last token re-tokenized) still counts as extended
+    seam = torch.cat([a[:-16], torch.tensor([5555, 1040, 1041]), a[-15:]])
+    store.put(seam, ("img",), _kv(len(seam)))
+    assert store.lookup(a, ("img",), limit=10_000)[0] == len(a) - 16
+    assert len(store) == 3  # a and shorter (a prefix of seam) went, seam came; b and other stay
+
+
+def test_kv_store_stream_leaves_other_requests_cached():
+    """A long stream took the whole store: its nested re-check copies evicted every other request's
+    entry (another user's pre-check then recomputed its images). Now it holds one entry."""
+    request, question = torch.arange(50), torch.arange(900, 915)
+    answer = torch.arange(1000, 3000)
+    store = KVCacheStore(max_bytes=3 * 2 * 4 * 4 * (50 + 2000 + 15), max_entries=64)  # three whole answers
+    other = torch.arange(5000, 5300)
+    store.put(other, ("other user",), _kv(len(other)))
+    reused = 0
+    for n in range(20, 2001, 20):
+        ids = torch.cat([request, answer[:n], question])
+        hit = store.lookup(ids, ("img",), limit=len(ids) - 1)
+        reused += hit[0] if hit else 0
+        store.put(ids, ("img",), _kv(len(ids)))
+    assert reused == sum(50 + n - 20 for n in range(40, 2001, 20))  # every re-check after the first continued
+    assert len(store) == 2 and store.lookup(other, ("other user",), limit=10_000)[0] == len(other)

@@ -118,10 +118,12 @@ class CascadeSpec(_Spec):
 class _CallSpec(_Spec):
     post_check: bool = True
     stream_check_every: int = Field(default=16, ge=1)
+    stream_check_min_pieces: int = Field(default=8, ge=1)
     refusal: str | None = None
 
     def _call_options(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"post_check": self.post_check, "stream_check_every": self.stream_check_every}
+        out: dict[str, Any] = {"post_check": self.post_check, "stream_check_every": self.stream_check_every,
+                               "stream_check_min_pieces": self.stream_check_min_pieces}
         if self.refusal is not None:
             out["refusal"] = self.refusal
         return out
@@ -136,6 +138,7 @@ class GuardedSpec(_CallSpec):
         pre_check: ``sequential``, ``parallel`` or ``off``.
         post_check: check the host's answers.
         stream_check_every: re-check a stream every N pieces (and at sentence ends).
+        stream_check_min_pieces: a sentence end re-checks a stream only after this many new pieces.
         refusal: the refusal template (fields ``{category}``, ``{sub_category}``, ``{label}``, ``{stage}``, ``{score}``).
     """
 
@@ -158,7 +161,8 @@ class ServeSpec(_CallSpec):
     Args:
         on_unsafe: ``refuse``, ``safe_answer`` or ``error`` (HTTP 400 ``content_filter``).
         pre_check: ``sequential`` or ``parallel``.
-        post_check / stream_check_every / refusal: as for ``guard.wrap`` (:class:`GuardedSpec`).
+        post_check / stream_check_every / stream_check_min_pieces / refusal: as for ``guard.wrap``
+            (:class:`GuardedSpec`).
         host / port: the interface and port to listen on.
         upstream: OpenAI-compatible base URL of the host model to guard (``.../v1``).
         upstream_model: the upstream's model name.
@@ -204,7 +208,8 @@ class ServeSpec(_CallSpec):
             max_concurrency=self.max_concurrency, max_body_bytes=int(self.max_body_mb * 1024 * 1024),
             auth_tokens=tokens, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
             on_unsafe=self.on_unsafe, pre_check=self.pre_check, post_check=self.post_check,
-            stream_check_every=self.stream_check_every, refusal=self.refusal, ready_timeout_s=self.ready_timeout_s, audit=self.audit, **extra)
+            stream_check_every=self.stream_check_every, stream_check_min_pieces=self.stream_check_min_pieces,
+            refusal=self.refusal, ready_timeout_s=self.ready_timeout_s, audit=self.audit, **extra)
 
 
 class VisguardConfig(_Spec):

@@ -60,6 +60,44 @@ STREAM_REFUSAL_SEPARATOR = "\n\n"
 
 _SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"')\]\u201d\u2019]*(?:\s|$)|\n")
 _TEMPLATE_FIELDS = {"category": "Violent", "sub_category": "", "label": "unsafe", "stage": "input", "score": 0.9}
+#: default of ``stream_check_every``: a stream is re-checked at least this often (in pieces)
+STREAM_CHECK_EVERY = 16
+#: default of ``stream_check_min_pieces``: a sentence end re-checks only after this many new pieces
+STREAM_CHECK_MIN_PIECES = 8
+
+
+class StreamCadence:
+    """When a growing stream is re-checked: the one rule of guarded streams, the chat proxy and the
+    Responses proxy.
+
+    A re-check is due once ``every`` pieces arrived since the last one, or when a piece ends a
+    sentence or a line and at least ``min_pieces`` pieces arrived since the last one (``sentences``
+    off: by count only). So re-checks are at least ``min(every, min_pieces)`` pieces apart whatever
+    the text looks like: an answer of ``n`` pieces costs at most ``n / min(every, min_pieces) + 1``
+    checks (the final check comes on top). Pieces are counted one at a time, so the checkpoints
+    never depend on timing.
+    """
+
+    def __init__(self, every: int = STREAM_CHECK_EVERY, min_pieces: int = STREAM_CHECK_MIN_PIECES,
+                 *, sentences: bool = True) -> None:
+        if every < 1 or min_pieces < 1:
+            raise ValueError("stream check cadence: every and min_pieces must be >= 1")
+        self.every, self.min_pieces, self.sentences = every, min_pieces, sentences
+        self.pieces = 0  # since the last check
+        self.sentence = False  # the latest piece ended a sentence or a line
+
+    def add(self, *texts: str) -> None:
+        """Count one piece (``texts``: what it said, if anything; one chunk may carry several fields)."""
+        self.pieces += 1
+        self.sentence = self.sentences and any(_SENTENCE_END.search(text) for text in texts if text)
+
+    def due(self) -> bool:
+        """Whether the answer so far should be re-checked now."""
+        return self.pieces >= self.every or (self.sentence and self.pieces >= self.min_pieces)
+
+    def reset(self) -> None:
+        """A check covered everything so far."""
+        self.pieces, self.sentence = 0, False
 
 
 class GuardedOptions(BaseModel):
@@ -84,7 +122,11 @@ class GuardedOptions(BaseModel):
             unavailable (same fields).
         stream_check_every: re-check a stream each time this many new host pieces (tokens) are
             held. Pieces are taken one at a time, so the checkpoints never depend on timing.
-        stream_check_sentences: also re-check a stream when a piece ends a sentence or a line.
+        stream_check_sentences: also re-check a stream when a piece ends a sentence or a line,
+            once at least ``stream_check_min_pieces`` new pieces are held (:class:`StreamCadence`).
+        stream_check_min_pieces: the fewest new pieces a sentence end re-checks: a stream costs at
+            most one re-check per ``min(stream_check_every, stream_check_min_pieces)`` pieces, plus
+            the final check, however short its sentences.
         audit: an :class:`~visguard.hosting.audit.AuditLog`, or a path to append one to.
         host_options: keyword arguments for :func:`visguard.hosting.hosts.resolve_host` (e.g. ``model``
             and ``timeout_s`` of the ``openai`` host).
@@ -97,8 +139,9 @@ class GuardedOptions(BaseModel):
     on_unsafe: OnUnsafe = "refuse"
     refusal: str | Callable[[Verdict], str] = DEFAULT_REFUSAL
     unavailable_message: str | Callable[[Verdict], str] = DEFAULT_UNAVAILABLE_MESSAGE
-    stream_check_every: int = Field(default=16, ge=1)
+    stream_check_every: int = Field(default=STREAM_CHECK_EVERY, ge=1)
     stream_check_sentences: bool = True
+    stream_check_min_pieces: int = Field(default=STREAM_CHECK_MIN_PIECES, ge=1)
     audit: AuditLog | str | PathLike[str] | None = None
     host_options: dict[str, Any] = Field(default_factory=dict)
 
@@ -261,7 +304,8 @@ class GuardedModel:
         """Guard a streamed answer: iterate the returned stream for released text.
 
         Host text is held back and released only after a check of the whole answer so far
-        passed (every ``stream_check_every`` pieces and at sentence ends). When a check blocks,
+        passed (every ``stream_check_every`` pieces, and at sentence ends once
+        ``stream_check_min_pieces`` new pieces are held: :class:`StreamCadence`). When a check blocks,
         the host is cancelled and the stream ends with the refusal (after
         ``STREAM_REFUSAL_SEPARATOR`` if text was already released); ``stream.result`` then tells
         why. Errors are raised from the iteration, as for :meth:`generate`.
@@ -601,8 +645,8 @@ class _Call:
         self.finished = False
         self.held = ""  # host text received but not yet released
         self.released = ""  # host text that passed every check it was part of
-        self.pieces_held = 0
-        self.sentence_ended = False
+        o = self.options
+        self.cadence = StreamCadence(o.stream_check_every, o.stream_check_min_pieces, sentences=o.stream_check_sentences)
         self.shown: list[str] = []
         # decisions
         self.input_verdict: Verdict | None = None
@@ -633,9 +677,7 @@ class _Call:
             raise value
         elif kind == "piece":
             self.held += value
-            self.pieces_held += 1
-            if self.options.stream_check_sentences and _SENTENCE_END.search(value):
-                self.sentence_ended = True
+            self.cadence.add(value)
         elif kind == "end":
             self.host_done = True
         elif kind == "host_error":
@@ -663,7 +705,7 @@ class _Call:
             # The last partial check may already cover the whole answer.
             return "final" if post and (self.held or self.output_checks == 0) else None
         if self.streaming and post and self.held:
-            if self.pieces_held >= self.options.stream_check_every or self.sentence_ended:
+            if self.cadence.due():
                 return "partial"
         return None
 
@@ -769,7 +811,7 @@ class _Call:
     def release(self) -> Iterator[str]:
         """Hand the held text to the caller (it has passed every check it was part of)."""
         chunk, self.held = self.held, ""
-        self.pieces_held, self.sentence_ended = 0, False
+        self.cadence.reset()
         self.released += chunk
         if chunk:
             self.shown.append(chunk)

@@ -466,10 +466,19 @@ class KVCacheStore:
     its tokens agree with the generated ones). Causal attention makes
     the reuse exact: a position's keys and values depend only on the tokens (and images) up to it.
 
+    A new entry that *extends* an entry of the same key replaces it (:meth:`put`): a stream's
+    re-checks (the request, the answer so far, the question after it) then hold ONE growing entry
+    instead of nested copies of the whole prefix, so the store's memory grows linearly with the
+    answer and a long answer is not evicted by its own earlier copies.
+
     Args:
         max_bytes: total size of the tensors kept; least recently used entries go first.
         max_entries: most entries kept.
     """
+
+    #: tokens of an old entry that may differ at the seam where the new entry inserted text (a
+    #: tokenizer may merge the last answer token with what follows it) and still count as extended
+    EXTEND_SLACK = 4
 
     def __init__(self, *, max_bytes: int = 256 << 20, max_entries: int = 64) -> None:
         from collections import OrderedDict
@@ -492,12 +501,20 @@ class KVCacheStore:
     def put(self, ids: Any, image_key: tuple, layers: list[tuple[Any, Any]]) -> bool:
         """Keep ``layers`` (per layer ``(keys, values)`` of shape ``[1, heads, len(ids), dim]``).
 
-        Returns whether they were kept (an entry larger than the whole store is not).
+        Returns whether they were kept (an entry larger than the whole store is not). A kept entry
+        replaces every entry of the same ``image_key`` that it extends (:func:`_extends`): one whose
+        ids are a prefix of ``ids``, or that is ``ids`` with a middle part left out (a stream's
+        earlier re-check: request + shorter answer + the same question). Every lookup the old entry
+        served is served by the new one as far as the old one's own last tokens (the question),
+        which are all a lookup may then compute again; the LRU and byte bounds are unchanged.
         """
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         if size > self.max_bytes or self.max_entries < 1:
             return False
         with self._lock:
+            for key in [key for key, (cached, cached_images, _, _) in self._entries.items()
+                        if cached_images == image_key and _extends(ids, cached, self.EXTEND_SLACK)]:
+                self._bytes -= self._entries.pop(key)[3]
             self._entries[self._next] = (ids, image_key, layers, size)
             self._next += 1
             self._bytes += size
@@ -506,28 +523,14 @@ class KVCacheStore:
                 self._bytes -= dropped
         return True
 
-    def lookup(self, ids: Any, image_key: tuple, *, limit: int, image_token: int | None = None
-               ) -> tuple[int, list[tuple[Any, Any]]] | None:
-        """``(n, layers)``: the longest cached prefix (``n <= limit`` tokens) of ``ids`` with the same images.
-
-        ``image_token``: the model's image placeholder id. With it, an entry of other images also
-        serves as far as its images agree with the prompt's (an image prefix: a subset prompt
-        ``[instructions, image 1, ...]`` continues from ``[instructions, image 1, image 2, ...]``):
-        the shared tokens are cut before the first image whose content key differs, or that the
-        shared tokens would split. Both token sequences must hold one run of image tokens per image
-        (the run ``j`` is image ``j``); where they do not (a processor that tiles an image into
-        several runs), only an entry of the same images serves. The cache salt (the key's first
-        item) must always be equal.
-        """
+    def lookup(self, ids: Any, image_key: tuple, *, limit: int) -> tuple[int, list[tuple[Any, Any]]] | None:
+        """``(n, layers)``: the longest cached prefix (``n <= limit`` tokens) of ``ids`` with the same images."""
         best: tuple[int, int] | None = None
         with self._lock:
             for key, (cached, cached_images, _, _) in self._entries.items():
-                if cached_images == image_key:
-                    n = _common_prefix(cached, ids, limit)
-                elif image_token is None or not cached_images or not image_key or cached_images[0] != image_key[0]:
+                if cached_images != image_key:
                     continue
-                else:
-                    n = _image_prefix(cached, cached_images[1:], ids, image_key[1:], image_token, limit)
+                n = _common_prefix(cached, ids, limit)
                 if n > 0 and (best is None or n > best[1]):
                     best = (key, n)
             if best is None:
@@ -543,32 +546,20 @@ class KVCacheStore:
             self._bytes = 0
 
 
-def _image_runs(ids: Any, image_token: int) -> list[tuple[int, int]]:
-    """``(start, end)`` of each run of consecutive ``image_token`` ids in a 1-D id tensor."""
-    import torch
-
-    flags = torch.nn.functional.pad((ids == image_token).to(torch.int8), (1, 1))
-    edges = flags[1:] - flags[:-1]
-    starts, ends = (edges == 1).nonzero()[:, 0].tolist(), (edges == -1).nonzero()[:, 0].tolist()
-    return list(zip(starts, ends, strict=True))
-
-
-def _image_prefix(cached: Any, cached_images: tuple, ids: Any, images: tuple, image_token: int, limit: int) -> int:
-    """The common token prefix of ``cached`` and ``ids`` (at most ``limit``), cut before the first
-    image run that holds different images (by content key) or that the prefix would split; 0 when
-    either sequence has not exactly one image run per image (run ``j`` could not be named image ``j``)."""
-    n = _common_prefix(cached, ids, limit)
-    if n <= 0:
-        return 0
-    runs, cached_runs = _image_runs(ids, image_token), _image_runs(cached, image_token)
-    if len(runs) != len(images) or len(cached_runs) != len(cached_images):
-        return 0
-    for j, (start, end) in enumerate(runs):
-        if start >= n:
-            break
-        if end > n or j >= len(cached_runs) or cached_runs[j] != (start, end) or cached_images[j] != images[j]:
-            return start
-    return n
+def _extends(new: Any, old: Any, slack: int) -> bool:
+    """Whether id tensor ``new`` holds ``old`` but for text inserted before old's tail: ``old`` is
+    ``new``'s prefix, or old's head is new's prefix and old's tail ends ``new``, up to ``slack``
+    tokens at the seam (``new`` no shorter than ``old``)."""
+    if len(new) < len(old):
+        return False
+    head = _common_prefix(old, new, len(old))
+    if head == len(old):
+        return True
+    if head == 0:
+        return False
+    rest = len(old) - head  # old's tail after the shared head: must end new too
+    tail = _common_prefix(old.flip(0)[:rest], new.flip(0)[: len(new) - head], rest)
+    return head + tail >= len(old) - slack
 
 
 def _common_prefix(a: Any, b: Any, limit: int) -> int:

@@ -125,6 +125,8 @@ class ServeSettings(BaseModel):
         pre_check: ``sequential`` (the host never sees a blocked request) or ``parallel``.
         post_check: check the host's answers.
         stream_check_every: re-check a streamed answer every N pieces (and at sentence ends).
+        stream_check_min_pieces: a sentence end re-checks a streamed answer only after this many
+            new pieces (the cadence of :class:`~visguard.hosting.guarded.StreamCadence`).
         refusal: the refusal template (default: the guarded model's).
         ready_timeout_s: how long ``/readyz`` waits for the upstream's ``/models``.
         audit: path of a JSONL audit log (:class:`~visguard.hosting.audit.AuditLog`): one line per decision,
@@ -149,6 +151,7 @@ class ServeSettings(BaseModel):
     pre_check: Literal["sequential", "parallel"] = "sequential"
     post_check: bool = True
     stream_check_every: int = Field(default=16, ge=1)
+    stream_check_min_pieces: int = Field(default=8, ge=1)
     refusal: str | None = None
     ready_timeout_s: float = Field(default=2.0, gt=0)
     audit: str | None = None
@@ -221,6 +224,7 @@ def create_app(
             "pre_check": settings.pre_check,
             "post_check": settings.post_check,
             "stream_check_every": settings.stream_check_every,
+            "stream_check_min_pieces": settings.stream_check_min_pieces,
             "audit": audit,
         }
         if settings.refusal is not None:
@@ -228,7 +232,8 @@ def create_app(
         guarded = GuardedModel(guard, resolved, **options)
     model_name = settings.model_name or (resolved.model_id if resolved is not None else "") or "visguard"
     proxy = _chat_proxy(guard, resolved, settings, audit)
-    responses_proxy = ResponsesProxy(proxy.judge, proxy.upstream, stream_check_every=settings.stream_check_every) \
+    responses_proxy = ResponsesProxy(proxy.judge, proxy.upstream, stream_check_every=settings.stream_check_every,
+                                     stream_check_min_pieces=settings.stream_check_min_pieces) \
         if proxy is not None else None
 
     @contextlib.asynccontextmanager
@@ -366,7 +371,8 @@ def _chat_proxy(guard: Checker, host: Host | None, settings: ServeSettings, audi
     judge = Judge(guard, on_unsafe=settings.on_unsafe, post_check=settings.post_check, refusal=settings.refusal,
                   audit=audit, host_model=host.model_id, limits=guard.policy.limits,
                   max_request_pixels=settings.max_request_pixels)
-    return ChatProxy(judge, Upstream(client, served), stream_check_every=settings.stream_check_every)
+    return ChatProxy(judge, Upstream(client, served), stream_check_every=settings.stream_check_every,
+                     stream_check_min_pieces=settings.stream_check_min_pieces)
 
 
 #: how a passthrough streams an upstream answer: ``(lines, aclose, guard request, decision) -> events``

@@ -32,7 +32,6 @@ import binascii
 import io
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -50,8 +49,11 @@ from visguard.hosting.audit import AuditLog
 from visguard.hosting.guarded import (
     DEFAULT_REFUSAL,
     DEFAULT_UNAVAILABLE_MESSAGE,
+    STREAM_CHECK_EVERY,
+    STREAM_CHECK_MIN_PIECES,
     STREAM_REFUSAL_SEPARATOR,
     UNNAMED_CATEGORY,
+    StreamCadence,
 )
 from visguard.hosting.public import PUBLIC_DECISION_FIELDS as PUBLIC_DECISION_FIELDS  # re-exported
 from visguard.hosting.public import PUBLIC_VERDICT_FIELDS as PUBLIC_VERDICT_FIELDS
@@ -65,7 +67,6 @@ log = logging.getLogger(__name__)
 
 #: deepest JSON nesting a request body may have (deeper: HTTP 400 before parsing the rest)
 MAX_JSON_DEPTH = 64
-_SENTENCE_END = re.compile(r"[.!?\u2026\u3002\uff01\uff1f][\"')\]\u201d\u2019]*(?:\s|$)|\n")
 _ROLES = {"system": "system", "developer": "developer", "user": "user", "assistant": "assistant",
           "tool": "tool", "function": "tool"}
 
@@ -541,13 +542,12 @@ def _shape_error(what: str) -> ApiError:
 class _ChoiceState:
     """One streamed choice: what it said so far, and its chunks held back until a check passes."""
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, cadence: StreamCadence | None = None) -> None:
         self.index = index
         self.held: list[dict[str, Any]] = []
         self.text = {"content": "", "refusal": "", "reasoning_content": ""}
         self.calls: dict[int, dict[str, str]] = {}
-        self.pieces = 0
-        self.sentence = False
+        self.cadence = cadence or StreamCadence()
         self.finish: Any = None
         self.closed = False
         self.blocked = False
@@ -557,6 +557,7 @@ class _ChoiceState:
         delta = choice.get("delta") or {}
         if not isinstance(delta, dict):
             raise UpstreamShapeError("the upstream model sent an unexpected chunk")
+        said: list[str] = []
         for key, slot in (("content", "content"), ("refusal", "refusal"), ("reasoning_content", "reasoning_content"),
                           ("reasoning", "reasoning_content")):
             value = delta.get(key)
@@ -565,8 +566,7 @@ class _ChoiceState:
             if not isinstance(value, str):
                 raise UpstreamShapeError("the upstream model sent an unexpected chunk")
             self.text[slot] += value
-            if _SENTENCE_END.search(value):
-                self.sentence = True
+            said.append(value)
         calls = delta.get("tool_calls") or []
         legacy = delta.get("function_call")
         if not isinstance(calls, list) or (legacy is not None and not isinstance(legacy, dict)):
@@ -578,7 +578,7 @@ class _ChoiceState:
         if legacy is not None:
             self._add_call(-1, legacy)
         self.held.append(event)
-        self.pieces += 1
+        self.cadence.add(*said)
         if choice.get("finish_reason") is not None:
             self.finish = choice["finish_reason"]
 
@@ -594,17 +594,18 @@ class _ChoiceState:
     def answer(self) -> str:
         return message_text({**self.text, "tool_calls": [{"function": c} for _, c in sorted(self.calls.items())]})
 
-    def due(self, every: int) -> str | None:
-        """``final`` at the choice's end; ``partial`` at the cadence, never while a tool call is open."""
+    def due(self) -> str | None:
+        """``final`` at the choice's end; ``partial`` at the cadence (:class:`StreamCadence`), never
+        while a tool call is open."""
         if self.finish is not None:
             return "final"
         if self.calls:
             return None
-        return "partial" if self.pieces >= every or self.sentence else None
+        return "partial" if self.cadence.due() else None
 
     def release(self) -> list[dict[str, Any]]:
         events, self.held = self.held, []
-        self.pieces, self.sentence = 0, False
+        self.cadence.reset()
         self.shown = self.shown or any(
             (c.get("delta") or {}).get("content") for e in events for c in e["choices"])
         return events
@@ -626,10 +627,16 @@ def _chunk_head(template: Mapping[str, Any]) -> dict[str, Any]:
 class ChatProxy:
     """``POST /v1/chat/completions`` passed through to the upstream, guarded (see the module doc)."""
 
-    def __init__(self, judge: Judge, upstream: Upstream, *, stream_check_every: int) -> None:
+    def __init__(self, judge: Judge, upstream: Upstream, *, stream_check_every: int = STREAM_CHECK_EVERY,
+                 stream_check_min_pieces: int = STREAM_CHECK_MIN_PIECES) -> None:
         self.judge = judge
         self.upstream = upstream
         self.stream_check_every = stream_check_every
+        self.stream_check_min_pieces = stream_check_min_pieces
+
+    def cadence(self) -> StreamCadence:
+        """A new stream's (a choice's) re-check cadence."""
+        return StreamCadence(self.stream_check_every, self.stream_check_min_pieces)
 
     async def prepare(self, body: dict[str, Any]) -> tuple[GuardRequest, Decision, str | None]:
         """Pre-check a request: ``(guard request, decision, replacement or None)``."""
@@ -727,7 +734,7 @@ class ChatProxy:
                     index = choice.get("index", 0) if isinstance(choice, dict) else None
                     if not isinstance(index, int) or not 0 <= index < max(expected, 1):
                         raise UpstreamShapeError("the upstream model sent an unexpected chunk")
-                    state = states.setdefault(index, _ChoiceState(index))
+                    state = states.setdefault(index, _ChoiceState(index, self.cadence()))
                     if state.closed:
                         continue
                     state.absorb({**event, "choices": [choice]}, choice)
@@ -762,7 +769,7 @@ class ChatProxy:
     async def _advance(self, state: _ChoiceState, request: GuardRequest, decision: Decision,
                        template: Mapping[str, Any]) -> list[dict[str, Any]]:
         """What choice ``state`` releases now (its held chunks, or its refusal)."""
-        due = state.due(self.stream_check_every)
+        due = state.due()
         answer = state.answer()
         if due == "final":
             state.closed = True

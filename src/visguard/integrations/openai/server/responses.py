@@ -30,6 +30,7 @@ from typing import Any
 
 from visguard.core.errors import GuardrailViolation, GuardUnavailableError, InputError
 from visguard.core.types import GuardRequest
+from visguard.hosting.guarded import STREAM_CHECK_EVERY, STREAM_CHECK_MIN_PIECES, StreamCadence
 from visguard.integrations.openai.server.common import ApiError
 from visguard.integrations.openai.server.proxy import (
     DONE_MARK,
@@ -48,7 +49,6 @@ from visguard.integrations.openai.server.proxy import (
 _TEXT_DELTAS = ("response.output_text.delta", "response.refusal.delta", "response.reasoning_summary_text.delta",
                 "response.reasoning_text.delta")
 _FINAL = ("response.completed", "response.incomplete")
-_SENTENCE_MARKS = (".", "!", "?", "\n")
 
 
 def _item_text(item: Mapping[str, Any], image_urls: list[Any] | None, *, mark_images: bool) -> tuple[str, str]:
@@ -116,10 +116,12 @@ def _refusal_item(text: str) -> dict[str, Any]:
 class ResponsesProxy:
     """``POST /v1/responses`` through the upstream, guarded."""
 
-    def __init__(self, judge: Judge, upstream: Upstream, *, stream_check_every: int) -> None:
+    def __init__(self, judge: Judge, upstream: Upstream, *, stream_check_every: int = STREAM_CHECK_EVERY,
+                 stream_check_min_pieces: int = STREAM_CHECK_MIN_PIECES) -> None:
         self.judge = judge
         self.upstream = upstream
         self.stream_check_every = stream_check_every
+        self.stream_check_min_pieces = stream_check_min_pieces
 
     async def prepare(self, body: dict[str, Any]) -> tuple[GuardRequest, Decision, str | None]:
         try:
@@ -188,9 +190,8 @@ class ResponsesProxy:
         said = {"text": ""}
         calls: dict[str, dict[str, str]] = {}
         open_calls: set[str] = set()
-        pieces = 0
+        cadence = StreamCadence(self.stream_check_every, self.stream_check_min_pieces)  # the guarded streams' rule
         added = 0  # output items the client has seen opened
-        sentence = False
         seq = -1
         base: dict[str, Any] = {}
         failure: str | None = None
@@ -208,14 +209,13 @@ class ResponsesProxy:
                 if isinstance(event.get("response"), dict):
                     base = event["response"]
                 held.append(event)
-                pieces += 1
                 due: str | None = None
+                delta = None
                 if kind in _TEXT_DELTAS:
                     delta = event.get("delta")
                     if not isinstance(delta, str):
                         raise UpstreamShapeError("the upstream model sent an unexpected event")
                     said["text"] += delta
-                    sentence = sentence or delta.endswith(_SENTENCE_MARKS)
                 elif kind == "response.function_call_arguments.delta":
                     slot = calls.setdefault(str(event.get("item_id")), {"name": "", "arguments": ""})
                     slot["arguments"] += str(event.get("delta", ""))
@@ -232,9 +232,10 @@ class ResponsesProxy:
                         else:
                             slot["arguments"] = str(item.get("arguments", slot["arguments"]))
                             open_calls.discard(key)
+                cadence.add(delta or "")
                 if kind in _FINAL:
                     finished, due = True, "final"
-                elif not open_calls and (pieces >= self.stream_check_every or sentence):
+                elif not open_calls and cadence.due():
                     due = "partial"
                 if due is None:
                     continue
@@ -266,7 +267,8 @@ class ResponsesProxy:
                     if out.get("type") in _FINAL:
                         out = {**out, "response": {**out["response"], "visguard": decision.summary()}}
                     yield _event(out)
-                held, pieces, sentence = [], 0, False
+                held = []
+                cadence.reset()
                 if finished:
                     break
             if not finished:
