@@ -523,14 +523,28 @@ class KVCacheStore:
                 self._bytes -= dropped
         return True
 
-    def lookup(self, ids: Any, image_key: tuple, *, limit: int) -> tuple[int, list[tuple[Any, Any]]] | None:
-        """``(n, layers)``: the longest cached prefix (``n <= limit`` tokens) of ``ids`` with the same images."""
+    def lookup(self, ids: Any, image_key: tuple, *, limit: int, image_token: int | None = None
+               ) -> tuple[int, list[tuple[Any, Any]]] | None:
+        """``(n, layers)``: the longest cached prefix (``n <= limit`` tokens) of ``ids`` with the same images.
+
+        ``image_token``: the model's image placeholder id. With it, an entry of other images also
+        serves as far as its images agree with the prompt's (an image prefix: a subset prompt
+        ``[instructions, image 1, ...]`` continues from ``[instructions, image 1, image 2, ...]``):
+        the shared tokens are cut before the first image whose content key differs, or that the
+        shared tokens would split. Both token sequences must hold one run of image tokens per image
+        (the run ``j`` is image ``j``); where they do not (a processor that tiles an image into
+        several runs), only an entry of the same images serves. The cache salt (the key's first
+        item) must always be equal.
+        """
         best: tuple[int, int] | None = None
         with self._lock:
             for key, (cached, cached_images, _, _) in self._entries.items():
-                if cached_images != image_key:
+                if cached_images == image_key:
+                    n = _common_prefix(cached, ids, limit)
+                elif image_token is None or not cached_images or not image_key or cached_images[0] != image_key[0]:
                     continue
-                n = _common_prefix(cached, ids, limit)
+                else:
+                    n = _image_prefix(cached, cached_images[1:], ids, image_key[1:], image_token, limit)
                 if n > 0 and (best is None or n > best[1]):
                     best = (key, n)
             if best is None:
@@ -560,6 +574,34 @@ def _extends(new: Any, old: Any, slack: int) -> bool:
     rest = len(old) - head  # old's tail after the shared head: must end new too
     tail = _common_prefix(old.flip(0)[:rest], new.flip(0)[: len(new) - head], rest)
     return head + tail >= len(old) - slack
+
+
+def _image_runs(ids: Any, image_token: int) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of consecutive ``image_token`` ids in a 1-D id tensor."""
+    import torch
+
+    flags = torch.nn.functional.pad((ids == image_token).to(torch.int8), (1, 1))
+    edges = flags[1:] - flags[:-1]
+    starts, ends = (edges == 1).nonzero()[:, 0].tolist(), (edges == -1).nonzero()[:, 0].tolist()
+    return list(zip(starts, ends, strict=True))
+
+
+def _image_prefix(cached: Any, cached_images: tuple, ids: Any, images: tuple, image_token: int, limit: int) -> int:
+    """The common token prefix of ``cached`` and ``ids`` (at most ``limit``), cut before the first
+    image run that holds different images (by content key) or that the prefix would split; 0 when
+    either sequence has not exactly one image run per image (run ``j`` could not be named image ``j``)."""
+    n = _common_prefix(cached, ids, limit)
+    if n <= 0:
+        return 0
+    runs, cached_runs = _image_runs(ids, image_token), _image_runs(cached, image_token)
+    if len(runs) != len(images) or len(cached_runs) != len(cached_images):
+        return 0
+    for j, (start, end) in enumerate(runs):
+        if start >= n:
+            break
+        if end > n or j >= len(cached_runs) or cached_runs[j] != (start, end) or cached_images[j] != images[j]:
+            return start
+    return n
 
 
 def _common_prefix(a: Any, b: Any, limit: int) -> int:
