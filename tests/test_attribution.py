@@ -317,11 +317,12 @@ def test_in_reason_mode_the_verdict_is_the_reason_check_and_the_attribution_a_fa
 # KVCacheStore.lookup by image prefix). Token counts, never timings.
 
 
-def _noise(n: int, seed: int = 0) -> list[Image.Image]:
+def _noise(n: int, seed: int = 0, px: int = 112) -> list[Image.Image]:
+    """Noise images; 112 px: 16 image tokens each on the tiny Qwen2-VL, enough for the reuse to pay."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(n)]
+    return [Image.fromarray(rng.integers(0, 255, (px, px, 3), dtype=np.uint8)) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -358,7 +359,7 @@ def _uncached_tokens(guard: Guard, request: GuardRequest) -> int:
     return sum(guard.backend.diagnostics(plan.prompts[0]).request_tokens for plan in plans)
 
 
-@pytest.mark.parametrize(("arch", "n"), [("qwen2_vl", 2), ("qwen2_vl", 3), ("idefics3", 3), ("llava", 2)])
+@pytest.mark.parametrize(("arch", "n"), [("qwen2_vl", 2), ("qwen2_vl", 3), ("llava", 2), ("llava", 3)])
 def test_subsets_continuing_from_their_parents_score_as_without_any_cache(_tiny_models, one_torch_thread, arch, n):
     request = GuardRequest.build(_noise(n), "use the first on the second")
     (uncached,) = _hf_guard(_tiny_models, arch, 0).report_batch([request])
@@ -378,7 +379,7 @@ def test_an_explained_check_computes_only_the_tails_of_subsets_that_begin_like_a
     # Children (subsets whose images all lie in a root's prefix) hold 5 of the 8 image places of the 7
     # prompts (2 images), 16 of 24 (3 images); none of their image tokens is computed again.
     guard = _hf_guard(_tiny_models, "qwen2_vl", 256)
-    images = [img.resize((112, 112)) for img in _noise(n, seed=n)]
+    images = _noise(n, seed=n)
     request = GuardRequest.build(images, "use the first on the second")
     separately = _uncached_tokens(guard, request)
     before = guard.backend.cache_stats["computed_tokens"]
@@ -442,3 +443,15 @@ def test_the_prefix_store_serves_a_prompt_of_other_images_only_as_far_as_its_ima
     # a run the shared tokens would split (a longer image of other pixels) is cut before it
     longer = torch.tensor([1, 2, IMG, IMG, IMG, 5])
     assert store.lookup(longer, ("salt", "a"), limit=5, image_token=IMG)[0] == 2
+
+
+def test_tiny_images_behind_long_texts_run_as_one_phase(_tiny_models, one_torch_thread):
+    # 64 px: 4 image tokens each; the children's images (5 places, 20 tokens) hold fewer tokens than the
+    # request's own estimate, so continuing them from a root would cost more forwards than it saves
+    guard = _hf_guard(_tiny_models, "qwen2_vl", 256)
+    request = GuardRequest.build(_noise(2, seed=7, px=64), "use the first on the second")
+    separately = _uncached_tokens(guard, request)
+    (verdict,) = guard.report_batch([request])
+    assert verdict.attribution is not None
+    assert guard.backend.cache_stats["prompt_hits"] == 0
+    assert guard.backend.cache_stats["computed_tokens"] == separately

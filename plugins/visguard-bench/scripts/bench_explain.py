@@ -4,7 +4,10 @@ For 2, 3 and 4 images, the same guard checks fresh images (never seen before, so
 cache helps either case) in fast mode, plain and explained, taking turns round by round so a shared
 machine's load falls on both alike (``visguard_bench.latency._interleaved``). An explained check
 scores 7 (2 images), 15 (3) or 11 (4, leave-one-out) prompts in one backend call, the request's own
-among them. Ratios are what to read; milliseconds are this machine's.
+among them; the transformers backend runs the subsets no other begins like first and continues the
+rest from their cached prefixes. Ratios are what to read; milliseconds are this machine's. Besides
+wall time: this process's CPU time (not counting time other processes took from it on a shared
+machine) and the prompt tokens each check computed (``cache_stats``; counts, the same every run).
 
 Guards: the random-weight Qwen2-VL of ``visguard bench --size`` (default: width 384, 6 layers, 224 px
 images) with the ``visguard`` format (its static prefix cached once), or ``--guard DIR`` (e.g. the
@@ -41,10 +44,12 @@ def main() -> None:
         return
     print(f"model {out['model']}, {out['px']} px images, device {args.device}, {args.threads} thread(s), "
           f"{args.rounds} rounds")
-    print("| images | prompts scored | plain fast p50 ms | explained p50 ms | explained / plain |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| images | prompts scored | tokens computed plain / explained | plain fast p50 ms | explained p50 ms "
+          "| explained / plain | CPU time explained / plain |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for row in out["rows"]:
-        print(f"| {row['images']} | {row['prompts']} | {row['plain_ms']} | {row['explained_ms']} | {row['ratio']} |")
+        print(f"| {row['images']} | {row['prompts']} | {row['plain_tokens']} / {row['explained_tokens']} | "
+              f"{row['plain_ms']} | {row['explained_ms']} | {row['ratio']} | {row['cpu_ratio']} |")
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -67,26 +72,38 @@ def measure(args: argparse.Namespace) -> dict:
         px = args.px or s.image_px
     plain, explained = guard, guard.with_policy(explain=True)
     images = _Images(px)
+    stats = getattr(guard.backend, "cache_stats", None) or {}
     text = "How can I use the object in the first image on the thing in the second image?"
     rows = []
     for n in (int(x) for x in args.images.split(",")):
         batch: dict[str, list[bytes]] = {}
+        tokens: dict[str, list[int]] = {"plain": [], "explained": []}
+
+        def computed(kind: str, before: int, tokens: dict[str, list[int]] = tokens) -> None:
+            tokens[kind].append(stats.get("computed_tokens", 0) - before)
 
         def setup(i: int, n: int = n, batch: dict[str, list[bytes]] = batch) -> None:
             batch["plain"], batch["explained"] = images.take(n), images.take(n)
 
         def run_plain(i: int, batch: dict[str, list[bytes]] = batch) -> None:
+            before = stats.get("computed_tokens", 0)
             (verdict,) = plain.report_batch([plain.request(batch["plain"], text)])
             assert verdict.score is not None, verdict.error
+            computed("plain", before)
 
         def run_explained(i: int, batch: dict[str, list[bytes]] = batch) -> None:
+            before = stats.get("computed_tokens", 0)
             (verdict,) = explained.report_batch([explained.request(batch["explained"], text)])
             assert verdict.attribution is not None, verdict.error
+            computed("explained", before)
 
-        walls, _ = _interleaved([run_plain, run_explained], args.rounds, setup=setup)
+        walls, cpus = _interleaved([run_plain, run_explained], args.rounds, setup=setup)
         p_ms, e_ms = statistics.median(walls[0]), statistics.median(walls[1])
         rows.append({"images": n, "prompts": len(subsets(n, True)), "plain_ms": round(p_ms, 1),
-                     "explained_ms": round(e_ms, 1), "ratio": round(e_ms / p_ms, 2)})
+                     "explained_ms": round(e_ms, 1), "ratio": round(e_ms / p_ms, 2),
+                     "cpu_ratio": round(statistics.median(cpus[1]) / statistics.median(cpus[0]), 2),
+                     "plain_tokens": int(statistics.median(tokens["plain"][-args.rounds:])),
+                     "explained_tokens": int(statistics.median(tokens["explained"][-args.rounds:]))})
     guard.close()
     return {"model": args.guard or f"bench {args.size} (random-weight Qwen2-VL)", "px": px, "rounds": args.rounds,
             "threads": args.threads, "device": args.device, "rows": rows}

@@ -17,7 +17,8 @@ padding, and serialises model calls with a lock so one instance is safe to share
   subsets begin like one another: the prompts no other one begins like run first (the request,
   ``[image 2, text]``, ``[text]`` for two images), then the rest continue from their caches, found by
   image prefix (``[image 1]`` from the request's ``[static, image 1, ...]``), computing only their
-  tails and encoding none of their pixels.
+  tails and encoding none of their pixels (where their images hold more tokens than the request's
+  own estimate; tiny images behind a long text run as one batch, as without it).
   Verdicts are the same as without the cache (tests compare the scores on four architectures).
 - ``generate``: greedy decoding; for every generated token, the same restricted softmax is kept so
   the verdict word's probability can be read wherever the format finds it. With the KV cache on,
@@ -266,7 +267,9 @@ class TransformersBackend(Backend):
         longest first; children run after every root, so each finds its root's cache in the prefix
         store (:meth:`KVCacheStore.lookup` by image prefix) and computes only its tail, its images'
         pixels not encoded again. Which tokens are reused is decided there, token-exact; this order
-        only makes the reuse possible. No child: one phase, the order of ``prompts``.
+        only makes the reuse possible. No child, or children whose images hold fewer tokens than the
+        longest root's estimated own tokens (tiny images: the extra forwards would cost more than
+        they save): one phase, the order of ``prompts``.
         """
         if len(prompts) < 2:
             return [list(range(len(prompts)))]
@@ -279,9 +282,27 @@ class TransformersBackend(Backend):
                 children.append(j)
             else:
                 roots.append(j)
-        if not children:
+        # Worth it only where the children's images outweigh a prompt: each phase is more forwards,
+        # and a child's own tail is computed either way (tiny images behind long texts: one phase).
+        kept = sum(self._image_tokens(prompts[j]) for j in children)
+        if not children or kept < max(self._tokens_estimate(prompts[i]) for i in roots):
             return [list(range(len(prompts)))]
         return [sorted(roots), sorted(children)]
+
+    def _image_tokens(self, prompt: GuardPrompt) -> int:
+        """The tokens ``prompt``'s images expand to (the processor's own count; no tokenization)."""
+        return self.codec._image_tokens(prompt) + len(prompt.images) if prompt.images else 0
+
+    def _tokens_estimate(self, prompt: GuardPrompt) -> int:
+        """About how many tokens ``prompt`` computes after its static prefix: its images' tokens and
+        a token per 4 characters of its other text (an estimate for ordering work, never a limit)."""
+        chars = 0
+        for m, message in enumerate(prompt.messages):
+            content = message.get("content")
+            parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
+            skip = prompt.static_parts if m == 0 else 0
+            chars += sum(len(str(part.get("text", ""))) for part in parts[skip:])
+        return self._image_tokens(prompt) + chars // 4
 
     def _parts_signature(self, prompt: GuardPrompt) -> tuple[list[Any], int]:
         """A prompt's chat parts in order (what its rendering begins with, part by part) and how many
