@@ -342,11 +342,12 @@ def _tiny_models():
     return get
 
 
-def _hf_guard(models: Any, arch: str, kv_cache_mb: float) -> Guard:
+def _hf_guard(models: Any, arch: str, kv_cache_mb: float, reuse_min_tokens: int = 0) -> Guard:
     from visguard.default_plugins.transformers_backend import TransformersBackend
 
     model, processor = models(arch)
     backend = TransformersBackend.from_objects(model, processor, model_id=arch, kv_cache_mb=kv_cache_mb)
+    backend.reuse_min_tokens = reuse_min_tokens  # tiny checkpoints: at most 16 tokens an image
     return Guard(backend, VisguardFormat(), Policy(mode="fast", explain=True))
 
 
@@ -409,6 +410,7 @@ def test_pixels_of_images_inside_a_cached_prefix_are_not_encoded_again(one_torch
     # prefix ([1], [1, 2], [1, text] ...) passes no pixels to the model.
     guard = Guard.from_pretrained(qwen_path, format=VisguardFormat(), policy=Policy(mode="fast", explain=True),
                                   device="cpu")
+    guard.backend.reuse_min_tokens = 0  # tiny checkpoint: 16 tokens an image
     counts = _count_encoded_images(guard.backend.model)
     (verdict,) = guard.report_batch([GuardRequest.build(_noise(n, seed=10 + n), "put them together")])
     assert verdict.attribution is not None
@@ -445,11 +447,13 @@ def test_the_prefix_store_serves_a_prompt_of_other_images_only_as_far_as_its_ima
     assert store.lookup(longer, ("salt", "a"), limit=5, image_token=IMG)[0] == 2
 
 
-def test_tiny_images_behind_long_texts_run_as_one_phase(_tiny_models, one_torch_thread):
-    # 64 px: 4 image tokens each; the children's images (5 places, 20 tokens) hold fewer tokens than the
-    # request's own estimate, so continuing them from a root would cost more forwards than it saves
-    guard = _hf_guard(_tiny_models, "qwen2_vl", 256)
-    request = GuardRequest.build(_noise(2, seed=7, px=64), "use the first on the second")
+@pytest.mark.parametrize(("px", "n", "reuse_min_tokens"), [(64, 2, 0), (112, 2, 256)])
+def test_tiny_images_behind_long_texts_run_as_one_phase(_tiny_models, one_torch_thread, px, n, reuse_min_tokens):
+    # 64 px, 2 images: 4 image tokens each; the children's images (5 places, 20 tokens) hold fewer tokens
+    # than the request's own estimate. 112 px, 2 images: 5 places of 16 tokens, more than the estimate but
+    # fewer than the default reuse_min_tokens. Either way continuing them from a root would cost more forwards than it saves.
+    guard = _hf_guard(_tiny_models, "qwen2_vl", 256, reuse_min_tokens=reuse_min_tokens)
+    request = GuardRequest.build(_noise(n, seed=7, px=px), "use the first on the second")
     separately = _uncached_tokens(guard, request)
     (verdict,) = guard.report_batch([request])
     assert verdict.attribution is not None

@@ -18,7 +18,7 @@ padding, and serialises model calls with a lock so one instance is safe to share
   ``[image 2, text]``, ``[text]`` for two images), then the rest continue from their caches, found by
   image prefix (``[image 1]`` from the request's ``[static, image 1, ...]``), computing only their
   tails and encoding none of their pixels (where their images hold more tokens than the request's
-  own estimate; tiny images behind a long text run as one batch, as without it).
+  own estimate and ``reuse_min_tokens``; tiny images behind a long text run as one batch).
   Verdicts are the same as without the cache (tests compare the scores on four architectures).
 - ``generate``: greedy decoding; for every generated token, the same restricted softmax is kept so
   the verdict word's probability can be read wherever the format finds it. With the KV cache on,
@@ -79,6 +79,10 @@ class TransformersBackend(Backend):
     """
 
     name = "transformers"
+    #: an explained check's subsets continue from one another's caches only when that keeps at least
+    #: this many image tokens from being computed again (fewer: the extra forwards cost more; the demo
+    #: guard's 56 px images, 4 tokens each, keep 96 for 3 images and ran 2.8x slower than one phase)
+    reuse_min_tokens = 256
     #: one call at a time (see above): a stalled call blocks every later one
     serial = True
 
@@ -188,10 +192,10 @@ class TransformersBackend(Backend):
         """Processor outputs for a batch of prompts with the same number of images, on the model's device."""
         return self._to_device(self._processor_inputs(prompts, [self.render(p) for p in prompts]))
 
-    def _processor_inputs(self, prompts: Sequence[GuardPrompt], texts: list[str], padding_side: str | None = None
-                          ) -> dict[str, Any]:
+    def _processor_inputs(self, prompts: Sequence[GuardPrompt], texts: list[str], padding_side: str | None = None,
+                          **text_kwargs: Any) -> dict[str, Any]:
         """The processor's outputs (on the CPU) for rendered ``texts`` of prompts with the same number of images."""
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, **text_kwargs}
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
         if not prompts[0].images:
@@ -202,6 +206,53 @@ class TransformersBackend(Backend):
             return dict(self.processor(**kwargs))
         with pixels.keyed(tuple(self._image_key(p) for p in prompts)):
             return dict(self.processor(**kwargs))
+
+    def _after_static_inputs(self, batch: list[GuardPrompt], texts: list[str]) -> dict[str, Any] | None:
+        """Right-padded processor outputs of ``texts`` whose cached static prefix is not tokenized again:
+        the processor encodes what follows it, and the prefix's ids (kept with its cache) go first.
+
+        Only where that is the same encoding: the text after the prefix starts with a special token
+        (the tokenizer splits there whatever the neighbours), and, the first time per prefix, both
+        encodings are made and compared (a tokenizer where they differ keeps encoding whole texts).
+        ``None``: encode the whole texts.
+        """
+        import torch
+
+        if self.kv_cache is None or len({p.cache_salt for p in batch}) != 1:
+            return None
+        prefix = self.codec.static_prefix(batch[0], texts[0])
+        entry = self._static.get((batch[0].cache_salt, prefix)) if prefix else None
+        if prefix is None or entry is None or not all(t.startswith(prefix) for t in texts):
+            return None
+        rests = [t[len(prefix) :] for t in texts]
+        specials = self.codec.special_tokens
+        if not all(any(r.startswith(s) for s in specials) for r in rests):
+            return None
+        checked: dict[tuple[str, str], bool] = self.__dict__.setdefault("_static_split_ok", {})
+        key = (batch[0].cache_salt, prefix)
+        if checked.get(key) is False:
+            return None
+        out = self._processor_inputs(batch, rests, "right", add_special_tokens=False)
+        rows, n = len(batch), len(entry[0])
+        merged: dict[str, Any] = {}
+        for name, value in out.items():
+            if name == "input_ids":
+                merged[name] = torch.cat([entry[0].to(value.dtype).expand(rows, n), value], dim=1)
+            elif name == "attention_mask":
+                merged[name] = torch.cat([value.new_ones((rows, n)), value], dim=1)
+            elif hasattr(value, "shape") and tuple(value.shape) == tuple(out["input_ids"].shape):
+                if name not in ("mm_token_type_ids", "token_type_ids"):
+                    checked[key] = False  # a per-token output this code does not know how to extend
+                    return None
+                merged[name] = torch.cat([value.new_zeros((rows, n)), value], dim=1)
+            else:
+                merged[name] = value
+        if key not in checked:
+            whole = self._processor_inputs(batch, texts, "right")
+            checked[key] = set(whole) == set(merged) and all(
+                torch.equal(whole[k], merged[k]) for k in whole if hasattr(whole[k], "shape"))
+            return whole
+        return merged
 
     def _pixel_cache(self) -> _PixelCache | None:
         """The processor's image processor, wrapped (once) to serve the same images' outputs again
@@ -230,7 +281,9 @@ class TransformersBackend(Backend):
         for group in self._groups(prompts):
             batch = [prompts[i] for i in group]
             texts = [self.render(p) for p in batch]
-            inputs = self._processor_inputs(batch, texts, padding_side)
+            inputs = self._after_static_inputs(batch, texts) if padding_side == "right" else None
+            if inputs is None:
+                inputs = self._processor_inputs(batch, texts, padding_side)
             if limit is not None:
                 mask = inputs.get("attention_mask")
                 lengths = mask.sum(dim=1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(batch)
@@ -268,8 +321,8 @@ class TransformersBackend(Backend):
         store (:meth:`KVCacheStore.lookup` by image prefix) and computes only its tail, its images'
         pixels not encoded again. Which tokens are reused is decided there, token-exact; this order
         only makes the reuse possible. No child, or children whose images hold fewer tokens than the
-        longest root's estimated own tokens (tiny images: the extra forwards would cost more than
-        they save): one phase, the order of ``prompts``.
+        longest root's estimated own tokens or :attr:`reuse_min_tokens` (tiny images: the extra
+        forwards would cost more than they save): one phase, the order of ``prompts``.
         """
         if len(prompts) < 2:
             return [list(range(len(prompts)))]
@@ -282,10 +335,11 @@ class TransformersBackend(Backend):
                 children.append(j)
             else:
                 roots.append(j)
-        # Worth it only where the children's images outweigh a prompt: each phase is more forwards,
-        # and a child's own tail is computed either way (tiny images behind long texts: one phase).
+        # Worth it only where the children's images outweigh a prompt and a forward's own cost: the
+        # phases take a forward or two more, and a child's own tail is computed either way (a small
+        # guard's tiny images behind a long text: one phase, as without the reuse).
         kept = sum(self._image_tokens(prompts[j]) for j in children)
-        if not children or kept < max(self._tokens_estimate(prompts[i]) for i in roots):
+        if not children or kept < max(self.reuse_min_tokens, *(self._tokens_estimate(prompts[i]) for i in roots)):
             return [list(range(len(prompts)))]
         return [sorted(roots), sorted(children)]
 
@@ -324,9 +378,14 @@ class TransformersBackend(Backend):
         return items, need
 
     def _groups(self, prompts: Sequence[GuardPrompt]) -> list[list[int]]:
+        """Batches of prompt indices, each of prompts with one number of images (what every
+        processor accepts); :meth:`score`'s children (every image in a cached prefix, no pixels
+        encoded) only apart by whether they have images (the processors this backend's caching
+        serves take per-prompt image lists of different lengths)."""
         by_count: dict[int, list[int]] = defaultdict(list)
+        mixed = getattr(self._related, "children", False)
         for i, p in enumerate(prompts):
-            by_count[len(p.images)].append(i)
+            by_count[min(len(p.images), 1) if mixed else len(p.images)].append(i)
         groups = []
         for idx in by_count.values():
             groups += [idx[s : s + self.max_batch_size] for s in range(0, len(idx), self.max_batch_size)]
@@ -344,13 +403,16 @@ class TransformersBackend(Backend):
         prepared: list[tuple[list[int], list[str], dict[str, Any]]] = []
         too_long: dict[int, str] = {}
         with self._lock:  # the processor's tokenizer is not safe to share between threads
-            for phase in phases:  # every phase encoded (and its lengths checked) before any model call
+            for k, phase in enumerate(phases):  # every phase encoded (and its lengths checked) before any model call
+                self._related.children = k > 0  # (see _groups)
                 try:
                     encoded = self._prepare([prompts[i] for i in phase],
                                             padding_side="right" if self.kv_cache is not None else None)
                 except PromptTooLongError as exc:
                     too_long.update({phase[i]: why for i, why in exc.too_long.items()})
                     continue
+                finally:
+                    self._related.children = False
                 prepared += [([phase[i] for i in group], texts, inputs) for group, texts, inputs in encoded]
         if too_long:
             raise PromptTooLongError(too_long)
