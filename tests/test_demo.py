@@ -226,6 +226,7 @@ def test_demo_guard_trains_on_subset_items_and_its_cache_key_covers_them(tmp_pat
     with pytest.raises(Stop):
         demo.train_demo_guard("smoke", echo=lambda _: None)
     assert written["subsets"] is True and written["subsets_per_item"] == 1 and written["n"] == 16
+    assert written["subsets_reasoning"] is False  # fast-mode examples only: attribution scores in fast mode
     key = demo.demo_guard_dir("smoke")
     monkeypatch.setattr(demo, "DATA", {**demo.DATA, "subsets": False})
     assert demo.demo_guard_dir("smoke") != key

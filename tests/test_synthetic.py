@@ -398,3 +398,16 @@ def test_write_jsonl_subsets_per_item_samples_the_kinds(tmp_path: Path) -> None:
     assert {r["label"] for r in parts} == {"safe"}
     with pytest.raises(ValueError, match="subsets_per_item"):
         syn.write_jsonl(tmp_path, 2, subsets=True, subsets_per_item=6)
+
+
+def test_write_jsonl_subsets_without_reasoning_give_the_verdict_only(tmp_path: Path) -> None:
+    """``subsets_reasoning=False``: the parts carry no reasoning (``visguard train`` makes fast-mode
+    examples of them only); the two-image items keep theirs."""
+    from visguard.datasets import read_jsonl
+
+    path = syn.write_jsonl(tmp_path, 6, seed=1, subsets=True, subsets_reasoning=False)
+    records = read_jsonl(path)
+    parts = [r for r in records if "/" in r.id]
+    assert len(parts) == 6 * len(syn.SUBSET_KINDS)
+    assert all(r.reasoning is None and r.label == "safe" for r in parts)
+    assert all(r.reasoning for r in records if "/" not in r.id)

@@ -44,8 +44,9 @@ TRAIN = {"lr": 4e-3, "batch_size": 8, "warmup_ratio": 0.1, "seed": 0, "guard_mod
 # or without the text, or the text alone; drawn at random, ``visguard_testing.synthetic.SUBSET_KINDS``)
 # as a request of its own, labelled safe. Attribution (``Policy(explain=True)``) scores exactly those
 # parts; a guard that never saw them answers noise (the text alone scored 0.70-0.95 P(unsafe)). One
-# part per item, not all five: the data doubles instead of growing sixfold.
-DATA = {"subsets": True, "subsets_per_item": 1}
+# part per item, not all five, and without reasoning (fast-mode examples only: attribution scores
+# parts in fast mode): 4,800 examples instead of 3,200, not 19,200.
+DATA = {"subsets": True, "subsets_per_item": 1, "subsets_reasoning": False}
 
 #: The requests the guarded host receives: every object appears in a flagged and in a passed pair.
 REQUESTS: tuple[tuple[tuple[str, str], str], ...] = (

@@ -764,6 +764,7 @@ def write_jsonl(
     name: str = "data.jsonl",
     subsets: bool = False,
     subsets_per_item: int | None = None,
+    subsets_reasoning: bool = True,
 ) -> Path:
     """Write items in visguard's JSONL format.
 
@@ -784,6 +785,9 @@ def write_jsonl(
             attribution scores (``Policy(explain=True)``).  Only the full unsafe pair is unsafe.
         subsets_per_item: with ``subsets``, how many of an item's :data:`SUBSET_KINDS` to write
             (drawn at random per item, seeded by ``seed``); ``None`` writes all of them.
+        subsets_reasoning: give the parts a reasoning (``Image N:`` lines and ``Reasoning:``), so a
+            trainer also makes reason-mode examples of them; ``False``: the verdict only (with
+            ``visguard train`` a fast-mode example only: attribution scores the parts in fast mode).
 
     Returns:
         Path of the written JSONL file.
@@ -804,7 +808,7 @@ def write_jsonl(
         records.append(it.record(paths))
         if subsets:
             kinds = list(SUBSET_KINDS) if subsets_per_item is None else rng.sample(SUBSET_KINDS, subsets_per_item)
-            records += subset_records(it, paths, kinds)
+            records += subset_records(it, paths, kinds, reasoning=subsets_reasoning)
     return write_jsonl_records(root / name, records)
 
 
@@ -823,12 +827,14 @@ SUBSET_KINDS: tuple[tuple[str, tuple[int, ...], bool], ...] = (
 
 
 def subset_records(item: SyntheticItem, images: Sequence[str],
-                   kinds: Sequence[tuple[str, tuple[int, ...], bool]] = SUBSET_KINDS) -> list[Record]:
+                   kinds: Sequence[tuple[str, tuple[int, ...], bool]] = SUBSET_KINDS, *,
+                   reasoning: bool = True) -> list[Record]:
     """Parts of ``item`` as ``safe`` requests of their own: one record per entry of ``kinds``.
 
     Each object is benign alone and the question names no object, so every proper part of an item
     is safe, whatever the item's label.  Ids are ``<item id>/<kind name>``; ``images`` are the
-    item's two image paths (reused, not rendered again); the reasoning describes the images shown.
+    item's two image paths (reused, not rendered again); the reasoning (``reasoning=False``: none)
+    describes the images shown.
     """
     out = []
     for kind, idx, with_text in kinds:
@@ -838,9 +844,9 @@ def subset_records(item: SyntheticItem, images: Sequence[str],
         else:
             alone = f"Only one image is shown{'' if with_text else ', with no request'}"
             why = f"{alone}: the {shown[0]} on its own poses no safety risk."
-        reasoning = _target_format().reasoning_text(why, [_describe(o) for o in shown])
+        text = _target_format().reasoning_text(why, [_describe(o) for o in shown]) if reasoning else None
         out.append(Record(id=f"{item.id}/{kind}", images=tuple(Path(images[k]) for k in idx),
-                          text=item.question if with_text else "", label="safe", reasoning=reasoning))
+                          text=item.question if with_text else "", label="safe", reasoning=text))
     return out
 
 
