@@ -1,5 +1,7 @@
 """One render and one tokenization per prompt per check; a request's images preprocessed once.
 
+With the static prefix cached, only the text after it is tokenized (its ids are kept with its cache).
+
 Counted by wrapping the processor's pieces: its chat template (a render), its tokenizer (a
 tokenization) and its image processor (a preprocessing of pixels). A fast check renders, tokenizes
 and preprocesses once; its post-check (the same images) renders and tokenizes its own prompt but
@@ -44,6 +46,7 @@ class _Counting:
 def _counted(backend: TransformersBackend, monkeypatch) -> Counter:
     """Counts of chat-template renders, tokenizer calls and image-processor runs on ``backend``."""
     counts: Counter = Counter()
+    counts.texts = []  # what the tokenizer was given
     processor = backend.processor
     processor.image_processor = _Counting(processor.image_processor, counts, "images")
     render = processor.apply_chat_template
@@ -55,6 +58,8 @@ def _counted(backend: TransformersBackend, monkeypatch) -> Counter:
 
     def counting_tokenize(self, *args, **kwargs):
         counts["tokenize"] += 1
+        text = args[0] if args else kwargs.get("text")
+        counts.texts += [text] if isinstance(text, str) else list(text or ())
         return tokenize(self, *args, **kwargs)
 
     monkeypatch.setattr(processor, "apply_chat_template", counting_render)
@@ -71,7 +76,9 @@ def _delta(counts: Counter, run) -> dict[str, int]:
 def test_fast_check_and_its_post_check_encode_once(qwen_path, monkeypatch):
     plain = Guard(TransformersBackend(qwen_path, device="cpu", kv_cache_mb=0), VisguardFormat())
     guard = Guard(TransformersBackend(qwen_path, device="cpu"), VisguardFormat())
-    guard.check(guard.request(_images(1), TEXT))  # the static prefix: rendered and tokenized once, here
+    guard.check(guard.request(_images(1), TEXT))  # the static prefix: rendered, tokenized and computed once, here
+    guard.check(guard.request(_images(5), TEXT))  # encoded whole and after the prefix, once, to compare
+    assert list(guard.backend._static_split_ok.values()) == [True]
     counts = _counted(guard.backend, monkeypatch)
     pre_request, post_request = guard.request(_images(2), TEXT), guard.request(_images(2), TEXT, RESPONSE)
     scores = {}
@@ -80,6 +87,10 @@ def test_fast_check_and_its_post_check_encode_once(qwen_path, monkeypatch):
     # the post-check: its own prompt rendered and tokenized, the images' pixels not preprocessed again
     assert _delta(counts, lambda: scores.update(post=guard.check(post_request).score)) == {
         "render": 1, "tokenize": 1, "images": 0}
+    # the static prefix (kept with its cache) is not tokenized again: only what follows it
+    prompt = guard.format.build(pre_request, guard.policy, mode="fast", special_tokens=guard.backend.special_tokens)
+    static = guard.backend.codec.static_prefix(prompt, guard.backend.render(prompt))
+    assert static and counts.texts and not any(static in text for text in counts.texts)
     assert scores["pre"] == pytest.approx(plain.check(pre_request).score, abs=1e-4)
     assert scores["post"] == pytest.approx(plain.check(post_request).score, abs=1e-4)
     # fresh images: preprocessed
@@ -106,13 +117,14 @@ def test_kept_pixels_are_bounded_and_keyed_by_content(qwen_path):
     for seed in range(12):
         guard.check(guard.request(_images(10 + seed), TEXT))
     pixels = backend.processor.image_processor
-    assert len(pixels._entries) == pixels.max_entries and pixels.misses == 12 and pixels.hits == 0
+    # (one hit: the second check encoded its prompt whole too, once, to compare with the encoding after the prefix)
+    assert len(pixels._entries) == pixels.max_entries and pixels.misses == 12 and pixels.hits == 1
     # the same pixels under another name: a hit; one pixel changed: a miss
     guard.check(guard.request(_images(21), TEXT, RESPONSE))
     changed = _images(21)
     changed[1].putpixel((0, 0), (0, 0, 0))
     guard.check(guard.request(changed, TEXT, RESPONSE))
-    assert (pixels.hits, pixels.misses) == (1, 13)
+    assert (pixels.hits, pixels.misses) == (2, 13)
 
 
 def test_a_changed_image_processor_setting_drops_the_kept_pixels(qwen_path):
@@ -123,4 +135,4 @@ def test_a_changed_image_processor_setting_drops_the_kept_pixels(qwen_path):
     pixels.do_resize = pixels.inner.do_resize  # set through the wrapper, on the image processor itself
     assert "do_resize" not in pixels.__dict__ and not pixels._entries
     guard.check(request)
-    assert (pixels.hits, pixels.misses) == (0, 2)
+    assert pixels.misses == 2  # preprocessed again (a hit after it: the one-time whole-encoding comparison)

@@ -192,10 +192,10 @@ class TransformersBackend(Backend):
         """Processor outputs for a batch of prompts with the same number of images, on the model's device."""
         return self._to_device(self._processor_inputs(prompts, [self.render(p) for p in prompts]))
 
-    def _processor_inputs(self, prompts: Sequence[GuardPrompt], texts: list[str], padding_side: str | None = None
-                          ) -> dict[str, Any]:
+    def _processor_inputs(self, prompts: Sequence[GuardPrompt], texts: list[str], padding_side: str | None = None,
+                          **text_kwargs: Any) -> dict[str, Any]:
         """The processor's outputs (on the CPU) for rendered ``texts`` of prompts with the same number of images."""
-        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True}
+        kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, **text_kwargs}
         if padding_side is not None:
             kwargs["padding_side"] = padding_side
         if not prompts[0].images:
@@ -206,6 +206,53 @@ class TransformersBackend(Backend):
             return dict(self.processor(**kwargs))
         with pixels.keyed(tuple(self._image_key(p) for p in prompts)):
             return dict(self.processor(**kwargs))
+
+    def _after_static_inputs(self, batch: list[GuardPrompt], texts: list[str]) -> dict[str, Any] | None:
+        """Right-padded processor outputs of ``texts`` whose cached static prefix is not tokenized again:
+        the processor encodes what follows it, and the prefix's ids (kept with its cache) go first.
+
+        Only where that is the same encoding: the text after the prefix starts with a special token
+        (the tokenizer splits there whatever the neighbours), and, the first time per prefix, both
+        encodings are made and compared (a tokenizer where they differ keeps encoding whole texts).
+        ``None``: encode the whole texts.
+        """
+        import torch
+
+        if self.kv_cache is None or len({p.cache_salt for p in batch}) != 1:
+            return None
+        prefix = self.codec.static_prefix(batch[0], texts[0])
+        entry = self._static.get((batch[0].cache_salt, prefix)) if prefix else None
+        if prefix is None or entry is None or not all(t.startswith(prefix) for t in texts):
+            return None
+        rests = [t[len(prefix) :] for t in texts]
+        specials = self.codec.special_tokens
+        if not all(any(r.startswith(s) for s in specials) for r in rests):
+            return None
+        checked: dict[tuple[str, str], bool] = self.__dict__.setdefault("_static_split_ok", {})
+        key = (batch[0].cache_salt, prefix)
+        if checked.get(key) is False:
+            return None
+        out = self._processor_inputs(batch, rests, "right", add_special_tokens=False)
+        rows, n = len(batch), len(entry[0])
+        merged: dict[str, Any] = {}
+        for name, value in out.items():
+            if name == "input_ids":
+                merged[name] = torch.cat([entry[0].to(value.dtype).expand(rows, n), value], dim=1)
+            elif name == "attention_mask":
+                merged[name] = torch.cat([value.new_ones((rows, n)), value], dim=1)
+            elif hasattr(value, "shape") and tuple(value.shape) == tuple(out["input_ids"].shape):
+                if name not in ("mm_token_type_ids", "token_type_ids"):
+                    checked[key] = False  # a per-token output this code does not know how to extend
+                    return None
+                merged[name] = torch.cat([value.new_zeros((rows, n)), value], dim=1)
+            else:
+                merged[name] = value
+        if key not in checked:
+            whole = self._processor_inputs(batch, texts, "right")
+            checked[key] = set(whole) == set(merged) and all(
+                torch.equal(whole[k], merged[k]) for k in whole if hasattr(whole[k], "shape"))
+            return whole
+        return merged
 
     def _pixel_cache(self) -> _PixelCache | None:
         """The processor's image processor, wrapped (once) to serve the same images' outputs again
@@ -234,7 +281,9 @@ class TransformersBackend(Backend):
         for group in self._groups(prompts):
             batch = [prompts[i] for i in group]
             texts = [self.render(p) for p in batch]
-            inputs = self._processor_inputs(batch, texts, padding_side)
+            inputs = self._after_static_inputs(batch, texts) if padding_side == "right" else None
+            if inputs is None:
+                inputs = self._processor_inputs(batch, texts, padding_side)
             if limit is not None:
                 mask = inputs.get("attention_mask")
                 lengths = mask.sum(dim=1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * len(batch)
