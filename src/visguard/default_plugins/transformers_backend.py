@@ -401,6 +401,7 @@ class TransformersBackend(Backend):
         related = self.kv_cache is not None and getattr(self._related, "on", False)
         phases = self._phases(prompts) if related else [list(range(len(prompts)))]
         prepared: list[tuple[list[int], list[str], dict[str, Any]]] = []
+        children: set[int] = set()  # the batches of prepared that continue from their roots
         too_long: dict[int, str] = {}
         with self._lock:  # the processor's tokenizer is not safe to share between threads
             for k, phase in enumerate(phases):  # every phase encoded (and its lengths checked) before any model call
@@ -414,14 +415,19 @@ class TransformersBackend(Backend):
                 finally:
                     self._related.children = False
                 prepared += [([phase[i] for i in group], texts, inputs) for group, texts, inputs in encoded]
+                children.update(len(prepared) - 1 - j for j in range(len(encoded)) if k > 0)
         if too_long:
             raise PromptTooLongError(too_long)
-        for group, texts, inputs in prepared:
+        for g, (group, texts, inputs) in enumerate(prepared):
             batch = [prompts[i] for i in group]
             safe_ids, unsafe_ids = self.codec.verdict_token_ids(batch[0].verdict_prefix, batch[0].verdict_words)
             with self._lock, torch.inference_mode():
                 if self.kv_cache is not None:
-                    logits = self._cached_logits(batch, texts, inputs)
+                    self._related.children = g in children  # (see _cached_logits)
+                    try:
+                        logits = self._cached_logits(batch, texts, inputs)
+                    finally:
+                        self._related.children = False
                 else:
                     logits = self.model(**self._to_device(inputs), logits_to_keep=1).logits[:, -1, :].float()
             probs = _unsafe_probability(logits, safe_ids, unsafe_ids)
@@ -533,8 +539,8 @@ class TransformersBackend(Backend):
             n = len(static_ids)
             if n < shortest and n <= first_image and bool((ids[:, :n] == static_ids).all()):
                 start, layers, kind = n, static_layers, "static_hits"
-        # inside prompts_sharing_prefixes, an entry of other images serves as far as its images agree
-        by_image = self._image_token if getattr(self._related, "on", False) else None
+        # score's children: an entry of other images (their root's) serves as far as its images agree
+        by_image = self._image_token if getattr(self._related, "children", False) else None
         if rows == 1:
             hit = self._prefix_store().lookup(ids[0], keys[0], limit=shortest - 1, image_token=by_image)
             # a hit holding all of the prompt's images (no pixels encoded) or none of them

@@ -593,8 +593,13 @@ def _image_prefix(cached: Any, cached_images: tuple, ids: Any, images: tuple, im
     n = _common_prefix(cached, ids, limit)
     if n <= 0:
         return 0
-    runs, cached_runs = _image_runs(ids, image_token), _image_runs(cached, image_token)
-    if len(runs) != len(images) or len(cached_runs) != len(cached_images):
+    runs = _image_runs(ids, image_token)
+    if len(runs) != len(images):
+        return 0
+    if not runs or n <= runs[0][0]:
+        return n  # no image inside the shared tokens
+    cached_runs = _image_runs(cached, image_token)
+    if len(cached_runs) != len(cached_images):
         return 0
     for j, (start, end) in enumerate(runs):
         if start >= n:
