@@ -136,3 +136,11 @@ def test_a_changed_image_processor_setting_drops_the_kept_pixels(qwen_path):
     assert "do_resize" not in pixels.__dict__ and not pixels._entries
     guard.check(request)
     assert pixels.misses == 2  # preprocessed again (a hit after it: the one-time whole-encoding comparison)
+
+
+def test_no_kept_pixels_with_reuse_off(qwen_path, monkeypatch):
+    """``kv_cache_mb=0`` turns pre -> post reuse off, the images' preprocessing included."""
+    guard = Guard(TransformersBackend(qwen_path, device="cpu", kv_cache_mb=0), VisguardFormat())
+    counts = _counted(guard.backend, monkeypatch)
+    guard.check(guard.request(_images(50), TEXT))
+    assert _delta(counts, lambda: guard.check(guard.request(_images(50), TEXT, RESPONSE)))["images"] == 1

@@ -256,10 +256,10 @@ class TransformersBackend(Backend):
 
     def _pixel_cache(self) -> _PixelCache | None:
         """The processor's image processor, wrapped (once) to serve the same images' outputs again
-        (``None``: the processor has none). Checks of one request (a pre-check and its post-check, a
-        generation and its follow-up) then preprocess its images once."""
+        (``None``: the processor has none, or reuse is off: no KV cache store). Checks of one request
+        (a pre-check and its post-check, a generation and its follow-up) then preprocess its images once."""
         inner = getattr(self.processor, "image_processor", None)
-        if inner is None:
+        if inner is None or self.kv_cache is None:
             return None
         if not isinstance(inner, _PixelCache):
             inner = _PixelCache(inner)
