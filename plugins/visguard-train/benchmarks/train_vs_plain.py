@@ -299,6 +299,58 @@ def loss_shares(data: Path, s: Settings, objective: str = "guard") -> dict[str, 
             "fast_verdict_share_example_average": round(sum(1 / n for n in fast) / len(lengths), 4)}
 
 
+def token_losses(model_dir: Path, data: Path, n: int = 16) -> dict[str, Any]:
+    """Mean loss of a trained guard at the tokens that need the images, on its first ``n`` training records.
+
+    Reason examples: the object name after ``Image N shows a`` (needs one image) and the verdict word
+    (follows from the text the example already wrote); fast examples: the verdict word (needs both
+    images). ``ln 2`` = 0.693 is a coin flip between two verdict words.
+    """
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from visguard_train.data import load_records
+    from visguard_train.encode import (
+        IGNORE_INDEX,
+        ExampleBuilder,
+        ExampleDataset,
+        MultiImageCollator,
+        example_specs,
+        image_token_ids,
+    )
+
+    from visguard import plugins
+    from visguard.integrations.hf import HFPromptCodec
+
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    specs = example_specs(load_records(data)[:n], "guard", ("fast", "reason"))
+    dataset = ExampleDataset(specs, ExampleBuilder(HFPromptCodec(processor), plugins.get("formats", "visguard")()))
+    collate, tok = MultiImageCollator(processor, image_token_ids(processor)), processor.tokenizer
+    kinds: dict[str, list[float]] = {"fast_verdict": [], "reason_object_name": [], "reason_verdict": [], "other": []}
+    with torch.no_grad():
+        for start in range(0, len(specs), 8):
+            batch = collate([dataset[j] for j in range(start, min(start + 8, len(specs)))])
+            logits = model(**{k: x for k, x in batch.items() if k != "labels"}).logits
+            labels = batch["labels"][:, 1:]
+            ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, reduction="none",
+                                                   ignore_index=IGNORE_INDEX)
+            for r in range(labels.shape[0]):
+                positions = (labels[r] != IGNORE_INDEX).nonzero().flatten().tolist()
+                if specs[start + r].mode == "fast":
+                    kinds["fast_verdict"].append(float(ce[r, positions[0]]))
+                    kinds["other"] += [float(ce[r, q]) for q in positions[1:]]
+                    continue
+                text = ""
+                for q in positions:
+                    piece = tok.decode([int(labels[r, q])])
+                    kind = ("reason_object_name" if text.rstrip().endswith(("shows a", "shows an")) else
+                            "reason_verdict" if text.rstrip().endswith("Verdict:") else "other")
+                    kinds[kind].append(float(ce[r, q]))
+                    text += piece
+    return {"model": str(model_dir), "records": n,
+            **{k: round(sum(v) / len(v), 3) if v else None for k, v in kinds.items()}}
+
+
 # ----------------------------------------------------------------------------- evaluation
 def evaluate(model_dir: Path, test: Path) -> dict[str, Any]:
     """Fast-mode accuracy and AUROC of a trained guard on held-out data, through visguard's Guard."""
@@ -359,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-shares", choices=("guard", "mirage"),
                    help="print the share of the loss that the fast verdict token carries under token and example "
                         "averaging, for this objective on the training data, and exit")
+    p.add_argument("--token-losses", metavar="MODEL_DIR",
+                   help="print a trained guard's mean loss at the tokens that need the images (object names, verdict "
+                        "words) on the first 16 training records, and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant in this process
     a = p.parse_args(argv)
     if a.list:
@@ -372,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = check_encoding(Settings(**base), make_data(workdir, Settings(**base))[0])
         print(json.dumps(rows, indent=2) if a.json else "\n".join(str(r) for r in rows))
         return 0 if all(r["same_tokens"] and r["same_targets"] for r in rows) else 1
+    if a.token_losses:
+        print(json.dumps(token_losses(Path(a.token_losses), make_data(workdir, Settings(**base))[0])))
+        return 0
     if a.loss_shares:
         print(json.dumps(loss_shares(make_data(workdir, Settings(**base))[0], Settings(**base), a.loss_shares)))
         return 0
