@@ -117,3 +117,41 @@ def test_stream_cost_grows_linearly_with_the_answer(qwen_path, one_torch_thread)
     whole = large["computed"] + large["reused"]  # every check's prompt together
     assert large["computed"] < whole / 10
     assert large["kv_entries"] == 1  # one growing entry: the old store kept one per re-check (up to 64)
+
+
+class _ShortContextBackend(KeywordBackend):
+    """A keyword guard whose model takes answers of at most ``limit`` characters (longer: too long)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__("forbidden")
+        self.limit, self.refusals = limit, 0
+
+    def score(self, prompts):
+        from visguard.core.errors import PromptTooLongError
+
+        text = [p.messages[-1]["content"][-1]["text"] for p in prompts]
+        too_long = {i: "too long" for i, t in enumerate(text) if len(t) > self.limit + 2_000}
+        if too_long:
+            self.refusals += 1
+            raise PromptTooLongError(too_long)
+        return super().score(prompts)
+
+
+def test_stream_past_the_guards_context_keeps_its_window_size():
+    """Past the guard's context, every re-check tried the largest window first; the windows of it that
+    fitted (the answer's short tail) were computed before the batch was refused, from scratch each time:
+    quadratic on the tiny Qwen2-VL (538 tokens a sentence at 1,000 sentences against 40 at 100). A
+    stream now starts each re-check at the window size that fitted the last one."""
+    from visguard import Guard
+    from visguard.default_plugins.visguard_format import VisguardFormat
+
+    backend = _ShortContextBackend(limit=3_000)
+    guard = Guard(backend, VisguardFormat())
+    answer = [" " + "word " * 9 + "end." for _ in range(200)]  # 10,000 characters, 200 sentences
+    stream = guard.wrap(lambda images, text: iter(answer), pre_check="off", stream_check_every=20,
+                        stream_check_sentences=False).stream([Image.new("RGB", (8, 8))], "hi")
+    assert "".join(stream) == "".join(answer)
+    assert stream.result.output_checks == 10
+    # the first re-check past 3,000 characters halves 32,000 -> 16,000 -> 8,000 -> 4,000 (refused) -> 2,000
+    # (fits), and the later re-checks start at 2,000 (before: all four tries again at each of them)
+    assert backend.refusals <= 4

@@ -114,12 +114,27 @@ def report_answer(checker: Checker, request: GuardRequest, answer: str, *, mode:
     Raises:
         InputTooLongError: the request is too long even with the smallest window.
     """
-    size = MAX_TEXT_CHARS
+    return report_answer_from(checker, request, answer, MAX_TEXT_CHARS, mode=mode)[0]
+
+
+def report_answer_from(checker: Checker, request: GuardRequest, answer: str, size: int, *,
+                       mode: Mode | None = None) -> tuple[Verdict, int]:
+    """:func:`report_answer` starting with windows of ``size`` characters: ``(verdict, the size that fit)``.
+
+    A stream's re-checks pass the size back: a size too long for the answer so far is too long for
+    every longer answer too (its windows start at the same offsets), and trying it again is not free
+    (a backend computes the windows of it that fit before the batch is refused), so each re-check
+    would otherwise compute its last window from scratch (issue 26: quadratic past the guard's context).
+
+    Raises:
+        InputTooLongError: the request is too long even with the smallest window.
+    """
+    size = min(size, MAX_TEXT_CHARS)
     while True:
         overlap = min(ANSWER_WINDOW_OVERLAP, size // 4)
         requests = [request.model_copy(update={"response": w}) for w in answer_windows(answer, size, overlap)]
         try:
-            return worst_verdict(checker.report_batch(requests, mode=mode))
+            return worst_verdict(checker.report_batch(requests, mode=mode)), size
         except InputTooLongError:
             if size <= MIN_ANSWER_WINDOW:
                 raise

@@ -42,8 +42,8 @@ from visguard.core.errors import (
     UnsupportedRequestError,
 )
 from visguard.core.images import ImageInput
-from visguard.core.types import GuardRequest, Stage, Verdict
-from visguard.engine.checker import Checker, report_answer
+from visguard.core.types import MAX_TEXT_CHARS, GuardRequest, Stage, Verdict
+from visguard.engine.checker import Checker, report_answer, report_answer_from
 from visguard.hosting.audit import AuditLog
 from visguard.hosting.hosts import Host, resolve_host, supports_cancel
 
@@ -368,13 +368,15 @@ class GuardedModel:
 
     def _check_output(self, call: _Call) -> tuple[Verdict, float]:
         # report_answer takes an answer of any length (windows) and any characters: never refused.
+        # the window size that fit carries over to the next re-check (see report_answer_from)
         start = time.perf_counter()
-        verdict = report_answer(self.guard, call.request, call.answer_so_far)
+        verdict, call.window = report_answer_from(self.guard, call.request, call.answer_so_far, call.window)
         return verdict, _ms_since(start)
 
     async def _acheck_output(self, call: _Call) -> tuple[Verdict, float]:
         start = time.perf_counter()
-        verdict = await asyncio.to_thread(report_answer, self.guard, call.request, call.answer_so_far)
+        verdict, call.window = await asyncio.to_thread(
+            report_answer_from, self.guard, call.request, call.answer_so_far, call.window)
         return verdict, _ms_since(start)
 
     def _uses_stream(self, call: _Call) -> bool:
@@ -647,6 +649,7 @@ class _Call:
         self.released = ""  # host text that passed every check it was part of
         o = self.options
         self.cadence = StreamCadence(o.stream_check_every, o.stream_check_min_pieces, sentences=o.stream_check_sentences)
+        self.window = MAX_TEXT_CHARS  # the answer window size that fit the guard (report_answer_from)
         self.shown: list[str] = []
         # decisions
         self.input_verdict: Verdict | None = None

@@ -43,8 +43,8 @@ import httpx
 from visguard.core.errors import GuardrailViolation, GuardUnavailableError, InputError
 from visguard.core.images import GuardImage, ImageLimits, load_images
 from visguard.core.redact import redact
-from visguard.core.types import GuardRequest, Verdict
-from visguard.engine.checker import Checker, report_answer
+from visguard.core.types import MAX_TEXT_CHARS, GuardRequest, Verdict
+from visguard.engine.checker import Checker, report_answer, report_answer_from
 from visguard.hosting.audit import AuditLog
 from visguard.hosting.guarded import (
     DEFAULT_REFUSAL,
@@ -300,6 +300,8 @@ class Decision:
     host_called: bool = False
     answered_by_guard: bool = False
     choices: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: per choice, the answer window size that fit the guard (``report_answer_from``; not shown to clients)
+    windows: dict[int, int] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The client-facing ``visguard`` field (see :func:`public_decision`)."""
@@ -378,7 +380,9 @@ class Judge:
     async def post_check(self, decision: Decision, request: GuardRequest, index: int, answer: str,
                          *, partial: bool = False) -> str | None:
         """Check choice ``index``'s answer so far: ``None`` passes it, else the text that replaces it."""
-        verdict = await asyncio.to_thread(report_answer, self.guard, request, answer)
+        # a stream's re-checks start at the window size that fit the last one (see report_answer_from)
+        verdict, decision.windows[index] = await asyncio.to_thread(
+            report_answer_from, self.guard, request, answer, decision.windows.get(index, MAX_TEXT_CHARS))
         decision.output_checks += 1
         decision.choices[index] = {"output_verdict": public_verdict(verdict), "blocked": False}
         if self._act(decision, verdict, request, partial=partial):
