@@ -184,6 +184,23 @@ def test_kv_store_keeps_entries_it_does_not_extend():
     assert len(store) == 3  # a and shorter (a prefix of seam) went, seam came; b and other stay
 
 
+def test_kv_store_generations_replace_only_entries_they_extend_as_a_prefix():
+    """Two requests with the same images, texts a few tokens apart and answers that end alike (a
+    tiny model's batched generations): the insertion rule took the second for an extension of the
+    first and dropped the first's generation cache, so its follow-up recomputed its prompt
+    (tests/test_followup_cache.py[llava] failed). Generations are kept with ``insertions=False``."""
+    head, answer = torch.arange(50), torch.arange(1000, 1012)
+    a = torch.cat([head, torch.tensor([7, 8]), answer])
+    b = torch.cat([head, torch.tensor([9, 10, 11]), answer])
+    store = KVCacheStore(max_bytes=1 << 30, max_entries=64)
+    store.put(a, ("img",), _kv(len(a)), insertions=False)
+    store.put(b, ("img",), _kv(len(b)), insertions=False)
+    assert len(store) == 2 and store.lookup(a, ("img",), limit=10_000)[0] == len(a)
+    longer = torch.cat([a, torch.arange(2000, 2005)])
+    store.put(longer, ("img",), _kv(len(longer)), insertions=False)  # a strict prefix still goes
+    assert len(store) == 2 and store.lookup(a, ("img",), limit=10_000)[0] == len(a)
+
+
 def test_kv_store_stream_leaves_other_requests_cached():
     """A long stream took the whole store: its nested re-check copies evicted every other request's
     entry (another user's pre-check then recomputed its images). Now it holds one entry."""

@@ -917,7 +917,8 @@ class TransformersBackend(Backend):
             row_ids = torch.cat([ids[row][slots[: len(slots) - n]], new_tokens[row, :n].cpu()])
             index = slots.to(tensors[0][0].device)
             kept = [(k[row : row + 1].index_select(2, index), v[row : row + 1].index_select(2, index)) for k, v in tensors]
-            self.cache_stats["generations_kept"] += self._prefix_store().put(row_ids, self._image_key(prompt), kept)
+            self.cache_stats["generations_kept"] += self._prefix_store().put(row_ids, self._image_key(prompt), kept,
+                                                                            insertions=False)
 
 
 def _shared_items(a: list[Any], b: list[Any], limit: int) -> int:

@@ -498,7 +498,7 @@ class KVCacheStore:
         """Bytes of tensors held."""
         return self._bytes
 
-    def put(self, ids: Any, image_key: tuple, layers: list[tuple[Any, Any]]) -> bool:
+    def put(self, ids: Any, image_key: tuple, layers: list[tuple[Any, Any]], *, insertions: bool = True) -> bool:
         """Keep ``layers`` (per layer ``(keys, values)`` of shape ``[1, heads, len(ids), dim]``).
 
         Returns whether they were kept (an entry larger than the whole store is not). A kept entry
@@ -507,13 +507,17 @@ class KVCacheStore:
         earlier re-check: request + shorter answer + the same question). Every lookup the old entry
         served is served by the new one as far as the old one's own last tokens (the question),
         which are all a lookup may then compute again; the LRU and byte bounds are unchanged.
+
+        ``insertions=False``: replace only entries whose ids are a prefix of ``ids`` (generations:
+        two requests with the same images whose texts differ in a few tokens and whose answers end
+        alike would otherwise look like one extended by the other).
         """
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
         if size > self.max_bytes or self.max_entries < 1:
             return False
         with self._lock:
             for key in [key for key, (cached, cached_images, _, _) in self._entries.items()
-                        if cached_images == image_key and _extends(ids, cached, self.EXTEND_SLACK)]:
+                        if cached_images == image_key and _extends(ids, cached, self.EXTEND_SLACK, insertions)]:
                 self._bytes -= self._entries.pop(key)[3]
             self._entries[self._next] = (ids, image_key, layers, size)
             self._next += 1
@@ -560,16 +564,16 @@ class KVCacheStore:
             self._bytes = 0
 
 
-def _extends(new: Any, old: Any, slack: int) -> bool:
+def _extends(new: Any, old: Any, slack: int, insertions: bool = True) -> bool:
     """Whether id tensor ``new`` holds ``old`` but for text inserted before old's tail: ``old`` is
-    ``new``'s prefix, or old's head is new's prefix and old's tail ends ``new``, up to ``slack``
-    tokens at the seam (``new`` no shorter than ``old``)."""
+    ``new``'s prefix, or (``insertions``) old's head is new's prefix and old's tail ends ``new``, up
+    to ``slack`` tokens at the seam (``new`` no shorter than ``old``)."""
     if len(new) < len(old):
         return False
     head = _common_prefix(old, new, len(old))
     if head == len(old):
         return True
-    if head == 0:
+    if head == 0 or not insertions:
         return False
     rest = len(old) - head  # old's tail after the shared head: must end new too
     tail = _common_prefix(old.flip(0)[:rest], new.flip(0)[: len(new) - head], rest)
