@@ -25,6 +25,8 @@ from visguard.core.errors import InputError
 from visguard_train.data import Label, TrainRecord
 
 LABELS_FILE = "distill_labels.jsonl"
+#: time limit of one teacher call (8 reason checks); past it those records get no fast example
+TEACHER_TIMEOUT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,11 @@ def load_teacher(distill: str, base: str, *, device: str = "auto") -> Any:
     except (BackendError, PluginError, OSError, ValueError) as exc:
         raise InputError(f"--distill: cannot load the teacher guard {path!r}: {exc}") from exc
     if "reason" not in guard.capabilities.modes:
+        guard.close()
         raise InputError(f"--distill: the teacher's format {guard.format.name!r} has no reason mode to learn from")
-    return guard
+    # offline labelling, 8 reason checks a call: the serving default (60 s a call) would turn a slow
+    # CPU batch into unavailable verdicts, i.e. records without a fast example
+    return guard.with_policy(timeout_s=TEACHER_TIMEOUT_S)
 
 
 def teacher_verdicts(guard: Any, records: Sequence[TrainRecord], *, batch_size: int = 8) -> list[TeacherVerdict]:
