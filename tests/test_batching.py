@@ -239,3 +239,19 @@ def test_close_joins_the_worker_and_an_idle_worker_holds_no_batch():
     assert not worker.is_alive()  # close() returned: nothing of the worker runs later (e.g. at exit)
     gc.collect()
     assert ref() is None  # the worker let go of its last batch
+
+
+def test_a_lone_caller_does_not_wait_out_the_window():
+    """A lone item runs at once: with a 30 s window the old worker held it for the whole window
+    (the check below would then time out); items submitted together, or arriving while a batch
+    with company ran, still share batches."""
+    batches = []
+    batcher = MicroBatcher(lambda items, key: batches.append(list(items)) or items, max_batch=8, max_wait_s=30)
+    try:
+        assert batcher.submit([1], None)[0].result(timeout=10) == 1  # not held for the 30 s window
+        futures = batcher.submit([2, 3, 4], None)  # one caller's batch: counted before any is queued
+        assert [f.result(timeout=10) for f in futures] == [2, 3, 4]
+        assert batches == [[1], [2, 3, 4]]
+    finally:
+        batcher.configure(max_wait_s=0)
+        batcher.close()

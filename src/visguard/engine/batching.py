@@ -1,10 +1,12 @@
 """Micro-batching: checks from concurrent callers share backend batches.
 
 Every check a :class:`~visguard.engine.guard.Guard` runs goes through one :class:`MicroBatcher`: a worker
-thread takes the first waiting request, collects whatever else arrives within ``max_wait_s`` (up to
-``max_batch``), and runs them as one backend batch. Under concurrency this turns N serialized
-forward passes into a few batched ones; a lone caller pays one thread hand-off (tens of µs) plus
-at most ``max_wait_s``.
+thread takes the first waiting request and runs it, with whatever else is queued behind it (up to
+``max_batch``), as one backend batch. It waits up to ``max_wait_s`` for more only while callers
+come together: when the previous batch had several items.
+Under concurrency this turns N serialized forward passes into a few batched ones (requests that
+arrive while a batch runs form the next one); a lone caller pays one thread hand-off (tens of µs)
+and no window (``tests/test_batching.py::test_a_lone_caller_does_not_wait_out_the_window``).
 
 Liveness: a batch that never returns must not stop every later check. A caller that gives up on a
 running batch (its time limit passed) calls :meth:`MicroBatcher.abandon`: the worker stuck in that
@@ -38,7 +40,8 @@ class MicroBatcher:
             result that is an exception instance is raised to that item's caller alone, and an
             exception ``run`` raises to every caller of the batch.
         max_batch: most items in one batch.
-        max_wait_s: how long the first item of a batch waits for company.
+        max_wait_s: how long the first item of a batch waits for company after a batch that had some
+            (several items); otherwise it runs at once with whatever is already queued.
         idle_s: the worker thread exits after this long without work (a new one starts on demand).
         name: worker thread name.
         max_stalled: most abandoned workers still stuck in a batch before new items fail fast.
@@ -158,6 +161,7 @@ class MicroBatcher:
 
     def _loop(self) -> None:
         me = threading.current_thread()
+        busy = False  # the previous batch had company: wait for it again
         while True:
             try:
                 first = self._queue.get(timeout=self.idle_s)
@@ -171,17 +175,23 @@ class MicroBatcher:
             if first is _STOP:
                 return
             batch = [first]
-            deadline = time.monotonic() + self.max_wait_s
+            # Items already queued join at once; wait the window for more only after a batch that had
+            # company (callers arriving together): a lone caller's check runs at once.
+            with self._lock:  # a submit still queueing its items holds it: after this they are all queued
+                pass
+            deadline = time.monotonic() + (self.max_wait_s if busy else 0.0)
             stop = False
             while len(batch) < self.max_batch:
                 try:
-                    nxt = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                    wait = deadline - time.monotonic()
+                    nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if nxt is _STOP:
                     stop = True
                     break
                 batch.append(nxt)
+            busy = len(batch) > 1
             if not self._execute(batch) or stop:
                 return
             # Let go of the batch before waiting for the next one: an idle worker must not keep its
