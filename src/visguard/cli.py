@@ -287,7 +287,8 @@ def cli() -> None:
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
 @click.option("--explain", is_flag=True,
-              help="Also score each image alone, the text alone and subsets of them (one batched pass) and "
+              help="Also score the text alone, each image with the text and subsets of the images with it (one "
+                   "batched pass) and "
                    "say which carry the harm: a single image, the text, or only the combination (one guard, "
                    "not a cascade; formats with a fast score and any image count).")
 @click.pass_context

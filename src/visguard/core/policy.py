@@ -113,7 +113,7 @@ class Policy(BaseModel):
             see :mod:`visguard.engine.batching`). ``None``: no limit (a hung backend then blocks the caller).
         limits: image-boundary limits.
         explain: also attribute each verdict to its parts (``Verdict.attribution``: the fast
-            P(unsafe) of each image alone, the text alone and subsets of them, all in the same
+            P(unsafe) of the text alone, each image with the text and subsets of the images with it, all in the same
             batched scoring pass; see :mod:`visguard.engine.attribution`). Off by default; a
             format that cannot score subsets refuses such a policy's checks
             (:class:`~visguard.core.errors.UnsupportedRequestError`).

@@ -175,17 +175,20 @@ class GuardRequest(BaseModel):
             raise InputError(_one_line_validation(exc)) from exc
 
 
-#: what drives an unsafe verdict (:attr:`Attribution.summary`): one image alone is unsafe, the text
-#: alone is, only a combination of parts is (no part alone), or nothing (the request is not unsafe)
+#: what drives an unsafe verdict (:attr:`Attribution.summary`): one image with the request's text is
+#: unsafe, the text alone is, only a combination of images is (no single part), or nothing (the
+#: request is not unsafe)
 AttributionSummary = Literal["single image", "text", "combination only", "none"]
 
 
 class AttributionRow(BaseModel):
-    """The fast P(unsafe) of one part-subset of a request.
+    """The fast P(unsafe) of one subset of a request (:func:`visguard.engine.attribution.subsets`).
 
     Attributes:
-        subset: indices (0-based, in the request's order) of the images the subset keeps.
-        includes_text: whether the subset keeps the request's text.
+        subset: indices (0-based, in the request's order) of the images the subset keeps (none:
+            the text alone).
+        includes_text: whether the subset keeps the request's text (every row of a request with
+            text does).
         score: the guard's fast P(unsafe) of that subset, asked as a request of its own.
     """
 
@@ -208,8 +211,9 @@ class Attribution(BaseModel):
     Attributes:
         rows: the scored subsets, smallest first; the last is the whole request.
         summary: what drives the verdict (:data:`AttributionSummary`).
-        images: the images the summary names: the unsafe image alone (``single image``), the
-            smallest unsafe subset's images (``combination only``), else empty.
+        images: the images the summary names: the image unsafe with the request's text alone
+            (``single image``), the images of the unsafe subset of fewest images (``combination
+            only``), else empty.
         threshold: the P(unsafe) threshold the summary was read with (the policy's).
         detail: the summary as one line of text.
     """

@@ -16,9 +16,9 @@ padding, and serialises model calls with a lock so one instance is safe to share
   In an explained check (``Policy(explain=True)``, inside :meth:`prompts_sharing_prefixes`) the
   subsets begin like one another: the prompts no other one begins like run first (the request,
   ``[image 2, text]``, ``[text]`` for two images), then the rest continue from their caches, found by
-  image prefix (``[image 1]`` from the request's ``[static, image 1, ...]``), computing only their
-  tails and encoding none of their pixels (where their images hold more tokens than the request's
-  own estimate and ``reuse_min_tokens``; tiny images behind a long text run as one batch).
+  image prefix (``[image 1, text]`` from the request's ``[static, image 1, ...]``), computing only their
+  tails and encoding none of their pixels (where their images hold at least ``reuse_min_tokens``
+  tokens; tiny images run as one batch).
   Verdicts are the same as without the cache (tests compare the scores on four architectures).
 - ``generate``: greedy decoding; for every generated token, the same restricted softmax is kept so
   the verdict word's probability can be read wherever the format finds it. With the KV cache on,
@@ -80,9 +80,11 @@ class TransformersBackend(Backend):
 
     name = "transformers"
     #: an explained check's subsets continue from one another's caches only when that keeps at least
-    #: this many image tokens from being computed again (fewer: the extra forwards cost more; the demo
-    #: guard's 56 px images, 4 tokens each, keep 96 for 3 images and ran 2.8x slower than one phase)
-    reuse_min_tokens = 256
+    #: this many image tokens from being computed again (fewer: the extra forward costs more than it
+    #: saves; the demo guard's 56 px images, 4 tokens each, once kept 96 and ran 2.8x slower than one
+    #: phase). 64, a 224 px Qwen2-VL image: on the bench model (CPU) 2 images of 224 px keep 66 and
+    #: time as one phase or better, 448 px (258 kept) 1.6x against 2.5x (docs/latency.md)
+    reuse_min_tokens = 64
     #: one call at a time (see above): a stalled call blocks every later one
     serial = True
 
@@ -320,9 +322,9 @@ class TransformersBackend(Backend):
         longest first; children run after every root, so each finds its root's cache in the prefix
         store (:meth:`KVCacheStore.lookup` by image prefix) and computes only its tail, its images'
         pixels not encoded again. Which tokens are reused is decided there, token-exact; this order
-        only makes the reuse possible. No child, or children whose images hold fewer tokens than the
-        longest root's estimated own tokens or :attr:`reuse_min_tokens` (tiny images: the extra
-        forwards would cost more than they save): one phase, the order of ``prompts``.
+        only makes the reuse possible. No child, or children whose images hold fewer tokens than
+        :attr:`reuse_min_tokens` (tiny images: the extra forward would cost more than it saves):
+        one phase, the order of ``prompts``.
         """
         if len(prompts) < 2:
             return [list(range(len(prompts)))]
@@ -335,28 +337,18 @@ class TransformersBackend(Backend):
                 children.append(j)
             else:
                 roots.append(j)
-        # Worth it only where the children's images outweigh a prompt and a forward's own cost: the
-        # phases take a forward or two more, and a child's own tail is computed either way (a small
-        # guard's tiny images behind a long text: one phase, as without the reuse).
+        # Worth it only where the children's images outweigh a forward's own cost: the phases take a
+        # forward more, and a child's own tail is computed either way (a small guard's tiny images:
+        # one phase, as without the reuse). Not bounded by the request's own size: 2 images of 448 px
+        # keep one image (258 tokens, less than the request) and time 1.6x a plain check against 2.5x.
         kept = sum(self._image_tokens(prompts[j]) for j in children)
-        if not children or kept < max(self.reuse_min_tokens, *(self._tokens_estimate(prompts[i]) for i in roots)):
+        if not children or kept < self.reuse_min_tokens:
             return [list(range(len(prompts)))]
         return [sorted(roots), sorted(children)]
 
     def _image_tokens(self, prompt: GuardPrompt) -> int:
         """The tokens ``prompt``'s images expand to (the processor's own count; no tokenization)."""
         return self.codec._image_tokens(prompt) + len(prompt.images) if prompt.images else 0
-
-    def _tokens_estimate(self, prompt: GuardPrompt) -> int:
-        """About how many tokens ``prompt`` computes after its static prefix: its images' tokens and
-        a token per 4 characters of its other text (an estimate for ordering work, never a limit)."""
-        chars = 0
-        for m, message in enumerate(prompt.messages):
-            content = message.get("content")
-            parts = content if isinstance(content, list) else [{"type": "text", "text": content or ""}]
-            skip = prompt.static_parts if m == 0 else 0
-            chars += sum(len(str(part.get("text", ""))) for part in parts[skip:])
-        return self._image_tokens(prompt) + chars // 4
 
     def _parts_signature(self, prompt: GuardPrompt) -> tuple[list[Any], int]:
         """A prompt's chat parts in order (what its rendering begins with, part by part) and how many

@@ -1,24 +1,34 @@
 """Cross-image attribution: which images, or the text, carry a request's harm.
 
 With ``Policy(explain=True)`` a :class:`~visguard.engine.guard.Guard` scores, besides the request,
-subsets of its parts, each asked as a request of its own (the same response and conversation):
+the same question over subsets of the request's IMAGES, each asked with the request's text (the same
+response and conversation) as a request of its own, and the text alone:
 
-- each image alone (without the text) and the text alone;
-- 2 or 3 images: every non-empty subset of the images and the text;
-- 4 or more: each part alone, the request without each one part (leave-one-out), the request.
+- the text alone (no image), when the request has text;
+- each image alone, with the request's text;
+- 2 or 3 images: every pair of images, with the text;
+- 4 or more: the request without each one image (leave-one-out), with the text;
+- the whole request, last.
+
+A request without text has the image subsets only (no text-alone row). Images without the request's
+text are not scored: "image 1 with the question 0.05, image 2 with it 0.08, both 0.97" is what
+tells an operator that only the combination carries the harm. For 2 images that is 4 prompts, 8 for
+3, 10 for 4 (:func:`subsets`).
 
 All of them are the format's fast score plans, executed as ONE backend ``score`` call (one batch:
 the prompts share the format's cached static prefix), together with the request's own fast plan,
 inside :meth:`~visguard.engine.backend.Backend.prompts_sharing_prefixes`: a backend that can (the
 transformers backend with its KV cache on) runs the subsets that begin like no other first and
-continues the rest from their cached prefixes (``[image 1, text]`` and ``[image 1]`` from the
-request's ``[image 1, image 2, ...]``), so a subset computes its tail only and its images' pixels
-are not encoded again; other backends (vLLM, OpenAI-compatible servers) run the one call as any other;
+continues the rest from their cached prefixes (``[image 1, text]`` from the request's ``[image 1,
+image 2, ..., text]``), so a subset computes its tail only and its images' pixels are not encoded
+again, where that saves more than the extra forward costs; other backends (vLLM, OpenAI-compatible
+servers) run the one call as any other;
 in ``fast`` mode that plan is the verdict itself, in ``reason`` / ``adaptive`` mode the verdict comes
 from the mode's own check and the attribution is a second, fast pass. :func:`summarize` reads the
 rows with the policy's threshold into :class:`~visguard.core.types.Attribution`: ``single image``
-(an image alone is unsafe), ``text`` (the text alone is), ``combination only`` (the request is
-unsafe, no part alone is) or ``none`` (the request is not unsafe).
+(one image with the request's text is unsafe), ``text`` (the text alone is), ``combination only``
+(the request is unsafe, no image with the text and not the text alone) or ``none`` (the request is
+not unsafe).
 
 A format that cannot score subsets refuses with :class:`~visguard.core.errors.UnsupportedRequestError`
 saying why: one without fast scores (generated-fast or reason-only formats), a backend without
@@ -45,31 +55,26 @@ from visguard.engine.format import CheckPlan
 if TYPE_CHECKING:  # pragma: no cover
     from visguard.engine.guard import Guard
 
-#: up to this many images every subset is scored; beyond it, leave-one-out
-ALL_SUBSETS_UP_TO = 3
+#: up to this many images every pair of images is scored; beyond it, leave-one-out
+ALL_PAIRS_UP_TO = 3
 
 Subset = tuple[tuple[int, ...], bool]
 
 
 def subsets(n_images: int, has_text: bool) -> list[Subset]:
-    """The ``(image indices, includes_text)`` subsets scored for a request, smallest first, the
-    whole request last (see the module docstring); without text no subset includes it."""
-    parts: list[int | str] = [*range(n_images), *(["text"] if has_text else [])]
-    if not parts:
-        return []
-    chosen: list[tuple[int | str, ...]]
-    if n_images <= ALL_SUBSETS_UP_TO:
-        chosen = [c for k in range(1, len(parts) + 1) for c in itertools.combinations(parts, k)]
+    """The ``(image indices, includes_text)`` subsets scored for a request, fewest images first, the
+    whole request last (see the module docstring): the text alone ``((), True)``, then subsets of
+    the images each with the request's text (``includes_text`` is ``has_text`` on every image row)."""
+    if n_images == 0:
+        return [((), True)] if has_text else []
+    everything = tuple(range(n_images))
+    chosen: set[tuple[int, ...]] = {(i,) for i in everything} | {everything}
+    if n_images <= ALL_PAIRS_UP_TO:
+        chosen |= set(itertools.combinations(everything, 2))
     else:
-        singles = [(p,) for p in parts]
-        leave_one_out = [tuple(q for q in parts if q != p) for p in parts]
-        chosen = singles + sorted(leave_one_out, key=lambda c: [str(q) for q in c]) + [tuple(parts)]
-    out: list[Subset] = []
-    for combo in chosen:
-        item = (tuple(p for p in combo if isinstance(p, int)), "text" in combo)
-        if item not in out:
-            out.append(item)
-    out.sort(key=lambda s: (len(s[0]) + s[1], s[0], s[1]))
+        chosen |= {tuple(j for j in everything if j != i) for i in everything}
+    out: list[Subset] = [((), True)] if has_text else []
+    out += [(images, has_text) for images in sorted(chosen, key=lambda c: (len(c), c))]
     return out
 
 
@@ -79,12 +84,21 @@ def subset_request(request: GuardRequest, subset: tuple[int, ...], includes_text
                                       "text": request.text if includes_text else ""})
 
 
+def _part(row: AttributionRow) -> str:
+    """A row as the summary's detail names it: ``image 1 with the request's text``, ``the text alone``."""
+    if not row.subset:
+        return "the text alone"
+    images = " + ".join(f"image {i}" for i in row.subset)
+    return f"{images} with the request's text" if row.includes_text else images
+
+
 def summarize(rows: Sequence[AttributionRow], threshold: float) -> Attribution:
-    """Read scored subsets (the whole request last) into an :class:`Attribution`.
+    """Read scored subsets (:func:`subsets`' rows, the whole request last) into an :class:`Attribution`.
 
     The whole request below ``threshold``: ``none``. Else the highest-scoring single part at or
-    above it names the driver (an image alone: ``single image``; the text alone: ``text``); no
-    single part unsafe: ``combination only``, naming the smallest unsafe subset's images.
+    above it names the driver (one image with the request's text: ``single image``; the text alone:
+    ``text``); no single part unsafe: ``combination only``, naming the unsafe subset of the fewest
+    images.
     """
     rows = tuple(rows)
     if not rows:
@@ -93,27 +107,25 @@ def summarize(rows: Sequence[AttributionRow], threshold: float) -> Attribution:
     unsafe = [r for r in rows if r.score >= threshold]
     summary: AttributionSummary
     if whole.score < threshold:
-        summary, images = "none", ()
         detail = f"not unsafe: the request scores {whole.score:.2f} < {threshold:g}"
         if unsafe:
             top = max(unsafe, key=lambda r: r.score)
-            detail += f" (though {top.name} alone scores {top.score:.2f})"
-        return Attribution(rows=rows, summary=summary, images=images, threshold=threshold, detail=detail)
-    singles = [r for r in unsafe if len(r.subset) + r.includes_text == 1]
-    if singles and len(rows) > 1:
+            detail += f" (though {_part(top)} scores {top.score:.2f})"
+        return Attribution(rows=rows, summary="none", images=(), threshold=threshold, detail=detail)
+    # a single part: the text alone, or one image with the request's text (for a one-image request,
+    # that row is the whole request)
+    singles = [r for r in unsafe if len(r.subset) <= 1]
+    if singles:
         top = max(singles, key=lambda r: r.score)
-        summary = "text" if top.includes_text else "single image"
-        others = [r.name for r in singles if r is not top]
-        detail = f"{top.name} alone is unsafe ({top.score:.2f})" + (f"; also alone: {', '.join(others)}" if others else "")
+        summary = "text" if not top.subset else "single image"
+        others = [_part(r) for r in singles if r is not top]
+        detail = (f"{_part(top)} is unsafe ({top.score:.2f})" + (" (the whole request)" if top is whole else "")
+                  + (f"; also: {', '.join(others)}" if others else ""))
         return Attribution(rows=rows, summary=summary, images=top.subset, threshold=threshold, detail=detail)
-    if len(rows) == 1:  # one part only: it is the request
-        summary = "text" if whole.includes_text else "single image"
-        return Attribution(rows=rows, summary=summary, images=whole.subset, threshold=threshold,
-                           detail=f"{whole.name} (the whole request) is unsafe ({whole.score:.2f})")
-    size = min(len(r.subset) + r.includes_text for r in unsafe)
-    smallest = max((r for r in unsafe if len(r.subset) + r.includes_text == size), key=lambda r: r.score)
-    detail = (f"only the combination is unsafe: {smallest.name} ({smallest.score:.2f}); "
-              "no image alone and not the text alone")
+    size = min(len(r.subset) for r in unsafe)
+    smallest = max((r for r in unsafe if len(r.subset) == size), key=lambda r: r.score)
+    detail = (f"only the combination is unsafe: {_part(smallest)} ({smallest.score:.2f}); "
+              "no single image" + (" with the request's text and not the text alone" if whole.includes_text else ""))
     return Attribution(rows=rows, summary="combination only", images=smallest.subset, threshold=threshold,
                        detail=detail)
 
