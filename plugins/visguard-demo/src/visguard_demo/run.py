@@ -242,8 +242,8 @@ def guard_requests(guard: Any, host: Any, requests: Sequence[tuple[tuple[str, st
 
 
 def _attribution(guard: Any, images: Sequence[Any], text: str) -> dict[str, Any] | None:
-    """Which image (or the text) carries the harm: the guard's fast scores of each image alone, the
-    text alone and their subsets (``visguard.engine.attribution``); ``None`` where the guard's format
+    """Which image (or the text) carries the harm: the guard's fast scores of each image with the
+    request's text, the text alone and the whole request (``visguard.engine.attribution``); ``None`` where the guard's format
     cannot score subsets (a cascade, a one-image format)."""
     from visguard.core.errors import UnsupportedRequestError
     from visguard.engine.attribution import explaining
