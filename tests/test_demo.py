@@ -230,3 +230,24 @@ def test_demo_guard_trains_on_subset_items_and_its_cache_key_covers_them(tmp_pat
     key = demo.demo_guard_dir("smoke")
     monkeypatch.setattr(demo, "DATA", {**demo.DATA, "subsets": False})
     assert demo.demo_guard_dir("smoke") != key
+    monkeypatch.undo()
+    monkeypatch.setenv("VISGUARD_CACHE", str(tmp_path))
+    assert demo.demo_guard_dir("smoke") == key
+    monkeypatch.setattr(demo, "FINETUNE", {**demo.FINETUNE, "lr": 2e-3})  # the second phase is in the key too
+    assert demo.demo_guard_dir("smoke") != key
+
+
+def test_demo_guard_trains_in_two_phases(demo_run):
+    """Phase 1 learns the pair rule on the two-image items alone, phase 2 continues from it on the
+    items and their parts (plugins/visguard-demo run.py FINETUNE): the trained guard's own record
+    names phase 1's guard as its base and counts the parts' examples."""
+    from visguard_demo.run import FINETUNE
+
+    argv = shlex.split(next(c for c in printed_steps(demo_run.stdout) if " check " in c))
+    guard = Path(argv[argv.index("--model") + 1])
+    pairs = guard.parent / "pairs-guard"
+    first = json.loads((pairs / "visguard_train.json").read_text())
+    second = json.loads((guard / "visguard_train.json").read_text())
+    assert Path(second["config"]["base"]) == pairs and second["config"]["lr"] == FINETUNE["lr"]
+    assert "/" not in "".join(json.loads(line)["id"] for line in Path(first["config"]["data"]).read_text().splitlines())
+    assert second["records"] > first["records"]  # the parts alone came in phase 2

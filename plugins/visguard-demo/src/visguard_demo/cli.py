@@ -37,8 +37,8 @@ def demo(out_dir: str, size: str, retrain: bool, guard_model: str | None, guard_
     1. writes synthetic two-image data (each image harmless alone, some pairs harmful together),
        each pair followed by one of its parts alone (an image, with or without the text, or the
        text alone; labelled safe, so the guard's --explain attribution means something);
-    2. trains the demo guard (a 0.66 M-parameter Qwen2-VL, cached under $VISGUARD_CACHE/demo),
-       or reuses the cached one;
+    2. trains the demo guard (a 0.66 M-parameter Qwen2-VL, cached under $VISGUARD_CACHE/demo:
+       first on the pairs alone, then on the pairs and their parts), or reuses the cached one;
     3. evaluates it on held-out items in the MIS test layout (visguard eval's runner and plots,
        in --mode);
     4. sends example requests through guard.wrap(host): pre-check, host answer, post-check;
