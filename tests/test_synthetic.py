@@ -356,10 +356,9 @@ def test_write_jsonl(tmp_path: Path) -> None:
 def test_write_jsonl_subsets_are_safe_parts_in_the_shapes_attribution_scores(tmp_path: Path) -> None:
     """``subsets=True``: after each item, its parts alone as safe requests, each exactly a request that
     attribution builds (``visguard.engine.attribution.subset_request`` over ``subsets(2, True)``)."""
+    from visguard.core.types import GuardRequest
     from visguard.datasets import read_jsonl
     from visguard.engine.attribution import subset_request, subsets
-
-    from visguard.core.types import GuardRequest
 
     plain = [json.loads(line) for line in syn.write_jsonl(tmp_path / "plain", 12, seed=3).read_text().splitlines()]
     path = syn.write_jsonl(tmp_path / "aug", 12, seed=3, subsets=True)
