@@ -84,7 +84,9 @@ threshold_option = click.option("--threshold", type=click.FloatRange(0, 1), defa
 
 #: ``--max-new-tokens`` (the guard's reasoning budget)
 max_new_tokens_option = click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True,
-                                     help="Guard reasoning budget (reason mode).")
+                                     help="Guard reasoning budget (reason mode). The mirage format keeps its "
+                                          "own 1024 (the MIS inference script's) unless another value than "
+                                          "512 is given.")
 
 #: ``--on-error``
 on_error_option = click.option("--on-error", type=click.Choice(["block", "allow"]), default="block", show_default=True,
