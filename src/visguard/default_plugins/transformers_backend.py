@@ -140,6 +140,8 @@ class TransformersBackend(Backend):
             self.kv_cache = None
         # static prefixes by (cache salt, prefix text): tenants with different salts share nothing
         self._static: dict[tuple[str, str], tuple[Any, list[tuple[Any, Any]]] | None] = {}
+        # per static prefix: whether encoding only what follows it gives the whole text's encoding
+        self._static_split_ok: dict[tuple[str, str], bool] = {}
         #: tokens taken from caches / computed by scoring forwards, prompts served from each kind of cache,
         #: generated rows whose caches the store kept for their follow-ups, and prompt tokens taken from
         #: caches / computed by generations' prefills (all counted only with the KV cache on)
@@ -230,7 +232,7 @@ class TransformersBackend(Backend):
         specials = self.codec.special_tokens
         if not all(any(r.startswith(s) for s in specials) for r in rests):
             return None
-        checked: dict[tuple[str, str], bool] = self.__dict__.setdefault("_static_split_ok", {})
+        checked = self._static_split_ok
         key = (batch[0].cache_salt, prefix)
         if checked.get(key) is False:
             return None
