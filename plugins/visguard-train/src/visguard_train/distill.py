@@ -67,17 +67,27 @@ def load_teacher(distill: str, base: str, *, device: str = "auto") -> Any:
     return guard.with_policy(timeout_s=TEACHER_TIMEOUT_S)
 
 
-def teacher_verdicts(guard: Any, records: Sequence[TrainRecord], *, batch_size: int = 8) -> list[TeacherVerdict]:
-    """Run ``guard`` in reason mode over ``records`` (a pre-check, or a post-check where a record has a response)."""
+def teacher_verdicts(
+    guard: Any, records: Sequence[TrainRecord], *, batch_size: int = 8, progress: bool = False,
+) -> list[TeacherVerdict]:
+    """Run ``guard`` in reason mode over ``records`` (a pre-check, or a post-check where a record has a response).
+
+    ``progress``: a tqdm bar on stderr (records labelled), since a reasoning teacher writes an answer per record.
+    """
+    from tqdm.auto import tqdm
+
     from visguard.core.types import GuardRequest
 
     out: list[TeacherVerdict] = []
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        requests = [GuardRequest.build(list(r.images), r.text, r.response, limits=guard.policy.limits) for r in chunk]
-        for rec, v in zip(chunk, guard.report_batch(requests, mode="reason"), strict=True):
-            label = v.label if v.label in ("safe", "unsafe") else None
-            out.append(TeacherVerdict(rec.id, label, v.score, rec.label, None if label else (v.error or v.label)))
+    with tqdm(total=len(records), desc="teacher verdicts (reason mode)", unit="record", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            requests = [GuardRequest.build(list(r.images), r.text, r.response, limits=guard.policy.limits) for r in chunk]
+            for rec, v in zip(chunk, guard.report_batch(requests, mode="reason"), strict=True):
+                label = v.label if v.label in ("safe", "unsafe") else None
+                out.append(TeacherVerdict(rec.id, label, v.score, rec.label, None if label else (v.error or v.label)))
+            bar.update(len(chunk))
     return out
 
 
@@ -104,7 +114,7 @@ def distilled_fast_labels(
     """
     teacher = guard if guard is not None else load_teacher(distill, base, device=device)
     try:
-        verdicts = teacher_verdicts(teacher, records)
+        verdicts = teacher_verdicts(teacher, records, progress=write)
     finally:
         if guard is None:
             teacher.close()
