@@ -138,6 +138,23 @@ def test_a_changed_image_processor_setting_drops_the_kept_pixels(qwen_path):
     assert pixels.misses == 2  # preprocessed again (a hit after it: the one-time whole-encoding comparison)
 
 
+def test_clear_cache_forgets_every_kept_thing(qwen_path, monkeypatch):
+    """``clear_cache``: the next check preprocesses, tokenizes and computes as the first one did."""
+    backend = TransformersBackend(qwen_path, device="cpu")
+    guard = Guard(backend, VisguardFormat())
+    request = guard.request(_images(60), TEXT)
+    first = guard.check(request).score
+    guard.check(guard.request(_images(61), TEXT))  # a second prompt after the prefix: the split check ran
+    pixels = backend.processor.image_processor
+    assert pixels._entries and backend._static and backend._static_split_ok and len(backend.kv_cache) > 0
+    backend.clear_cache()
+    assert not pixels._entries and not backend._static and not backend._static_split_ok
+    assert len(backend.kv_cache) == 0
+    misses = pixels.misses
+    assert guard.check(request).score == pytest.approx(first, abs=1e-5)
+    assert pixels.misses == misses + 1 and backend._static  # preprocessed again; the prefix cached again
+
+
 def test_no_kept_pixels_with_reuse_off(qwen_path, monkeypatch):
     """``kv_cache_mb=0`` turns pre -> post reuse off, the images' preprocessing included."""
     guard = Guard(TransformersBackend(qwen_path, device="cpu", kv_cache_mb=0), VisguardFormat())

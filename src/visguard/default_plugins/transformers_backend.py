@@ -155,11 +155,17 @@ class TransformersBackend(Backend):
         self._rope_index = getattr(getattr(self.model, "model", None), "get_rope_index", None)
 
     def clear_cache(self) -> None:
-        """Drop every cached prefix (static and per prompt)."""
+        """Drop everything this backend keeps between calls: the static prefixes' caches, the per-prompt
+        prefix store, the images' kept preprocessing outputs and the per-prefix answers of the one-time
+        comparison of the prefix-split encoding. The next check computes as the first one did."""
         with self._lock:
             self._static.clear()
+            self._static_split_ok.clear()
             if self.kv_cache is not None:
                 self.kv_cache.clear()
+            pixels = getattr(self.processor, "image_processor", None)
+            if isinstance(pixels, _PixelCache):
+                pixels.clear()
 
     @property
     def device(self) -> Any:
@@ -957,6 +963,11 @@ class _PixelCache:
             object.__setattr__(self, name, value)
             return
         setattr(self.inner, name, value)
+        with self._guard:
+            self._entries.clear()
+
+    def clear(self) -> None:
+        """Forget every kept output (the counters stay)."""
         with self._guard:
             self._entries.clear()
 
