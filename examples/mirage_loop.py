@@ -15,19 +15,24 @@
 
 4. With $VISGUARD_LOOP_DISTILL=1 (off by default): a second run teaches the trained guard a fast
    verdict from its own reasoning, `visguard train --objective mirage --base <step 2's model>
-   --distill self --loss-average example` ($VISGUARD_LOOP_DISTILL_EPOCHS, default 1): its reason mode
+   --distill self --loss-average example` ($VISGUARD_LOOP_DISTILL_EPOCHS, default 3): its reason mode
    labels every training record, the fast verdict examples learn those labels, the answers and
-   follow-up verdicts keep training. The distilled guard is evaluated fast, reason and adaptive,
-   with each mode's cost relative to reason (guard seconds per item).
+   follow-up verdicts keep training. The distilled guard is evaluated fast, reason and adaptive
+   (`visguard eval`, batches of 8), and `plugins/visguard-bench/scripts/adaptive_cost.py` measures
+   the three modes' accuracy and cost one request at a time, in one run (`distilled_cost`).
 
 Sizes: $VISGUARD_LOOP_TRAIN training items (default 1600), $VISGUARD_LOOP_EPOCHS (3),
 $VISGUARD_LOOP_LR (4e-3, for a from-scratch tiny model; use --preset mirage-qwen2vl for a real one),
-$VISGUARD_LOOP_HELDOUT held-out items (200), $VISGUARD_LOOP_HOST_ITEMS host-evaluated items (40).
+$VISGUARD_LOOP_HELDOUT held-out items (200), $VISGUARD_LOOP_HOST_ITEMS host-evaluated items (40),
+$VISGUARD_LOOP_REASON_TOKENS the guard's reasoning budget in reason mode (default: the `mirage`
+format's own 1024, the MIS inference script's; a shorter one cuts answers before their verdict).
 Prints one JSON object with every number; the runs stay under $VISGUARD_EXAMPLE_OUT.
 """
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from visguard.cli import _register_plugin_commands, cli
@@ -38,6 +43,7 @@ epochs = os.environ.get("VISGUARD_LOOP_EPOCHS", "3")
 lr = os.environ.get("VISGUARD_LOOP_LR", "4e-3")
 n_heldout = int(os.environ.get("VISGUARD_LOOP_HELDOUT", "200"))
 host_items = os.environ.get("VISGUARD_LOOP_HOST_ITEMS", "40")
+reason_tokens = os.environ.get("VISGUARD_LOOP_REASON_TOKENS")
 base = os.environ.get("VISGUARD_EXAMPLE_BASE")
 if base is None:
     from visguard_testing.checkpoints import cached_tiny_checkpoint
@@ -78,9 +84,9 @@ guard_keys = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "una
 
 
 def guard_eval(path: Path, mode: str, name: str) -> dict:
-    visguard("eval", "-B", "mis", "-d", str(test_root), "-s", "hard", "-m", str(path), "--mode", mode,
-             "--max-new-tokens", "160", "--device", "cpu", "--out", str(out / name), "--restart",
-             "--no-progress", "--no-plots")
+    budget = ["--max-new-tokens", reason_tokens] if reason_tokens else []
+    visguard("eval", "-B", "mis", "-d", str(test_root), "-s", "hard", "-m", str(path), "--mode", mode, *budget,
+             "--device", "cpu", "--out", str(out / name), "--restart", "--no-progress", "--no-plots")
     return summary(out / name, guard_keys)
 
 
@@ -91,14 +97,17 @@ if os.environ.get("VISGUARD_LOOP_DISTILL") == "1":
     distilled = out / "mirage-distilled"
     visguard("train", "--data", str(train_root), "--base", str(model), "--output", str(distilled),
              "--objective", "mirage", "--distill", "self", "--loss-average", "example", "--device", "cpu",
-             "--epochs", os.environ.get("VISGUARD_LOOP_DISTILL_EPOCHS", "1"), "--lr", lr, "--batch-size", "8",
+             "--epochs", os.environ.get("VISGUARD_LOOP_DISTILL_EPOCHS", "3"), "--lr", lr, "--batch-size", "8",
              "--seed", "0", "--save-steps", "100000", "--overwrite", "--cpu-threads", "1")
     results["distill_train"] = json.loads((distilled / "visguard_train.json").read_text())["train_seconds"]
     for mode in ("fast", "reason", "adaptive"):
         results[f"distilled_{mode}"] = guard_eval(distilled, mode, f"distilled_{mode}")
-    reason_rate = results["distilled_reason"]["throughput_items_per_s"]
-    for mode in ("fast", "adaptive"):  # cost relative to reason mode: guard seconds per item
-        rate = results[f"distilled_{mode}"]["throughput_items_per_s"]
-        results[f"distilled_{mode}"]["cost_vs_reason"] = round(reason_rate / rate, 3) if rate and reason_rate else None
+    budget_flag = ["--max-new-tokens", reason_tokens] if reason_tokens else []
+    # cost, one request at a time, the three modes in turns in one process (batched throughput above
+    # makes a batch with one unsure request pay a whole generation)
+    script = Path(__file__).resolve().parents[1] / "plugins" / "visguard-bench" / "scripts" / "adaptive_cost.py"
+    cost = subprocess.run([sys.executable, str(script), "--guard", str(distilled), "--data", str(test_root),
+                           "--limit", str(n_heldout), "--json", *budget_flag], check=True, capture_output=True, text=True)
+    results["distilled_cost"] = json.loads(cost.stdout)["modes"]
 
 print(json.dumps(results))

@@ -26,7 +26,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "mirage_loop.py"
 def test_mirage_loop_closed_end_to_end(tmp_path, monkeypatch, capsys, one_torch_thread):
     for key, value in {"VISGUARD_EXAMPLE_OUT": str(tmp_path / "loop"), "VISGUARD_LOOP_TRAIN": "240",
                        "VISGUARD_LOOP_EPOCHS": "2", "VISGUARD_LOOP_HELDOUT": "40",
-                       "VISGUARD_LOOP_HOST_ITEMS": "6"}.items():
+                       "VISGUARD_LOOP_HOST_ITEMS": "6", "VISGUARD_LOOP_REASON_TOKENS": "160"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(sys, "argv", [str(EXAMPLE)])
     runpy.run_path(str(EXAMPLE), run_name="__main__")
