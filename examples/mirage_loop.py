@@ -68,9 +68,12 @@ def summary(path: Path, keys: tuple[str, ...]) -> dict:
     return {k: data.get(k) for k in keys}
 
 
+# Stage 1 averages the loss over tokens (the Hugging Face Trainer's average, as an SFT on the answers
+# would): its fast verdict then carries 0.5 % of the loss and stays at chance, like a guard trained
+# only to reason; the numbers in docs/training.md are this stage's.
 visguard("train", "--data", str(train_root), "--base", base, "--output", str(model), "--objective", "mirage",
          "--device", "cpu", "--epochs", epochs, "--lr", lr, "--batch-size", "8", "--seed", "0",
-         "--save-steps", "100000", "--overwrite", "--cpu-threads", "1")
+         "--loss-average", "token", "--save-steps", "100000", "--overwrite", "--cpu-threads", "1")
 results: dict = {"train": json.loads((model / "visguard_train.json").read_text())["train_seconds"]}
 
 host_keys = ("n", "n_judged", "judge_failed", "asr", "rsr", "rr", "hr", "refusal_rate")

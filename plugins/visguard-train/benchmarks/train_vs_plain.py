@@ -58,24 +58,28 @@ VARIANTS = {
     v.name: v
     for v in [
         Variant("visguard", "visguard", options={"loss_average": "token"},
-                about="visguard train, fast + reason examples, every target token weighs the same"),
+                about="visguard train, fast + reason examples, every target token weighs the same "
+                      "(--loss-average token, the default before issue 26)"),
         Variant("plain", "plain", about="plain PyTorch loop, fast + reason examples"),
-        Variant("visguard-fast", "visguard", ("fast",), about="visguard train, fast examples only"),
+        Variant("visguard-fast", "visguard", ("fast",), options={"loss_average": "token"},
+                about="visguard train, fast examples only (token average)"),
         Variant("plain-fast", "plain", ("fast",), about="plain loop, fast examples only"),
         Variant("plain-clip", "plain", options={"clip": 1.0},
                 about="plain loop + gradient clipping at norm 1.0 (the HF Trainer's default)"),
-        Variant("visguard-noclip", "visguard", options={"max_grad_norm": 0.0},
-                about="visguard train without gradient clipping"),
+        Variant("visguard-noclip", "visguard", options={"loss_average": "token", "max_grad_norm": 0.0},
+                about="visguard train without gradient clipping (token average)"),
         Variant("visguard-example", "visguard", options={"loss_average": "example"},
-                about="visguard train, every example weighs the same in the loss (not every token)"),
+                about="visguard train, every example weighs the same in the loss, not every token "
+                      "(--loss-average example, the default)"),
         Variant("plain-example", "plain", options={"loss_average": "example"},
                 about="plain loop, every example weighs the same in the loss"),
         Variant("visguard-example-noclip", "visguard", options={"loss_average": "example", "max_grad_norm": 0.0},
                 about="visguard-example without gradient clipping"),
         Variant("visguard-example-fast", "visguard", ("fast",), options={"loss_average": "example"},
                 about="visguard-example, fast examples only"),
-        Variant("visguard-layout1", "visguard", options={"layout": 1},
-                about="visguard train on the visguard format's prompt layout 1 (images first, then the instructions)"),
+        Variant("visguard-layout1", "visguard", options={"loss_average": "token", "layout": 1},
+                about="visguard train on the visguard format's prompt layout 1 (images first, then the instructions; "
+                      "token average)"),
     ]
 }
 DEFAULT_VARIANTS = ("visguard", "plain")

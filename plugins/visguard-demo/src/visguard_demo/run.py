@@ -38,8 +38,10 @@ MODEL = {"arch": "qwen2_vl", "hidden_size": 64, "num_layers": 2, "image_size": 5
 # One torch thread: a model this small gains nothing from more, and they fight on a busy CPU. Warm-up
 # 0.1, not 0.03: with 0.03 fast-mode accuracy swung between 0.655 and 0.91 with the thread count (float
 # order; docs/training.md "Training quality"); with 0.1 the demo guard reached 0.915 fast, 0.960 reason.
+# ``loss_average`` "token": the recipe every demo number (docs/eval.md, docs/latency.md) was measured
+# with; ``visguard train``'s default became "example" later (docs/training.md, issue 26's recipe).
 TRAIN = {"lr": 4e-3, "batch_size": 8, "warmup_ratio": 0.1, "seed": 0, "guard_modes": ["fast", "reason"],
-         "cpu_threads": 1}
+         "cpu_threads": 1, "loss_average": "token"}
 # The training data besides the two-image items: after each one, one of its parts alone (an image with
 # or without the text, or the text alone; drawn at random, ``visguard_testing.synthetic.SUBSET_KINDS``)
 # as a request of its own, labelled safe. Attribution (``Policy(explain=True)``) scores exactly those

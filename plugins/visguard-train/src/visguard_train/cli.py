@@ -57,8 +57,9 @@ def _presets_help() -> str:
 @click.option("--max-grad-norm", type=click.FloatRange(0),
               help="Clip the gradient's global norm to this before each step; 0: no clipping (default 1.0).")
 @click.option("--loss-average", type=click.Choice(["token", "example"]),
-              help="token (default): every target token weighs the same, so a long reason target outweighs "
-                   "many fast verdicts; example: every example weighs the same.")
+              help="example (default): every example weighs the same, so a fast verdict weighs as much as a "
+                   "whole reason example; token: every target token weighs the same (a long reason target "
+                   "then outweighs many fast verdicts).")
 @click.option("--distill", metavar="self|TEACHER",
               help="Train the fast verdict on a teacher guard's reason-mode verdicts (TEACHER: a guard directory "
                    "or hub id; self: --base, itself a reasoning guard); the other examples keep the data's labels. "

@@ -52,9 +52,12 @@ class TrainConfig(BaseModel):
         max_steps: stop after this many optimiser steps (overrides ``epochs`` when set).
         warmup_ratio / weight_decay / lr_scheduler: optimiser schedule.
         max_grad_norm: clip the gradient's global norm to this before each step (0: no clipping).
-        loss_average: ``token``: every target token of the batch weighs the same (an example with a
-            long reason target weighs as much as many fast verdicts); ``example``: every example
-            weighs the same (its mean token loss), whatever its target's length.
+        loss_average: ``example`` (default): every example weighs the same (its mean token loss),
+            whatever its target's length, so the one-pass verdict of a fast example weighs as much as
+            a whole reason example; ``token``: every target token of the batch weighs the same (the
+            Hugging Face ``Trainer``'s own average: a reason example of ~200 target tokens then
+            outweighs ~17 fast verdicts, and whether the fast verdict is learnt depends on the
+            seed; docs/training.md, "The MIS-layout recipe of issue 26").
         distill: train the fast verdict examples on a teacher guard's reason-mode verdicts
             (:mod:`visguard_train.distill`): a guard directory or hub id, or ``self`` (the ``base``
             model, itself a reasoning guard); the other examples keep the records' own labels.
@@ -99,7 +102,7 @@ class TrainConfig(BaseModel):
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, ge=0)
-    loss_average: Literal["token", "example"] = "token"
+    loss_average: Literal["token", "example"] = "example"
     distill: str | None = None
     lr_scheduler: str = "cosine"
     save_steps: int = Field(default=500, ge=1)
