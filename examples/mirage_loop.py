@@ -15,7 +15,8 @@
 
 4. With $VISGUARD_LOOP_DISTILL=1 (off by default): a second run teaches the trained guard a fast
    verdict from its own reasoning, `visguard train --objective mirage --base <step 2's model>
-   --distill self --loss-average example` ($VISGUARD_LOOP_DISTILL_EPOCHS, default 3): its reason mode
+   --distill self --loss-average example` ($VISGUARD_LOOP_DISTILL_EPOCHS, default 3, at
+   $VISGUARD_LOOP_DISTILL_LR, default $VISGUARD_LOOP_LR): its reason mode
    labels every training record, the fast verdict examples learn those labels, the answers and
    follow-up verdicts keep training. The distilled guard is evaluated fast, reason and adaptive
    (`visguard eval`, batches of 8), and `plugins/visguard-bench/scripts/adaptive_cost.py` measures
@@ -25,7 +26,10 @@ Sizes: $VISGUARD_LOOP_TRAIN training items (default 1600), $VISGUARD_LOOP_EPOCHS
 $VISGUARD_LOOP_LR (4e-3, for a from-scratch tiny model; use --preset mirage-qwen2vl for a real one),
 $VISGUARD_LOOP_HELDOUT held-out items (200), $VISGUARD_LOOP_HOST_ITEMS host-evaluated items (40),
 $VISGUARD_LOOP_REASON_TOKENS the guard's reasoning budget in reason mode (default: the `mirage`
-format's own 1024, the MIS inference script's; a shorter one cuts answers before their verdict).
+format's own 1024, the MIS inference script's; a shorter one cuts answers before their verdict),
+$VISGUARD_LOOP_STAGE1_AVERAGE step 2's `--loss-average` (default `token`). docs/training.md
+measures VISGUARD_LOOP_STAGE1_AVERAGE=example VISGUARD_LOOP_DISTILL_EPOCHS=1 VISGUARD_LOOP_DISTILL_LR=1e-3
+(issue 26's targets met with seed 0, not with seed 1).
 Prints one JSON object with every number; the runs stay under $VISGUARD_EXAMPLE_OUT.
 """
 
@@ -44,6 +48,7 @@ lr = os.environ.get("VISGUARD_LOOP_LR", "4e-3")
 n_heldout = int(os.environ.get("VISGUARD_LOOP_HELDOUT", "200"))
 host_items = os.environ.get("VISGUARD_LOOP_HOST_ITEMS", "40")
 reason_tokens = os.environ.get("VISGUARD_LOOP_REASON_TOKENS")
+stage1_average = os.environ.get("VISGUARD_LOOP_STAGE1_AVERAGE", "token")
 base = os.environ.get("VISGUARD_EXAMPLE_BASE")
 if base is None:
     from visguard_testing.checkpoints import cached_tiny_checkpoint
@@ -68,12 +73,12 @@ def summary(path: Path, keys: tuple[str, ...]) -> dict:
     return {k: data.get(k) for k in keys}
 
 
-# Stage 1 averages the loss over tokens (the Hugging Face Trainer's average, as an SFT on the answers
-# would): its fast verdict then carries 0.5 % of the loss and stays at chance, like a guard trained
-# only to reason; the numbers in docs/training.md are this stage's.
+# Stage 1 averages the loss over tokens by default (the Hugging Face Trainer's average, as an SFT on the
+# answers would): its fast verdict then carries 0.5 % of the loss and stays at chance, like a guard
+# trained only to reason. $VISGUARD_LOOP_STAGE1_AVERAGE=example gives it 16.7 % (docs/training.md).
 visguard("train", "--data", str(train_root), "--base", base, "--output", str(model), "--objective", "mirage",
          "--device", "cpu", "--epochs", epochs, "--lr", lr, "--batch-size", "8", "--seed", "0",
-         "--loss-average", "token", "--save-steps", "100000", "--overwrite", "--cpu-threads", "1")
+         "--loss-average", stage1_average, "--save-steps", "100000", "--overwrite", "--cpu-threads", "1")
 results: dict = {"train": json.loads((model / "visguard_train.json").read_text())["train_seconds"]}
 
 host_keys = ("n", "n_judged", "judge_failed", "asr", "rsr", "rr", "hr", "refusal_rate")
@@ -100,7 +105,8 @@ if os.environ.get("VISGUARD_LOOP_DISTILL") == "1":
     distilled = out / "mirage-distilled"
     visguard("train", "--data", str(train_root), "--base", str(model), "--output", str(distilled),
              "--objective", "mirage", "--distill", "self", "--loss-average", "example", "--device", "cpu",
-             "--epochs", os.environ.get("VISGUARD_LOOP_DISTILL_EPOCHS", "3"), "--lr", lr, "--batch-size", "8",
+             "--epochs", os.environ.get("VISGUARD_LOOP_DISTILL_EPOCHS", "3"),
+             "--lr", os.environ.get("VISGUARD_LOOP_DISTILL_LR", lr), "--batch-size", "8",
              "--seed", "0", "--save-steps", "100000", "--overwrite", "--cpu-threads", "1")
     results["distill_train"] = json.loads((distilled / "visguard_train.json").read_text())["train_seconds"]
     for mode in ("fast", "reason", "adaptive"):
