@@ -114,6 +114,7 @@ def train(ctx: click.Context, config_file: str | None, **options: Any) -> None:
     from visguard_train.run import run_training
 
     result = run_training(config)
+    _end_process_group()
     if int(_env("RANK", "0")) != 0:
         return
     click.echo(
@@ -137,6 +138,20 @@ def merge(adapter: str, output: str, base: str | None) -> None:
 
     path = merge_adapter(adapter, output, base=base)
     click.echo(f"Merged checkpoint saved to {path}")
+
+
+def _end_process_group() -> None:
+    """Tear down a launcher's process group before this process exits (every rank, after training).
+
+    Left to interpreter shutdown, gloo's worker threads were once still joinable when the group was
+    destroyed, and a rank aborted ("terminate called without an active exception", SIGABRT) after
+    the model had been saved, failing the launch.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _env(name: str, default: str) -> str:
