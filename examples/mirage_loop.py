@@ -48,6 +48,7 @@ lr = os.environ.get("VISGUARD_LOOP_LR", "4e-3")
 n_heldout = int(os.environ.get("VISGUARD_LOOP_HELDOUT", "200"))
 host_items = os.environ.get("VISGUARD_LOOP_HOST_ITEMS", "40")
 reason_tokens = os.environ.get("VISGUARD_LOOP_REASON_TOKENS")
+reason_budget = ["--max-new-tokens", reason_tokens] if reason_tokens else []
 stage1_average = os.environ.get("VISGUARD_LOOP_STAGE1_AVERAGE", "token")
 base = os.environ.get("VISGUARD_EXAMPLE_BASE")
 if base is None:
@@ -92,8 +93,7 @@ guard_keys = ("n", "accuracy", "precision", "recall", "f1", "fpr", "auroc", "una
 
 
 def guard_eval(path: Path, mode: str, name: str) -> dict:
-    budget = ["--max-new-tokens", reason_tokens] if reason_tokens else []
-    visguard("eval", "-B", "mis", "-d", str(test_root), "-s", "hard", "-m", str(path), "--mode", mode, *budget,
+    visguard("eval", "-B", "mis", "-d", str(test_root), "-s", "hard", "-m", str(path), "--mode", mode, *reason_budget,
              "--device", "cpu", "--out", str(out / name), "--restart", "--no-progress", "--no-plots")
     return summary(out / name, guard_keys)
 
@@ -111,12 +111,11 @@ if os.environ.get("VISGUARD_LOOP_DISTILL") == "1":
     results["distill_train"] = json.loads((distilled / "visguard_train.json").read_text())["train_seconds"]
     for mode in ("fast", "reason", "adaptive"):
         results[f"distilled_{mode}"] = guard_eval(distilled, mode, f"distilled_{mode}")
-    budget_flag = ["--max-new-tokens", reason_tokens] if reason_tokens else []
     # cost, one request at a time, the three modes in turns in one process (batched throughput above
     # makes a batch with one unsure request pay a whole generation)
     script = Path(__file__).resolve().parents[1] / "plugins" / "visguard-bench" / "scripts" / "adaptive_cost.py"
     cost = subprocess.run([sys.executable, str(script), "--guard", str(distilled), "--data", str(test_root),
-                           "--limit", str(n_heldout), "--json", *budget_flag], check=True, capture_output=True, text=True)
+                           "--limit", str(n_heldout), "--json", *reason_budget], check=True, capture_output=True, text=True)
     results["distilled_cost"] = json.loads(cost.stdout)["modes"]
 
 print(json.dumps(results))
